@@ -1,0 +1,227 @@
+//! `/admin` handlers: load and unload models, inventory, status and health. JSON in and out,
+//! so bots can manage models without a person.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use crate::engine::{ModelInfo, SchedulerStats};
+use crate::metrics::PerformanceReport;
+use crate::models::registry::{LoadOverrides, LoadReport, UnloadReport};
+use crate::system::{process_rss_bytes, MemorySnapshot};
+
+/// `POST /admin/model/load` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    #[serde(alias = "model")]
+    pub model_id: String,
+    /// Context tokens per sequence.
+    pub context: Option<u32>,
+    /// Sequences decoded together.
+    pub parallel: Option<u32>,
+    pub gpu_layers: Option<u32>,
+    pub threads: Option<u32>,
+}
+
+/// `POST /admin/model/unload` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadBody {
+    #[serde(alias = "model")]
+    pub model_id: String,
+}
+
+/// `POST /admin/model/load`.
+pub async fn load(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LoadBody>,
+) -> Result<Json<LoadReport>, ApiError> {
+    if body.parallel.is_some_and(|p| p == 0 || p > 256) {
+        return Err(ApiError::invalid(
+            "parallel",
+            "parallel must be between 1 and 256",
+        ));
+    }
+    if body.context.is_some_and(|c| c < 16) {
+        return Err(ApiError::invalid(
+            "context",
+            "context must be at least 16 tokens",
+        ));
+    }
+    if body.threads == Some(0) {
+        return Err(ApiError::invalid("threads", "threads must be at least 1"));
+    }
+    let options = LoadOverrides {
+        context: body.context,
+        parallel: body.parallel,
+        gpu_layers: body.gpu_layers,
+        threads: body.threads,
+    };
+    Ok(Json(state.registry.load(&body.model_id, &options).await?))
+}
+
+/// `POST /admin/model/unload`.
+pub async fn unload(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<UnloadBody>,
+) -> Result<Json<UnloadReport>, ApiError> {
+    Ok(Json(state.registry.unload(&body.model_id).await?))
+}
+
+/// One model in `/admin/models` and `/admin/status`.
+#[derive(Debug, Serialize)]
+pub struct ModelEntry {
+    pub id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternate_ids: Vec<String>,
+    pub path: String,
+    pub size_bytes: u64,
+    pub quantization: Option<String>,
+    pub format: &'static str,
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+}
+
+/// Details of a loaded model.
+#[derive(Debug, Serialize)]
+pub struct Runtime {
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    pub chat_template: crate::chat::template::TemplateSource,
+    pub loaded_at: String,
+    pub last_used: String,
+    pub request_count: u64,
+    pub scheduler: SchedulerStats,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn runtime(state: &AppState, id: &str) -> Option<Runtime> {
+    let m = state.registry.get(id)?;
+    Some(Runtime {
+        info: m.engine.info().clone(),
+        chat_template: m.template.source(),
+        loaded_at: rfc3339(m.loaded_at),
+        last_used: rfc3339(m.last_used()),
+        request_count: m.request_count(),
+        scheduler: m.engine.stats(),
+    })
+}
+
+/// `GET /admin/models`: the disk inventory with loaded state.
+pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let disk = state
+        .registry
+        .store()
+        .scan()
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+    let entries: Vec<ModelEntry> = disk
+        .into_iter()
+        .map(|d| {
+            let runtime = runtime(&state, &d.id);
+            ModelEntry {
+                loaded: runtime.is_some(),
+                runtime,
+                path: d.path.display().to_string(),
+                id: d.id,
+                alternate_ids: d.alternate_ids,
+                size_bytes: d.size_bytes,
+                quantization: d.quantization,
+                format: d.format,
+            }
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "models_directory": state.registry.store().root().display().to_string(),
+        "models": entries,
+    })))
+}
+
+/// `GET /admin/status` memory section.
+#[derive(Debug, Serialize)]
+pub struct MemoryStatus {
+    #[serde(flatten)]
+    pub snapshot: MemorySnapshot,
+    pub threshold_percent: f64,
+    pub process_rss_bytes: u64,
+    pub models_bytes: u64,
+}
+
+/// `GET /admin/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub uptime_seconds: u64,
+    pub memory: MemoryStatus,
+    pub loaded_models: Vec<serde_json::Value>,
+    pub performance: PerformanceStatus,
+}
+
+/// Performance section: rolling figures plus live scheduler counts.
+#[derive(Debug, Serialize)]
+pub struct PerformanceStatus {
+    #[serde(flatten)]
+    pub rolling: PerformanceReport,
+    pub active_requests: u32,
+    pub queued_requests: u32,
+}
+
+/// `GET /admin/status`.
+pub async fn status(State(state): State<AppState>) -> Json<Status> {
+    let loaded = state.registry.loaded();
+    let mut active = 0;
+    let mut queued = 0;
+    let mut models_bytes = 0;
+    let loaded_models = loaded
+        .iter()
+        .map(|m| {
+            let stats = m.engine.stats();
+            let info = m.engine.info();
+            active += stats.active_sequences;
+            queued += stats.queued_requests;
+            models_bytes += info.memory_bytes;
+            serde_json::json!({
+                "id": m.id,
+                "memory_bytes": info.memory_bytes,
+                "size_bytes": m.disk.size_bytes,
+                "context": info.context_per_sequence,
+                "parallel": info.parallel,
+                "active_sequences": stats.active_sequences,
+                "queued_requests": stats.queued_requests,
+                "request_count": m.request_count(),
+                "last_used": rfc3339(m.last_used()),
+            })
+        })
+        .collect();
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        memory: MemoryStatus {
+            snapshot: MemorySnapshot::read(),
+            threshold_percent: state.config.memory.threshold_percent,
+            process_rss_bytes: process_rss_bytes(),
+            models_bytes,
+        },
+        loaded_models,
+        performance: PerformanceStatus {
+            rolling: state.metrics.report(),
+            active_requests: active,
+            queued_requests: queued,
+        },
+    })
+}
+
+/// `GET /admin/health` and `/healthz`: liveness, no auth.
+pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "models_loaded": state.registry.loaded().len(),
+    }))
+}

@@ -1,0 +1,327 @@
+//! `/v1` handlers: chat and text completions (whole or streamed) and the model list.
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::sse::{stream_response, Formatter, Piece};
+use super::types::*;
+use super::{from_value, ApiJson, AppState};
+use crate::engine::{EngineError, Event, FinishReason, GenerationRequest, TokenId, Usage};
+use crate::models::registry::LoadedModel;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn fingerprint() -> String {
+    format!("opta-lmx-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Checks the prompt against the context and picks the completion budget.
+fn generation_request(
+    model: &LoadedModel,
+    prompt: Vec<TokenId>,
+    v: &ValidatedSampling,
+) -> Result<GenerationRequest, ApiError> {
+    let context = model.engine.info().context_per_sequence;
+    let prompt_len = prompt.len() as u32;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let too_long = |completion| EngineError::ContextLength {
+        context,
+        prompt: prompt_len,
+        completion,
+    };
+    if prompt_len >= context {
+        return Err(too_long(None).into());
+    }
+    let max_tokens = match v.max_tokens {
+        Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(context) => {
+            return Err(too_long(Some(m)).into())
+        }
+        Some(m) => m,
+        None => context - prompt_len,
+    };
+    Ok(GenerationRequest {
+        prompt,
+        max_tokens,
+        stop: v.stop.clone(),
+        sampling: v.params.clone(),
+    })
+}
+
+/// Everything a finished non-streaming generation produced.
+struct Collected {
+    text: String,
+    finish_reason: FinishReason,
+    usage: Usage,
+}
+
+async fn collect(
+    state: &AppState,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                finish_reason,
+                usage,
+                time_to_first_token,
+                total_time,
+            } => {
+                state
+                    .metrics
+                    .record_completion(&usage, time_to_first_token, total_time);
+                return Ok(Collected {
+                    text,
+                    finish_reason,
+                    usage,
+                });
+            }
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Internal("generation ended unexpectedly".into()))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = from_value(&body)?;
+    let v = from_value::<SamplingFields>(&body)?.validate()?;
+    validate_messages(&req.messages)?;
+    let model = state.registry.resolve(req.model.as_deref()).await?;
+    let prompt_text = model
+        .template
+        .render(&req.messages, req.tools.as_ref())
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = model.engine.tokenize(&prompt_text, true);
+    let gen = generation_request(&model, prompt, &v)?;
+    model.touch();
+    let rx = model.engine.submit(gen)?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let model_id = model.id.clone();
+
+    if !v.stream {
+        let out = collect(&state, rx).await?;
+        return Ok(Json(ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model: model_id,
+            system_fingerprint: fingerprint(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: out.text,
+                    refusal: None,
+                },
+                logprobs: None,
+                finish_reason: out.finish_reason,
+            }],
+            usage: out.usage.into(),
+        })
+        .into_response());
+    }
+
+    let include_usage = v.include_usage;
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<UsageBody>>| {
+        serde_json::to_string(&ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model_id.clone(),
+            system_fingerprint: fingerprint(),
+            choices,
+            usage: usage.or(include_usage.then_some(None)),
+        })
+        .ok()
+    };
+    let choice = |delta, finish_reason| ChatChunkChoice {
+        index: 0,
+        delta,
+        logprobs: None,
+        finish_reason,
+    };
+    let format: Formatter = std::sync::Arc::new(move |piece| match piece {
+        Piece::Start => chunk(
+            vec![choice(
+                ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+            )],
+            None,
+        ),
+        Piece::Text(t) => chunk(
+            vec![choice(
+                ChatDelta {
+                    role: None,
+                    content: Some(t),
+                },
+                None,
+            )],
+            None,
+        ),
+        Piece::Finish(r) => chunk(vec![choice(ChatDelta::default(), Some(r))], None),
+        Piece::Usage(u) => chunk(vec![], Some(Some(u.into()))),
+    });
+    Ok(stream_response(rx, include_usage, format, state.metrics.clone()).into_response())
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = from_value(&body)?;
+    let v = from_value::<SamplingFields>(&body)?.validate()?;
+    if req.echo {
+        return Err(ApiError::invalid("echo", "echo is not supported"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix is not supported"));
+    }
+    let model = state.registry.resolve(req.model.as_deref()).await?;
+    let prompt = match req.prompt {
+        PromptSpec::Text(t) => model.engine.tokenize(&t, true),
+        PromptSpec::Texts(mut ts) if ts.len() == 1 => {
+            model.engine.tokenize(&ts.pop().unwrap_or_default(), true)
+        }
+        PromptSpec::Texts(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ))
+        }
+        PromptSpec::Tokens(t) => t,
+    };
+    let gen = generation_request(&model, prompt, &v)?;
+    model.touch();
+    let rx = model.engine.submit(gen)?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let model_id = model.id.clone();
+    let body =
+        move |text: String, finish_reason, usage: Option<Option<UsageBody>>| TextCompletion {
+            id: id.clone(),
+            object: "text_completion",
+            created,
+            model: model_id.clone(),
+            system_fingerprint: fingerprint(),
+            choices: vec![TextChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage,
+        };
+
+    if !v.stream {
+        let out = collect(&state, rx).await?;
+        let resp = body(
+            out.text,
+            Some(out.finish_reason),
+            Some(Some(out.usage.into())),
+        );
+        return Ok(Json(resp).into_response());
+    }
+    let include_usage = v.include_usage;
+    let usage_field = move || include_usage.then_some(None);
+    let format: Formatter = std::sync::Arc::new(move |piece| {
+        let chunk = match piece {
+            Piece::Start => return None,
+            Piece::Text(t) => body(t, None, usage_field()),
+            Piece::Finish(r) => body(String::new(), Some(r), usage_field()),
+            Piece::Usage(u) => {
+                let mut c = body(String::new(), None, Some(Some(u.into())));
+                c.choices.clear();
+                c
+            }
+        };
+        serde_json::to_string(&chunk).ok()
+    });
+    Ok(stream_response(rx, include_usage, format, state.metrics.clone()).into_response())
+}
+
+fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> ModelObject {
+    let loaded = state.registry.get(&disk.id);
+    ModelObject {
+        id: disk.id.clone(),
+        object: "model",
+        created: loaded
+            .as_ref()
+            .map(|m| m.loaded_at)
+            .unwrap_or(std::time::UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        owned_by: "opta-lmx",
+        loaded: loaded.is_some(),
+        size_bytes: disk.size_bytes,
+        quantization: disk.quantization.clone(),
+        context_length: loaded.map(|m| m.engine.info().context_per_sequence),
+    }
+}
+
+/// Every model the server can serve: loaded ones and the rest of the disk inventory.
+fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
+    let mut disk = state
+        .registry
+        .store()
+        .scan()
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+    // A loaded model whose file was removed since is still servable.
+    for m in state.registry.loaded() {
+        if !disk.iter().any(|d| d.id == m.id) {
+            disk.push(m.disk.clone());
+        }
+    }
+    Ok(disk)
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let data = all_models(&state)?
+        .iter()
+        .map(|d| model_object(&state, d))
+        .collect();
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    }))
+}
+
+/// `GET /v1/models/{id}` (ids may contain slashes).
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let target = state.config.resolve_alias(&id).to_string();
+    let models = all_models(&state)?;
+    let found = models.iter().find(|d| {
+        d.id.eq_ignore_ascii_case(&target)
+            || d.alternate_ids
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&target))
+    });
+    match found {
+        Some(d) => Ok(Json(model_object(&state, d))),
+        None => Err(ApiError::ModelNotFound(format!(
+            "model `{id}` does not exist"
+        ))),
+    }
+}

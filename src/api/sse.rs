@@ -1,0 +1,99 @@
+//! Server-sent events in OpenAI's framing: `data: {json}\n\n` per chunk, `data: [DONE]\n\n` at
+//! the end, a structured `{"error":{...}}` event if generation fails mid-stream, and comment
+//! keep-alives so proxies and SDK timeouts do not cut a stream that is waiting on a long prefill.
+//!
+//! The stream reads the engine's channel directly: when the client hangs up, axum drops the
+//! stream, the channel closes, and the scheduler frees the sequence on its next step.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::stream::{self, Stream, StreamExt};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use crate::engine::{Event, FinishReason, Usage};
+use crate::metrics::Metrics;
+
+/// A moment in a stream that a chunk formatter turns into JSON.
+pub enum Piece {
+    /// Before any text (chat sends the assistant role here).
+    Start,
+    Text(String),
+    Finish(FinishReason),
+    /// Final usage, only when the client asked for it.
+    Usage(Usage),
+}
+
+/// Formats pieces into chunk JSON for one endpoint; `None` skips the piece.
+pub type Formatter = std::sync::Arc<dyn Fn(Piece) -> Option<String> + Send + Sync>;
+
+enum State {
+    Start(UnboundedReceiver<Event>),
+    Running(UnboundedReceiver<Event>),
+    Ended,
+}
+
+/// Builds the SSE response for a running generation.
+pub fn stream_response(
+    events: UnboundedReceiver<Event>,
+    include_usage: bool,
+    format: Formatter,
+    metrics: Metrics,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let data = |s: String| SseEvent::default().data(s);
+    let s = stream::unfold(State::Start(events), move |state| {
+        let format = std::sync::Arc::clone(&format);
+        let metrics = metrics.clone();
+        async move {
+            match state {
+                State::Start(rx) => {
+                    let out: Vec<_> = format(Piece::Start).map(data).into_iter().collect();
+                    Some((out, State::Running(rx)))
+                }
+                State::Running(mut rx) => match rx.recv().await {
+                    Some(Event::Text(t)) => {
+                        let out = format(Piece::Text(t)).map(data).into_iter().collect();
+                        Some((out, State::Running(rx)))
+                    }
+                    Some(Event::Done {
+                        finish_reason,
+                        usage,
+                        time_to_first_token,
+                        total_time,
+                    }) => {
+                        metrics.record_completion(&usage, time_to_first_token, total_time);
+                        let mut out: Vec<_> = format(Piece::Finish(finish_reason))
+                            .map(data)
+                            .into_iter()
+                            .collect();
+                        if include_usage {
+                            out.extend(format(Piece::Usage(usage)).map(data));
+                        }
+                        out.push(data("[DONE]".into()));
+                        Some((out, State::Ended))
+                    }
+                    Some(Event::Error(e)) => {
+                        Some((vec![error_event(ApiError::from(e))], State::Ended))
+                    }
+                    None => Some((
+                        vec![error_event(ApiError::Internal(
+                            "generation ended unexpectedly".into(),
+                        ))],
+                        State::Ended,
+                    )),
+                },
+                State::Ended => None,
+            }
+        }
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok)));
+    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
+
+/// The mid-stream error event: the same `error` object as an error response body.
+fn error_event(e: ApiError) -> SseEvent {
+    let body = serde_json::json!({ "error": e.detail() });
+    SseEvent::default().data(body.to_string())
+}

@@ -1,0 +1,466 @@
+//! OpenAI wire types for `/v1`: requests as clients send them, responses shaped exactly like
+//! OpenAI's, and the validation that turns request fields into engine settings.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::engine::{FinishReason, SamplingParams, Usage};
+
+/// `stop` may be one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and text completions, parsed from the same body as the
+/// endpoint's own fields (not flattened into them, so errors can name the bad field).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSpec>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub n: Option<i64>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub response_format: Option<Value>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+}
+
+/// `prompt` of a text completion: text or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i32>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+}
+
+/// What the engine needs from the sampling fields, validated.
+#[derive(Debug, Clone)]
+pub struct ValidatedSampling {
+    pub params: SamplingParams,
+    /// Explicit completion limit, if the client set one.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range(param: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(Some(x as f32)),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+impl SamplingFields {
+    /// Checks ranges and unsupported options; defaults come from [`SamplingParams::default`].
+    pub fn validate(&self) -> Result<ValidatedSampling, ApiError> {
+        let d = SamplingParams::default();
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!(
+                        "n must be 1 (got {n}); several choices per request are not supported yet"
+                    ),
+                ));
+            }
+        }
+        let wants_logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(Value::Number(n)) => n.as_i64().unwrap_or(1) > 0,
+            Some(_) => return Err(ApiError::invalid("logprobs", "logprobs must be a boolean")),
+        };
+        if wants_logprobs || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "logprobs are not supported yet",
+            ));
+        }
+        if let Some(rf) = &self.response_format {
+            let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "text" {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!("response_format type `{kind}` is not supported yet (only `text`)"),
+                ));
+            }
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(m) if m >= 1 && m <= u32::MAX as i64 => Some(m as u32),
+            Some(m) => {
+                let param = if self.max_completion_tokens.is_some() {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be a positive integer, got {m}"),
+                ));
+            }
+        };
+        let top_k = match self.top_k {
+            None => d.top_k,
+            Some(k) if (0..=i32::MAX as i64).contains(&k) => k as i32,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("top_k must be 0 or more, got {k}"),
+                ))
+            }
+        };
+        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(d.top_p);
+        if top_p <= 0.0 {
+            return Err(ApiError::invalid("top_p", "top_p must be greater than 0"));
+        }
+        let repeat_penalty =
+            range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?.unwrap_or(d.repeat_penalty);
+        if repeat_penalty <= 0.0 {
+            return Err(ApiError::invalid(
+                "repeat_penalty",
+                "repeat_penalty must be greater than 0",
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopSpec::One(s)) => vec![s.clone()],
+            Some(StopSpec::Many(v)) => v.clone(),
+        };
+        if stop.len() > 16 {
+            return Err(ApiError::invalid("stop", "at most 16 stop sequences"));
+        }
+        let mut logit_bias = Vec::new();
+        for (k, v) in self.logit_bias.iter().flatten() {
+            let tok: i32 = k.parse().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias key `{k}` is not a token id"),
+                )
+            })?;
+            let bias = range("logit_bias", Some(*v), -100.0, 100.0)?.unwrap_or(0.0);
+            logit_bias.push((tok, bias));
+        }
+        Ok(ValidatedSampling {
+            params: SamplingParams {
+                temperature: range("temperature", self.temperature, 0.0, 2.0)?
+                    .unwrap_or(d.temperature),
+                top_p,
+                top_k,
+                min_p: range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(d.min_p),
+                // Any integer is a valid seed; llama.cpp takes 32 bits.
+                seed: self.seed.map(|s| s as u32),
+                frequency_penalty: range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?
+                    .unwrap_or(d.frequency_penalty),
+                presence_penalty: range("presence_penalty", self.presence_penalty, -2.0, 2.0)?
+                    .unwrap_or(d.presence_penalty),
+                repeat_penalty,
+                logit_bias,
+            },
+            max_tokens,
+            stop,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+/// Checks the message list before it reaches a template.
+pub fn validate_messages(messages: &[Value]) -> Result<(), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let param = format!("messages[{i}]");
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(&param, format!("{param}.role is required")))?;
+        if !matches!(
+            role,
+            "system" | "developer" | "user" | "assistant" | "tool" | "function"
+        ) {
+            return Err(ApiError::invalid(
+                format!("{param}.role"),
+                format!(
+                    "{param}.role `{role}` is not one of system, developer, user, assistant, tool"
+                ),
+            ));
+        }
+        match m.get("content") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            Some(Value::Null) | None if role == "assistant" => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("{param}.content"),
+                    format!("{param}.content must be a string or a list of content parts"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI's `usage` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
+}
+
+impl From<Usage> for UsageBody {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+        }
+    }
+}
+
+/// The assistant message of a chat completion.
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+    pub refusal: Option<String>,
+}
+
+/// One choice of a non-streaming chat completion.
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    pub logprobs: Option<Value>,
+    pub finish_reason: FinishReason,
+}
+
+/// Non-streaming chat completion response.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: UsageBody,
+}
+
+/// `delta` of a streamed chat chunk.
+#[derive(Debug, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a streamed chat chunk.
+#[derive(Debug, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// One `chat.completion.chunk` event.
+#[derive(Debug, Serialize)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Present (as `null` until the last chunk) only when `include_usage` was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageBody>>,
+}
+
+/// One choice of a text completion (whole or streamed).
+#[derive(Debug, Serialize)]
+pub struct TextChoice {
+    pub text: String,
+    pub index: u32,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// `text_completion` response or stream chunk.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageBody>>,
+}
+
+/// One entry of `/v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// Whether the model is in memory now (an extension; SDKs ignore unknown fields).
+    pub loaded: bool,
+    pub size_bytes: u64,
+    pub quantization: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+}
+
+/// `/v1/models` response.
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelObject>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(v: Value) -> SamplingFields {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_ranges() {
+        let v = fields(json!({})).validate().unwrap();
+        assert_eq!(v.params, SamplingParams::default());
+        assert_eq!(v.max_tokens, None);
+        for bad in [
+            json!({"temperature": 3}),
+            json!({"top_p": 0}),
+            json!({"max_tokens": 0}),
+            json!({"max_tokens": -5}),
+            json!({"max_completion_tokens": 99999999999i64}),
+            json!({"frequency_penalty": 9}),
+            json!({"n": 2}),
+            json!({"logprobs": true}),
+            json!({"logit_bias": {"abc": 1}}),
+            json!({"logit_bias": {"5": 500}}),
+            json!({"response_format": {"type": "json_object"}}),
+        ] {
+            assert!(fields(bad.clone()).validate().is_err(), "{bad}");
+        }
+        let v = fields(json!({"max_tokens": 5, "max_completion_tokens": 7, "stop": "x", "seed": -1, "stream": true, "stream_options": {"include_usage": true}}))
+            .validate()
+            .unwrap();
+        assert_eq!(v.max_tokens, Some(7));
+        assert_eq!(v.stop, ["x"]);
+        assert_eq!(v.params.seed, Some(u32::MAX));
+        assert!(v.stream && v.include_usage);
+    }
+
+    #[test]
+    fn message_checks() {
+        assert!(validate_messages(&[]).is_err());
+        assert!(validate_messages(&[json!({"role": "wizard", "content": "x"})]).is_err());
+        assert!(validate_messages(&[json!({"role": "user"})]).is_err());
+        assert!(validate_messages(&[json!({"role": "user", "content": 5})]).is_err());
+        assert!(validate_messages(&[
+            json!({"role": "system", "content": "s"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "t"}]}),
+            json!({"role": "assistant", "content": null}),
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn usage_and_chunk_shapes() {
+        let u: UsageBody = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cached_tokens: 1,
+        }
+        .into();
+        assert_eq!(
+            serde_json::to_value(&u).unwrap(),
+            json!({"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}})
+        );
+        let chunk = ChatChunk {
+            id: "c".into(),
+            object: "chat.completion.chunk",
+            created: 1,
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+            choices: vec![],
+            usage: Some(None),
+        };
+        assert_eq!(serde_json::to_value(&chunk).unwrap()["usage"], Value::Null);
+    }
+}

@@ -1,0 +1,3 @@
+//! Chat prompt construction (and, later, tool-call parsing).
+
+pub mod template;

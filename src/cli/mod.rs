@@ -1,0 +1,163 @@
+//! Command-line interface: `serve` runs the server; the other subcommands are a thin client
+//! of a running server's admin API.
+
+pub mod client;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use opta_lmx::config::{Config, LogFormat};
+
+/// opta-lmx: OpenAI-compatible inference server for local models.
+#[derive(Debug, Parser)]
+#[command(name = "opta-lmx", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (config file, then OPTA_LMX_* variables, then these flags).
+    Serve(ServeArgs),
+    /// Show memory, loaded models and performance of a running server.
+    Status(ClientArgs),
+    /// List models on disk and their loaded state.
+    Models(ClientArgs),
+    /// Load a model into a running server.
+    Load {
+        /// Model id as listed by `opta-lmx models`.
+        model_id: String,
+        /// Context tokens per sequence.
+        #[arg(long)]
+        context: Option<u32>,
+        /// Sequences decoded together.
+        #[arg(long)]
+        parallel: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Unload a model from a running server.
+    Unload {
+        model_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Flags of `serve`; each overrides the file and environment.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (default ~/.opta-lmx/config.yaml; a missing default file is fine).
+    #[arg(long, env = "OPTA_LMX_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Directory scanned for models.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Model to load at start (repeatable); replaces the configured list.
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Model used when a request leaves `model` empty.
+    #[arg(long)]
+    pub default_model: Option<String>,
+    /// Load models on disk when a request names them.
+    #[arg(long)]
+    pub load_on_demand: bool,
+    /// Context tokens per sequence for loads that do not say.
+    #[arg(long)]
+    pub context: Option<u32>,
+    /// Sequences decoded together for loads that do not say.
+    #[arg(long)]
+    pub parallel: Option<u32>,
+    #[arg(long)]
+    pub threads: Option<u32>,
+    #[arg(long)]
+    pub gpu_layers: Option<u32>,
+    /// Percentage of RAM that loads may not push usage past.
+    #[arg(long)]
+    pub memory_threshold: Option<f64>,
+    #[arg(long, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    #[arg(long)]
+    pub log_level: Option<String>,
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Applies the flags on top of file and environment, re-checking the result.
+    pub fn apply(self, cfg: &mut Config) -> Result<(), String> {
+        let s = &mut cfg.server;
+        let m = &mut cfg.models;
+        if let Some(v) = self.host {
+            s.host = v;
+        }
+        if let Some(v) = self.port {
+            s.port = v;
+        }
+        if let Some(v) = self.models_dir {
+            m.directory = v;
+        }
+        if !self.models.is_empty() {
+            m.load_at_start = self.models;
+        }
+        if let Some(v) = self.default_model {
+            m.default = Some(v);
+        }
+        if self.load_on_demand {
+            m.load_on_demand = true;
+        }
+        if let Some(v) = self.context {
+            m.defaults.context = v;
+        }
+        if let Some(v) = self.parallel {
+            m.defaults.parallel = v;
+        }
+        if let Some(v) = self.threads {
+            m.defaults.threads = Some(v);
+        }
+        if let Some(v) = self.gpu_layers {
+            m.defaults.gpu_layers = v;
+        }
+        if let Some(v) = self.memory_threshold {
+            cfg.memory.threshold_percent = v;
+        }
+        if let Some(v) = self.log_format {
+            cfg.logging.format = if v == "json" {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            };
+        }
+        if let Some(v) = self.log_level {
+            cfg.logging.level = v;
+        }
+        if let Some(v) = self.log_file {
+            cfg.logging.file = Some(v);
+        }
+        cfg.finish().map_err(|(key, reason)| {
+            format!(
+                "--{}: {reason}",
+                key.rsplit('.').next().unwrap_or(&key).replace('_', "-")
+            )
+        })
+    }
+}
+
+/// Where the client subcommands find the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the running server.
+    #[arg(long, env = "OPTA_LMX_URL", default_value = "http://127.0.0.1:1234")]
+    pub url: String,
+    /// Admin key, if the server requires one.
+    #[arg(long, env = "OPTA_LMX_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+}

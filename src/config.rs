@@ -1,0 +1,457 @@
+//! Server configuration: YAML file, then `OPTA_LMX_*` environment variables, then flags.
+//!
+//! Every layer is validated the same way, and a bad value names where it came from (file and
+//! key, or variable) so that a mistyped config stops the start instead of serving surprises.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be used; the message names the source, key and reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema.
+    #[error("config file {path}: key `{key}`: {reason}")]
+    Parse {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    /// An environment variable or flag holds a value that cannot be used.
+    #[error("{source_name}: {reason}")]
+    Value { source_name: String, reason: String },
+}
+
+/// The whole configuration as the server uses it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: ModelsConfig,
+    pub memory: MemoryConfig,
+    pub logging: LoggingConfig,
+}
+
+/// Where the server listens and which keys guard it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: IpAddr,
+    pub port: u16,
+    /// When set, `/v1` requests need `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// When set, `/admin` requests (except health) need `X-Admin-Key` or Bearer with this key.
+    pub admin_key: Option<String>,
+}
+
+/// Where models live and how they are served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub directory: PathBuf,
+    /// Model used when a request leaves `model` empty; an unknown id is always a 404, never
+    /// silently swapped for this one.
+    pub default: Option<String>,
+    /// Extra names for model ids, e.g. `gpt-4o-mini: gemma-3-270m-q4_k_m`.
+    pub aliases: BTreeMap<String, String>,
+    /// Model ids loaded when the server starts.
+    pub load_at_start: Vec<String>,
+    /// Load a model on disk when a request names it, instead of answering 404.
+    pub load_on_demand: bool,
+    /// Defaults for every load that does not say otherwise.
+    pub defaults: LoadDefaults,
+}
+
+/// Per-load engine settings, used when a load request leaves them out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadDefaults {
+    /// Context tokens available to each sequence.
+    pub context: u32,
+    /// Sequences decoded together in one batch.
+    pub parallel: u32,
+    /// Layers offloaded to the GPU (0 on CPU builds).
+    pub gpu_layers: u32,
+    /// CPU threads for decoding; `None` uses every available core.
+    pub threads: Option<u32>,
+}
+
+/// The memory guardrail.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Loads that would take used memory past this share of RAM are refused.
+    pub threshold_percent: f64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `opta_lmx=debug`.
+    pub level: String,
+    /// Append logs to this file instead of standard error.
+    pub file: Option<PathBuf>,
+}
+
+/// Human-readable lines or JSON lines for log shippers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 1234,
+            api_key: None,
+            admin_key: None,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            directory: default_models_dir(),
+            default: None,
+            aliases: BTreeMap::new(),
+            load_at_start: Vec::new(),
+            load_on_demand: false,
+            defaults: LoadDefaults::default(),
+        }
+    }
+}
+
+impl Default for LoadDefaults {
+    fn default() -> Self {
+        Self {
+            context: 4096,
+            parallel: 4,
+            gpu_layers: 0,
+            threads: None,
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            threshold_percent: 90.0,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            models: ModelsConfig::default(),
+            memory: MemoryConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// The user's home, falling back to the current directory when `HOME` is unset (services).
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `~/.opta-lmx/config.yaml`.
+pub fn default_config_path() -> PathBuf {
+    home_dir().join(".opta-lmx").join("config.yaml")
+}
+
+/// The shared models folder on macOS (where the original deployment keeps it), else `~/.opta-lmx/models`.
+pub fn default_models_dir() -> PathBuf {
+    if cfg!(target_os = "macos") {
+        PathBuf::from("/Users/Shared/Opta-LMX/models")
+    } else {
+        home_dir().join(".opta-lmx").join("models")
+    }
+}
+
+/// Expands a leading `~/` so config files can say `~/models`.
+fn expand_tilde(p: &Path) -> PathBuf {
+    match p.strip_prefix("~") {
+        Ok(rest) => home_dir().join(rest),
+        Err(_) => p.to_path_buf(),
+    }
+}
+
+impl Config {
+    /// Reads the file (a missing file is fine only when it is the default path), then applies
+    /// the environment. Flags are applied by the caller with [`Config::set`].
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (default_config_path(), false),
+        };
+        let mut cfg = if path.exists() || explicit {
+            Self::from_file(&path)?
+        } else {
+            Config::default()
+        };
+        for (name, value) in env {
+            if let Some(key) = name.strip_prefix("OPTA_LMX_") {
+                if key == "CONFIG" {
+                    continue;
+                }
+                cfg.set_env(key, &value)
+                    .map_err(|reason| ConfigError::Value {
+                        source_name: format!("environment variable {name}"),
+                        reason,
+                    })?;
+            }
+        }
+        cfg.finish().map_err(|(key, reason)| ConfigError::Parse {
+            path: path.clone(),
+            key,
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                reason: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// Applies one `OPTA_LMX_<KEY>` variable. Unknown keys are errors: a typo must not pass.
+    fn set_env(&mut self, key: &str, v: &str) -> Result<(), String> {
+        fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim()
+                .parse()
+                .map_err(|e: T::Err| format!("`{v}` is not valid: {e}"))
+        }
+        fn opt(v: &str) -> Option<String> {
+            (!v.is_empty()).then(|| v.to_string())
+        }
+        match key {
+            "HOST" => self.server.host = parse(v)?,
+            "PORT" => self.server.port = parse(v)?,
+            "API_KEY" => self.server.api_key = opt(v),
+            "ADMIN_KEY" => self.server.admin_key = opt(v),
+            "MODELS_DIR" => self.models.directory = PathBuf::from(v),
+            "DEFAULT_MODEL" => self.models.default = opt(v),
+            "LOAD_AT_START" => {
+                self.models.load_at_start = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "LOAD_ON_DEMAND" => self.models.load_on_demand = parse(v)?,
+            "CONTEXT" => self.models.defaults.context = parse(v)?,
+            "PARALLEL" => self.models.defaults.parallel = parse(v)?,
+            "GPU_LAYERS" => self.models.defaults.gpu_layers = parse(v)?,
+            "THREADS" => self.models.defaults.threads = Some(parse(v)?),
+            "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
+            "LOG_FORMAT" => {
+                self.logging.format = match v {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err(format!("`{v}` is not one of text, json")),
+                }
+            }
+            "LOG_LEVEL" => self.logging.level = v.to_string(),
+            "LOG_FILE" => self.logging.file = opt(v).map(PathBuf::from),
+            _ => return Err(format!("unknown setting OPTA_LMX_{key}")),
+        }
+        Ok(())
+    }
+
+    /// Normalises paths and checks ranges that serde cannot express; the error names the key.
+    pub fn finish(&mut self) -> Result<(), (String, String)> {
+        self.models.directory = expand_tilde(&self.models.directory);
+        if let Some(f) = &self.logging.file {
+            self.logging.file = Some(expand_tilde(f));
+        }
+        let t = self.memory.threshold_percent;
+        if !(t > 0.0 && t <= 100.0) {
+            return Err((
+                "memory.threshold_percent".into(),
+                format!("{t} is outside (0, 100]"),
+            ));
+        }
+        let d = &self.models.defaults;
+        if d.context < 16 {
+            return Err((
+                "models.defaults.context".into(),
+                format!("{} is too small (at least 16 tokens)", d.context),
+            ));
+        }
+        if d.parallel == 0 || d.parallel > 256 {
+            return Err((
+                "models.defaults.parallel".into(),
+                format!("{} is outside 1..=256", d.parallel),
+            ));
+        }
+        if d.threads == Some(0) {
+            return Err((
+                "models.defaults.threads".into(),
+                "0 threads cannot decode".into(),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            return Err((
+                "logging.level".into(),
+                format!("`{}` is not a valid log filter", self.logging.level),
+            ));
+        }
+        for (alias, target) in &self.models.aliases {
+            if alias.is_empty() || target.is_empty() {
+                return Err((
+                    format!("models.aliases.{alias}"),
+                    "aliases and their targets must be non-empty".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves an alias to its target id; ids that are not aliases come back unchanged.
+    pub fn resolve_alias<'a>(&'a self, name: &'a str) -> &'a str {
+        self.models
+            .aliases
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_when_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.yaml");
+        // An explicit path that does not exist is an error...
+        assert!(Config::load(Some(&missing), []).is_err());
+        let cfg = Config::default();
+        assert_eq!(cfg.server.port, 1234);
+        assert_eq!(cfg.server.host.to_string(), "127.0.0.1");
+        assert_eq!(cfg.memory.threshold_percent, 90.0);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let f = write(
+            "server:\n  port: 8080\nmodels:\n  directory: /tmp/m\n  aliases:\n    gpt: gemma\n",
+        );
+        let cfg = Config::load(
+            Some(f.path()),
+            [("OPTA_LMX_PORT".to_string(), "9090".to_string())],
+        )
+        .unwrap();
+        assert_eq!(cfg.server.port, 9090);
+        assert_eq!(cfg.models.directory, PathBuf::from("/tmp/m"));
+        assert_eq!(cfg.resolve_alias("gpt"), "gemma");
+        assert_eq!(cfg.resolve_alias("other"), "other");
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let f = write("server:\n  prot: 8080\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        assert!(err.contains("server"), "{err}");
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_names_key() {
+        let f = write("server:\n  port: lots\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("server.port"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_names_variable() {
+        let f = write("");
+        let err = Config::load(
+            Some(f.path()),
+            [("OPTA_LMX_PORT".to_string(), "99999".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("OPTA_LMX_PORT"), "{err}");
+        let err = Config::load(
+            Some(f.path()),
+            [("OPTA_LMX_PROT".to_string(), "1".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn range_checks_name_key() {
+        let f = write("memory:\n  threshold_percent: 150\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("memory.threshold_percent"), "{err}");
+        let f = write("models:\n  defaults:\n    parallel: 0\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("models.defaults.parallel"), "{err}");
+    }
+}

@@ -1,0 +1,142 @@
+//! Inference engines. The HTTP layer only ever sees the [`Backend`] trait: it hands over
+//! prompt tokens and sampling settings and receives a stream of [`Event`]s, so the scheduler
+//! and the backends (llama.cpp now, MLX later) can change without touching the API.
+
+pub mod llama;
+pub mod sampling;
+pub mod scheduler;
+pub mod text;
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use sampling::SamplingParams;
+
+/// A token id in the model's vocabulary.
+pub type TokenId = i32;
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    /// llama.cpp refused the file (corrupt, truncated, unsupported architecture).
+    #[error("failed to load model: {0}")]
+    Load(String),
+    /// The prompt does not leave room to generate within one sequence's context.
+    #[error("this model's maximum context length is {context} tokens, but the prompt has {prompt} tokens{}", completion.map(|c| format!(" and {c} completion tokens were requested")).unwrap_or_default())]
+    ContextLength {
+        context: u32,
+        prompt: u32,
+        completion: Option<u32>,
+    },
+    /// The model was unloaded while the request waited or ran.
+    #[error("the model was unloaded while this request was in progress")]
+    Unloaded,
+    /// llama.cpp failed during decoding.
+    #[error("inference failed: {0}")]
+    Decode(String),
+    /// A parameter the engine itself checks (e.g. token ids in `logit_bias`).
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
+}
+
+/// One generation job: already tokenized, already validated against the context size.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<TokenId>,
+    /// Most tokens to generate; generation ends earlier at end-of-generation or a stop string.
+    pub max_tokens: u32,
+    /// Strings that end generation; the matched string is not returned.
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+}
+
+/// Why a generation ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// Token counts for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens whose KV came from the cache instead of being computed.
+    pub cached_tokens: u32,
+}
+
+/// What the engine reports while a request runs. Text is always whole UTF-8 characters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// More generated text (never split inside a character, never part of a stop string).
+    Text(String),
+    /// Generation ended normally.
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+        /// Time from admission to the first generated token.
+        time_to_first_token: Duration,
+        /// Time from admission to the end.
+        total_time: Duration,
+    },
+    /// Generation ended abnormally; the stream carries this as a structured error.
+    Error(EngineError),
+}
+
+/// What a loaded model reports about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub architecture: String,
+    /// Context tokens each sequence may use (prompt + completion).
+    pub context_per_sequence: u32,
+    /// Sequences decoded together.
+    pub parallel: u32,
+    /// Context the model was trained with.
+    pub context_train: u32,
+    pub parameters: u64,
+    /// Bytes of weights plus KV cache, as estimated when loading.
+    pub memory_bytes: u64,
+    pub gpu_layers: u32,
+    pub threads: u32,
+}
+
+/// Live counters of one model's scheduler.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SchedulerStats {
+    pub active_sequences: u32,
+    pub queued_requests: u32,
+    pub requests_total: u64,
+    pub prompt_tokens_total: u64,
+    pub completion_tokens_total: u64,
+}
+
+/// A loaded model that can generate. Implementations own their threads and memory; dropping
+/// the last handle after [`Backend::shutdown`] releases everything.
+pub trait Backend: Send + Sync {
+    /// Facts about the loaded model.
+    fn info(&self) -> &ModelInfo;
+    /// The model's chat template source text, if it ships one.
+    fn chat_template_source(&self) -> Option<&str>;
+    /// Special tokens as text, for templates (`bos_token`, `eos_token`).
+    fn special_tokens(&self) -> (String, String);
+    /// Whether the vocabulary contains this exact special token.
+    fn has_special_token(&self, text: &str) -> bool;
+    /// Tokenizes prompt text; `add_bos` prepends BOS when the model wants one and it is absent.
+    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<TokenId>;
+    /// Queues a request. Events arrive on the returned channel; dropping the receiver
+    /// cancels the request and frees its sequence.
+    fn submit(&self, req: GenerationRequest)
+        -> Result<mpsc::UnboundedReceiver<Event>, EngineError>;
+    /// Scheduler counters.
+    fn stats(&self) -> SchedulerStats;
+    /// Stops the scheduler: queued and running requests end with [`EngineError::Unloaded`].
+    /// Blocks until the model's memory is released.
+    fn shutdown(&self);
+}

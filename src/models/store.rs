@@ -1,0 +1,274 @@
+//! The models directory on disk: which GGUF files are there and what they are called.
+//!
+//! Ids are derived from paths relative to the directory (`file-stem` at the top level,
+//! `org/repo/file-stem` in LM Studio's nested layout, with `org/repo` also accepted when the
+//! folder holds one model). Lookups only ever return paths found by the scan, so a request can
+//! never name a file outside the directory; ids that try are rejected up front with a clear error.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Why a model id cannot even be looked up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidModelId {
+    #[error("model id is empty")]
+    Empty,
+    #[error("model id `{0}` is not a relative name inside the models directory")]
+    Escapes(String),
+    #[error("model id `{0}` contains characters that are not allowed")]
+    BadCharacters(String),
+}
+
+/// A model file found on disk.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DiskModel {
+    /// Stable id clients use in `model` fields.
+    pub id: String,
+    /// Other names that resolve to this model (the `org/repo` short form).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternate_ids: Vec<String>,
+    /// Path of the (first) GGUF file; llama.cpp finds further shards beside it.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Bytes on disk, all shards together.
+    pub size_bytes: u64,
+    /// Quantisation read from the file name (`Q4_K_M`, `F16`, ...), when it says.
+    pub quantization: Option<String>,
+    /// Backend that serves this format.
+    pub format: &'static str,
+}
+
+/// Rejects ids that could only be an attempt to leave the models directory.
+pub fn validate_id(id: &str) -> Result<(), InvalidModelId> {
+    if id.trim().is_empty() {
+        return Err(InvalidModelId::Empty);
+    }
+    if id.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(InvalidModelId::BadCharacters(id.to_string()));
+    }
+    let has_drive = id.len() >= 2 && id.as_bytes()[1] == b':';
+    if id.starts_with('/') || id.starts_with('~') || has_drive {
+        return Err(InvalidModelId::Escapes(id.to_string()));
+    }
+    if id
+        .split('/')
+        .any(|seg| seg == ".." || seg == "." || seg.is_empty())
+    {
+        return Err(InvalidModelId::Escapes(id.to_string()));
+    }
+    Ok(())
+}
+
+/// Reads `general.file_type`-style quantisation names out of file names.
+fn quantization_from_name(stem: &str) -> Option<String> {
+    stem.split(['-', '.'])
+        .map(str::to_ascii_uppercase)
+        .find(|part| {
+            let b = part.as_bytes();
+            let q = (b.first() == Some(&b'Q') && b.get(1).is_some_and(u8::is_ascii_digit))
+                || (part.starts_with("IQ") && b.get(2).is_some_and(u8::is_ascii_digit));
+            q || matches!(part.as_str(), "F16" | "F32" | "BF16")
+        })
+}
+
+/// Splits `name-00001-of-00003` into (`name`, shard number) for multi-file GGUFs.
+fn shard_of(stem: &str) -> Option<(&str, u32)> {
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (base, idx) = head.rsplit_once('-')?;
+    let ok = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    (ok(idx) && ok(total)).then(|| (base, idx.parse().unwrap_or(0)))
+}
+
+/// The models directory.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+impl ModelStore {
+    /// A store over `root`; the folder is created on first scan if missing.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory this store reads.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Every model on disk, sorted by id. Hidden folders (downloads in progress, quarantine)
+    /// and projector files are skipped, so nothing half-made is ever listed.
+    pub fn scan(&self) -> std::io::Result<Vec<DiskModel>> {
+        if !self.root.exists() {
+            std::fs::create_dir_all(&self.root)?;
+        }
+        let mut found: Vec<DiskModel> = Vec::new();
+        let mut stack = vec![(self.root.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            let mut files: Vec<DiskModel> = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') {
+                    continue;
+                }
+                // Follow links: models are often symlinked in from another disk.
+                let Ok(meta) = std::fs::metadata(entry.path()) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    if depth < 4 {
+                        stack.push((entry.path(), depth + 1));
+                    }
+                    continue;
+                }
+                let Some(stem) = name.strip_suffix(".gguf") else {
+                    continue;
+                };
+                if stem.to_ascii_lowercase().starts_with("mmproj") {
+                    continue;
+                }
+                let (stem, shard) = match shard_of(stem) {
+                    Some((base, n)) => (base, Some(n)),
+                    None => (stem, None),
+                };
+                let size = meta.len();
+                if let Some(existing) = files
+                    .iter_mut()
+                    .find(|m| m.id.rsplit('/').next() == Some(stem))
+                {
+                    if shard.is_some() {
+                        existing.size_bytes += size;
+                        if shard == Some(1) {
+                            existing.path = entry.path();
+                        }
+                        continue;
+                    }
+                }
+                let rel_dir = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
+                let mut id = String::new();
+                for c in rel_dir.components() {
+                    id.push_str(&c.as_os_str().to_string_lossy());
+                    id.push('/');
+                }
+                id.push_str(stem);
+                files.push(DiskModel {
+                    id,
+                    alternate_ids: Vec::new(),
+                    path: entry.path(),
+                    size_bytes: size,
+                    quantization: quantization_from_name(stem),
+                    format: "gguf",
+                });
+            }
+            if files.len() == 1 && depth >= 1 {
+                let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
+                let short = rel.to_string_lossy().replace('\\', "/");
+                files[0].alternate_ids.push(short);
+            }
+            found.extend(files);
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    /// Finds a model by id or alternate id, case-insensitively (clients lower-case ids).
+    pub fn find(&self, id: &str) -> Result<Option<DiskModel>, InvalidModelId> {
+        validate_id(id)?;
+        let models = self.scan().unwrap_or_default();
+        let matches = |m: &DiskModel, exact: bool| {
+            let eq = |a: &str| {
+                if exact {
+                    a == id
+                } else {
+                    a.eq_ignore_ascii_case(id)
+                }
+            };
+            eq(&m.id) || m.alternate_ids.iter().any(|a| eq(a))
+        };
+        Ok(models
+            .iter()
+            .find(|m| matches(m, true))
+            .or_else(|| models.iter().find(|m| matches(m, false)))
+            .cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(p: &Path, bytes: usize) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, vec![0u8; bytes]).unwrap();
+    }
+
+    #[test]
+    fn rejects_escaping_ids() {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "~/x",
+            "C:/x",
+            "a\\b",
+            "a//b",
+            "./a",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad} should be rejected");
+        }
+        assert_eq!(validate_id(""), Err(InvalidModelId::Empty));
+        for good in ["gemma-3-270m-q4_k_m", "org/repo", "org/repo/model.Q4"] {
+            assert!(validate_id(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn scans_flat_and_nested_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        touch(&r.join("gemma-3-270m-q4_k_m.gguf"), 10);
+        touch(
+            &r.join("lmstudio-community/Llama-3-GGUF/Llama-3-Q8_0.gguf"),
+            20,
+        );
+        touch(&r.join("org/multi/a-Q4_K_M.gguf"), 1);
+        touch(&r.join("org/multi/a-Q8_0.gguf"), 2);
+        touch(&r.join("org/multi/mmproj-a-f16.gguf"), 3);
+        touch(&r.join("org/split/big-00001-of-00002.gguf"), 5);
+        touch(&r.join("org/split/big-00002-of-00002.gguf"), 6);
+        touch(&r.join(".downloads/x/half.gguf"), 1);
+        touch(&r.join("notes.txt"), 1);
+        let store = ModelStore::new(r);
+        let models = store.scan().unwrap();
+        let ids: Vec<_> = models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "gemma-3-270m-q4_k_m",
+                "lmstudio-community/Llama-3-GGUF/Llama-3-Q8_0",
+                "org/multi/a-Q4_K_M",
+                "org/multi/a-Q8_0",
+                "org/split/big"
+            ]
+        );
+        let gemma = &models[0];
+        assert_eq!(gemma.size_bytes, 10);
+        assert_eq!(gemma.quantization.as_deref(), Some("Q4_K_M"));
+        assert_eq!(models[1].alternate_ids, ["lmstudio-community/Llama-3-GGUF"]);
+        assert!(models[2].alternate_ids.is_empty());
+        let split = &models[4];
+        assert_eq!(split.size_bytes, 11);
+        assert!(split.path.ends_with("big-00001-of-00002.gguf"));
+
+        let found = store
+            .find("lmstudio-community/llama-3-gguf")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.id, "lmstudio-community/Llama-3-GGUF/Llama-3-Q8_0");
+        assert!(store.find("missing").unwrap().is_none());
+        assert!(store.find("../gemma-3-270m-q4_k_m").is_err());
+    }
+}

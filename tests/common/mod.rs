@@ -1,0 +1,247 @@
+//! Starts the real `opta-lmx` binary on a free port with the real Gemma model, and small HTTP
+//! helpers for the tests. Each test gets its own server, killed when the guard drops.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Id the test model is served under.
+pub const MODEL: &str = "gemma-3-270m-q4_k_m";
+
+/// The Gemma GGUF placed by `scripts/fetch-model.sh`; tests fail (not skip) without it.
+pub fn model_file() -> PathBuf {
+    let p = std::env::var_os("OPTA_LMX_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-model/gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        p.exists(),
+        "test model missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub base: String,
+    pub models_dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for a test server.
+pub struct Opts {
+    pub load_model: bool,
+    pub context: u32,
+    pub parallel: u32,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            load_model: true,
+            context: 1024,
+            parallel: 2,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// The binary under test, with a clean environment (no user config, no OPTA_LMX_* leaking in).
+pub fn command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_opta-lmx"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OPTA_LMX_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+impl Server {
+    /// Starts a server with the Gemma model linked into a fresh models directory.
+    pub fn start(opts: Opts) -> Server {
+        let models_dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            model_file(),
+            models_dir.path().join(format!("{MODEL}.gguf")),
+        )
+        .unwrap();
+        let config = models_dir.path().join(".config.yaml");
+        std::fs::write(&config, "").unwrap();
+        let log = models_dir.path().join(".server.log");
+        let port = free_port();
+        let mut cmd = command();
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--models-dir")
+            .arg(models_dir.path())
+            .arg("--context")
+            .arg(opts.context.to_string())
+            .arg("--parallel")
+            .arg(opts.parallel.to_string())
+            .args(&opts.extra_args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if opts.load_model {
+            cmd.arg("--model").arg(MODEL);
+        }
+        let child = cmd.spawn().expect("start opta-lmx");
+        let mut server = Server {
+            child,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            models_dir,
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("server exited early ({status}): {}", self.log_text());
+            }
+            if health_ok(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server did not become ready: {}", self.log_text());
+    }
+
+    /// What the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Full URL for a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs JSON and returns status and parsed body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs raw bytes (for malformed-body tests).
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GETs and returns status and parsed body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(self.url(path)).await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A greedy chat completion's text.
+    pub async fn chat_text(&self, body: Value) -> String {
+        let (s, v) = self.post("/v1/chat/completions", &body).await;
+        assert_eq!(s, 200, "{v}");
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Whether `GET /healthz` answers 200, over a plain socket so it works inside async tests.
+fn health_ok(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let n = s.read(&mut buf).unwrap_or(0);
+    buf[..n].starts_with(b"HTTP/1.0 200") || buf[..n].starts_with(b"HTTP/1.1 200")
+}
+
+/// Parses an SSE body into its `data:` payloads, checking the framing on the way:
+/// every event is `data: ...` lines followed by a blank line, or a `:` comment.
+pub fn sse_data(body: &str) -> Vec<String> {
+    assert!(
+        body.ends_with("\n\n"),
+        "stream must end with a blank line: {body:?}"
+    );
+    let mut out = Vec::new();
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        if event.starts_with(':') {
+            continue;
+        }
+        let payload = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("event without `data: ` prefix: {event:?}"));
+        assert!(!payload.contains('\n'), "one line per event: {event:?}");
+        out.push(payload.to_string());
+    }
+    out
+}
+
+/// The OpenAI error body's fields, asserting its shape.
+pub fn error_fields(v: &Value) -> (String, String, Value, Value) {
+    let e = &v["error"];
+    assert!(e.is_object(), "not an OpenAI error body: {v}");
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.get(k).is_some(), "error body lacks `{k}`: {v}");
+    }
+    (
+        e["message"].as_str().unwrap().to_string(),
+        e["type"].as_str().unwrap().to_string(),
+        e["param"].clone(),
+        e["code"].clone(),
+    )
+}
