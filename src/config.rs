@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration as the server uses it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -161,17 +161,6 @@ impl Default for LoggingConfig {
             format: LogFormat::Text,
             level: "info".into(),
             file: None,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            models: ModelsConfig::default(),
-            memory: MemoryConfig::default(),
-            logging: LoggingConfig::default(),
         }
     }
 }

