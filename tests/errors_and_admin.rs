@@ -474,3 +474,71 @@ fn startup_failures_are_clear() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("OPTA_LMX_MEMORY_THRESHOLD"), "{err}");
 }
+
+#[tokio::test]
+async fn load_on_demand_when_enabled() {
+    let s = Server::start(Opts {
+        load_model: false,
+        extra_args: vec!["--load-on-demand".into()],
+        ..Opts::default()
+    });
+    let (_, v) = s.get("/v1/models").await;
+    assert_eq!(v["data"][0]["loaded"], false);
+    // Case-insensitive ids, as clients vary.
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL.to_uppercase(), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], MODEL);
+    let (_, v) = s.get("/v1/models").await;
+    assert_eq!(v["data"][0]["loaded"], true);
+    // Still never a swap: an id that is not on disk is a 404.
+    expect_error(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_streams() {
+    let mut s = Server::start(Opts::default());
+    let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 60,
+                      "temperature": 0, "stream": true, "logit_bias": {"1": -100, "106": -100}});
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let pid = s.pid().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events = common::sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]", "stream was cut: {text}");
+    let finish: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(
+        finish.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    let status = s.wait_exit(Duration::from_secs(20));
+    let log = s.log_text();
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(log.contains("draining done"), "{log}");
+}

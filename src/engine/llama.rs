@@ -21,6 +21,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+use super::sampling::argmax;
 use super::scheduler::SlotTable;
 use super::text::TextAssembler;
 use super::{
@@ -87,6 +88,8 @@ struct Active {
     /// The sampled token to feed next step, once the prompt is in.
     next: Option<TokenId>,
     sampler: LlamaSampler,
+    /// Biases for the greedy fast path, which takes the argmax instead of running the chain.
+    greedy: Option<Vec<(TokenId, f32)>>,
     max_tokens: u32,
     generated: u32,
     text: TextAssembler,
@@ -414,6 +417,10 @@ impl Worker<'_> {
                 prompt_len: req.prompt.len() as u32,
                 cached_tokens: reuse as u32,
                 next: None,
+                greedy: req
+                    .sampling
+                    .is_plain_greedy()
+                    .then(|| req.sampling.logit_bias.clone()),
                 sampler: req.sampling.build(self.model.n_vocab()),
                 max_tokens: req.max_tokens,
                 generated: 0,
@@ -493,7 +500,11 @@ impl Worker<'_> {
             let Some(idx) = a.logits_at else {
                 continue;
             };
-            let tok = a.sampler.sample(&self.ctx, idx);
+            let tok = if let Some(biases) = &a.greedy {
+                LlamaToken(argmax(self.ctx.get_logits_ith(idx), biases))
+            } else {
+                a.sampler.sample(&self.ctx, idx)
+            };
             a.generated += 1;
             a.first_token.get_or_insert_with(Instant::now);
             let mut finish = None;

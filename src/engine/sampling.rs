@@ -47,6 +47,16 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Greedy decoding without penalties: the next token is the argmax of the (biased) logits,
+    /// with no sampler state to keep, so the scheduler can skip the chain's per-token copy of
+    /// the whole vocabulary.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+            && self.repeat_penalty == 1.0
+    }
+
     /// Builds the chain: bias, penalties, then greedy, or top-k → top-p → min-p → temperature → draw.
     pub fn build(&self, n_vocab: i32) -> LlamaSampler {
         let mut chain = Vec::new();
@@ -89,6 +99,26 @@ impl SamplingParams {
     }
 }
 
+/// Index of the largest logit after adding `biases` (the first on ties, as llama.cpp's greedy
+/// sampler picks). Biased ids are looked up only when a logit beats the best so far, which
+/// happens a handful of times per scan.
+pub fn argmax(logits: &[f32], biases: &[(TokenId, f32)]) -> TokenId {
+    let biased = |i: usize| biases.iter().any(|&(t, _)| t as usize == i);
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, b)| l > b) && !biased(i) {
+            best = Some((i, l));
+        }
+    }
+    for &(t, bias) in biases {
+        let (i, v) = (t as usize, logits[t as usize] + bias);
+        if best.is_none_or(|(bi, b)| v > b || (v == b && i < bi)) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i as TokenId)
+}
+
 /// A seed from the clock and a counter: unseeded requests must differ from each other.
 fn rand_seed() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -98,4 +128,40 @@ fn rand_seed() -> u32 {
         .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
         .unwrap_or(0);
     nanos.wrapping_add(COUNTER.fetch_add(0x9E37_79B9, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_first_on_ties() {
+        assert_eq!(argmax(&[0.1, 0.9, 0.3, 0.9], &[]), 1);
+        assert_eq!(argmax(&[-1.0], &[]), 0);
+    }
+
+    #[test]
+    fn argmax_applies_biases() {
+        let logits = [0.1, 0.9, 0.3, 0.8];
+        assert_eq!(argmax(&logits, &[(1, -100.0)]), 3);
+        assert_eq!(argmax(&logits, &[(0, 5.0)]), 0);
+        assert_eq!(argmax(&logits, &[(1, -100.0), (3, -100.0)]), 2);
+        // A bias that ties with an unbiased token (exact in binary): the lower id wins.
+        assert_eq!(argmax(&[0.0, 1.0, 0.0, 0.5], &[(3, 0.5)]), 1);
+        assert_eq!(argmax(&[0.0, 0.5, 0.0, 1.0], &[(1, 0.5)]), 1);
+    }
+
+    #[test]
+    fn greedy_detection() {
+        let mut p = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        assert!(p.is_plain_greedy());
+        p.logit_bias.push((1, -100.0));
+        assert!(p.is_plain_greedy());
+        p.repeat_penalty = 1.1;
+        assert!(!p.is_plain_greedy());
+        assert!(!SamplingParams::default().is_plain_greedy());
+    }
 }
