@@ -302,12 +302,7 @@ async fn disconnect_mid_stream_frees_the_sequence() {
     let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 900,
                       "temperature": 1.0, "seed": 7, "stream": true,
                       "logit_bias": {"1": -100, "106": -100}});
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("/v1/completions", &body).await;
     let mut stream = r.bytes_stream();
     let mut got = 0;
     while got < 3 {
@@ -510,12 +505,7 @@ async fn sigterm_drains_in_flight_streams() {
     let mut s = Server::start(Opts::default());
     let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 60,
                       "temperature": 0, "stream": true, "logit_bias": {"1": -100, "106": -100}});
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("/v1/completions", &body).await;
     let mut stream = r.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
     let pid = s.pid().to_string();

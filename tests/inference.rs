@@ -103,12 +103,7 @@ async fn stream_framing_usage_and_equality_with_non_stream() {
 
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -155,15 +150,7 @@ async fn stream_without_include_usage_has_no_usage_field() {
         json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0});
     let (_, whole) = s.post("/v1/completions", &body).await;
     body["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.send("/v1/completions", &body).await.text().await.unwrap();
     let events = sse_data(&text);
     assert_eq!(events.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1]
@@ -234,12 +221,7 @@ async fn multibyte_text_streams_intact() {
     let (_, v) = s.post("/v1/completions", &body).await;
     let whole = v["choices"][0]["text"].as_str().unwrap().to_string();
     body["stream"] = json!(true);
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("/v1/completions", &body).await;
     // Read raw bytes: every event must be valid UTF-8 on its own.
     let mut stream = r.bytes_stream();
     let mut raw = Vec::new();

@@ -171,14 +171,19 @@ impl Server {
         format!("{}{}", self.base, path)
     }
 
-    /// POSTs JSON and returns status and parsed body.
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
+    /// POSTs JSON and returns the response unread (for streams and headers).
+    pub async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
             .post(self.url(path))
             .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// POSTs JSON and returns status and parsed body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.send(path, body).await;
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
