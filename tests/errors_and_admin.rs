@@ -532,3 +532,29 @@ async fn sigterm_drains_in_flight_streams() {
     assert!(status.success(), "exit status {status}: {log}");
     assert!(log.contains("draining done"), "{log}");
 }
+
+#[tokio::test]
+async fn unload_mid_stream_ends_with_structured_error_event() {
+    let s = Server::start(Opts::default());
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 500, "stream": true,
+                      "logit_bias": {"1": -100, "106": -100}});
+    let r = s.send("/v1/completions", &body).await;
+    let mut stream = r.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let (st, v) = s
+        .post("/admin/model/unload", &json!({"model_id": MODEL}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events = common::sse_data(&text);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    let (msg, kind, _, code) = error_fields(&last);
+    assert_eq!(code, "model_unloaded", "{msg}");
+    assert_eq!(kind, "server_error");
+    assert!(
+        !events.iter().any(|e| e == "[DONE]"),
+        "an aborted stream must not claim success"
+    );
+}
