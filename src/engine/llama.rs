@@ -77,6 +77,14 @@ struct Job {
     events: mpsc::UnboundedSender<Event>,
 }
 
+/// How a request chooses its next token.
+enum Picker {
+    /// Argmax of the biased logits: no per-token copy of the vocabulary, no state.
+    Greedy(Vec<(TokenId, f32)>),
+    /// llama.cpp's sampler chain, owned by this request alone.
+    Chain(LlamaSampler),
+}
+
 /// A request occupying a slot.
 struct Active {
     slot: usize,
@@ -87,9 +95,7 @@ struct Active {
     cached_tokens: u32,
     /// The sampled token to feed next step, once the prompt is in.
     next: Option<TokenId>,
-    sampler: LlamaSampler,
-    /// Biases for the greedy fast path, which takes the argmax instead of running the chain.
-    greedy: Option<Vec<(TokenId, f32)>>,
+    picker: Picker,
     max_tokens: u32,
     generated: u32,
     text: TextAssembler,
@@ -417,11 +423,11 @@ impl Worker<'_> {
                 prompt_len: req.prompt.len() as u32,
                 cached_tokens: reuse as u32,
                 next: None,
-                greedy: req
-                    .sampling
-                    .is_plain_greedy()
-                    .then(|| req.sampling.logit_bias.clone()),
-                sampler: req.sampling.build(self.model.n_vocab()),
+                picker: if req.sampling.is_plain_greedy() {
+                    Picker::Greedy(req.sampling.logit_bias.clone())
+                } else {
+                    Picker::Chain(req.sampling.build(self.model.n_vocab()))
+                },
                 max_tokens: req.max_tokens,
                 generated: 0,
                 text: TextAssembler::new(req.stop),
@@ -500,10 +506,9 @@ impl Worker<'_> {
             let Some(idx) = a.logits_at else {
                 continue;
             };
-            let tok = if let Some(biases) = &a.greedy {
-                LlamaToken(argmax(self.ctx.get_logits_ith(idx), biases))
-            } else {
-                a.sampler.sample(&self.ctx, idx)
+            let tok = match &mut a.picker {
+                Picker::Greedy(biases) => LlamaToken(argmax(self.ctx.get_logits_ith(idx), biases)),
+                Picker::Chain(sampler) => sampler.sample(&self.ctx, idx),
             };
             a.generated += 1;
             a.first_token.get_or_insert_with(Instant::now);
