@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// When set, `/admin` requests (except health) need `X-Admin-Key` or Bearer with this key.
     pub admin_key: Option<String>,
+    /// Seconds of silence after which a stream gets an SSE comment, so proxies and client
+    /// timeouts do not cut a stream that waits in the queue or on a long prefill.
+    pub sse_keepalive_seconds: f64,
 }
 
 /// Where models live and how they are served.
@@ -68,6 +71,8 @@ pub struct ModelsConfig {
     pub load_on_demand: bool,
     /// Defaults for every load that does not say otherwise.
     pub defaults: LoadDefaults,
+    /// Settings for particular model ids, over `defaults` (a load request overrides both).
+    pub per_model: BTreeMap<String, ModelSettings>,
 }
 
 /// Per-load engine settings, used when a load request leaves them out.
@@ -78,9 +83,23 @@ pub struct LoadDefaults {
     pub context: u32,
     /// Sequences decoded together in one batch.
     pub parallel: u32,
+    /// Requests that may wait for a busy model; more are refused with 429 and `Retry-After`.
+    pub max_queue: u32,
     /// Layers offloaded to the GPU (0 on CPU builds).
     pub gpu_layers: u32,
     /// CPU threads for decoding; `None` uses every available core.
+    pub threads: Option<u32>,
+}
+
+/// Engine settings for one model or one load; what is left out comes from
+/// `models.defaults`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    pub context: Option<u32>,
+    pub parallel: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub gpu_layers: Option<u32>,
     pub threads: Option<u32>,
 }
 
@@ -119,6 +138,7 @@ impl Default for ServerConfig {
             port: 1234,
             api_key: None,
             admin_key: None,
+            sse_keepalive_seconds: 10.0,
         }
     }
 }
@@ -132,6 +152,7 @@ impl Default for ModelsConfig {
             load_at_start: Vec::new(),
             load_on_demand: false,
             defaults: LoadDefaults::default(),
+            per_model: BTreeMap::new(),
         }
     }
 }
@@ -140,7 +161,8 @@ impl Default for LoadDefaults {
     fn default() -> Self {
         Self {
             context: 4096,
-            parallel: 4,
+            parallel: 8,
+            max_queue: 32,
             gpu_layers: 0,
             threads: None,
         }
@@ -284,6 +306,8 @@ impl Config {
             "LOAD_ON_DEMAND" => self.models.load_on_demand = parse(v)?,
             "CONTEXT" => self.models.defaults.context = parse(v)?,
             "PARALLEL" => self.models.defaults.parallel = parse(v)?,
+            "MAX_QUEUE" => self.models.defaults.max_queue = parse(v)?,
+            "SSE_KEEPALIVE" => self.server.sse_keepalive_seconds = parse(v)?,
             "GPU_LAYERS" => self.models.defaults.gpu_layers = parse(v)?,
             "THREADS" => self.models.defaults.threads = Some(parse(v)?),
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
@@ -315,22 +339,24 @@ impl Config {
             ));
         }
         let d = &self.models.defaults;
-        if d.context < 16 {
-            return Err((
-                "models.defaults.context".into(),
-                format!("{} is too small (at least 16 tokens)", d.context),
-            ));
+        check_settings(
+            "models.defaults",
+            &ModelSettings {
+                context: Some(d.context),
+                parallel: Some(d.parallel),
+                max_queue: Some(d.max_queue),
+                gpu_layers: Some(d.gpu_layers),
+                threads: d.threads,
+            },
+        )?;
+        for (id, m) in &self.models.per_model {
+            check_settings(&format!("models.per_model.{id}"), m)?;
         }
-        if d.parallel == 0 || d.parallel > 256 {
+        let k = self.server.sse_keepalive_seconds;
+        if !(0.01..=3600.0).contains(&k) {
             return Err((
-                "models.defaults.parallel".into(),
-                format!("{} is outside 1..=256", d.parallel),
-            ));
-        }
-        if d.threads == Some(0) {
-            return Err((
-                "models.defaults.threads".into(),
-                "0 threads cannot decode".into(),
+                "server.sse_keepalive_seconds".into(),
+                format!("{k} is outside 0.01..=3600"),
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
@@ -350,6 +376,19 @@ impl Config {
         Ok(())
     }
 
+    /// The settings a load of `id` starts from: `models.defaults` under `models.per_model`.
+    pub fn settings_for(&self, id: &str) -> ModelSettings {
+        let d = &self.models.defaults;
+        let m = self.models.per_model.get(id).cloned().unwrap_or_default();
+        ModelSettings {
+            context: m.context.or(Some(d.context)),
+            parallel: m.parallel.or(Some(d.parallel)),
+            max_queue: m.max_queue.or(Some(d.max_queue)),
+            gpu_layers: m.gpu_layers.or(Some(d.gpu_layers)),
+            threads: m.threads.or(d.threads),
+        }
+    }
+
     /// Resolves an alias to its target id; ids that are not aliases come back unchanged.
     pub fn resolve_alias<'a>(&'a self, name: &'a str) -> &'a str {
         self.models
@@ -358,6 +397,24 @@ impl Config {
             .map(String::as_str)
             .unwrap_or(name)
     }
+}
+
+/// Range checks shared by `models.defaults`, each `models.per_model` entry and load requests.
+pub fn check_settings(prefix: &str, m: &ModelSettings) -> Result<(), (String, String)> {
+    let err = |key: &str, reason: String| Err((format!("{prefix}.{key}"), reason));
+    if let Some(c) = m.context.filter(|&c| c < 16) {
+        return err("context", format!("{c} is too small (at least 16 tokens)"));
+    }
+    if let Some(p) = m.parallel.filter(|&p| p == 0 || p > 256) {
+        return err("parallel", format!("{p} is outside 1..=256"));
+    }
+    if let Some(q) = m.max_queue.filter(|&q| q > 100_000) {
+        return err("max_queue", format!("{q} is more than 100000"));
+    }
+    if m.threads == Some(0) {
+        return err("threads", "0 threads cannot decode".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -442,5 +499,23 @@ mod tests {
         let f = write("models:\n  defaults:\n    parallel: 0\n");
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(err.contains("models.defaults.parallel"), "{err}");
+        let f = write("models:\n  per_model:\n    gemma:\n      threads: 0\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("models.per_model.gemma.threads"), "{err}");
+    }
+
+    #[test]
+    fn per_model_settings_layer_over_defaults() {
+        let f = write(
+            "models:\n  defaults:\n    parallel: 6\n    max_queue: 3\n  per_model:\n    gemma:\n      parallel: 2\n",
+        );
+        let cfg = Config::load(Some(f.path()), []).unwrap();
+        let g = cfg.settings_for("gemma");
+        assert_eq!((g.parallel, g.max_queue, g.context), (Some(2), Some(3), Some(4096)));
+        let other = cfg.settings_for("other");
+        assert_eq!(other.parallel, Some(6));
+        let f = write("models:\n  per_model:\n    gemma:\n      paralel: 2\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("models.per_model.gemma"), "{err}");
     }
 }

@@ -9,6 +9,7 @@ use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
+use crate::config::check_settings;
 use crate::models::registry::{LoadOverrides, LoadReport, UnloadReport};
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
@@ -22,6 +23,8 @@ pub struct LoadBody {
     pub context: Option<u32>,
     /// Sequences decoded together.
     pub parallel: Option<u32>,
+    /// Requests that may wait for a sequence before new ones get 429.
+    pub max_queue: Option<u32>,
     pub gpu_layers: Option<u32>,
     pub threads: Option<u32>,
 }
@@ -39,27 +42,17 @@ pub async fn load(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<LoadBody>,
 ) -> Result<Json<LoadReport>, ApiError> {
-    if body.parallel.is_some_and(|p| p == 0 || p > 256) {
-        return Err(ApiError::invalid(
-            "parallel",
-            "parallel must be between 1 and 256",
-        ));
-    }
-    if body.context.is_some_and(|c| c < 16) {
-        return Err(ApiError::invalid(
-            "context",
-            "context must be at least 16 tokens",
-        ));
-    }
-    if body.threads == Some(0) {
-        return Err(ApiError::invalid("threads", "threads must be at least 1"));
-    }
     let options = LoadOverrides {
         context: body.context,
         parallel: body.parallel,
+        max_queue: body.max_queue,
         gpu_layers: body.gpu_layers,
         threads: body.threads,
     };
+    if let Err((key, reason)) = check_settings("", &options) {
+        let param = key.trim_start_matches('.').to_string();
+        return Err(ApiError::invalid(param.clone(), format!("{param}: {reason}")));
+    }
     Ok(Json(state.registry.load(&body.model_id, &options).await?))
 }
 
@@ -163,28 +156,53 @@ pub struct Status {
     pub performance: PerformanceStatus,
 }
 
-/// Performance section: rolling figures plus live scheduler counts.
+/// Performance section: rolling per-request figures plus the schedulers' live numbers,
+/// summed over loaded models.
 #[derive(Debug, Serialize)]
 pub struct PerformanceStatus {
     #[serde(flatten)]
     pub rolling: PerformanceReport,
+    /// Sequences prefilling or generating.
     pub active_requests: u32,
+    /// Requests waiting for a sequence.
     pub queued_requests: u32,
+    /// Prompt tokens computed per second over the last few seconds.
+    pub prompt_tokens_per_second: f64,
+    /// Tokens generated per second over the last few seconds, all sequences together.
+    pub decode_tokens_per_second: f64,
+    /// Share of prompt tokens served from the prefix cache since the models were loaded.
+    pub cache_hit_ratio: f64,
+    pub cancelled_requests_total: u64,
+    pub rejected_requests_total: u64,
+}
+
+/// Cached prompt tokens over all prompt tokens; 0 before any request.
+fn hit_ratio(cached: u64, prompt: u64) -> f64 {
+    if prompt == 0 {
+        0.0
+    } else {
+        cached as f64 / prompt as f64
+    }
 }
 
 /// `GET /admin/status`.
 pub async fn status(State(state): State<AppState>) -> Json<Status> {
     let loaded = state.registry.loaded();
-    let mut active = 0;
-    let mut queued = 0;
+    let mut total = SchedulerStats::default();
     let mut models_bytes = 0;
     let loaded_models = loaded
         .iter()
         .map(|m| {
             let stats = m.engine.stats();
             let info = m.engine.info();
-            active += stats.active_sequences;
-            queued += stats.queued_requests;
+            total.active_sequences += stats.active_sequences;
+            total.queued_requests += stats.queued_requests;
+            total.prompt_tokens_total += stats.prompt_tokens_total;
+            total.cached_prompt_tokens_total += stats.cached_prompt_tokens_total;
+            total.prompt_tokens_per_second += stats.prompt_tokens_per_second;
+            total.decode_tokens_per_second += stats.decode_tokens_per_second;
+            total.cancelled_total += stats.cancelled_total;
+            total.rejected_total += stats.rejected_total;
             models_bytes += info.memory_bytes;
             serde_json::json!({
                 "id": m.id,
@@ -194,6 +212,8 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
                 "parallel": info.parallel,
                 "active_sequences": stats.active_sequences,
                 "queued_requests": stats.queued_requests,
+                "cache_hit_ratio": hit_ratio(stats.cached_prompt_tokens_total, stats.prompt_tokens_total),
+                "scheduler": stats,
                 "request_count": m.request_count(),
                 "last_used": rfc3339(m.last_used()),
             })
@@ -211,8 +231,16 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
         loaded_models,
         performance: PerformanceStatus {
             rolling: state.metrics.report(),
-            active_requests: active,
-            queued_requests: queued,
+            active_requests: total.active_sequences,
+            queued_requests: total.queued_requests,
+            prompt_tokens_per_second: total.prompt_tokens_per_second,
+            decode_tokens_per_second: total.decode_tokens_per_second,
+            cache_hit_ratio: hit_ratio(
+                total.cached_prompt_tokens_total,
+                total.prompt_tokens_total,
+            ),
+            cancelled_requests_total: total.cancelled_total,
+            rejected_requests_total: total.rejected_total,
         },
     })
 }

@@ -30,6 +30,12 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("request body is larger than the {0} byte limit")]
     PayloadTooLarge(usize),
+    /// Too many requests are waiting; the client should come back after `retry_after_secs`.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u32,
+    },
     /// The server cannot take the work right now (memory, unloading).
     #[error("{message}")]
     Unavailable { message: String, code: &'static str },
@@ -70,6 +76,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +99,7 @@ impl ApiError {
             }
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large")),
+            Self::RateLimited { .. } => ("rate_limit_exceeded", None, Some("rate_limit_exceeded")),
             Self::Unavailable { code, .. } => ("server_error", None, Some(*code)),
             Self::Internal(_) => ("server_error", None, Some("internal_error")),
         };
@@ -119,6 +127,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Self::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
         if matches!(self, Self::Unauthorized(_)) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -143,6 +158,12 @@ impl From<EngineError> for ApiError {
             EngineError::Load(_) => Self::Unavailable {
                 message: e.to_string(),
                 code: "model_load_failed",
+            },
+            EngineError::QueueFull {
+                retry_after_secs, ..
+            } => Self::RateLimited {
+                message: e.to_string(),
+                retry_after_secs,
             },
             EngineError::Decode(_) => Self::Internal(e.to_string()),
         }

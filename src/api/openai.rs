@@ -179,7 +179,7 @@ pub async fn chat_completions(
         Piece::Finish(r) => chunk(vec![choice(ChatDelta::default(), Some(r))], None),
         Piece::Usage(u) => chunk(vec![], Some(Some(u.into()))),
     });
-    Ok(stream_response(rx, include_usage, format, state.metrics.clone()).into_response())
+    Ok(stream_response(rx, include_usage, format, &state).into_response())
 }
 
 /// `POST /v1/completions`.
@@ -255,7 +255,7 @@ pub async fn completions(
         };
         serde_json::to_string(&chunk).ok()
     });
-    Ok(stream_response(rx, include_usage, format, state.metrics.clone()).into_response())
+    Ok(stream_response(rx, include_usage, format, &state).into_response())
 }
 
 fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> ModelObject {

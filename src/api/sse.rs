@@ -13,8 +13,8 @@ use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
+use super::AppState;
 use crate::engine::{Event, FinishReason, Usage};
-use crate::metrics::Metrics;
 
 /// A moment in a stream that a chunk formatter turns into JSON.
 pub enum Piece {
@@ -40,8 +40,10 @@ pub fn stream_response(
     events: UnboundedReceiver<Event>,
     include_usage: bool,
     format: Formatter,
-    metrics: Metrics,
+    state: &AppState,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let metrics = state.metrics.clone();
+    let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
     let data = |s: String| SseEvent::default().data(s);
     let s = stream::unfold(State::Start(events), move |state| {
         let format = std::sync::Arc::clone(&format);
@@ -89,7 +91,7 @@ pub fn stream_response(
         }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok)));
-    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+    Sse::new(s).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 
 /// The mid-stream error event: the same `error` object as an error response body.

@@ -76,6 +76,12 @@ pub struct ServeArgs {
     /// Sequences decoded together for loads that do not say.
     #[arg(long)]
     pub parallel: Option<u32>,
+    /// Requests that may wait for a busy model before new ones get 429.
+    #[arg(long)]
+    pub max_queue: Option<u32>,
+    /// Seconds of stream silence before an SSE keep-alive comment.
+    #[arg(long)]
+    pub sse_keepalive_seconds: Option<f64>,
     #[arg(long)]
     pub threads: Option<u32>,
     #[arg(long)]
@@ -119,6 +125,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.parallel {
             m.defaults.parallel = v;
+        }
+        if let Some(v) = self.max_queue {
+            m.defaults.max_queue = v;
+        }
+        if let Some(v) = self.sse_keepalive_seconds {
+            s.sse_keepalive_seconds = v;
         }
         if let Some(v) = self.threads {
             m.defaults.threads = Some(v);

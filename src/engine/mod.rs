@@ -30,6 +30,9 @@ pub enum EngineError {
         prompt: u32,
         completion: Option<u32>,
     },
+    /// Every sequence is busy and the wait queue is full.
+    #[error("the server is busy: all sequences are in use and the queue of {queue} waiting requests is full; retry after {retry_after_secs} s")]
+    QueueFull { queue: u32, retry_after_secs: u32 },
     /// The model was unloaded while the request waited or ran.
     #[error("the model was unloaded while this request was in progress")]
     Unloaded,
@@ -110,11 +113,26 @@ pub struct ModelInfo {
 /// Live counters of one model's scheduler.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct SchedulerStats {
+    /// Requests holding a sequence (prefilling or generating).
     pub active_sequences: u32,
+    /// Requests waiting for a sequence.
     pub queued_requests: u32,
+    /// Most requests that may wait before new ones are refused with 429.
+    pub max_queue: u32,
+    /// Requests admitted to a sequence.
     pub requests_total: u64,
+    /// Requests whose client hung up before the end (queued or running).
+    pub cancelled_total: u64,
+    /// Requests refused because the queue was full.
+    pub rejected_total: u64,
     pub prompt_tokens_total: u64,
+    /// Prompt tokens served from the prefix cache instead of being computed.
+    pub cached_prompt_tokens_total: u64,
     pub completion_tokens_total: u64,
+    /// Prompt tokens computed per second, over the last few seconds.
+    pub prompt_tokens_per_second: f64,
+    /// Tokens generated per second across all sequences, over the last few seconds.
+    pub decode_tokens_per_second: f64,
 }
 
 /// A loaded model that can generate. Implementations own their threads and memory; dropping

@@ -1,6 +1,11 @@
 //! Sequence-slot bookkeeping for a batching scheduler, kept free of llama.cpp so it can be
-//! unit-tested: which slot a new request gets, how much of its prompt is already in that slot's
-//! KV cache, and which tokens each slot's cache holds.
+//! unit-tested: which slot a new request gets, how much of its prompt is already in the KV
+//! cache (its own slot's, or another slot's that it can copy), and which cache is evicted when
+//! every free slot holds one.
+//!
+//! The KV cache is unified: all sequences share one pool of cells, and copying a prefix from
+//! one sequence to another only tags the same cells with a second sequence id. So a system
+//! prompt shared by six bots is stored once and computed once.
 
 use std::time::Instant;
 
@@ -15,17 +20,39 @@ pub struct Slot {
     pub cached: Vec<TokenId>,
     /// Whether a request is using the slot.
     pub busy: bool,
-    /// When the slot was last given out, for least-recently-used choice.
+    /// When the slot's cache was last used (given out, released, or copied from): the least
+    /// recently used idle cache is the one evicted.
     pub last_used: Instant,
 }
 
-/// The slot chosen for a request and how many prompt tokens it can skip.
+/// Where a request's reusable prefix comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Nothing reusable: the slot's cache is dropped and the prompt computed in full.
+    None,
+    /// The slot's own cache starts with `len` prompt tokens; drop its cache past them.
+    Own { len: usize },
+    /// Another slot's cache starts with `len` prompt tokens: drop this slot's cache and copy
+    /// positions `0..len` from `from`.
+    Copy { from: usize, len: usize },
+}
+
+/// The slot chosen for a request and how its prompt's prefix is reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Assignment {
     pub slot: usize,
+    pub reuse: Reuse,
+}
+
+impl Assignment {
     /// Prompt tokens whose KV is reused; at least one prompt token is always recomputed so
     /// the request has fresh logits to sample from.
-    pub reuse: usize,
+    pub fn reused(&self) -> usize {
+        match self.reuse {
+            Reuse::None => 0,
+            Reuse::Own { len } | Reuse::Copy { len, .. } => len,
+        }
+    }
 }
 
 /// All slots of one model.
@@ -80,38 +107,74 @@ impl SlotTable {
         &mut self.slots[i]
     }
 
-    /// Picks a free slot for `prompt`: the one whose cache shares the longest prefix with it,
-    /// else the least recently used, so caches that others might reuse survive longest.
-    /// Marks it busy and truncates its cache bookkeeping to the reused prefix; the caller must
-    /// drop the same range from the KV cache.
+    /// Picks a free slot for `prompt` and the longest prefix of it already in the cache.
+    ///
+    /// The slot: a free one whose whole cache is a prefix of the prompt (a conversation's next
+    /// turn: nothing is lost by extending it), the longest such; otherwise the least recently
+    /// used free slot, whose cache is evicted. The prefix: the longest match in any slot, busy
+    /// or free, copied over when it is not the chosen slot's own. Marks the slot busy and sets
+    /// its bookkeeping to the reused prefix; the caller must apply the same change to the KV
+    /// cache (see [`Reuse`]).
     pub fn assign(&mut self, prompt: &[TokenId]) -> Option<Assignment> {
-        let best = self
+        let cap = prompt.len().saturating_sub(1);
+        let free = || self.slots.iter().enumerate().filter(|(_, s)| !s.busy);
+        let extendable = free()
+            .filter(|(_, s)| !s.cached.is_empty() && common_prefix(&s.cached, prompt) == s.cached.len())
+            .max_by_key(|(_, s)| s.cached.len())
+            .map(|(i, _)| i);
+        let slot = match extendable {
+            Some(i) => i,
+            None => free().min_by_key(|(_, s)| s.last_used).map(|(i, _)| i)?,
+        };
+        let own = common_prefix(&self.slots[slot].cached, prompt).min(cap);
+        let (donor, donor_len) = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .max_by(|(_, a), (_, b)| {
-                let pa = common_prefix(&a.cached, prompt);
-                let pb = common_prefix(&b.cached, prompt);
-                pa.cmp(&pb).then(b.last_used.cmp(&a.last_used))
-            })
-            .map(|(i, _)| i)?;
-        let slot = &mut self.slots[best];
-        let reuse = common_prefix(&slot.cached, prompt).min(prompt.len().saturating_sub(1));
-        slot.cached.truncate(reuse);
-        slot.busy = true;
-        slot.last_used = Instant::now();
-        Some(Assignment { slot: best, reuse })
+            .filter(|&(i, _)| i != slot)
+            .map(|(i, s)| (i, common_prefix(&s.cached, prompt).min(cap)))
+            .max_by_key(|&(_, len)| len)
+            .unwrap_or((slot, 0));
+
+        let now = Instant::now();
+        let reuse = if donor_len > own {
+            self.slots[donor].last_used = now;
+            Reuse::Copy {
+                from: donor,
+                len: donor_len,
+            }
+        } else if own > 0 {
+            Reuse::Own { len: own }
+        } else {
+            Reuse::None
+        };
+        let s = &mut self.slots[slot];
+        s.cached.clear();
+        s.cached.extend_from_slice(&prompt[..Assignment { slot, reuse }.reused()]);
+        s.busy = true;
+        s.last_used = now;
+        Some(Assignment { slot, reuse })
     }
 
     /// Frees a slot; its cache stays for later prefix reuse.
     pub fn release(&mut self, i: usize) {
         self.slots[i].busy = false;
+        self.slots[i].last_used = Instant::now();
     }
 
     /// Forgets a slot's cache (after a failed decode, or when its KV was cleared).
     pub fn forget(&mut self, i: usize) {
         self.slots[i].cached.clear();
+    }
+
+    /// Idle slots holding a cache, least recently used first: what to evict if the KV pool
+    /// ever runs out of cells.
+    pub fn idle_cached_lru(&self) -> Vec<usize> {
+        let mut idle: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].busy && !self.slots[i].cached.is_empty())
+            .collect();
+        idle.sort_by_key(|&i| self.slots[i].last_used);
+        idle
     }
 }
 
@@ -119,15 +182,27 @@ impl SlotTable {
 mod tests {
     use super::*;
 
+    /// Releases with a visible gap so `last_used` orders are unambiguous.
+    fn release_later(t: &mut SlotTable, i: usize) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        t.release(i);
+    }
+
     #[test]
-    fn prefers_longest_shared_prefix() {
+    fn next_turn_extends_its_own_slot() {
         let mut t = SlotTable::new(3);
         t.get_mut(0).cached = vec![1, 2, 3];
         t.get_mut(1).cached = vec![1, 2, 3, 4, 5];
         t.get_mut(2).cached = vec![9];
-        let a = t.assign(&[1, 2, 3, 4, 7, 8]).unwrap();
-        assert_eq!(a, Assignment { slot: 1, reuse: 4 });
-        assert_eq!(t.get(1).cached, [1, 2, 3, 4]);
+        let a = t.assign(&[1, 2, 3, 4, 5, 6, 7]).unwrap();
+        assert_eq!(
+            a,
+            Assignment {
+                slot: 1,
+                reuse: Reuse::Own { len: 5 }
+            }
+        );
+        assert_eq!(t.get(1).cached, [1, 2, 3, 4, 5]);
         assert!(t.get(1).busy);
         assert_eq!(t.busy(), 1);
     }
@@ -137,8 +212,48 @@ mod tests {
         let mut t = SlotTable::new(1);
         t.get_mut(0).cached = vec![5, 6, 7];
         let a = t.assign(&[5, 6, 7]).unwrap();
-        assert_eq!(a.reuse, 2);
+        assert_eq!(a.reuse, Reuse::Own { len: 2 });
+        assert_eq!(a.reused(), 2);
         assert_eq!(t.get(0).cached, [5, 6]);
+    }
+
+    #[test]
+    fn shared_prefix_is_copied_from_a_busy_slot() {
+        let mut t = SlotTable::new(2);
+        // Bot A is generating after a system prompt [1, 2, 3, 4].
+        let a = t.assign(&[1, 2, 3, 4, 10]).unwrap();
+        t.get_mut(a.slot).cached = vec![1, 2, 3, 4, 10, 11, 12];
+        // Bot B sends the same system prompt with its own question.
+        let b = t.assign(&[1, 2, 3, 4, 20, 21]).unwrap();
+        assert_ne!(b.slot, a.slot);
+        assert_eq!(
+            b.reuse,
+            Reuse::Copy {
+                from: a.slot,
+                len: 4
+            }
+        );
+        assert_eq!(t.get(b.slot).cached, [1, 2, 3, 4]);
+        // The donor keeps its whole cache.
+        assert_eq!(t.get(a.slot).cached, [1, 2, 3, 4, 10, 11, 12]);
+    }
+
+    #[test]
+    fn a_divergent_idle_cache_is_copied_not_truncated() {
+        let mut t = SlotTable::new(2);
+        t.get_mut(0).cached = vec![1, 2, 3, 4, 10, 11];
+        release_later(&mut t, 0);
+        // Slot 1 is older and empty; slot 0 holds a conversation another bot shares a prefix
+        // with. The conversation survives: the prefix is copied into slot 1.
+        let a = t.assign(&[1, 2, 3, 4, 20]).unwrap();
+        assert_eq!(
+            a,
+            Assignment {
+                slot: 1,
+                reuse: Reuse::Copy { from: 0, len: 4 }
+            }
+        );
+        assert_eq!(t.get(0).cached, [1, 2, 3, 4, 10, 11]);
     }
 
     #[test]
@@ -152,28 +267,56 @@ mod tests {
     }
 
     #[test]
-    fn without_a_match_the_least_recently_used_slot_is_evicted() {
-        let mut t = SlotTable::new(2);
-        let first = t.assign(&[1, 1]).unwrap().slot;
-        t.get_mut(first).cached = vec![1, 1];
-        t.release(first);
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let second = t.assign(&[2, 2]).unwrap().slot;
-        assert_ne!(first, second);
-        t.get_mut(second).cached = vec![2, 2];
-        t.release(second);
-        // A prompt sharing nothing evicts the older cache, keeping [2, 2].
-        let third = t.assign(&[3]).unwrap();
+    fn without_a_match_the_least_recently_used_cache_is_evicted() {
+        let mut t = SlotTable::new(3);
+        for (i, toks) in [[1, 1], [2, 2], [3, 3]].iter().enumerate() {
+            let a = t.assign(toks).unwrap();
+            assert_eq!(a.slot, i);
+            t.get_mut(i).cached = toks.to_vec();
+        }
+        release_later(&mut t, 1);
+        release_later(&mut t, 0);
+        release_later(&mut t, 2);
+        assert_eq!(t.idle_cached_lru(), [1, 0, 2]);
+        let a = t.assign(&[7, 7]).unwrap();
         assert_eq!(
-            third,
+            a,
             Assignment {
-                slot: first,
-                reuse: 0
+                slot: 1,
+                reuse: Reuse::None
             }
         );
-        assert!(t.get(first).cached.is_empty());
-        assert_eq!(t.get(second).cached, [2, 2]);
-        t.forget(second);
-        assert!(t.get(second).cached.is_empty());
+        assert!(t.get(1).cached.is_empty());
+        assert_eq!(t.get(0).cached, [1, 1]);
+        assert_eq!(t.get(2).cached, [3, 3]);
+        t.get_mut(1).cached = vec![7, 7];
+        release_later(&mut t, 1);
+        assert_eq!(t.idle_cached_lru(), [0, 2, 1]);
+        // Copying from an idle cache counts as using it: [3, 3] now outlives [7, 7].
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = t.assign(&[3, 9]).unwrap();
+        assert_eq!(
+            b,
+            Assignment {
+                slot: 0,
+                reuse: Reuse::Copy { from: 2, len: 1 }
+            }
+        );
+        assert_eq!(t.idle_cached_lru(), [1, 2]);
+        t.forget(2);
+        assert!(t.get(2).cached.is_empty());
+        assert_eq!(t.idle_cached_lru(), [1]);
+    }
+
+    #[test]
+    fn own_prefix_beats_an_equal_donor() {
+        let mut t = SlotTable::new(2);
+        t.get_mut(0).cached = vec![1, 2, 3];
+        t.get_mut(1).cached = vec![1, 2, 3, 4, 5];
+        release_later(&mut t, 0);
+        // Slot 0's cache is a prefix of the prompt; slot 1 matches no further (cap is 3).
+        let a = t.assign(&[1, 2, 3, 4]).unwrap();
+        assert_eq!(a.slot, 0);
+        assert_eq!(a.reuse, Reuse::Own { len: 3 });
     }
 }

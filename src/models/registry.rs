@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::store::{DiskModel, InvalidModelId, ModelStore};
 use crate::chat::template::{ChatTemplate, ModelHints};
-use crate::config::{Config, LoadDefaults};
+use crate::config::{Config, ModelSettings};
 use crate::engine::llama::{LlamaEngine, LoadOptions};
 use crate::engine::{Backend, EngineError};
 use crate::system::MemorySnapshot;
@@ -42,14 +42,8 @@ pub enum RegistryError {
     Io(#[from] std::io::Error),
 }
 
-/// Settings a load request may override.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOverrides {
-    pub context: Option<u32>,
-    pub parallel: Option<u32>,
-    pub gpu_layers: Option<u32>,
-    pub threads: Option<u32>,
-}
+/// Settings a load request may override (over the configured ones for that model).
+pub type LoadOverrides = ModelSettings;
 
 /// A model in memory, ready to serve.
 pub struct LoadedModel {
@@ -225,10 +219,10 @@ impl Registry {
             });
         }
 
-        let opts = load_options(&self.config.models.defaults, overrides);
+        let opts = load_options(&self.config.settings_for(&disk.id), overrides);
         let path = disk.path.clone();
         let started = Instant::now();
-        tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel);
+        tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue);
         let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
             .await
             .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
@@ -309,13 +303,16 @@ impl Registry {
     }
 }
 
-fn load_options(d: &LoadDefaults, o: &LoadOverrides) -> LoadOptions {
+/// Engine options: the load request's overrides over the model's configured settings.
+fn load_options(configured: &ModelSettings, o: &LoadOverrides) -> LoadOptions {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
+    let d = crate::config::LoadDefaults::default();
     LoadOptions {
-        context: o.context.unwrap_or(d.context).max(16),
-        parallel: o.parallel.unwrap_or(d.parallel).clamp(1, 256),
-        gpu_layers: o.gpu_layers.unwrap_or(d.gpu_layers),
-        threads: o.threads.or(d.threads).unwrap_or(cores).max(1),
+        context: o.context.or(configured.context).unwrap_or(d.context).max(16),
+        parallel: o.parallel.or(configured.parallel).unwrap_or(d.parallel).clamp(1, 256),
+        max_queue: o.max_queue.or(configured.max_queue).unwrap_or(d.max_queue),
+        gpu_layers: o.gpu_layers.or(configured.gpu_layers).unwrap_or(d.gpu_layers),
+        threads: o.threads.or(configured.threads).unwrap_or(cores).max(1),
     }
 }
 

@@ -1,0 +1,342 @@
+//! llama.cpp backend: one worker thread per loaded model owns the model's context and runs the
+//! decode loop ([`worker`]). Every step decodes one token for each generating sequence and a
+//! chunk of any waiting prompt in a single batch, so concurrent requests share each forward
+//! pass. This module loads the model, starts the worker and is the [`Backend`] the API sees.
+
+mod worker;
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::scheduler::SlotTable;
+use super::{Backend, EngineError, Event, GenerationRequest, ModelInfo, SchedulerStats, TokenId};
+use crate::metrics::RateWindow;
+use worker::{Worker, BATCH_TOKENS};
+
+/// llama.cpp's process-wide backend, initialised on first load.
+fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        LlamaBackend::init().expect("llama.cpp backend initialises once")
+    })
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Context tokens per sequence (clamped to what the model was trained for).
+    pub context: u32,
+    /// Sequences decoded together; requests beyond this wait in the queue.
+    pub parallel: u32,
+    /// Requests that may wait for a sequence; past this a request is refused with 429.
+    pub max_queue: u32,
+    pub gpu_layers: u32,
+    pub threads: u32,
+}
+
+/// A loaded GGUF model with its scheduler thread.
+pub struct LlamaEngine {
+    model: Arc<LlamaModel>,
+    info: ModelInfo,
+    template: Option<String>,
+    max_queue: u32,
+    jobs: Mutex<Option<std_mpsc::Sender<Job>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// State shared between the worker and the API: counters for the status page and the
+/// admission bound.
+#[derive(Default)]
+struct Shared {
+    shutdown: AtomicBool,
+    active: AtomicU32,
+    queued: AtomicU32,
+    /// Requests submitted and not yet finished (queued + active); bounded by
+    /// `parallel + max_queue`. Kept by [`Ticket`]s so no exit path can leak a count.
+    pending: AtomicU32,
+    requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    cancelled: AtomicU64,
+    rejected: AtomicU64,
+    /// Moving average of a request's time in the scheduler, for `Retry-After`.
+    avg_request_ms: AtomicU64,
+    rates: Mutex<RateWindow>,
+}
+
+/// One admitted-or-waiting request's share of [`Shared::pending`]; dropping it (finish,
+/// cancel, error, unload) gives the place back.
+struct Ticket(Arc<Shared>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request on its way to, or waiting in, the worker's queue.
+struct Job {
+    req: GenerationRequest,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    ticket: Ticket,
+}
+
+fn meta_u32(model: &LlamaModel, key: &str) -> Option<u32> {
+    model.meta_val_str(key).ok()?.parse().ok()
+}
+
+impl LlamaEngine {
+    /// Loads the file and starts the scheduler thread. Blocking: call from a blocking task.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let backend = backend();
+        let params = LlamaModelParams::default().with_n_gpu_layers(opts.gpu_layers);
+        let model = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let model = Arc::new(model);
+
+        let architecture = model
+            .meta_val_str("general.architecture")
+            .unwrap_or_else(|_| "unknown".into());
+        let context_train = model.n_ctx_train();
+        let per_seq = opts.context.min(context_train.max(16));
+        let parallel = opts.parallel.max(1);
+        let template = model
+            .meta_val_str("tokenizer.chat_template")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+
+        // Weights plus an f16 KV cache for every sequence (sliding-window layers kept full so
+        // cached prefixes can be reused).
+        let n_head_kv = u64::from(model.n_head_kv());
+        let head_dim = u64::from(model.n_embd() as u32 / model.n_head().max(1));
+        let k_len = meta_u32(&model, &format!("{architecture}.attention.key_length"))
+            .map_or(head_dim, u64::from);
+        let v_len = meta_u32(&model, &format!("{architecture}.attention.value_length"))
+            .map_or(head_dim, u64::from);
+        let kv_bytes = u64::from(model.n_layer())
+            * u64::from(per_seq)
+            * u64::from(parallel)
+            * n_head_kv
+            * (k_len + v_len)
+            * 2;
+
+        let shared = Arc::new(Shared::default());
+        let (job_tx, job_rx) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<u32, EngineError>>();
+        let worker = {
+            let model = Arc::clone(&model);
+            let shared = Arc::clone(&shared);
+            let threads = opts.threads.max(1) as i32;
+            std::thread::Builder::new()
+                .name("llama-scheduler".into())
+                .spawn(move || {
+                    let ctx_params = LlamaContextParams::default()
+                        .with_n_ctx(NonZeroU32::new(per_seq * parallel))
+                        .with_n_batch(BATCH_TOKENS as u32)
+                        .with_n_ubatch(BATCH_TOKENS as u32)
+                        .with_n_seq_max(parallel)
+                        .with_n_threads(threads)
+                        .with_n_threads_batch(threads)
+                        // Sliding-window layers keep the full context so cached prefixes stay
+                        // reusable, and one unified pool of cells lets sequences share a
+                        // prefix's KV instead of holding a copy each.
+                        .with_swa_full(true)
+                        .with_kv_unified(true);
+                    let ctx = match model.new_context(backend, ctx_params) {
+                        Ok(ctx) => ctx,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(EngineError::Load(format!(
+                                "could not create a context of {} tokens: {e}",
+                                per_seq * parallel
+                            ))));
+                            return;
+                        }
+                    };
+                    let n_ctx_seq = ctx.n_ctx() / parallel;
+                    let _ = ready_tx.send(Ok(n_ctx_seq));
+                    Worker::new(&model, ctx, &shared, n_ctx_seq, SlotTable::new(parallel as usize))
+                        .run(job_rx);
+                })
+                .map_err(|e| EngineError::Load(format!("could not start scheduler thread: {e}")))?
+        };
+        let n_ctx_seq = match ready_rx.recv() {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(EngineError::Load(
+                    "scheduler thread died while starting".into(),
+                ));
+            }
+        };
+
+        let info = ModelInfo {
+            architecture,
+            context_per_sequence: n_ctx_seq,
+            parallel,
+            context_train,
+            parameters: model.n_params(),
+            memory_bytes: model.size() + kv_bytes,
+            gpu_layers: opts.gpu_layers,
+            threads: opts.threads,
+        };
+        Ok(Self {
+            model,
+            info,
+            template,
+            max_queue: opts.max_queue,
+            jobs: Mutex::new(Some(job_tx)),
+            worker: Mutex::new(Some(worker)),
+            shared,
+        })
+    }
+}
+
+impl Backend for LlamaEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_deref()
+    }
+
+    fn special_tokens(&self) -> (String, String) {
+        let vocab = self.model.vocab();
+        let text = |t: LlamaToken| {
+            String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
+        };
+        (text(vocab.bos()), text(vocab.eos()))
+    }
+
+    fn has_special_token(&self, text: &str) -> bool {
+        let toks = self.model.vocab().tokenize(text.as_bytes(), false, true);
+        toks.len() == 1 && self.model.vocab().is_control(toks[0])
+    }
+
+    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<TokenId> {
+        let vocab = self.model.vocab();
+        let mut toks: Vec<TokenId> = vocab
+            .tokenize(text.as_bytes(), false, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        let bos = vocab.bos().0;
+        if add_bos && vocab.should_add_bos() && toks.first() != Some(&bos) {
+            toks.insert(0, bos);
+        }
+        toks
+    }
+
+    fn submit(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        let n_vocab = self.model.n_vocab();
+        if let Some(&(t, _)) = req
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t < 0 || *t >= n_vocab)
+        {
+            return Err(EngineError::InvalidParam {
+                param: "logit_bias",
+                message: format!("token id {t} is outside the vocabulary (0..{n_vocab})"),
+            });
+        }
+        let jobs = self.jobs.lock().expect("jobs lock");
+        let sender = jobs.as_ref().ok_or(EngineError::Unloaded)?;
+        let shared = &self.shared;
+        let limit = self.info.parallel + self.max_queue;
+        if shared
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                (p < limit).then_some(p + 1)
+            })
+            .is_err()
+        {
+            shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(EngineError::QueueFull {
+                queue: self.max_queue,
+                retry_after_secs: self.retry_after_secs(),
+            });
+        }
+        let ticket = Ticket(Arc::clone(shared));
+        let (tx, rx) = mpsc::unbounded_channel();
+        shared.queued.fetch_add(1, Ordering::SeqCst);
+        let job = Job {
+            req,
+            events: tx,
+            submitted: Instant::now(),
+            ticket,
+        };
+        if sender.send(job).is_err() {
+            shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Unloaded);
+        }
+        Ok(rx)
+    }
+
+    fn stats(&self) -> SchedulerStats {
+        let s = &self.shared;
+        let (prompt_rate, decode_rate) = s.rates.lock().expect("rates lock").rates(Instant::now());
+        SchedulerStats {
+            active_sequences: s.active.load(Ordering::Relaxed),
+            queued_requests: s.queued.load(Ordering::Relaxed),
+            max_queue: self.max_queue,
+            requests_total: s.requests.load(Ordering::Relaxed),
+            cancelled_total: s.cancelled.load(Ordering::Relaxed),
+            rejected_total: s.rejected.load(Ordering::Relaxed),
+            prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_prompt_tokens_total: s.cached_tokens.load(Ordering::Relaxed),
+            completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
+            prompt_tokens_per_second: prompt_rate,
+            decode_tokens_per_second: decode_rate,
+        }
+    }
+
+    fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        drop(self.jobs.lock().expect("jobs lock").take());
+        if let Some(worker) = self.worker.lock().expect("worker lock").take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl LlamaEngine {
+    /// When a refused client should try again: the queue ahead of it drains at about
+    /// `parallel` requests per average request time.
+    fn retry_after_secs(&self) -> u32 {
+        let avg_ms = self.shared.avg_request_ms.load(Ordering::Relaxed).max(1000);
+        let waiting = u64::from(self.max_queue) + 1;
+        let secs = avg_ms * waiting / u64::from(self.info.parallel.max(1)) / 1000;
+        secs.clamp(1, 60) as u32
+    }
+}
+
+impl Drop for LlamaEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
