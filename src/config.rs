@@ -511,7 +511,10 @@ mod tests {
         );
         let cfg = Config::load(Some(f.path()), []).unwrap();
         let g = cfg.settings_for("gemma");
-        assert_eq!((g.parallel, g.max_queue, g.context), (Some(2), Some(3), Some(4096)));
+        assert_eq!(
+            (g.parallel, g.max_queue, g.context),
+            (Some(2), Some(3), Some(4096))
+        );
         let other = cfg.settings_for("other");
         assert_eq!(other.parallel, Some(6));
         let f = write("models:\n  per_model:\n    gemma:\n      paralel: 2\n");

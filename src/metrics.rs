@@ -80,7 +80,11 @@ impl Metrics {
     pub fn report(&self) -> PerformanceReport {
         let m = self.inner.lock().expect("metrics lock");
         let n = m.recent.len().max(1) as f64;
-        let mut ttfts: Vec<f64> = m.recent.iter().map(|s| s.ttft.as_secs_f64() * 1000.0).collect();
+        let mut ttfts: Vec<f64> = m
+            .recent
+            .iter()
+            .map(|s| s.ttft.as_secs_f64() * 1000.0)
+            .collect();
         let ttft = ttfts.iter().sum::<f64>() / n;
         let speeds: Vec<f64> = m
             .recent

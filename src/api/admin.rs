@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::{ApiJson, AppState};
+use crate::config::check_settings;
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
-use crate::config::check_settings;
 use crate::models::registry::{LoadOverrides, LoadReport, UnloadReport};
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
@@ -51,7 +51,10 @@ pub async fn load(
     };
     if let Err((key, reason)) = check_settings("", &options) {
         let param = key.trim_start_matches('.').to_string();
-        return Err(ApiError::invalid(param.clone(), format!("{param}: {reason}")));
+        return Err(ApiError::invalid(
+            param.clone(),
+            format!("{param}: {reason}"),
+        ));
     }
     Ok(Json(state.registry.load(&body.model_id, &options).await?))
 }
@@ -235,10 +238,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             queued_requests: total.queued_requests,
             prompt_tokens_per_second: total.prompt_tokens_per_second,
             decode_tokens_per_second: total.decode_tokens_per_second,
-            cache_hit_ratio: hit_ratio(
-                total.cached_prompt_tokens_total,
-                total.prompt_tokens_total,
-            ),
+            cache_hit_ratio: hit_ratio(total.cached_prompt_tokens_total, total.prompt_tokens_total),
             cancelled_requests_total: total.cancelled_total,
             rejected_requests_total: total.rejected_total,
         },

@@ -3,9 +3,8 @@
 //! cache (its own slot's, or another slot's that it can copy), and which cache is evicted when
 //! every free slot holds one.
 //!
-//! The KV cache is unified: all sequences share one pool of cells, and copying a prefix from
-//! one sequence to another only tags the same cells with a second sequence id. So a system
-//! prompt shared by six bots is stored once and computed once.
+//! A system prompt shared by six bots is computed once: later requests copy its KV from
+//! whichever sequence holds it (cheap next to recomputing it) instead of running the model.
 
 use std::time::Instant;
 
@@ -119,7 +118,9 @@ impl SlotTable {
         let cap = prompt.len().saturating_sub(1);
         let free = || self.slots.iter().enumerate().filter(|(_, s)| !s.busy);
         let extendable = free()
-            .filter(|(_, s)| !s.cached.is_empty() && common_prefix(&s.cached, prompt) == s.cached.len())
+            .filter(|(_, s)| {
+                !s.cached.is_empty() && common_prefix(&s.cached, prompt) == s.cached.len()
+            })
             .max_by_key(|(_, s)| s.cached.len())
             .map(|(i, _)| i);
         let slot = match extendable {
@@ -150,7 +151,8 @@ impl SlotTable {
         };
         let s = &mut self.slots[slot];
         s.cached.clear();
-        s.cached.extend_from_slice(&prompt[..Assignment { slot, reuse }.reused()]);
+        s.cached
+            .extend_from_slice(&prompt[..Assignment { slot, reuse }.reused()]);
         s.busy = true;
         s.last_used = now;
         Some(Assignment { slot, reuse })
@@ -166,21 +168,20 @@ impl SlotTable {
     pub fn forget(&mut self, i: usize) {
         self.slots[i].cached.clear();
     }
-
-    /// Idle slots holding a cache, least recently used first: what to evict if the KV pool
-    /// ever runs out of cells.
-    pub fn idle_cached_lru(&self) -> Vec<usize> {
-        let mut idle: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| !self.slots[i].busy && !self.slots[i].cached.is_empty())
-            .collect();
-        idle.sort_by_key(|&i| self.slots[i].last_used);
-        idle
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Idle slots holding a cache, least recently used first: the eviction order.
+    fn lru_order(t: &SlotTable) -> Vec<usize> {
+        let mut idle: Vec<usize> = (0..t.len())
+            .filter(|&i| !t.get(i).busy && !t.get(i).cached.is_empty())
+            .collect();
+        idle.sort_by_key(|&i| t.get(i).last_used);
+        idle
+    }
 
     /// Releases with a visible gap so `last_used` orders are unambiguous.
     fn release_later(t: &mut SlotTable, i: usize) {
@@ -277,7 +278,7 @@ mod tests {
         release_later(&mut t, 1);
         release_later(&mut t, 0);
         release_later(&mut t, 2);
-        assert_eq!(t.idle_cached_lru(), [1, 0, 2]);
+        assert_eq!(lru_order(&t), [1, 0, 2]);
         let a = t.assign(&[7, 7]).unwrap();
         assert_eq!(
             a,
@@ -291,7 +292,7 @@ mod tests {
         assert_eq!(t.get(2).cached, [3, 3]);
         t.get_mut(1).cached = vec![7, 7];
         release_later(&mut t, 1);
-        assert_eq!(t.idle_cached_lru(), [0, 2, 1]);
+        assert_eq!(lru_order(&t), [0, 2, 1]);
         // Copying from an idle cache counts as using it: [3, 3] now outlives [7, 7].
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = t.assign(&[3, 9]).unwrap();
@@ -302,10 +303,10 @@ mod tests {
                 reuse: Reuse::Copy { from: 2, len: 1 }
             }
         );
-        assert_eq!(t.idle_cached_lru(), [1, 2]);
+        assert_eq!(lru_order(&t), [1, 2]);
         t.forget(2);
         assert!(t.get(2).cached.is_empty());
-        assert_eq!(t.idle_cached_lru(), [1]);
+        assert_eq!(lru_order(&t), [1]);
     }
 
     #[test]

@@ -308,10 +308,21 @@ fn load_options(configured: &ModelSettings, o: &LoadOverrides) -> LoadOptions {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
     let d = crate::config::LoadDefaults::default();
     LoadOptions {
-        context: o.context.or(configured.context).unwrap_or(d.context).max(16),
-        parallel: o.parallel.or(configured.parallel).unwrap_or(d.parallel).clamp(1, 256),
+        context: o
+            .context
+            .or(configured.context)
+            .unwrap_or(d.context)
+            .max(16),
+        parallel: o
+            .parallel
+            .or(configured.parallel)
+            .unwrap_or(d.parallel)
+            .clamp(1, 256),
         max_queue: o.max_queue.or(configured.max_queue).unwrap_or(d.max_queue),
-        gpu_layers: o.gpu_layers.or(configured.gpu_layers).unwrap_or(d.gpu_layers),
+        gpu_layers: o
+            .gpu_layers
+            .or(configured.gpu_layers)
+            .unwrap_or(d.gpu_layers),
         threads: o.threads.or(configured.threads).unwrap_or(cores).max(1),
     }
 }

@@ -21,8 +21,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server():
+def _start(extra_args):
+    """Starts opta-lmx on a free port; yields its base URL, stops it afterwards."""
     binary = pathlib.Path(os.environ.get("OPTA_LMX_BIN", ROOT / "target/release/opta-lmx"))
     model = pathlib.Path(
         os.environ.get("OPTA_LMX_TEST_MODEL", ROOT / "target/test-model/gemma-3-270m-q4_k_m.gguf")
@@ -38,7 +38,7 @@ def server():
     log = open(models_dir / ".server.log", "wb")
     proc = subprocess.Popen(
         [str(binary), "serve", "--config", str(config), "--port", str(port),
-         "--models-dir", str(models_dir), "--model", MODEL, "--context", "1024", "--parallel", "4"],
+         "--models-dir", str(models_dir), "--model", MODEL, "--context", "1024", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
@@ -62,3 +62,14 @@ def server():
             proc.kill()
         log.close()
         shutil.rmtree(models_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    yield from _start(["--parallel", "4"])
+
+
+@pytest.fixture(scope="module")
+def busy_server():
+    """One sequence and no wait queue: a second concurrent request is refused."""
+    yield from _start(["--parallel", "1", "--max-queue", "0"])

@@ -108,3 +108,23 @@ def test_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 2000}])
     assert e.value.code == "context_length_exceeded"
+
+
+def test_full_server_is_rate_limit_error_and_sdk_retry_recovers(busy_server):
+    strict = openai.OpenAI(base_url=busy_server + "/v1", api_key="x", max_retries=0)
+    holder = strict.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=600, temperature=0,
+        logit_bias={"1": -100, "106": -100}, stream=True)
+    first = next(iter(holder))  # the only sequence is now busy
+    assert first.choices[0].text
+    with pytest.raises(openai.RateLimitError) as e:
+        strict.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       stream=True)
+    assert e.value.status_code == 429
+    assert e.value.code == "rate_limit_exceeded"
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
+    # The SDK's own retry honours Retry-After and succeeds once the sequence is free.
+    holder.close()
+    patient = openai.OpenAI(base_url=busy_server + "/v1", api_key="x", max_retries=3)
+    r = patient.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+    assert r.usage.completion_tokens == 3

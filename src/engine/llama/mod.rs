@@ -154,10 +154,11 @@ impl LlamaEngine {
                         .with_n_threads(threads)
                         .with_n_threads_batch(threads)
                         // Sliding-window layers keep the full context so cached prefixes stay
-                        // reusable, and one unified pool of cells lets sequences share a
-                        // prefix's KV instead of holding a copy each.
+                        // reusable. Not a unified pool: a stream of cells per sequence keeps
+                        // each sequence's cells in position order, which is what makes greedy
+                        // output independent of what else shares the batch.
                         .with_swa_full(true)
-                        .with_kv_unified(true);
+                        .with_kv_unified(false);
                     let ctx = match model.new_context(backend, ctx_params) {
                         Ok(ctx) => ctx,
                         Err(e) => {
@@ -170,8 +171,14 @@ impl LlamaEngine {
                     };
                     let n_ctx_seq = ctx.n_ctx() / parallel;
                     let _ = ready_tx.send(Ok(n_ctx_seq));
-                    Worker::new(&model, ctx, &shared, n_ctx_seq, SlotTable::new(parallel as usize))
-                        .run(job_rx);
+                    Worker::new(
+                        &model,
+                        ctx,
+                        &shared,
+                        n_ctx_seq,
+                        SlotTable::new(parallel as usize),
+                    )
+                    .run(job_rx);
                 })
                 .map_err(|e| EngineError::Load(format!("could not start scheduler thread: {e}")))?
         };
@@ -339,4 +346,3 @@ impl Drop for LlamaEngine {
         self.shutdown();
     }
 }
-

@@ -11,12 +11,11 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::DecodeError;
 use tokio::sync::mpsc;
 
 use super::{Job, Shared, Ticket};
 use crate::engine::sampling::argmax;
-use crate::engine::scheduler::{Reuse, SlotTable};
+use crate::engine::scheduler::{common_prefix, Reuse, SlotTable};
 use crate::engine::text::TextAssembler;
 use crate::engine::{EngineError, Event, FinishReason, TokenId, Usage};
 
@@ -27,6 +26,10 @@ pub(super) const BATCH_TOKENS: usize = 512;
 /// newcomer's long prompt puts into everyone else's stream (about a quarter second here).
 const PREFILL_WHILE_GENERATING: usize = 128;
 
+/// A new request waits for a running prefill that shares at least this many more prompt
+/// tokens than the cache already holds, then copies them instead of computing them again.
+const MIN_SHARED_TO_WAIT: usize = 32;
+
 /// How a request chooses its next token.
 enum Picker {
     /// Argmax of the biased logits: no per-token copy of the vocabulary, no state.
@@ -35,13 +38,27 @@ enum Picker {
     Chain(LlamaSampler),
 }
 
+/// A prefix another request is computing right now, that this one will copy when it is in.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// The computing request's id.
+    donor: u64,
+    /// Prompt tokens shared with it.
+    len: usize,
+}
+
 /// A request occupying a slot.
 struct Active {
+    id: u64,
     slot: usize,
     events: mpsc::UnboundedSender<Event>,
-    /// Prompt tokens not yet in the KV cache.
-    pending_prompt: VecDeque<TokenId>,
-    prompt_len: u32,
+    prompt: Vec<TokenId>,
+    /// Prompt tokens already in this sequence's KV cache (reused or computed); the rest are
+    /// prefilled in chunks.
+    prompt_done: usize,
+    /// Set while this request waits to copy a prefix another request is prefilling.
+    wait: Option<Wait>,
+    /// Prompt tokens that came from the cache instead of being computed.
     cached_tokens: u32,
     /// The sampled token to feed next step, once the prompt is in.
     next: Option<TokenId>,
@@ -68,6 +85,13 @@ pub(super) struct Worker<'m> {
     slots: SlotTable,
     queue: VecDeque<Job>,
     active: Vec<Active>,
+    next_id: u64,
+}
+
+impl Active {
+    fn prefilling(&self) -> bool {
+        self.prompt_done < self.prompt.len()
+    }
 }
 
 impl<'m> Worker<'m> {
@@ -86,6 +110,7 @@ impl<'m> Worker<'m> {
             slots,
             queue: VecDeque::new(),
             active: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -175,16 +200,20 @@ impl<'m> Worker<'m> {
             let assignment = self.slots.assign(&job.req.prompt).expect("a slot is free");
             let reused = self.apply_reuse(assignment.slot, assignment.reuse);
             let req = job.req;
+            let wait = self.running_prefill_to_share(&req.prompt, reused);
             let s = self.shared;
             s.requests.fetch_add(1, Ordering::Relaxed);
             s.prompt_tokens
                 .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
             s.cached_tokens.fetch_add(reused as u64, Ordering::Relaxed);
+            self.next_id += 1;
             self.active.push(Active {
+                id: self.next_id,
                 slot: assignment.slot,
                 events: job.events,
-                pending_prompt: req.prompt[reused..].iter().copied().collect(),
-                prompt_len: req.prompt.len() as u32,
+                prompt: req.prompt,
+                prompt_done: reused,
+                wait,
                 cached_tokens: reused as u32,
                 next: None,
                 picker: if req.sampling.is_plain_greedy() {
@@ -204,6 +233,69 @@ impl<'m> Worker<'m> {
         }
     }
 
+    /// A request still prefilling a prompt that shares clearly more with `prompt` than the
+    /// `reused` tokens already cached: six bots arriving together with one system prompt then
+    /// compute it once, not six times.
+    fn running_prefill_to_share(&self, prompt: &[TokenId], reused: usize) -> Option<Wait> {
+        let cap = prompt.len().saturating_sub(1);
+        self.active
+            .iter()
+            .filter(|a| a.prefilling())
+            .map(|a| (a.id, common_prefix(&a.prompt, prompt).min(cap)))
+            .filter(|&(_, len)| len >= reused + MIN_SHARED_TO_WAIT)
+            .max_by_key(|&(_, len)| len)
+            .map(|(donor, len)| Wait { donor, len })
+    }
+
+    /// Copies the awaited prefixes that are now computed. A request whose donor went away
+    /// (cancelled) computes its prompt itself.
+    fn resolve_waits(&mut self) {
+        for i in 0..self.active.len() {
+            let Some(w) = self.active[i].wait else {
+                continue;
+            };
+            let donor_slot = match self.active.iter().find(|d| d.id == w.donor) {
+                None => {
+                    self.active[i].wait = None;
+                    continue;
+                }
+                Some(d) if self.slots.get(d.slot).cached.len() < w.len => continue,
+                Some(d) => d.slot,
+            };
+            self.active[i].wait = None;
+            let slot_idx = self.active[i].slot;
+            let (src, dst) = (self.slots.get(donor_slot).seq, self.slots.get(slot_idx).seq);
+            self.copy_prefix(src, dst, w.len);
+            let a = &mut self.active[i];
+            let (len, done) = if self.ctx.kv_cache_seq_pos_max(dst) == w.len as i32 - 1 {
+                (w.len, w.len)
+            } else {
+                let _ = self.ctx.kv_cache_seq_rm(dst, None, None);
+                (0, 0)
+            };
+            let slot = self.slots.get_mut(slot_idx);
+            slot.cached.clear();
+            slot.cached.extend_from_slice(&a.prompt[..len]);
+            let gained = len.saturating_sub(a.cached_tokens as usize);
+            self.shared
+                .cached_tokens
+                .fetch_add(gained as u64, Ordering::Relaxed);
+            a.cached_tokens = len as u32;
+            a.prompt_done = done;
+        }
+    }
+
+    /// Makes sequence `dst` hold positions `0..len` of sequence `src`. Each sequence has its
+    /// own stream of cells (so a sequence's cells stay in position order and a prompt gives
+    /// the same tokens whatever else is batched with it), and llama.cpp copies between
+    /// streams only whole: copy all, then drop the tail. The copy runs at the next decode,
+    /// before anything is written.
+    fn copy_prefix(&mut self, src: i32, dst: i32, len: usize) {
+        let _ = self.ctx.kv_cache_seq_rm(dst, None, None);
+        let _ = self.ctx.kv_cache_seq_cp(src, dst, None, None);
+        let _ = self.ctx.kv_cache_seq_rm(dst, Some(len as u32), None);
+    }
+
     /// Makes the slot's KV sequence hold exactly the reused prefix; returns its length (0 when
     /// the cache could not be trimmed and the prompt must be computed in full).
     fn apply_reuse(&mut self, slot: usize, reuse: Reuse) -> usize {
@@ -219,10 +311,7 @@ impl<'m> Worker<'m> {
             }
             Reuse::Copy { from, len } => {
                 let src = self.slots.get(from).seq;
-                let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
-                let _ = self
-                    .ctx
-                    .kv_cache_seq_cp(src, seq, Some(0), Some(len as u32));
+                self.copy_prefix(src, seq, len);
                 len
             }
         };
@@ -238,24 +327,18 @@ impl<'m> Worker<'m> {
 
     /// One forward pass for everyone, then one sampled token for each sequence that has logits.
     fn step(&mut self, batch: &mut LlamaBatch) {
-        batch.clear();
-        let mut used = 0usize;
-        // Generating sequences first: one token each keeps every stream moving.
+        self.resolve_waits();
+        // What each request feeds this step. Generating sequences first: one token each keeps
+        // every stream moving.
+        let mut generating = 0;
         for a in &mut self.active {
             a.logits_at = None;
             a.fed.clear();
             if let Some(tok) = a.next {
-                let seq = self.slots.get(a.slot).seq;
-                let pos = self.slots.get(a.slot).cached.len() as i32;
-                batch
-                    .add(LlamaToken(tok), pos, &[seq], true)
-                    .expect("batch sized for every slot");
-                a.logits_at = Some(used as i32);
                 a.fed.push(tok);
-                used += 1;
+                generating += 1;
             }
         }
-        let generating = used;
         // Then prompt chunks, oldest request first, in whatever room is left; a smaller share
         // while others are generating, so their streams do not stall behind a long prompt.
         let prefill_room = if generating > 0 {
@@ -263,33 +346,50 @@ impl<'m> Worker<'m> {
         } else {
             BATCH_TOKENS
         };
-        let limit = BATCH_TOKENS.min(generating + prefill_room);
+        let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
         for a in &mut self.active {
-            if a.next.is_some() || a.pending_prompt.is_empty() {
+            if a.next.is_some() || !a.prefilling() || a.wait.is_some() || room == 0 {
                 continue;
             }
-            let seq = self.slots.get(a.slot).seq;
-            let base = self.slots.get(a.slot).cached.len();
-            while used < limit {
-                let Some(tok) = a.pending_prompt.pop_front() else {
-                    break;
-                };
-                let last = a.pending_prompt.is_empty();
-                let pos = (base + a.fed.len()) as i32;
+            let take = (a.prompt.len() - a.prompt_done).min(room);
+            a.fed
+                .extend_from_slice(&a.prompt[a.prompt_done..a.prompt_done + take]);
+            a.prompt_done += take;
+            room -= take;
+        }
+        // Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp puts
+        // only consecutive sequence ids into one micro-batch, so arrival order would split a
+        // step into many small matrix multiplications.
+        let mut order: Vec<usize> = (0..self.active.len())
+            .filter(|&i| !self.active[i].fed.is_empty())
+            .collect();
+        order.sort_by_key(|&i| self.slots.get(self.active[i].slot).seq);
+        batch.clear();
+        let mut used = 0usize;
+        for i in order {
+            let a = &mut self.active[i];
+            let slot = self.slots.get(a.slot);
+            let wants_logits = a.next.is_some() || !a.prefilling();
+            for (k, &tok) in a.fed.iter().enumerate() {
+                let last = k + 1 == a.fed.len();
                 batch
-                    .add(LlamaToken(tok), pos, &[seq], last)
+                    .add(
+                        LlamaToken(tok),
+                        (slot.cached.len() + k) as i32,
+                        &[slot.seq],
+                        last && wants_logits,
+                    )
                     .expect("batch has room");
-                if last {
+                if last && wants_logits {
                     a.logits_at = Some(used as i32);
                 }
-                a.fed.push(tok);
                 used += 1;
             }
         }
         if used == 0 {
             return;
         }
-        if let Err(e) = self.decode(batch) {
+        if let Err(e) = self.ctx.decode(batch) {
             tracing::error!(error = %e, "decode failed; failing the requests in this batch");
             for a in self.active.drain(..) {
                 let seq = self.slots.get(a.slot).seq;
@@ -308,25 +408,6 @@ impl<'m> Worker<'m> {
             self.active.iter().filter(|a| a.logits_at.is_some()).count() as u64,
         );
         self.sample_and_emit();
-    }
-
-    /// Decodes the batch; if the KV pool is out of cells, evicts idle cached prefixes, least
-    /// recently used first, and tries again.
-    fn decode(&mut self, batch: &mut LlamaBatch) -> Result<(), DecodeError> {
-        loop {
-            match self.ctx.decode(batch) {
-                Err(DecodeError::NoKvCacheSlot) => {
-                    let Some(&victim) = self.slots.idle_cached_lru().first() else {
-                        return Err(DecodeError::NoKvCacheSlot);
-                    };
-                    tracing::debug!(slot = victim, "KV pool full; evicting an idle cached prefix");
-                    let seq = self.slots.get(victim).seq;
-                    let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
-                    self.slots.forget(victim);
-                }
-                other => return other,
-            }
-        }
     }
 
     /// Picks each sequence's next token, streams its text, and retires finished requests.
@@ -393,7 +474,7 @@ impl<'m> Worker<'m> {
         let _ = a.events.send(Event::Done {
             finish_reason: reason,
             usage: Usage {
-                prompt_tokens: a.prompt_len,
+                prompt_tokens: a.prompt.len() as u32,
                 completion_tokens: a.generated,
                 cached_tokens: a.cached_tokens,
             },
