@@ -9,7 +9,6 @@
 #   bench/batching.sh        # CLIENTS=6 REQUESTS=4 TOKENS=64 SHARED_WORDS=480 THREADS=<nproc>
 #   EXTRA="--batch-invariant" bench/batching.sh    # extra opta-lmx serve flags
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 CLIENTS=${CLIENTS:-6}
 REQUESTS=${REQUESTS:-4}
@@ -18,23 +17,7 @@ SHARED_WORDS=${SHARED_WORDS:-480}
 THREADS=${THREADS:-$(nproc)}
 CONTEXT=${CONTEXT:-2048}
 EXTRA=${EXTRA:-}
-MODEL=target/test-model/gemma-3-270m-q4_k_m.gguf
-
-scripts/fetch-model.sh "$MODEL" >/dev/null
-cargo build --release --quiet
-TOOLS=$(bench/build-llama-tools.sh)
-[ -x target/venv/bin/python ] || python3 -m venv target/venv
-target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai
-
-DIR=$(mktemp -d)
-ln -s "$PWD/$MODEL" "$DIR/gemma-3-270m-q4_k_m.gguf"
-: > "$DIR/config.yaml"
-PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { until curl -sf "http://127.0.0.1:$1/health" >/dev/null || curl -sf "http://127.0.0.1:$1/healthz" >/dev/null; do sleep 0.2; done; }
+source "$(dirname "$0")/common.sh"
 
 # run NAME: loads against the server on $PORT, results appended to $DIR/results
 run() {

@@ -4,33 +4,22 @@
 #
 #   bench/single_stream.sh            # THREADS=<n> TOKENS=<n> RUNS=<n> to change
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 THREADS=${THREADS:-$(nproc)}
 TOKENS=${TOKENS:-128}
 RUNS=${RUNS:-3}
-MODEL=target/test-model/gemma-3-270m-q4_k_m.gguf
-
-scripts/fetch-model.sh "$MODEL" >/dev/null
-cargo build --release --quiet
-TOOLS=$(bench/build-llama-tools.sh)
-[ -x target/venv/bin/python ] || python3 -m venv target/venv
-target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai
+source "$(dirname "$0")/common.sh"
 
 echo "== llama-bench -p 0 -n $TOKENS -t $THREADS -r $RUNS"
 LB=$("$TOOLS/llama-bench" -m "$MODEL" -p 0 -n "$TOKENS" -t "$THREADS" -r "$RUNS" -o json 2>/dev/null)
 LB_TPS=$(echo "$LB" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])')
 echo "llama-bench tg$TOKENS: $LB_TPS tokens/s"
 
-DIR=$(mktemp -d)
-ln -s "$PWD/$MODEL" "$DIR/gemma-3-270m-q4_k_m.gguf"
-: > "$DIR/config.yaml"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 target/release/opta-lmx serve --config "$DIR/config.yaml" --models-dir "$DIR" --port "$PORT" \
   --model gemma-3-270m-q4_k_m --parallel 1 --context 1024 --threads "$THREADS" --log-level warn &
 PID=$!
-trap 'kill $PID 2>/dev/null; rm -rf "$DIR"' EXIT
-until curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null; do sleep 0.2; done
+wait_up "$PORT"
 
 echo "== opta-lmx, 1 stream, $TOKENS tokens, $RUNS runs"
 OUT=$(target/venv/bin/python bench/single_stream.py --base "http://127.0.0.1:$PORT/v1" --tokens "$TOKENS" --runs "$RUNS")

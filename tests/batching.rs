@@ -5,37 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{error_fields, sse_data, Opts, Server, MODEL};
+use common::{error_fields, no_eos, opening_words, sse_data, Opts, Server, MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-/// Gemma's end-of-generation tokens, banned so generations run to `max_tokens`.
-fn no_eos() -> Value {
-    json!({"1": -100, "106": -100})
-}
-
-/// `GET /admin/status` → `performance`.
-async fn performance(s: &Server) -> Value {
-    let (code, v) = s.get("/admin/status").await;
-    assert_eq!(code, 200, "{v}");
-    v["performance"].clone()
-}
-
-/// Polls `/admin/status` until `field` of `performance` equals `want`.
-async fn wait_for(s: &Server, field: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = performance(s).await;
-        if p[field].as_u64() == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{field} never reached {want}: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a status figure may take to reach what a test waits for.
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// Starts a long streaming generation that holds a sequence until the response is dropped.
 async fn hold_a_sequence(s: &Server) -> reqwest::Response {
@@ -162,20 +137,11 @@ async fn eight_streams_at_once_match_each_served_alone() {
     for (i, ((text, usage), (alone_text, alone_usage))) in together.iter().zip(&alone).enumerate() {
         assert_eq!(usage["completion_tokens"], 12, "{usage}");
         assert_eq!(usage["prompt_tokens"], alone_usage["prompt_tokens"]);
-        // Against the same prompt alone. llama.cpp's CPU matrix kernels round differently for
-        // different batch sizes (vec_dot for one token, tinyBLAS tiles of 1, 2 or 4 columns,
-        // repacked Q4_K gemv/gemm), so where two next tokens are nearly tied this base model
-        // may take the other one later in a completion; llama-server does the same. A
-        // sequence mixed up with another differs from its first words.
-        let words = |t: &str| {
-            t.split_whitespace()
-                .take(2)
-                .map(String::from)
-                .collect::<Vec<_>>()
-        };
+        // Against the same prompt alone (vec_dot for one token, tinyBLAS tiles of 1, 2 or 4
+        // columns, repacked Q4_K gemv/gemm: see `opening_words`; llama-server does the same).
         assert_eq!(
-            words(text),
-            words(alone_text),
+            opening_words(text, 2),
+            opening_words(alone_text, 2),
             "question {:?} changed when batched",
             questions[i]
         );
@@ -202,9 +168,9 @@ async fn full_queue_is_refused_with_429_before_any_stream_bytes() {
         ..Opts::default()
     });
     let running = hold_a_sequence(&s).await;
-    wait_for(&s, "active_requests", 1).await;
+    s.wait_for("active_requests", 1, SETTLE).await;
     let queued = hold_a_sequence(&s).await;
-    wait_for(&s, "queued_requests", 1).await;
+    s.wait_for("queued_requests", 1, SETTLE).await;
 
     // A third request, streaming: refused outright, as JSON, with Retry-After.
     let r = s
@@ -234,12 +200,12 @@ async fn full_queue_is_refused_with_429_before_any_stream_bytes() {
         )
         .await;
     assert_eq!(code, 429);
-    assert_eq!(performance(&s).await["rejected_requests_total"], 2);
+    assert_eq!(s.performance().await["rejected_requests_total"], 2);
 
     // Once the queue drains, the server serves again.
     drop(queued);
     drop(running);
-    wait_for(&s, "active_requests", 0).await;
+    s.wait_for("active_requests", 0, SETTLE).await;
     let (code, v) = s
         .post(
             "/v1/completions",
@@ -256,7 +222,7 @@ async fn queued_requests_are_served_in_arrival_order() {
         ..Opts::default()
     });
     let running = hold_a_sequence(&s).await;
-    wait_for(&s, "active_requests", 1).await;
+    s.wait_for("active_requests", 1, SETTLE).await;
     let mut waiting = Vec::new();
     for (i, name) in ["first", "second", "third"].into_iter().enumerate() {
         let url = s.url("/v1/completions");
@@ -271,7 +237,7 @@ async fn queued_requests_are_served_in_arrival_order() {
             let _: Value = r.json().await.unwrap();
             (name, Instant::now())
         }));
-        wait_for(&s, "queued_requests", i as u64 + 1).await;
+        s.wait_for("queued_requests", i as u64 + 1, SETTLE).await;
     }
     drop(running);
     let mut done = Vec::new();
@@ -292,21 +258,21 @@ async fn cancelling_queued_and_running_requests_frees_their_places() {
     let mut running = hold_a_sequence(&s).await;
     // Read one chunk so the generation is known to be under way.
     assert!(running.chunk().await.unwrap().is_some());
-    wait_for(&s, "active_requests", 1).await;
+    s.wait_for("active_requests", 1, SETTLE).await;
     let queued = hold_a_sequence(&s).await;
-    wait_for(&s, "queued_requests", 1).await;
+    s.wait_for("queued_requests", 1, SETTLE).await;
 
     // The queued client hangs up: it leaves the queue; the running stream goes on.
     drop(queued);
-    wait_for(&s, "queued_requests", 0).await;
-    assert_eq!(performance(&s).await["active_requests"], 1);
+    s.wait_for("queued_requests", 0, SETTLE).await;
+    assert_eq!(s.performance().await["active_requests"], 1);
     assert!(running.chunk().await.unwrap().is_some());
-    assert_eq!(performance(&s).await["cancelled_requests_total"], 1);
+    assert_eq!(s.performance().await["cancelled_requests_total"], 1);
 
     // The running client hangs up: its sequence is free for the next request at once.
     drop(running);
-    wait_for(&s, "active_requests", 0).await;
-    assert_eq!(performance(&s).await["cancelled_requests_total"], 2);
+    s.wait_for("active_requests", 0, SETTLE).await;
+    assert_eq!(s.performance().await["cancelled_requests_total"], 2);
     let (code, v) = s
         .post(
             "/v1/completions",
@@ -372,15 +338,9 @@ async fn shared_prefix_is_copied_between_sequences_and_evicted_lru() {
     assert!(cached(&u5) < 8, "prefix should have been evicted: {u5}");
     // A wrong copy would change the answer from its first words (exact equality is not
     // promised: the two prefills ran in differently sized batches, see the test above).
-    let words = |t: &str| {
-        t.split_whitespace()
-            .take(3)
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        words(&copied),
-        words(&cold),
+        opening_words(&copied, 3),
+        opening_words(&cold, 3),
         "a copied prefix changed the answer"
     );
     all.push(u5);
@@ -388,7 +348,7 @@ async fn shared_prefix_is_copied_between_sequences_and_evicted_lru() {
     // The status page's hit ratio is exactly what the usage fields said.
     let sum = |k: fn(&Value) -> u64| all.iter().map(k).sum::<u64>() as f64;
     let ratio = sum(cached) / sum(|u| u["prompt_tokens"].as_u64().unwrap());
-    let p = performance(&s).await;
+    let p = s.performance().await;
     let reported = p["cache_hit_ratio"].as_f64().unwrap();
     assert!(
         (reported - ratio).abs() < 1e-9,

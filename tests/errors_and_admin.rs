@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{error_fields, Opts, Server, MODEL};
+use common::{error_fields, no_eos, Opts, Server, MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -286,11 +286,6 @@ async fn admin_load_errors_keep_the_server_up() {
     assert_eq!(h["models_loaded"], 1);
 }
 
-async fn active_sequences(s: &Server) -> u64 {
-    let (_, v) = s.get("/admin/status").await;
-    v["performance"]["active_requests"].as_u64().unwrap()
-}
-
 #[tokio::test]
 async fn disconnect_mid_stream_frees_the_sequence() {
     // One sequence only: if the abandoned stream kept generating, the next request would wait
@@ -301,7 +296,7 @@ async fn disconnect_mid_stream_frees_the_sequence() {
     });
     let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 900,
                       "temperature": 1.0, "seed": 7, "stream": true,
-                      "logit_bias": {"1": -100, "106": -100}});
+                      "logit_bias": no_eos()});
     let r = s.send("/v1/completions", &body).await;
     let mut stream = r.bytes_stream();
     let mut got = 0;
@@ -309,17 +304,10 @@ async fn disconnect_mid_stream_frees_the_sequence() {
         stream.next().await.unwrap().unwrap();
         got += 1;
     }
-    assert_eq!(active_sequences(&s).await, 1);
+    assert_eq!(s.performance().await["active_requests"], 1);
     drop(stream); // hang up
-
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while active_sequences(&s).await != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "sequence not freed after disconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.wait_for("active_requests", 0, Duration::from_secs(10))
+        .await;
     let (_, status) = s.get("/admin/status").await;
     // The abandoned request never completed, so it was not counted as a completion.
     assert_eq!(status["performance"]["completions_total"], 0, "{status}");
@@ -504,7 +492,7 @@ async fn load_on_demand_when_enabled() {
 async fn sigterm_drains_in_flight_streams() {
     let mut s = Server::start(Opts::default());
     let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 60,
-                      "temperature": 0, "stream": true, "logit_bias": {"1": -100, "106": -100}});
+                      "temperature": 0, "stream": true, "logit_bias": no_eos()});
     let r = s.send("/v1/completions", &body).await;
     let mut stream = r.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
@@ -537,7 +525,7 @@ async fn sigterm_drains_in_flight_streams() {
 async fn unload_mid_stream_ends_with_structured_error_event() {
     let s = Server::start(Opts::default());
     let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 500, "stream": true,
-                      "logit_bias": {"1": -100, "106": -100}});
+                      "logit_bias": no_eos()});
     let r = s.send("/v1/completions", &body).await;
     let mut stream = r.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();

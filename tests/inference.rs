@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{sse_data, Opts, Server, MODEL};
+use common::{opening_words, sse_data, Opts, Server, MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -295,15 +295,9 @@ async fn concurrent_clients_all_answered_independently() {
         let text = v["choices"][0]["text"].as_str().unwrap();
         // Same opening words; token-for-token equality is not promised because llama.cpp's
         // CPU kernels round differently for different batch sizes (see tests/batching.rs).
-        let words = |t: &str| {
-            t.split_whitespace()
-                .take(2)
-                .map(String::from)
-                .collect::<Vec<_>>()
-        };
         assert_eq!(
-            words(text),
-            words(&alone[i]),
+            opening_words(text, 2),
+            opening_words(&alone[i], 2),
             "prompt {:?} changed under concurrency",
             prompts[i]
         );

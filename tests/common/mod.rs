@@ -271,3 +271,42 @@ pub fn error_fields(v: &Value) -> (String, String, Value, Value) {
         e["code"].clone(),
     )
 }
+
+/// Gemma's end-of-generation tokens (`<eos>`, `<end_of_turn>`) banned, as a `logit_bias`, so a
+/// generation runs to `max_tokens`.
+pub fn no_eos() -> Value {
+    serde_json::json!({"1": -100, "106": -100})
+}
+
+/// The first `n` words of a completion: what a batched answer must share with the same prompt
+/// served alone. llama.cpp's CPU matrix kernels round differently for different batch sizes,
+/// so a nearly tied next token may flip later on; a sequence mixed up with another differs at
+/// once.
+pub fn opening_words(text: &str, n: usize) -> Vec<String> {
+    text.split_whitespace().take(n).map(String::from).collect()
+}
+
+impl Server {
+    /// `GET /admin/status` → `performance`.
+    pub async fn performance(&self) -> Value {
+        let (code, v) = self.get("/admin/status").await;
+        assert_eq!(code, 200, "{v}");
+        v["performance"].clone()
+    }
+
+    /// Polls `/admin/status` until `performance.<field>` equals `want`, failing after `limit`.
+    pub async fn wait_for(&self, field: &str, want: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let p = self.performance().await;
+            if p[field].as_u64() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{field} never reached {want}: {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

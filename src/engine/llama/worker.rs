@@ -263,25 +263,24 @@ impl<'m> Worker<'m> {
                 Some(d) => d.slot,
             };
             self.active[i].wait = None;
-            let slot_idx = self.active[i].slot;
-            let (src, dst) = (self.slots.get(donor_slot).seq, self.slots.get(slot_idx).seq);
-            self.copy_prefix(src, dst, w.len);
+            let slot = self.active[i].slot;
+            let len = self.apply_reuse(
+                slot,
+                Reuse::Copy {
+                    from: donor_slot,
+                    len: w.len,
+                },
+            );
             let a = &mut self.active[i];
-            let (len, done) = if self.ctx.kv_cache_seq_pos_max(dst) == w.len as i32 - 1 {
-                (w.len, w.len)
-            } else {
-                let _ = self.ctx.kv_cache_seq_rm(dst, None, None);
-                (0, 0)
-            };
-            let slot = self.slots.get_mut(slot_idx);
-            slot.cached.clear();
-            slot.cached.extend_from_slice(&a.prompt[..len]);
+            let cached = &mut self.slots.get_mut(slot).cached;
+            cached.clear();
+            cached.extend_from_slice(&a.prompt[..len]);
             let gained = len.saturating_sub(a.cached_tokens as usize);
             self.shared
                 .cached_tokens
                 .fetch_add(gained as u64, Ordering::Relaxed);
             a.cached_tokens = len as u32;
-            a.prompt_done = done;
+            a.prompt_done = len;
         }
     }
 
