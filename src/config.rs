@@ -38,6 +38,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub memory: MemoryConfig,
     pub logging: LoggingConfig,
+    pub hub: HubConfig,
 }
 
 /// Where the server listens and which keys guard it.
@@ -73,6 +74,9 @@ pub struct ModelsConfig {
     pub defaults: LoadDefaults,
     /// Settings for particular model ids, over `defaults` (a load request overrides both).
     pub per_model: BTreeMap<String, ModelSettings>,
+    /// Most models in memory at once; a load past it evicts the least recently used idle,
+    /// unpinned one (or is refused). `None`: only memory limits it.
+    pub max_loaded_models: Option<u32>,
 }
 
 /// Per-load engine settings, used when a load request leaves them out.
@@ -89,6 +93,8 @@ pub struct LoadDefaults {
     pub gpu_layers: u32,
     /// CPU threads for decoding; `None` uses every available core.
     pub threads: Option<u32>,
+    /// Seconds a model may sit idle before it is unloaded; `None` keeps it until evicted.
+    pub ttl_seconds: Option<u64>,
 }
 
 /// Engine settings for one model or one load; what is left out comes from
@@ -101,6 +107,38 @@ pub struct ModelSettings {
     pub max_queue: Option<u32>,
     pub gpu_layers: Option<u32>,
     pub threads: Option<u32>,
+    /// Unload after this many idle seconds.
+    pub ttl_seconds: Option<u64>,
+    /// Never evict this model to make room for another (TTL and explicit unloads still apply).
+    pub pin: Option<bool>,
+}
+
+/// Where models are downloaded from. The token is sent only to `endpoint` and never logged.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Base URL of the Hugging Face Hub, or a mirror speaking its protocol (`HF_ENDPOINT`).
+    pub endpoint: String,
+    /// Access token for private and gated repositories (`HF_TOKEN`).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "https://huggingface.co".into(),
+            token: None,
+        }
+    }
 }
 
 /// The memory guardrail.
@@ -153,6 +191,7 @@ impl Default for ModelsConfig {
             load_on_demand: false,
             defaults: LoadDefaults::default(),
             per_model: BTreeMap::new(),
+            max_loaded_models: None,
         }
     }
 }
@@ -165,6 +204,7 @@ impl Default for LoadDefaults {
             max_queue: 32,
             gpu_layers: 0,
             threads: None,
+            ttl_seconds: None,
         }
     }
 }
@@ -233,6 +273,12 @@ impl Config {
             Config::default()
         };
         for (name, value) in env {
+            // The Hub's own variables, as its tools read them.
+            match name.as_str() {
+                "HF_ENDPOINT" if !value.is_empty() => cfg.hub.endpoint = value.clone(),
+                "HF_TOKEN" if !value.is_empty() => cfg.hub.token = Some(value.clone()),
+                _ => {}
+            }
             if let Some(key) = name.strip_prefix("OPTA_LMX_") {
                 if key == "CONFIG" {
                     continue;
@@ -304,6 +350,10 @@ impl Config {
                     .collect()
             }
             "LOAD_ON_DEMAND" => self.models.load_on_demand = parse(v)?,
+            "MAX_LOADED_MODELS" => self.models.max_loaded_models = Some(parse(v)?),
+            "TTL_SECONDS" => self.models.defaults.ttl_seconds = Some(parse(v)?),
+            "HF_ENDPOINT" => self.hub.endpoint = v.to_string(),
+            "HF_TOKEN" => self.hub.token = opt(v),
             "CONTEXT" => self.models.defaults.context = parse(v)?,
             "PARALLEL" => self.models.defaults.parallel = parse(v)?,
             "MAX_QUEUE" => self.models.defaults.max_queue = parse(v)?,
@@ -347,8 +397,23 @@ impl Config {
                 max_queue: Some(d.max_queue),
                 gpu_layers: Some(d.gpu_layers),
                 threads: d.threads,
+                ttl_seconds: d.ttl_seconds,
+                pin: None,
             },
         )?;
+        if self.models.max_loaded_models == Some(0) {
+            return Err((
+                "models.max_loaded_models".into(),
+                "0 would refuse every load; leave it out for no limit".into(),
+            ));
+        }
+        let e = &self.hub.endpoint;
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err((
+                "hub.endpoint".into(),
+                format!("`{e}` is not an http(s) URL"),
+            ));
+        }
         for (id, m) in &self.models.per_model {
             check_settings(&format!("models.per_model.{id}"), m)?;
         }
@@ -386,6 +451,8 @@ impl Config {
             max_queue: m.max_queue.or(Some(d.max_queue)),
             gpu_layers: m.gpu_layers.or(Some(d.gpu_layers)),
             threads: m.threads.or(d.threads),
+            ttl_seconds: m.ttl_seconds.or(d.ttl_seconds),
+            pin: m.pin,
         }
     }
 
@@ -413,6 +480,9 @@ pub fn check_settings(prefix: &str, m: &ModelSettings) -> Result<(), (String, St
     }
     if m.threads == Some(0) {
         return err("threads", "0 threads cannot decode".into());
+    }
+    if let Some(t) = m.ttl_seconds.filter(|&t| t == 0 || t > 365 * 86_400) {
+        return err("ttl_seconds", format!("{t} is outside 1..=31536000"));
     }
     Ok(())
 }

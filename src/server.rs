@@ -10,7 +10,10 @@ use anyhow::Context;
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::models::downloads::Downloads;
+use crate::models::hub::HubClient;
 use crate::models::registry::{LoadOverrides, Registry};
+use crate::models::store::ModelStore;
 
 /// Runs the server with a finished configuration until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -25,6 +28,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
 
     let registry = Arc::new(Registry::new(Arc::clone(&config)));
+    registry.spawn_reaper();
+    let downloads = Downloads::new(
+        ModelStore::new(&config.models.directory),
+        HubClient::new(&config.hub),
+    );
     let store_root = registry.store().root().to_path_buf();
     registry
         .store()
@@ -42,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = AppState {
         config: Arc::clone(&config),
         registry: Arc::clone(&registry),
+        downloads,
         metrics: Metrics::default(),
         started: Instant::now(),
     };

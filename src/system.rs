@@ -55,6 +55,34 @@ pub fn process_rss_bytes() -> u64 {
     sys.process(pid).map(|p| p.memory()).unwrap_or(0)
 }
 
+/// This process's anonymous (heap) resident memory: the part of its footprint that the OS
+/// counts as used. On Linux it comes from `/proc/self/status`; elsewhere the whole RSS.
+pub fn process_anon_bytes() -> u64 {
+    let from_proc = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    from_proc.unwrap_or_else(process_rss_bytes)
+}
+
+/// GPU memory llama.cpp can see, summed over its GPU devices; `None` without a GPU.
+pub fn gpu_memory() -> Option<(u64, u64)> {
+    use llama_cpp_2::LlamaBackendDeviceType as T;
+    let gpus: Vec<_> = llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| matches!(d.device_type, T::Gpu | T::IntegratedGpu))
+        .collect();
+    (!gpus.is_empty()).then(|| {
+        let total = gpus.iter().map(|d| d.memory_total as u64).sum();
+        let free = gpus.iter().map(|d| d.memory_free as u64).sum();
+        (total, free)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +102,7 @@ mod tests {
         assert!(m.total_bytes > 0);
         assert!(m.available_bytes <= m.total_bytes);
         assert!(process_rss_bytes() > 0);
+        let anon = process_anon_bytes();
+        assert!(anon > 0 && anon <= process_rss_bytes());
     }
 }

@@ -1,16 +1,19 @@
 //! `/admin` handlers: load and unload models, inventory, status and health. JSON in and out,
 //! so bots can manage models without a person.
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::config::check_settings;
+use crate::engine::MemoryEstimate;
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
-use crate::models::registry::{LoadOverrides, LoadReport, UnloadReport};
+use crate::models::registry::{
+    DeleteReport, LoadOverrides, LoadReport, RegistryError, UnloadReport,
+};
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
 /// `POST /admin/model/load` body.
@@ -27,6 +30,11 @@ pub struct LoadBody {
     pub max_queue: Option<u32>,
     pub gpu_layers: Option<u32>,
     pub threads: Option<u32>,
+    /// Never evict this model for another (TTL and explicit unloads still apply).
+    pub pin: Option<bool>,
+    /// Unload after this many idle seconds.
+    #[serde(alias = "ttl")]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// `POST /admin/model/unload` body.
@@ -48,6 +56,8 @@ pub async fn load(
         max_queue: body.max_queue,
         gpu_layers: body.gpu_layers,
         threads: body.threads,
+        ttl_seconds: body.ttl_seconds,
+        pin: body.pin,
     };
     if let Err((key, reason)) = check_settings("", &options) {
         let param = key.trim_start_matches('.').to_string();
@@ -67,6 +77,41 @@ pub async fn unload(
     Ok(Json(state.registry.unload(&body.model_id).await?))
 }
 
+/// `DELETE /admin/model/{id}` confirmation, as query parameters or a JSON body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteBody {
+    #[serde(default)]
+    pub confirm: bool,
+    /// Unload first if loaded (its in-flight requests end with an error).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `DELETE /admin/model/{id}`: removes the model's files after an explicit confirmation.
+pub async fn delete_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<DeleteBody>,
+    body: axum::body::Bytes,
+) -> Result<Json<DeleteReport>, ApiError> {
+    let from_body: DeleteBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteBody::default()
+    } else {
+        super::from_value(&serde_json::from_slice(&body).map_err(|e| {
+            ApiError::invalid("body", format!("the request body is not valid JSON: {e}"))
+        })?)?
+    };
+    let (confirm, force) = (
+        query.confirm || from_body.confirm,
+        query.force || from_body.force,
+    );
+    if !confirm {
+        return Err(RegistryError::ConfirmationRequired(id).into());
+    }
+    Ok(Json(state.registry.delete(&id, force).await?))
+}
+
 /// One model in `/admin/models` and `/admin/status`.
 #[derive(Debug, Serialize)]
 pub struct ModelEntry {
@@ -75,9 +120,22 @@ pub struct ModelEntry {
     pub alternate_ids: Vec<String>,
     pub path: String,
     pub size_bytes: u64,
+    /// From the GGUF header, else from the file name.
     pub quantization: Option<String>,
+    pub architecture: Option<String>,
     pub format: &'static str,
     pub loaded: bool,
+    /// Context per sequence: the loaded one, else what a load would use.
+    pub context: u32,
+    /// What a load with the configured settings would take (the guard's figure).
+    pub estimated_memory: Option<MemoryEstimate>,
+    /// Memory the loaded model is counted as.
+    pub memory_bytes: Option<u64>,
+    pub pinned: bool,
+    pub ttl_seconds: Option<u64>,
+    /// Requests since the server started (across loads).
+    pub request_count: u64,
+    pub last_used: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<Runtime>,
 }
@@ -89,8 +147,6 @@ pub struct Runtime {
     pub info: ModelInfo,
     pub chat_template: crate::chat::template::TemplateSource,
     pub loaded_at: String,
-    pub last_used: String,
-    pub request_count: u64,
     pub scheduler: SchedulerStats,
 }
 
@@ -104,8 +160,6 @@ fn runtime(state: &AppState, id: &str) -> Option<Runtime> {
         info: m.engine.info().clone(),
         chat_template: m.template.source(),
         loaded_at: rfc3339(m.loaded_at),
-        last_used: rfc3339(m.last_used()),
-        request_count: m.request_count(),
         scheduler: m.engine.stats(),
     })
 }
@@ -117,25 +171,57 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Va
         .store()
         .scan()
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+    let reg = &state.registry;
     let entries: Vec<ModelEntry> = disk
         .into_iter()
         .map(|d| {
             let runtime = runtime(&state, &d.id);
+            let loaded = reg.get(&d.id);
+            let facts = reg.facts(&d);
+            let estimate = reg.estimate_for(&d);
+            let usage = reg.usage(&d.id);
+            let configured = reg.config().settings_for(&d.id);
+            let context = match (&runtime, &facts) {
+                (Some(r), _) => r.info.context_per_sequence,
+                (None, Some(f)) => configured.context.unwrap_or(4096).min(f.context_train),
+                (None, None) => configured.context.unwrap_or(4096),
+            };
             ModelEntry {
                 loaded: runtime.is_some(),
-                runtime,
                 path: d.path.display().to_string(),
+                quantization: facts
+                    .as_ref()
+                    .and_then(|f| f.file_type.clone())
+                    .or(d.quantization),
+                architecture: facts.map(|f| f.architecture),
+                context,
+                estimated_memory: estimate,
+                memory_bytes: loaded.as_ref().map(|m| m.estimate.total_bytes),
+                pinned: loaded
+                    .as_ref()
+                    .map_or(configured.pin.unwrap_or(false), |m| m.pinned()),
+                ttl_seconds: loaded
+                    .as_ref()
+                    .map_or(configured.ttl_seconds, |m| m.ttl_seconds()),
+                request_count: usage.map_or(0, |u| u.requests),
+                last_used: usage
+                    .filter(|u| u.requests > 0)
+                    .map(|u| rfc3339(u.last_used)),
+                runtime,
                 id: d.id,
                 alternate_ids: d.alternate_ids,
                 size_bytes: d.size_bytes,
-                quantization: d.quantization,
                 format: d.format,
             }
         })
         .collect();
     Ok(Json(serde_json::json!({
-        "models_directory": state.registry.store().root().display().to_string(),
+        "models_directory": reg.store().root().display().to_string(),
+        "max_loaded_models": reg.config().models.max_loaded_models,
         "models": entries,
+        "downloads_in_progress": state.downloads.list().into_iter()
+            .filter(|j| !matches!(j.record.state, crate::models::downloads::JobState::Ready | crate::models::downloads::JobState::Cancelled))
+            .collect::<Vec<_>>(),
     })))
 }
 

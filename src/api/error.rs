@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::engine::EngineError;
+use crate::models::downloads::DownloadError;
+use crate::models::hub::HubError;
 use crate::models::registry::RegistryError;
 
 /// An error on its way to the client.
@@ -36,6 +38,16 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u32,
     },
+    /// Any other status with its own code (Hub answers, disk space).
+    #[error("{message}")]
+    Other {
+        status: StatusCode,
+        message: String,
+        code: &'static str,
+    },
+    /// The request contradicts the current state (deleting a loaded model).
+    #[error("{message}")]
+    Conflict { message: String, code: &'static str },
     /// The server cannot take the work right now (memory, unloading).
     #[error("{message}")]
     Unavailable { message: String, code: &'static str },
@@ -78,6 +90,8 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Other { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,6 +115,16 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large")),
             Self::RateLimited { .. } => ("rate_limit_exceeded", None, Some("rate_limit_exceeded")),
             Self::Unavailable { code, .. } => ("server_error", None, Some(*code)),
+            Self::Conflict { code, .. } => ("invalid_request_error", None, Some(*code)),
+            Self::Other { status, code, .. } => (
+                if status.is_server_error() {
+                    "server_error"
+                } else {
+                    "invalid_request_error"
+                },
+                None,
+                Some(*code),
+            ),
             Self::Internal(_) => ("server_error", None, Some("internal_error")),
         };
         ErrorDetail {
@@ -182,8 +206,59 @@ impl From<RegistryError> for ApiError {
                 message: e.to_string(),
                 code: "insufficient_memory",
             },
+            RegistryError::TooManyModels { .. } => Self::Unavailable {
+                message: e.to_string(),
+                code: "max_loaded_models",
+            },
+            RegistryError::Busy(_) => Self::Unavailable {
+                message: e.to_string(),
+                code: "model_busy",
+            },
+            RegistryError::ConfirmationRequired(_) => Self::InvalidRequest {
+                message: e.to_string(),
+                param: Some("confirm".into()),
+                code: Some("confirmation_required"),
+            },
+            RegistryError::Loaded(_) => Self::Conflict {
+                message: e.to_string(),
+                code: "model_loaded",
+            },
             RegistryError::Engine(inner) => inner.into(),
             RegistryError::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<DownloadError> for ApiError {
+    fn from(e: DownloadError) -> Self {
+        let other = |status, code| Self::Other {
+            status,
+            message: e.to_string(),
+            code,
+        };
+        match &e {
+            DownloadError::Invalid { param, .. } => Self::invalid(*param, e.to_string()),
+            DownloadError::Hub(HubError::Unauthorized { .. }) => {
+                other(StatusCode::FORBIDDEN, "hub_access_denied")
+            }
+            DownloadError::Hub(HubError::NotFound(_)) => {
+                other(StatusCode::NOT_FOUND, "hub_not_found")
+            }
+            DownloadError::Hub(HubError::Unreachable { .. }) => {
+                other(StatusCode::BAD_GATEWAY, "hub_unreachable")
+            }
+            DownloadError::Hub(HubError::Protocol(_)) => {
+                other(StatusCode::BAD_GATEWAY, "hub_error")
+            }
+            DownloadError::InsufficientDisk { .. } => {
+                other(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
+            DownloadError::NoSuchJob(_) => Self::NotFound(e.to_string()),
+            DownloadError::Finished(..) => Self::Conflict {
+                message: e.to_string(),
+                code: "job_finished",
+            },
+            DownloadError::Io(_) => Self::Internal(e.to_string()),
         }
     }
 }

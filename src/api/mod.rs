@@ -2,6 +2,7 @@
 //! response OpenAI-shaped. Handlers live in [`openai`] and [`admin`].
 
 pub mod admin;
+pub mod downloads;
 pub mod error;
 pub mod openai;
 pub mod sse;
@@ -15,13 +16,14 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::models::downloads::Downloads;
 use crate::models::registry::Registry;
 use error::ApiError;
 
@@ -33,6 +35,7 @@ pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
 pub struct AppState {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
+    pub downloads: Arc<Downloads>,
     pub metrics: Metrics,
     pub started: Instant,
 }
@@ -168,6 +171,20 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/model/unload", post(admin::unload))
         .route("/admin/models/unload", post(admin::unload))
         .route("/admin/models", get(admin::models))
+        .route("/admin/model/download", post(downloads::start))
+        .route("/admin/models/download", post(downloads::start))
+        .route("/admin/model/downloads", get(downloads::list))
+        .route("/admin/models/downloads", get(downloads::list))
+        .route(
+            "/admin/model/download/{job}",
+            get(downloads::get).delete(downloads::cancel),
+        )
+        .route(
+            "/admin/model/download/{job}/resume",
+            post(downloads::resume),
+        )
+        .route("/admin/model/{*id}", delete(admin::delete_model))
+        .route("/admin/models/{*id}", delete(admin::delete_model))
         .route("/admin/status", get(admin::status))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

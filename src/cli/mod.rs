@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (config file, then OPTA_LMX_* variables, then these flags).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show memory, loaded models and performance of a running server.
     Status(ClientArgs),
     /// List models on disk and their loaded state.
@@ -86,6 +86,15 @@ pub struct ServeArgs {
     pub threads: Option<u32>,
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+    /// Most models loaded at once (least recently used idle ones are evicted).
+    #[arg(long)]
+    pub max_loaded_models: Option<u32>,
+    /// Idle seconds after which a model is unloaded (models that do not set their own).
+    #[arg(long)]
+    pub ttl_seconds: Option<u64>,
+    /// Base URL of the Hugging Face Hub or a mirror (like HF_ENDPOINT).
+    #[arg(long)]
+    pub hf_endpoint: Option<String>,
     /// Percentage of RAM that loads may not push usage past.
     #[arg(long)]
     pub memory_threshold: Option<f64>,
@@ -137,6 +146,15 @@ impl ServeArgs {
         }
         if let Some(v) = self.gpu_layers {
             m.defaults.gpu_layers = v;
+        }
+        if let Some(v) = self.max_loaded_models {
+            m.max_loaded_models = Some(v);
+        }
+        if let Some(v) = self.ttl_seconds {
+            m.defaults.ttl_seconds = Some(v);
+        }
+        if let Some(v) = self.hf_endpoint {
+            cfg.hub.endpoint = v;
         }
         if let Some(v) = self.memory_threshold {
             cfg.memory.threshold_percent = v;

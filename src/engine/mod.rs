@@ -104,10 +104,27 @@ pub struct ModelInfo {
     /// Context the model was trained with.
     pub context_train: u32,
     pub parameters: u64,
-    /// Bytes of weights plus KV cache, as estimated when loading.
+    /// Bytes the load was estimated to take (weights, KV cache, buffers).
     pub memory_bytes: u64,
+    /// The estimate by part.
+    pub memory: MemoryEstimate,
     pub gpu_layers: u32,
     pub threads: u32,
+}
+
+/// What loading a model takes, by part, worked out before loading so that the memory guard
+/// can refuse or make room first, and so a refusal can show its numbers.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights_bytes: u64,
+    pub kv_cache_bytes: u64,
+    /// Compute graph, output buffer and bookkeeping.
+    pub overhead_bytes: u64,
+    pub total_bytes: u64,
+    /// Of the total, what lands in GPU memory (0 without offload).
+    pub gpu_bytes: u64,
+    /// Of the total, what lands in system RAM.
+    pub ram_bytes: u64,
 }
 
 /// Live counters of one model's scheduler.

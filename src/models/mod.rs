@@ -1,4 +1,8 @@
-//! Models on disk ([`store`]) and in memory ([`registry`]).
+//! Models on disk ([`store`]), in memory ([`registry`], sized by [`guard`]) and on their way
+//! from the Hub ([`hub`], [`downloads`]).
 
+pub mod downloads;
+pub mod guard;
+pub mod hub;
 pub mod registry;
 pub mod store;

@@ -2,18 +2,21 @@
 //! safely while other requests are being served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use super::guard::{self, Refusal, Resident, Room, Step};
 use super::store::{DiskModel, InvalidModelId, ModelStore};
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
-use crate::engine::llama::{LlamaEngine, LoadOptions};
-use crate::engine::{Backend, EngineError};
-use crate::system::MemorySnapshot;
+use crate::engine::llama::gguf::GgufFacts;
+use crate::engine::llama::{footprint, gguf, LlamaEngine, LoadOptions};
+use crate::engine::{Backend, EngineError, MemoryEstimate};
+use crate::system::{gpu_memory, process_anon_bytes, process_rss_bytes, MemorySnapshot};
 
 /// Why a model could not be found, loaded or unloaded.
 #[derive(Debug, thiserror::Error)]
@@ -29,17 +32,47 @@ pub enum RegistryError {
     /// A request named no model and there is no default to use.
     #[error("no model was named and no default model is configured")]
     NoDefault,
-    #[error("not enough memory to load `{id}`: it needs about {needed_mb} MB but only {headroom_mb} MB are free under the {threshold_percent}% memory threshold")]
+    #[error("not enough {resource} to load `{id}`: it needs about {needed_mb} MB but at most {obtainable_mb} MB can be had under the {threshold_percent}% memory threshold{}", held_note(held))]
     InsufficientMemory {
         id: String,
+        resource: &'static str,
         needed_mb: u64,
-        headroom_mb: u64,
+        /// Free under the threshold plus what evicting every evictable model would free.
+        obtainable_mb: u64,
         threshold_percent: f64,
+        held: Vec<String>,
     },
+    /// `max_loaded_models` is reached and nothing may be evicted.
+    #[error("cannot load `{id}`: {max} model(s) are loaded, the max_loaded_models limit, and none can be evicted{}", held_note(held))]
+    TooManyModels {
+        id: String,
+        max: u32,
+        held: Vec<String>,
+    },
+    /// An automatic unload found the model in use again and left it loaded.
+    #[error("model `{0}` is in use")]
+    Busy(String),
+    /// Deleting needs an explicit confirmation.
+    #[error("deleting `{0}` needs \"confirm\": true (or ?confirm=true)")]
+    ConfirmationRequired(String),
+    /// Deleting a loaded model needs `force`.
+    #[error("`{0}` is loaded; unload it first or pass \"force\": true")]
+    Loaded(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("models directory: {0}")]
     Io(#[from] std::io::Error),
+}
+
+fn held_note(held: &[String]) -> String {
+    if held.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; loaded models that cannot be evicted: {}",
+            held.join(", ")
+        )
+    }
 }
 
 /// Settings a load request may override (over the configured ones for that model).
@@ -53,10 +86,41 @@ pub struct LoadedModel {
     pub template: ChatTemplate,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
+    /// What the load was estimated to take (what the guard counts it as).
+    pub estimate: MemoryEstimate,
     requests: AtomicU64,
     /// Milliseconds since `loaded_at_instant` of the last request.
     last_used_ms: AtomicU64,
     loaded_at_instant: Instant,
+    pinned: AtomicBool,
+    /// Idle seconds before unloading; 0 for never.
+    ttl_seconds: AtomicU64,
+    /// Requests between routing and the engine's queue (see [`ModelLease`]).
+    leases: AtomicUsize,
+}
+
+/// A request's hold on a model from routing until the engine has it queued, so the model is
+/// not evicted in between. Dropping it releases the hold.
+pub struct ModelLease(Arc<LoadedModel>);
+
+impl std::ops::Deref for ModelLease {
+    type Target = LoadedModel;
+    fn deref(&self) -> &LoadedModel {
+        &self.0
+    }
+}
+
+impl Drop for ModelLease {
+    fn drop(&mut self) {
+        self.0.leases.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ModelLease {
+    fn new(m: Arc<LoadedModel>) -> Self {
+        m.leases.fetch_add(1, Ordering::SeqCst);
+        Self(m)
+    }
 }
 
 impl LoadedModel {
@@ -73,8 +137,41 @@ impl LoadedModel {
     /// Records a request for the last-use and request-count figures.
     pub fn touch(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.mark_used();
+    }
+
+    fn mark_used(&self) {
         let ms = self.loaded_at_instant.elapsed().as_millis() as u64;
         self.last_used_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_used_instant(&self) -> Instant {
+        self.loaded_at_instant + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether a request is running, queued, or on its way to the queue.
+    pub fn busy(&self) -> bool {
+        let s = self.engine.stats();
+        self.leases.load(Ordering::SeqCst) > 0 || s.active_sequences + s.queued_requests > 0
+    }
+
+    /// Whether memory pressure may never evict this model.
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    /// Idle seconds before the model is unloaded, if it has a TTL.
+    pub fn ttl_seconds(&self) -> Option<u64> {
+        Some(self.ttl_seconds.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
+    fn apply(&self, o: &LoadOverrides) {
+        if let Some(p) = o.pin {
+            self.pinned.store(p, Ordering::Relaxed);
+        }
+        if let Some(t) = o.ttl_seconds {
+            self.ttl_seconds.store(t, Ordering::Relaxed);
+        }
     }
 
     /// Requests served since load.
@@ -98,6 +195,13 @@ pub struct LoadReport {
     pub load_seconds: f64,
     pub context: u32,
     pub parallel: u32,
+    pub pinned: bool,
+    pub ttl_seconds: Option<u64>,
+    /// The load's estimate by part.
+    pub memory: MemoryEstimate,
+    /// Models unloaded to make room, least recently used first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evicted: Vec<String>,
 }
 
 /// What an unload freed.
@@ -108,13 +212,38 @@ pub struct UnloadReport {
     pub memory_freed_bytes: u64,
 }
 
+/// What a delete removed.
+#[derive(Debug, Serialize)]
+pub struct DeleteReport {
+    pub model_id: String,
+    pub status: &'static str,
+    pub files: Vec<String>,
+    pub bytes_freed: u64,
+    /// Whether it had to be unloaded first (`force`).
+    pub unloaded: bool,
+}
+
+/// Use figures that outlive a load, for the inventory.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageRecord {
+    pub requests: u64,
+    pub last_used: SystemTime,
+}
+
+/// Header facts cached by file identity, so the inventory does not reread headers.
+type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Option<GgufFacts>)>;
+
 /// All loaded models plus the store they come from.
 pub struct Registry {
     store: ModelStore,
     config: Arc<Config>,
     loaded: RwLock<HashMap<String, Arc<LoadedModel>>>,
-    /// One load at a time, so two loads cannot both pass the memory check.
+    /// One load at a time, so two loads cannot both pass the memory check, and concurrent
+    /// requests for a model being loaded on demand wait for that one load.
     load_lock: tokio::sync::Mutex<()>,
+    /// Requests and last use of models unloaded since start.
+    history: Mutex<HashMap<String, UsageRecord>>,
+    facts: Mutex<FactsCache>,
 }
 
 impl Registry {
@@ -125,7 +254,14 @@ impl Registry {
             config,
             loaded: RwLock::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
+            history: Mutex::new(HashMap::new()),
+            facts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The configuration the registry works under.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The disk store.
@@ -157,12 +293,19 @@ impl Registry {
             .cloned()
     }
 
+    /// A loaded model with a hold taken while the map is locked, so an eviction (which checks
+    /// for holds under the write lock) cannot slip in between finding and holding it.
+    fn lease(&self, name: &str) -> Option<ModelLease> {
+        let name = self.config.resolve_alias(name);
+        let map = self.loaded.read().expect("registry lock");
+        map.values()
+            .find(|m| m.answers_to(name))
+            .map(|m| ModelLease::new(Arc::clone(m)))
+    }
+
     /// The model a request's `model` field means: exact id, alias, or the default when empty.
     /// Never substitutes another model for an unknown name.
-    pub async fn resolve(
-        &self,
-        requested: Option<&str>,
-    ) -> Result<Arc<LoadedModel>, RegistryError> {
+    pub async fn resolve(&self, requested: Option<&str>) -> Result<ModelLease, RegistryError> {
         let name = match requested.map(str::trim).filter(|s| !s.is_empty()) {
             Some(n) => n.to_string(),
             None => match &self.config.models.default {
@@ -170,14 +313,19 @@ impl Registry {
                 None => {
                     let loaded = self.loaded();
                     match loaded.as_slice() {
-                        [only] => return Ok(Arc::clone(only)),
+                        [only] => {
+                            if let Some(l) = self.lease(&only.id) {
+                                return Ok(l);
+                            }
+                            return Err(RegistryError::NoDefault);
+                        }
                         _ => return Err(RegistryError::NoDefault),
                     }
                 }
             },
         };
-        if let Some(m) = self.get(&name) {
-            return Ok(m);
+        if let Some(l) = self.lease(&name) {
+            return Ok(l);
         }
         let target = self.config.resolve_alias(&name).to_string();
         let disk = self
@@ -187,11 +335,14 @@ impl Registry {
         if !self.config.models.load_on_demand {
             return Err(RegistryError::NotLoaded(name));
         }
+        tracing::info!(event = "model_load_on_demand", model = %disk.id);
         self.load(&disk.id, &LoadOverrides::default()).await?;
-        self.get(&disk.id).ok_or(RegistryError::NotLoaded(name))
+        self.lease(&disk.id).ok_or(RegistryError::NotLoaded(name))
     }
 
-    /// Loads a model from disk (a no-op if it is already loaded).
+    /// Loads a model from disk (a no-op apart from pin and TTL if it is already loaded),
+    /// first making room under the memory threshold and `max_loaded_models` by evicting least
+    /// recently used idle, unpinned models, or refusing when that cannot be done.
     pub async fn load(
         &self,
         id: &str,
@@ -200,32 +351,33 @@ impl Registry {
         let _guard = self.load_lock.lock().await;
         let target = self.config.resolve_alias(id);
         if let Some(m) = self.get(target) {
-            return Ok(report(&m, "already_loaded"));
+            m.apply(overrides);
+            return Ok(report(&m, "already_loaded", Vec::new()));
         }
         let disk = self
             .store
             .find(target)?
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
 
-        let mem = MemorySnapshot::read();
-        let threshold = self.config.memory.threshold_percent;
-        let headroom = mem.headroom_bytes(threshold);
-        if disk.size_bytes > headroom {
-            return Err(RegistryError::InsufficientMemory {
-                id: disk.id.clone(),
-                needed_mb: disk.size_bytes / 1_000_000,
-                headroom_mb: headroom / 1_000_000,
-                threshold_percent: threshold,
-            });
-        }
+        let configured = self.config.settings_for(&disk.id);
+        let opts = load_options(&configured, overrides);
+        let estimate = {
+            let (path, opts) = (disk.path.clone(), opts.clone());
+            tokio::task::spawn_blocking(move || footprint::estimate_file(&path, &opts))
+                .await
+                .map_err(|e| EngineError::Load(format!("estimate crashed: {e}")))??
+        };
+        let evicted = self.make_room(&disk.id, &estimate).await?;
 
-        let opts = load_options(&self.config.settings_for(&disk.id), overrides);
         let path = disk.path.clone();
         let started = Instant::now();
-        tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue);
-        let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
-            .await
-            .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
+        tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue, estimated_bytes = estimate.total_bytes);
+        let engine = {
+            let opts = opts.clone();
+            tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
+                .await
+                .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?
+        };
         let engine: Arc<dyn Backend> = match engine {
             Ok(e) => Arc::new(e),
             Err(e) => {
@@ -239,6 +391,7 @@ impl Registry {
             has_llama3_headers: engine.has_special_token("<|start_header_id|>"),
         };
         let template = ChatTemplate::new(engine.chat_template_source(), &hints, &bos, &eos);
+        let prior = self.history.lock().expect("history lock").remove(&disk.id);
         let model = Arc::new(LoadedModel {
             id: disk.id.clone(),
             disk,
@@ -246,27 +399,125 @@ impl Registry {
             template,
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
-            requests: AtomicU64::new(0),
+            estimate,
+            requests: AtomicU64::new(prior.map_or(0, |p| p.requests)),
             last_used_ms: AtomicU64::new(0),
             loaded_at_instant: Instant::now(),
+            pinned: AtomicBool::new(overrides.pin.or(configured.pin).unwrap_or(false)),
+            ttl_seconds: AtomicU64::new(
+                overrides
+                    .ttl_seconds
+                    .or(configured.ttl_seconds)
+                    .unwrap_or(0),
+            ),
+            leases: AtomicUsize::new(0),
         });
         tracing::info!(
             event = "model_loaded",
             model = %model.id,
             memory_bytes = model.engine.info().memory_bytes,
             seconds = model.load_duration.as_secs_f64(),
+            pinned = model.pinned(),
+            ttl_seconds = model.ttl_seconds().unwrap_or(0),
             template = ?model.template.source(),
         );
         self.loaded
             .write()
             .expect("registry lock")
             .insert(model.id.clone(), Arc::clone(&model));
-        Ok(report(&model, "loaded"))
+        Ok(report(&model, "loaded", evicted))
+    }
+
+    /// Memory left under the threshold now. Other programs are measured by the OS; this
+    /// process counts as the larger of its resident size and its models' estimates, because
+    /// mapped weights show as reclaimable cache rather than used memory.
+    fn room(&self) -> Room {
+        let mem = MemorySnapshot::read();
+        let threshold = self.config.memory.threshold_percent;
+        let budget = (mem.total_bytes as f64 * threshold / 100.0) as u64;
+        let others = mem.used_bytes.saturating_sub(process_anon_bytes());
+        let estimated: u64 = self.loaded().iter().map(|m| m.estimate.ram_bytes).sum();
+        let ours = process_rss_bytes().max(estimated);
+        let gpu_headroom = gpu_memory().map(|(total, free)| {
+            let limit = (total as f64 * threshold / 100.0) as u64;
+            limit.saturating_sub(total - free.min(total))
+        });
+        Room {
+            ram_headroom: budget.saturating_sub(others + ours),
+            gpu_headroom,
+        }
+    }
+
+    /// Evicts until `need` fits, or says why it cannot. Returns the evicted ids.
+    async fn make_room(
+        &self,
+        id: &str,
+        need: &MemoryEstimate,
+    ) -> Result<Vec<String>, RegistryError> {
+        let mut evicted = Vec::new();
+        loop {
+            let resident: Vec<Resident> = self
+                .loaded()
+                .iter()
+                .map(|m| Resident {
+                    id: m.id.clone(),
+                    last_used: m.last_used_instant(),
+                    estimate: m.estimate,
+                    pinned: m.pinned(),
+                    busy: m.busy(),
+                })
+                .collect();
+            let room = self.room();
+            match guard::next_step(need, room, &resident, self.config.models.max_loaded_models) {
+                Step::Load => return Ok(evicted),
+                Step::Evict { id: victim, reason } => {
+                    tracing::info!(event = "model_evicted", model = %victim, reason, for_model = %id, needed_bytes = need.ram_bytes, headroom_bytes = room.ram_headroom);
+                    match self.unload_reason(&victim, "evicted").await {
+                        Ok(_) => evicted.push(victim),
+                        Err(RegistryError::Busy(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Step::Refuse(r) => {
+                    let threshold_percent = self.config.memory.threshold_percent;
+                    let err = match r {
+                        Refusal::Memory {
+                            resource,
+                            needed,
+                            obtainable,
+                            held,
+                        } => RegistryError::InsufficientMemory {
+                            id: id.to_string(),
+                            resource,
+                            needed_mb: needed.div_ceil(1_000_000),
+                            obtainable_mb: obtainable / 1_000_000,
+                            threshold_percent,
+                            held,
+                        },
+                        Refusal::Count { max, held } => RegistryError::TooManyModels {
+                            id: id.to_string(),
+                            max,
+                            held,
+                        },
+                    };
+                    tracing::warn!(event = "model_load_refused", model = %id, reason = %err);
+                    return Err(err);
+                }
+            }
+        }
     }
 
     /// Unloads a model: it stops taking requests at once, in-flight ones end with an error,
     /// and its memory is released before this returns.
     pub async fn unload(&self, id: &str) -> Result<UnloadReport, RegistryError> {
+        self.unload_reason(id, "request").await
+    }
+
+    async fn unload_reason(
+        &self,
+        id: &str,
+        reason: &'static str,
+    ) -> Result<UnloadReport, RegistryError> {
         let model = {
             let mut map = self.loaded.write().expect("registry lock");
             let target = self.config.resolve_alias(id);
@@ -275,6 +526,10 @@ impl Registry {
                 .find(|m| m.answers_to(target))
                 .map(|m| m.id.clone());
             match key {
+                Some(k) if reason != "request" && map[&k].busy() => {
+                    // An eviction or TTL expiry lost a race with a new request: keep it.
+                    return Err(RegistryError::Busy(k));
+                }
                 Some(k) => map.remove(&k).expect("key present"),
                 None => {
                     return Err(match self.store.find(target)? {
@@ -287,7 +542,14 @@ impl Registry {
         let freed = model.engine.info().memory_bytes;
         let engine = Arc::clone(&model.engine);
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
-        tracing::info!(event = "model_unloaded", model = %model.id, memory_freed_bytes = freed);
+        self.history.lock().expect("history lock").insert(
+            model.id.clone(),
+            UsageRecord {
+                requests: model.request_count(),
+                last_used: model.last_used(),
+            },
+        );
+        tracing::info!(event = "model_unloaded", model = %model.id, reason, memory_freed_bytes = freed);
         Ok(UnloadReport {
             model_id: model.id.clone(),
             status: "unloaded",
@@ -298,8 +560,115 @@ impl Registry {
     /// Unloads everything (server shutdown).
     pub async fn unload_all(&self) {
         for m in self.loaded() {
-            let _ = self.unload(&m.id).await;
+            let _ = self.unload_reason(&m.id, "shutdown").await;
         }
+    }
+
+    /// Requests and last use of a model, loaded or unloaded since start.
+    pub fn usage(&self, id: &str) -> Option<UsageRecord> {
+        match self.loaded.read().expect("registry lock").get(id) {
+            Some(m) => Some(UsageRecord {
+                requests: m.request_count(),
+                last_used: m.last_used(),
+            }),
+            None => self.history.lock().expect("history lock").get(id).copied(),
+        }
+    }
+
+    /// Header facts of a model file, read once per file version.
+    pub fn facts(&self, disk: &DiskModel) -> Option<GgufFacts> {
+        let meta = std::fs::metadata(&disk.path).ok()?;
+        let key = (meta.len(), meta.modified().ok());
+        if let Some((len, mtime, f)) = self.facts.lock().expect("facts lock").get(&disk.path) {
+            if (*len, *mtime) == key {
+                return f.clone();
+            }
+        }
+        let f = gguf::read(&disk.path).ok();
+        self.facts
+            .lock()
+            .expect("facts lock")
+            .insert(disk.path.clone(), (key.0, key.1, f.clone()));
+        f
+    }
+
+    /// What loading a model on disk with its configured settings would take.
+    pub fn estimate_for(&self, disk: &DiskModel) -> Option<MemoryEstimate> {
+        let facts = self.facts(disk)?;
+        let opts = load_options(
+            &self.config.settings_for(&disk.id),
+            &LoadOverrides::default(),
+        );
+        Some(footprint::estimate(
+            &facts,
+            disk.size_bytes,
+            &opts,
+            gpu_memory().is_some(),
+        ))
+    }
+
+    /// Removes a model's files from disk. A loaded model is refused unless `force`, which
+    /// unloads it first (its in-flight requests end with an error).
+    pub async fn delete(&self, id: &str, force: bool) -> Result<DeleteReport, RegistryError> {
+        let target = self.config.resolve_alias(id);
+        let disk = self
+            .store
+            .find(target)?
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let _guard = self.load_lock.lock().await;
+        let unloaded = if self.get(&disk.id).is_some() {
+            if !force {
+                return Err(RegistryError::Loaded(disk.id));
+            }
+            self.unload_reason(&disk.id, "request").await?;
+            true
+        } else {
+            false
+        };
+        let files = self.store.delete(&disk)?;
+        self.history.lock().expect("history lock").remove(&disk.id);
+        let report = DeleteReport {
+            model_id: disk.id.clone(),
+            status: "deleted",
+            files: files
+                .iter()
+                .map(|p| {
+                    p.strip_prefix(self.store.root())
+                        .unwrap_or(p)
+                        .display()
+                        .to_string()
+                })
+                .collect(),
+            bytes_freed: disk.size_bytes,
+            unloaded,
+        };
+        tracing::info!(event = "model_deleted", model = %report.model_id, bytes = report.bytes_freed, unloaded);
+        Ok(report)
+    }
+
+    /// Unloads models idle past their TTL, checking every half second until the registry is
+    /// dropped. A model seen busy counts as used at that moment, so a long request does not
+    /// leave it looking idle since its start.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(reg) = weak.upgrade() else { return };
+                for m in reg.loaded() {
+                    if m.busy() {
+                        m.mark_used();
+                        continue;
+                    }
+                    let Some(ttl) = m.ttl_seconds() else { continue };
+                    if m.last_used_instant().elapsed() >= Duration::from_secs(ttl) {
+                        tracing::info!(event = "model_evicted", model = %m.id, reason = "ttl", ttl_seconds = ttl);
+                        let _ = reg.unload_reason(&m.id, "ttl").await;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -327,9 +696,13 @@ fn load_options(configured: &ModelSettings, o: &LoadOverrides) -> LoadOptions {
     }
 }
 
-fn report(m: &LoadedModel, status: &'static str) -> LoadReport {
+fn report(m: &LoadedModel, status: &'static str, evicted: Vec<String>) -> LoadReport {
     let info = m.engine.info();
     LoadReport {
+        pinned: m.pinned(),
+        ttl_seconds: m.ttl_seconds(),
+        memory: m.estimate,
+        evicted,
         model_id: m.id.clone(),
         status,
         memory_bytes: info.memory_bytes,

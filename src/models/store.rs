@@ -196,6 +196,44 @@ impl ModelStore {
     }
 }
 
+impl ModelStore {
+    /// Deletes a scanned model's files (every shard of a split model; a symlink is removed,
+    /// never its target), then the folders it leaves empty, up to the models directory.
+    pub fn delete(&self, model: &DiskModel) -> std::io::Result<Vec<PathBuf>> {
+        let dir = model.path.parent().unwrap_or(&self.root).to_path_buf();
+        let name = model
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let stem = name.as_deref().and_then(|n| n.strip_suffix(".gguf"));
+        let base = stem.and_then(shard_of).map(|(b, _)| b.to_string());
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let n = entry.file_name().to_string_lossy().into_owned();
+            let Some(s) = n.strip_suffix(".gguf") else {
+                continue;
+            };
+            let same = match &base {
+                Some(b) => shard_of(s).is_some_and(|(x, _)| x == b),
+                None => Some(n.as_str()) == name.as_deref(),
+            };
+            if same {
+                std::fs::remove_file(entry.path())?;
+                removed.push(entry.path());
+            }
+        }
+        let mut d = dir.as_path();
+        while d != self.root && d.starts_with(&self.root) {
+            if std::fs::remove_dir(d).is_err() {
+                break; // not empty
+            }
+            d = d.parent().unwrap_or(&self.root);
+        }
+        Ok(removed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +308,27 @@ mod tests {
         assert_eq!(found.id, "lmstudio-community/Llama-3-GGUF/Llama-3-Q8_0");
         assert!(store.find("missing").unwrap().is_none());
         assert!(store.find("../gemma-3-270m-q4_k_m").is_err());
+
+        let removed = store.delete(&models[4]).unwrap();
+        assert_eq!(removed.len(), 2);
+        assert!(!r.join("org/split").exists(), "empty folder left behind");
+        store.delete(&models[2]).unwrap();
+        assert!(r.join("org/multi/a-Q8_0.gguf").exists());
+        assert!(!r.join("org/multi/a-Q4_K_M.gguf").exists());
+        assert!(r.join("org").exists());
+    }
+
+    #[test]
+    fn deleting_a_link_keeps_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("real.gguf");
+        touch(&target, 4);
+        std::os::unix::fs::symlink(&target, dir.path().join("linked.gguf")).unwrap();
+        let store = ModelStore::new(dir.path());
+        let m = store.find("linked").unwrap().unwrap();
+        store.delete(&m).unwrap();
+        assert!(target.exists());
+        assert!(store.scan().unwrap().is_empty());
     }
 }

@@ -3,6 +3,8 @@
 //! chunk of any waiting prompt in a single batch, so concurrent requests share each forward
 //! pass. This module loads the model, starts the worker and is the [`Backend`] the API sees.
 
+pub mod footprint;
+pub mod gguf;
 mod worker;
 
 use std::num::NonZeroU32;
@@ -97,10 +99,6 @@ struct Job {
     ticket: Ticket,
 }
 
-fn meta_u32(model: &LlamaModel, key: &str) -> Option<u32> {
-    model.meta_val_str(key).ok()?.parse().ok()
-}
-
 impl LlamaEngine {
     /// Loads the file and starts the scheduler thread. Blocking: call from a blocking task.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
@@ -121,20 +119,7 @@ impl LlamaEngine {
             .ok()
             .filter(|t| !t.trim().is_empty());
 
-        // Weights plus an f16 KV cache for every sequence (sliding-window layers kept full so
-        // cached prefixes can be reused).
-        let n_head_kv = u64::from(model.n_head_kv());
-        let head_dim = u64::from(model.n_embd() as u32 / model.n_head().max(1));
-        let k_len = meta_u32(&model, &format!("{architecture}.attention.key_length"))
-            .map_or(head_dim, u64::from);
-        let v_len = meta_u32(&model, &format!("{architecture}.attention.value_length"))
-            .map_or(head_dim, u64::from);
-        let kv_bytes = u64::from(model.n_layer())
-            * u64::from(per_seq)
-            * u64::from(parallel)
-            * n_head_kv
-            * (k_len + v_len)
-            * 2;
+        let memory = footprint::estimate_file(path, opts)?;
 
         let shared = Arc::new(Shared::default());
         let (job_tx, job_rx) = std_mpsc::channel::<Job>();
@@ -202,7 +187,8 @@ impl LlamaEngine {
             parallel,
             context_train,
             parameters: model.n_params(),
-            memory_bytes: model.size() + kv_bytes,
+            memory_bytes: memory.total_bytes,
+            memory,
             gpu_layers: opts.gpu_layers,
             threads: opts.threads,
         };

@@ -1,0 +1,143 @@
+//! How much memory a load will take, worked out from the GGUF header before anything is
+//! allocated. The parts mirror what llama.cpp allocates: the weights (the file), an f16 KV
+//! cache per sequence, the output buffer and the compute graph, whose worst case holds logits
+//! for a whole micro-batch.
+
+use std::path::Path;
+
+use super::gguf::{self, GgufFacts};
+use super::worker::BATCH_TOKENS;
+use super::LoadOptions;
+use crate::engine::{EngineError, MemoryEstimate};
+
+/// Fixed allowance for llama.cpp's own bookkeeping and the scheduler thread.
+const FIXED_OVERHEAD: u64 = 16 << 20;
+
+/// Estimates a load of `path` with `opts`, reading only the header.
+pub fn estimate_file(path: &Path, opts: &LoadOptions) -> Result<MemoryEstimate, EngineError> {
+    let facts = gguf::read(path).map_err(EngineError::Load)?;
+    let weights = weights_bytes(path);
+    Ok(estimate(
+        &facts,
+        weights,
+        opts,
+        crate::system::gpu_memory().is_some(),
+    ))
+}
+
+/// Bytes of the model's files: every shard when the file is one of a split set.
+fn weights_bytes(path: &Path) -> u64 {
+    let one = std::fs::metadata(path).map_or(0, |m| m.len());
+    let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+        return one;
+    };
+    let Some((head, total)) = stem.rsplit_once("-of-") else {
+        return one;
+    };
+    let Some((base, _)) = head.rsplit_once('-') else {
+        return one;
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let n: u32 = total.parse().unwrap_or(1);
+    (1..=n)
+        .map(|i| dir.join(format!("{base}-{i:05}-of-{total}.gguf")))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum::<u64>()
+        .max(one)
+}
+
+/// The estimate from header facts; `gpu` says whether `gpu_layers` will really offload.
+pub fn estimate(f: &GgufFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
+    let per_seq = u64::from(opts.context.min(f.context_train.max(16)));
+    let parallel = u64::from(opts.parallel.max(1));
+    let kv =
+        f.kv_heads_all_layers * u64::from(f.key_length + f.value_length) * 2 * per_seq * parallel;
+    let vocab = u64::from(f.vocab_size);
+    let ubatch = BATCH_TOKENS as u64;
+    let compute = ubatch * (vocab + 16 * u64::from(f.embedding_length)) * 4;
+    let output = parallel * vocab * 4;
+    let overhead = compute + output + FIXED_OVERHEAD;
+    let total = weights + kv + overhead;
+    let gpu_bytes = if gpu && opts.gpu_layers > 0 && f.layers > 0 {
+        let share = f64::from(opts.gpu_layers.min(f.layers)) / f64::from(f.layers);
+        ((weights + kv) as f64 * share) as u64 + compute
+    } else {
+        0
+    };
+    MemoryEstimate {
+        weights_bytes: weights,
+        kv_cache_bytes: kv,
+        overhead_bytes: overhead,
+        total_bytes: total,
+        gpu_bytes,
+        ram_bytes: total - gpu_bytes.min(total),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gemma() -> GgufFacts {
+        GgufFacts {
+            architecture: "gemma3".into(),
+            layers: 18,
+            kv_heads_all_layers: 18,
+            key_length: 256,
+            value_length: 256,
+            embedding_length: 640,
+            context_train: 32768,
+            vocab_size: 262_144,
+            file_type: Some("Q4_K_M".into()),
+        }
+    }
+
+    fn opts(context: u32, parallel: u32, gpu_layers: u32) -> LoadOptions {
+        LoadOptions {
+            context,
+            parallel,
+            max_queue: 0,
+            gpu_layers,
+            threads: 1,
+        }
+    }
+
+    #[test]
+    fn matches_what_llama_cpp_reports_for_gemma() {
+        // llama.cpp logged for context 4096 x 8: KV 96 + 480 MiB, output 8 MiB,
+        // compute 526.28 MiB.
+        let e = estimate(&gemma(), 253_113_024, &opts(4096, 8, 0), false);
+        assert_eq!(e.kv_cache_bytes, 576 << 20);
+        let compute_mib = (e.overhead_bytes - FIXED_OVERHEAD - (8 << 20)) as f64 / 1048576.0;
+        assert!((526.0..540.0).contains(&compute_mib), "{compute_mib}");
+        assert_eq!(
+            e.total_bytes,
+            e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+        );
+        assert_eq!((e.gpu_bytes, e.ram_bytes), (0, e.total_bytes));
+    }
+
+    #[test]
+    fn context_is_capped_by_training_and_scales_kv() {
+        let small = estimate(&gemma(), 1, &opts(1024, 2, 0), false);
+        let capped = estimate(&gemma(), 1, &opts(1 << 20, 2, 0), false);
+        assert_eq!(capped.kv_cache_bytes, small.kv_cache_bytes * 32);
+    }
+
+    #[test]
+    fn offload_moves_a_share_to_the_gpu_only_when_there_is_one() {
+        let cpu = estimate(&gemma(), 1_000_000, &opts(1024, 1, 9), false);
+        assert_eq!(cpu.gpu_bytes, 0);
+        let gpu = estimate(&gemma(), 1_000_000, &opts(1024, 1, 9), true);
+        assert!(gpu.gpu_bytes > 0 && gpu.ram_bytes < gpu.total_bytes);
+        assert_eq!(gpu.ram_bytes + gpu.gpu_bytes, gpu.total_bytes);
+        let all = estimate(&gemma(), 1_000_000, &opts(1024, 1, 99), true);
+        assert_eq!(
+            all.gpu_bytes,
+            all.weights_bytes
+                + all.kv_cache_bytes
+                + (all.overhead_bytes - FIXED_OVERHEAD - 262_144 * 4)
+        );
+    }
+}
