@@ -242,7 +242,7 @@ async fn admin_load_errors_keep_the_server_up() {
         assert!(msg.contains(tricky), "{msg}");
     }
     // A corrupt file: a clear failure naming the file, and the server stays up.
-    let bad = s.models_dir.path().join("broken-Q4_K_M.gguf");
+    let bad = s.models_dir.join("broken-Q4_K_M.gguf");
     std::fs::write(&bad, b"GGUF this is not really a model").unwrap();
     let (msg, _, code) = expect_error(
         &s,
@@ -254,7 +254,7 @@ async fn admin_load_errors_keep_the_server_up() {
     assert_eq!(code, "model_load_failed");
     assert!(msg.contains("broken-Q4_K_M.gguf"), "{msg}");
     // A truncated copy of the real model fails the same way.
-    let half = s.models_dir.path().join("half.gguf");
+    let half = s.models_dir.join("half.gguf");
     let bytes = std::fs::read(common::model_file()).unwrap();
     std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
     expect_error(&s, "/admin/model/load", json!({"model_id": "half"}), 503).await;

@@ -148,7 +148,7 @@ impl HubClient {
         let hint = if self.token.is_some() {
             "the configured HF token has no access to it"
         } else {
-            "set HF_TOKEN (or hub.token in the config) to a token with access"
+            "needs HF_TOKEN (or hub.token in the config) set to a token with access"
         };
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if code != "RepoNotFound" => {
@@ -158,9 +158,13 @@ impl HubClient {
                     hint,
                 }
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
-                HubError::NotFound(what.to_string())
-            }
+            // The Hub answers 401 RepoNotFound both for repositories that do not exist and for
+            // private ones the caller may not see.
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => HubError::NotFound(format!(
+                "{what} (HTTP {}: it does not exist, or it is private and {hint})",
+                status.as_u16()
+            )),
+            StatusCode::NOT_FOUND => HubError::NotFound(what.to_string()),
             s => HubError::Protocol(format!("HTTP {} for {what}", s.as_u16())),
         }
     }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +44,9 @@ pub struct Server {
     child: Child,
     pub port: u16,
     pub base: String,
-    pub models_dir: tempfile::TempDir,
+    pub models_dir: PathBuf,
+    /// Owns the models directory unless the test passed its own.
+    _tmp: Option<tempfile::TempDir>,
     pub log: PathBuf,
 }
 
@@ -59,6 +63,10 @@ pub struct Opts {
     pub context: u32,
     pub parallel: u32,
     pub extra_args: Vec<String>,
+    /// Use this models directory (kept after the server stops) instead of a fresh one.
+    pub models_dir: Option<PathBuf>,
+    /// Extra environment variables (HF_ENDPOINT, HF_TOKEN, ...).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Opts {
@@ -68,6 +76,8 @@ impl Default for Opts {
             context: 1024,
             parallel: 2,
             extra_args: Vec::new(),
+            models_dir: None,
+            env: Vec::new(),
         }
     }
 }
@@ -86,15 +96,27 @@ pub fn command() -> Command {
 impl Server {
     /// Starts a server with the Gemma model linked into a fresh models directory.
     pub fn start(opts: Opts) -> Server {
-        let models_dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(
-            model_file(),
-            models_dir.path().join(format!("{MODEL}.gguf")),
-        )
-        .unwrap();
-        let config = models_dir.path().join(".config.yaml");
+        let (tmp, dir) = match &opts.models_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let link = dir.join(format!("{MODEL}.gguf"));
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(model_file(), &link).unwrap();
+        }
+        let config = dir.join(".config.yaml");
         std::fs::write(&config, "").unwrap();
-        let log = models_dir.path().join(".server.log");
+        // Appends, so a restarted server's log follows the first one's.
+        let log = dir.join(".server.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let port = free_port();
         let mut cmd = command();
         cmd.arg("serve")
@@ -103,14 +125,17 @@ impl Server {
             .arg("--port")
             .arg(port.to_string())
             .arg("--models-dir")
-            .arg(models_dir.path())
+            .arg(&dir)
             .arg("--context")
             .arg(opts.context.to_string())
             .arg("--parallel")
             .arg(opts.parallel.to_string())
             .args(&opts.extra_args)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_ENDPOINT")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stderr(log_file);
         if opts.load_model {
             cmd.arg("--model").arg(MODEL);
         }
@@ -119,7 +144,8 @@ impl Server {
             child,
             port,
             base: format!("http://127.0.0.1:{port}"),
-            models_dir,
+            models_dir: dir,
+            _tmp: tmp,
             log,
         };
         server.wait_ready();
@@ -138,6 +164,30 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("server did not become ready: {}", self.log_text());
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash or power cut would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Links the test model into the models directory under another name (another id).
+    pub fn link_model(&self, relative: &str) {
+        let p = self.models_dir.join(relative);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(model_file(), p).unwrap();
+    }
+
+    /// DELETEs and returns status and parsed body.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .delete(self.url(path))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// The server's process id (for signals).

@@ -1,0 +1,623 @@
+//! Hub downloads through the admin API, against a local server speaking the Hub's protocol:
+//! verified installs, private and gated repositories, missing repositories and files, a
+//! tampered file, a connection cut mid-file, a restart mid-download, cancelling, the disk
+//! check, and the Gemma model downloaded, loaded and chatted with.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::hub::{Access, FakeFile, FakeHub, FakeRepo, HubOptions};
+use common::{error_fields, no_eos, Opts, Server};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Bytes that look like nothing in particular, `n` long.
+fn noise(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+fn server_for(hub: &FakeHub, extra_env: &[(&str, &str)]) -> Server {
+    let mut env = vec![("HF_ENDPOINT".to_string(), hub.base.clone())];
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    Server::start(Opts {
+        load_model: false,
+        env,
+        ..Opts::default()
+    })
+}
+
+/// Polls a job until it leaves `downloading`, failing after `limit`.
+async fn wait_job(s: &Server, job: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, v) = s.get(&format!("/admin/model/download/{job}")).await;
+        assert_eq!(code, 200, "{v}");
+        if v["state"] != "downloading" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job still running: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every regular file under `dir`, relative, sorted (hidden ones included).
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn model_ids(s: &Server) -> Vec<String> {
+    let (code, v) = s.get("/admin/models").await;
+    assert_eq!(code, 200, "{v}");
+    v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn download_verifies_every_file_and_installs_the_set() {
+    let weights = noise(3_000_000, 7);
+    let readme = b"# tiny\nA test model card.\n";
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/tiny-GGUF",
+            vec![
+                FakeFile::git("README.md", readme),
+                FakeFile::lfs("tiny-Q4_K_M.gguf", weights.clone()),
+                FakeFile::lfs("tiny-Q8_0.gguf", noise(1000, 1)),
+            ],
+        )],
+        HubOptions {
+            page_size: 2,
+            ..HubOptions::default()
+        },
+    );
+    let s = server_for(&hub, &[]);
+
+    // Several GGUF models and no choice: a clear 400 listing them.
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/tiny-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let (msg, _, param, _) = error_fields(&v);
+    assert_eq!(param, "pattern");
+    assert!(
+        msg.contains("tiny-Q8_0.gguf") && msg.contains("tiny-Q4_K_M.gguf"),
+        "{msg}"
+    );
+
+    let r = s
+        .send(
+            "/admin/model/download",
+            &json!({"model_id": "acme/tiny-GGUF", "pattern": "*Q4_K_M.gguf"}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = r.json().await.unwrap();
+    let id = job["job_id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/admin/model/download/{id}"));
+    assert_eq!(job["bytes_total"], 3_000_000);
+    assert_eq!(job["files"].as_array().unwrap().len(), 1);
+
+    let done = wait_job(&s, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(done["bytes_done"], 3_000_000);
+    assert_eq!(done["progress"], 1.0);
+    assert_eq!(done["models"], json!(["acme/tiny-GGUF/tiny-Q4_K_M"]));
+    let expected = hex::encode(Sha256::digest(&weights));
+    assert_eq!(done["files"][0]["sha256"], expected);
+    assert_eq!(done["files"][0]["verified"], true);
+
+    // The bytes on disk are the Hub's bytes, in <models>/<org>/<repo>/, and nothing else
+    // outside the hidden staging folder.
+    let installed = s.models_dir.join("acme/tiny-GGUF/tiny-Q4_K_M.gguf");
+    assert_eq!(std::fs::read(&installed).unwrap(), weights);
+    let visible: Vec<String> = files_under(&s.models_dir)
+        .into_iter()
+        .filter(|p| !p.starts_with('.'))
+        .collect();
+    assert_eq!(
+        visible,
+        [
+            "acme/tiny-GGUF/tiny-Q4_K_M.gguf",
+            "gemma-3-270m-q4_k_m.gguf"
+        ]
+    );
+    assert_eq!(
+        files_under(&s.models_dir.join(".downloads")),
+        [format!("{id}/job.json")],
+        "staging keeps only the record"
+    );
+    assert!(model_ids(&s)
+        .await
+        .contains(&"acme/tiny-GGUF/tiny-Q4_K_M".to_string()));
+
+    // The tree listing was paged (two listings, two pages each); the weights came by
+    // redirect from the CDN.
+    let seen = hub.seen();
+    assert_eq!(seen.iter().filter(|r| r.path.contains("/tree/")).count(), 4);
+    assert!(seen
+        .iter()
+        .any(|r| r.cdn && r.path.ends_with("tiny-Q4_K_M.gguf") && r.status == 200));
+
+    // A small git file is checked by its git blob hash; `org/repo/file` names one file.
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/tiny-GGUF/README.md"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let done = wait_job(&s, v["job_id"].as_str().unwrap(), Duration::from_secs(10)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(
+        std::fs::read(s.models_dir.join("acme/tiny-GGUF/README.md")).unwrap(),
+        readme
+    );
+
+    // Both jobs are listed, newest first.
+    let (_, list) = s.get("/admin/model/downloads").await;
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&id.as_str()));
+    let log = s.log_text();
+    assert!(
+        log.contains("download_started") && log.contains("download_completed"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn private_repo_needs_the_token_and_the_token_stays_on_the_hub() {
+    let token = "hf_test_secret_9f8e7d";
+    let mut private = FakeRepo::new(
+        "acme/private-GGUF",
+        vec![FakeFile::lfs("p-Q4_K_M.gguf", noise(200_000, 3))],
+    );
+    private.access = Access::Private;
+    let mut gated = FakeRepo::new(
+        "acme/gated-GGUF",
+        vec![FakeFile::lfs("g-Q4_K_M.gguf", noise(10, 3))],
+    );
+    gated.access = Access::Gated;
+    let hub = FakeHub::start(
+        vec![private, gated],
+        HubOptions {
+            token: token.into(),
+            ..HubOptions::default()
+        },
+    );
+
+    // No token: the Hub answers 401, and the error says what to do.
+    {
+        let s = server_for(&hub, &[]);
+        let (code, v) = s
+            .post(
+                "/admin/model/download",
+                &json!({"model_id": "acme/private-GGUF"}),
+            )
+            .await;
+        assert_eq!(code, 404, "{v}");
+        let (msg, _, _, c) = error_fields(&v);
+        assert_eq!(c, "hub_not_found");
+        assert!(msg.contains("private") && msg.contains("HF_TOKEN"), "{msg}");
+        assert!(hub
+            .seen()
+            .iter()
+            .any(|r| r.status == 401 && r.authorization.is_none()));
+    }
+
+    // With HF_TOKEN: downloaded; the token went to the Hub's API but not to the CDN it
+    // redirects to, and never into the log.
+    let s = server_for(&hub, &[("HF_TOKEN", token)]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/private-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let done = wait_job(&s, v["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    let seen = hub.seen();
+    let bearer = format!("Bearer {token}");
+    assert!(seen
+        .iter()
+        .any(|r| !r.cdn && r.authorization.as_deref() == Some(bearer.as_str())));
+    let cdn: Vec<_> = seen.iter().filter(|r| r.cdn).collect();
+    assert!(!cdn.is_empty());
+    assert!(cdn.iter().all(|r| r.authorization.is_none()), "{cdn:?}");
+
+    // Gated: 403 from the Hub becomes a 403 naming the repository.
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/gated-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 403, "{v}");
+    let (msg, _, _, c) = error_fields(&v);
+    assert_eq!(c, "hub_access_denied");
+    assert!(msg.contains("acme/gated-GGUF"), "{msg}");
+
+    assert!(!s.log_text().contains(token), "token leaked into the log");
+}
+
+#[tokio::test]
+async fn bad_requests_missing_repos_unreachable_hub_and_full_disk() {
+    let mut huge = FakeFile::lfs("huge-Q4_K_M.gguf", noise(10, 0));
+    huge.advertised_size = Some(10_000_000_000_000_000); // 10 PB
+    let hub = FakeHub::start(
+        vec![
+            FakeRepo::new(
+                "acme/tiny-GGUF",
+                vec![FakeFile::lfs("t-Q4_K_M.gguf", noise(10, 1))],
+            ),
+            FakeRepo::new("acme/huge-GGUF", vec![huge]),
+        ],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let dl = "/admin/model/download";
+
+    let (code, v) = s.post(dl, &json!({"model_id": "acme/nope"})).await;
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(error_fields(&v).3, "hub_not_found");
+
+    for bad in ["../../etc", "no-slash", "acme/tiny-GGUF/../../x"] {
+        let (code, v) = s.post(dl, &json!({"model_id": bad})).await;
+        assert_eq!(code, 400, "{bad}: {v}");
+        assert_eq!(error_fields(&v).2, "model_id");
+    }
+    let (code, v) = s
+        .post(
+            dl,
+            &json!({"model_id": "acme/tiny-GGUF", "pattern": "*Q2_K*"}),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(error_fields(&v).0.contains("t-Q4_K_M.gguf"), "{v}");
+    let (code, v) = s
+        .post(
+            dl,
+            &json!({"model_id": "acme/tiny-GGUF", "files": ["missing.gguf"]}),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = s
+        .post(dl, &json!({"model_id": "acme/tiny-GGUF", "revision": "v9"}))
+        .await;
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = s.post(dl, &json!({"model": 5})).await;
+    assert_eq!(code, 400, "{v}");
+
+    // The disk is checked before anything is fetched.
+    let (code, v) = s.post(dl, &json!({"model_id": "acme/huge-GGUF"})).await;
+    assert_eq!(code, 507, "{v}");
+    let (msg, _, _, c) = error_fields(&v);
+    assert_eq!(c, "insufficient_storage");
+    assert!(msg.contains("10000000000 MB"), "{msg}");
+    assert!(!hub
+        .seen()
+        .iter()
+        .any(|r| r.path.contains("huge-Q4_K_M.gguf")));
+
+    let (code, _) = s.get("/admin/model/download/dl-doesnotexist").await;
+    assert_eq!(code, 404);
+
+    // A Hub that does not answer at all.
+    let closed = common::free_port();
+    let s2 = Server::start(Opts {
+        load_model: false,
+        env: vec![("HF_ENDPOINT".into(), format!("http://127.0.0.1:{closed}"))],
+        ..Opts::default()
+    });
+    let (code, v) = s2.post(dl, &json!({"model_id": "acme/tiny-GGUF"})).await;
+    assert_eq!(code, 502, "{v}");
+    assert_eq!(error_fields(&v).3, "hub_unreachable");
+}
+
+#[tokio::test]
+async fn a_file_that_does_not_match_its_hash_leaves_nothing_behind() {
+    let good = FakeFile::lfs("set-00001-of-00002.gguf", noise(500_000, 1));
+    let mut bad = FakeFile::lfs("set-00002-of-00002.gguf", noise(400_000, 2));
+    let advertised = hex::encode(Sha256::digest(b"what the Hub says it is"));
+    bad.advertised_sha256 = Some(advertised.clone());
+    let actual = bad.sha256();
+    let hub = FakeHub::start(
+        vec![FakeRepo::new("acme/tampered-GGUF", vec![good, bad])],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/tampered-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    let done = wait_job(&s, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "verification_failed", "{done}");
+    assert_eq!(done["verification"]["file"], "set-00002-of-00002.gguf");
+    assert_eq!(done["verification"]["algorithm"], "sha256");
+    assert_eq!(done["verification"]["expected"], advertised);
+    assert_eq!(done["verification"]["actual"], actual);
+    assert!(done["error"].as_str().unwrap().contains(&actual), "{done}");
+
+    // Neither shard is anywhere: not installed, not staged (only the job's record stays).
+    assert!(!s.models_dir.join("acme").exists());
+    assert_eq!(
+        files_under(&s.models_dir.join(".downloads")),
+        [format!("{id}/job.json")]
+    );
+    assert!(!model_ids(&s).await.iter().any(|m| m.contains("tampered")));
+    let (code, v) = s
+        .post(
+            "/admin/model/load",
+            &json!({"model_id": "acme/tampered-GGUF/set"}),
+        )
+        .await;
+    assert_eq!(code, 404, "{v}");
+    assert!(s.log_text().contains("download_verification_failed"));
+
+    // A finished job cannot be resumed or cancelled.
+    let (code, v) = s
+        .post(&format!("/admin/model/download/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(code, 409, "{v}");
+}
+
+#[tokio::test]
+async fn a_cut_connection_resumes_with_a_range_request() {
+    let data = noise(2_000_000, 9);
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/flaky-GGUF",
+            vec![FakeFile::lfs("f-Q4_K_M.gguf", data.clone())],
+        )],
+        HubOptions {
+            cut_once: vec!["f-Q4_K_M.gguf".into()],
+            ..HubOptions::default()
+        },
+    );
+    let s = server_for(&hub, &[]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/flaky-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let done = wait_job(&s, v["job_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(
+        std::fs::read(s.models_dir.join("acme/flaky-GGUF/f-Q4_K_M.gguf")).unwrap(),
+        data
+    );
+    let cdn: Vec<_> = hub.seen().into_iter().filter(|r| r.cdn).collect();
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert_eq!(cdn[0].range, None);
+    let from: u64 = cdn[1]
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("second request was not a range request: {cdn:?}"));
+    assert!(from > 0 && from <= 1_000_000, "resumed from {from}");
+    assert_eq!(cdn[1].status, 206);
+}
+
+#[tokio::test]
+async fn a_restart_mid_download_shows_no_half_model_and_the_job_resumes() {
+    let data = noise(6_000_000, 4);
+    let sha = hex::encode(Sha256::digest(&data));
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/slow-GGUF",
+            vec![FakeFile::lfs("s-Q4_K_M.gguf", data.clone())],
+        )],
+        HubOptions {
+            // About 4 s for the whole file.
+            slow: vec![("s-Q4_K_M.gguf".into(), Duration::from_millis(40))],
+            ..HubOptions::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || Opts {
+        load_model: false,
+        models_dir: Some(dir.path().to_path_buf()),
+        env: vec![("HF_ENDPOINT".into(), hub.base.clone())],
+        ..Opts::default()
+    };
+    let mut s = Server::start(opts());
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/slow-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = s.get(&format!("/admin/model/download/{id}")).await;
+        let done = v["bytes_done"].as_u64().unwrap();
+        if done >= 2_000_000 {
+            assert!(done < 6_000_000, "finished before the test could stop it");
+            assert!(v["rate_bytes_per_second"].as_f64().unwrap() > 0.0, "{v}");
+            assert!(v["eta_seconds"].as_f64().unwrap() > 0.0, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.kill();
+    let partial = std::fs::metadata(
+        dir.path()
+            .join(format!(".downloads/{id}/s-Q4_K_M.gguf.part")),
+    )
+    .unwrap()
+    .len();
+    assert!(partial > 0);
+
+    let s = Server::start(opts());
+    // Nothing half-made is visible or loadable.
+    assert_eq!(model_ids(&s).await, ["gemma-3-270m-q4_k_m"]);
+    assert!(!dir.path().join("acme").exists());
+    let (_, list) = s.get("/admin/model/downloads").await;
+    let job = &list["data"][0];
+    assert_eq!(job["job_id"], id);
+    assert_eq!(job["state"], "interrupted", "{job}");
+    assert_eq!(job["bytes_done"].as_u64().unwrap(), partial);
+
+    let (code, v) = s
+        .post(&format!("/admin/model/download/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let done = wait_job(&s, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(done["files"][0]["sha256"], sha);
+    let installed = std::fs::read(dir.path().join("acme/slow-GGUF/s-Q4_K_M.gguf")).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&installed)), sha);
+    let resumed = hub
+        .seen()
+        .into_iter()
+        .filter(|r| r.cdn)
+        .filter_map(|r| r.range)
+        .collect::<Vec<_>>();
+    assert_eq!(resumed, [format!("bytes={partial}-")]);
+    assert!(s.log_text().contains("download_resumed"));
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_transfer_and_deletes_the_partial_file() {
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/slow-GGUF",
+            vec![FakeFile::lfs("s-Q4_K_M.gguf", noise(4_000_000, 5))],
+        )],
+        HubOptions {
+            slow: vec![("s-Q4_K_M.gguf".into(), Duration::from_millis(40))],
+            ..HubOptions::default()
+        },
+    );
+    let s = server_for(&hub, &[]);
+    let (_, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/slow-GGUF"}),
+        )
+        .await;
+    let id = v["job_id"].as_str().unwrap().to_string();
+    // Asking again for the same files joins the running job.
+    let (code, again) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/slow-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["job_id"], id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, v) = s.delete(&format!("/admin/model/download/{id}")).await;
+    assert_eq!(code, 200, "{v}");
+    let done = wait_job(&s, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let staging = s.models_dir.join(".downloads").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while staging.join("s-Q4_K_M.gguf.part").exists() {
+        assert!(Instant::now() < deadline, "partial file not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!s.models_dir.join("acme").exists());
+    let (code, _) = s.delete(&format!("/admin/model/download/{id}")).await;
+    assert_eq!(code, 409);
+}
+
+#[tokio::test]
+async fn gemma_downloads_from_the_local_hub_verifies_loads_and_chats() {
+    let gemma = std::fs::read(common::model_file()).unwrap();
+    let file = FakeFile::lfs("gemma-3-270m-Q4_K_M.gguf", gemma);
+    assert_eq!(
+        file.sha256(),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "google/gemma-3-270m-GGUF",
+            vec![
+                FakeFile::git("README.md", b"gemma"),
+                file,
+                FakeFile::lfs("gemma-3-270m-F16.gguf", noise(100, 0)),
+            ],
+        )],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "google/gemma-3-270m-GGUF:Q4_K_M"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["bytes_total"], 253_113_024);
+    let done = wait_job(&s, v["job_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    let id = done["models"][0].as_str().unwrap().to_string();
+    assert_eq!(id, "google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M");
+
+    let (code, v) = s
+        .post(
+            "/admin/model/load",
+            &json!({"model_id": id, "context": 512, "parallel": 1}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    // The short `org/repo` id works too, as the folder holds one model.
+    let text = s
+        .chat_text(json!({
+            "model": "google/gemma-3-270m-GGUF",
+            "messages": [{"role": "user", "content": "The capital of France is"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "logit_bias": no_eos(),
+        }))
+        .await;
+    assert!(!text.trim().is_empty());
+}
