@@ -30,7 +30,11 @@ pub fn init(cfg: &LoggingConfig) -> anyhow::Result<()> {
             }
         }
         (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Text) => builder
+            .with_writer(std::io::stderr)
+            // Colour codes only for a terminal; a redirected log stays greppable.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("could not set up logging: {e}"))
 }

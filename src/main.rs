@@ -41,10 +41,35 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             model_id,
             context,
             parallel,
+            pin,
+            ttl_seconds,
             client: c,
         } => {
-            let body = json!({"model_id": model_id, "context": context, "parallel": parallel});
+            let body = json!({"model_id": model_id, "context": context, "parallel": parallel,
+                "pin": pin.then_some(true), "ttl_seconds": ttl_seconds});
             client::call(&c, Method::POST, "/admin/model/load", Some(body)).await
+        }
+        Command::Download {
+            model_id,
+            pattern,
+            revision,
+            client: c,
+        } => {
+            let body = json!({"model_id": model_id, "pattern": pattern, "revision": revision});
+            client::download(&c, body).await
+        }
+        Command::Downloads(c) => {
+            client::call(&c, Method::GET, "/admin/model/downloads", None).await
+        }
+        Command::Delete {
+            model_id,
+            yes,
+            force,
+            client: c,
+        } => {
+            let body = json!({"confirm": yes, "force": force});
+            let path = format!("/admin/model/{model_id}");
+            client::call(&c, Method::DELETE, &path, Some(body)).await
         }
         Command::Unload {
             model_id,

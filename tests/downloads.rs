@@ -621,3 +621,54 @@ async fn gemma_downloads_from_the_local_hub_verifies_loads_and_chats() {
         .await;
     assert!(!text.trim().is_empty());
 }
+
+#[tokio::test]
+async fn the_cli_downloads_with_progress_and_deletes_with_confirmation() {
+    let data = noise(300_000, 6);
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/cli-GGUF",
+            vec![FakeFile::lfs("c-Q4_K_M.gguf", data.clone())],
+        )],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let cli = |args: &[&str]| {
+        let out = common::command()
+            .args(args)
+            .args(["--url", &s.base])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["download", "acme/cli-GGUF:Q4_K_M"]);
+    assert!(ok, "{out}{err}");
+    let job: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["state"], "ready");
+    assert_eq!(
+        std::fs::read(s.models_dir.join("acme/cli-GGUF/c-Q4_K_M.gguf")).unwrap(),
+        data
+    );
+
+    // A refusal exits non-zero with the server's message.
+    let (ok, _, err) = cli(&["download", "acme/none-GGUF"]);
+    assert!(!ok);
+    assert!(
+        err.contains("404") && err.contains("acme/none-GGUF"),
+        "{err}"
+    );
+
+    let (ok, _, err) = cli(&["delete", "acme/cli-GGUF/c-Q4_K_M"]);
+    assert!(!ok);
+    assert!(err.contains("confirm"), "{err}");
+    let (ok, out, err) = cli(&["delete", "acme/cli-GGUF/c-Q4_K_M", "--yes"]);
+    assert!(ok, "{out}{err}");
+    assert!(!s.models_dir.join("acme").exists());
+    let (ok, out, _) = cli(&["downloads"]);
+    assert!(ok);
+    assert!(out.contains(job["job_id"].as_str().unwrap()));
+}

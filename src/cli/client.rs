@@ -1,5 +1,8 @@
-//! The admin-API client behind `status`, `models`, `load` and `unload`: one request, the JSON
-//! answer printed, and a non-zero exit with the server's message when it refuses.
+//! The admin-API client behind the subcommands: one request, the JSON answer printed, and a
+//! non-zero exit with the server's message when it refuses. `download` follows its job with a
+//! progress bar.
+
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -12,6 +15,59 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<()> {
+    let json = request(args, method, path, body).await?;
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Starts a download and follows it to the end with a progress bar; fails unless it ends
+/// `ready`.
+pub async fn download(args: &ClientArgs, body: Value) -> anyhow::Result<()> {
+    let job = request(
+        args,
+        reqwest::Method::POST,
+        "/admin/model/download",
+        Some(body),
+    )
+    .await?;
+    let id = job["job_id"].as_str().unwrap_or_default().to_string();
+    let bar = indicatif::ProgressBar::new(job["bytes_total"].as_u64().unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(id.clone());
+    let path = format!("/admin/model/download/{id}");
+    let last = loop {
+        let j = request(args, reqwest::Method::GET, &path, None).await?;
+        bar.set_position(j["bytes_done"].as_u64().unwrap_or(0));
+        if j["state"] != "downloading" {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&last)?);
+    match last["state"].as_str() {
+        Some("ready") => Ok(()),
+        _ => anyhow::bail!(
+            "download {}: {}",
+            last["state"].as_str().unwrap_or("?"),
+            last["error"].as_str().unwrap_or("")
+        ),
+    }
+}
+
+/// Sends one admin request; the answer's JSON, or the server's error message.
+async fn request(
+    args: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let url = format!("{}{}", args.url.trim_end_matches('/'), path);
     let client = reqwest::Client::new();
     let mut req = client.request(method, &url);
@@ -36,6 +92,5 @@ pub async fn call(
             .unwrap_or_else(|| json.to_string());
         anyhow::bail!("{status}: {msg}");
     }
-    println!("{}", serde_json::to_string_pretty(&json)?);
-    Ok(())
+    Ok(json)
 }

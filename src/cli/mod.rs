@@ -37,6 +37,39 @@ pub enum Command {
         /// Sequences decoded together.
         #[arg(long)]
         parallel: Option<u32>,
+        /// Never evict it to make room for another model.
+        #[arg(long)]
+        pin: bool,
+        /// Unload after this many idle seconds.
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Download a model from the Hugging Face Hub (verified) and follow its progress.
+    Download {
+        /// `org/repo`, `org/repo:Q4_K_M` or `org/repo/file.gguf`.
+        model_id: String,
+        /// Glob over the repository's files, e.g. "*Q4_K_M*.gguf".
+        #[arg(long)]
+        pattern: Option<String>,
+        /// Branch, tag or commit (default main).
+        #[arg(long)]
+        revision: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List download jobs.
+    Downloads(ClientArgs),
+    /// Delete a model's files from disk.
+    Delete {
+        model_id: String,
+        /// Confirm the deletion (required).
+        #[arg(long)]
+        yes: bool,
+        /// Unload it first if it is loaded.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         client: ClientArgs,
     },

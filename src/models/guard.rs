@@ -13,6 +13,9 @@ pub struct Room {
     pub ram_headroom: u64,
     /// GPU bytes left under the threshold; `None` without a GPU.
     pub gpu_headroom: Option<u64>,
+    /// RAM in the machine and in use now, for the refusal message.
+    pub ram_total: u64,
+    pub ram_used: u64,
 }
 
 /// A loaded model as the guard sees it.
@@ -142,6 +145,8 @@ mod tests {
         Room {
             ram_headroom: ram,
             gpu_headroom: None,
+            ram_total: 0,
+            ram_used: 0,
         }
     }
 
@@ -215,8 +220,8 @@ mod tests {
         let mut n = need(10);
         n.gpu_bytes = 80;
         let room = Room {
-            ram_headroom: 1000,
             gpu_headroom: Some(50),
+            ..room(1000)
         };
         let mut a = resident("a", 5, 10, false, false);
         a.estimate.gpu_bytes = 40;

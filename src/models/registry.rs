@@ -32,11 +32,13 @@ pub enum RegistryError {
     /// A request named no model and there is no default to use.
     #[error("no model was named and no default model is configured")]
     NoDefault,
-    #[error("not enough {resource} to load `{id}`: it needs about {needed_mb} MB but at most {obtainable_mb} MB can be had under the {threshold_percent}% memory threshold{}", held_note(held))]
+    #[error("not enough {resource} to load `{id}`: it needs about {needed_mb} MB but at most {obtainable_mb} MB can be had under the {threshold_percent}% memory threshold (RAM {total_mb} MB, {used_mb} MB in use){}", held_note(held))]
     InsufficientMemory {
         id: String,
         resource: &'static str,
         needed_mb: u64,
+        total_mb: u64,
+        used_mb: u64,
         /// Free under the threshold plus what evicting every evictable model would free.
         obtainable_mb: u64,
         threshold_percent: f64,
@@ -445,6 +447,8 @@ impl Registry {
         Room {
             ram_headroom: budget.saturating_sub(others + ours),
             gpu_headroom,
+            ram_total: mem.total_bytes,
+            ram_used: mem.used_bytes,
         }
     }
 
@@ -490,6 +494,8 @@ impl Registry {
                             id: id.to_string(),
                             resource,
                             needed_mb: needed.div_ceil(1_000_000),
+                            total_mb: room.ram_total / 1_000_000,
+                            used_mb: room.ram_used / 1_000_000,
                             obtainable_mb: obtainable / 1_000_000,
                             threshold_percent,
                             held,

@@ -224,14 +224,16 @@ fn record(st: &HubState, cdn: bool, path: String, h: &HeaderMap, status: u16) {
 }
 
 /// The repository if the request may see it, else the Hub's error answer.
-fn repo_for<'a>(st: &'a HubState, id: &str, h: &HeaderMap) -> Result<&'a FakeRepo, Response> {
+fn repo_for<'a>(st: &'a HubState, id: &str, h: &HeaderMap) -> Result<&'a FakeRepo, Box<Response>> {
     let err = |status: StatusCode, code: &str, msg: &str| {
-        (
-            status,
-            [("x-error-code", code.to_string())],
-            axum::Json(serde_json::json!({ "error": msg })),
+        Box::new(
+            (
+                status,
+                [("x-error-code", code.to_string())],
+                axum::Json(serde_json::json!({ "error": msg })),
+            )
+                .into_response(),
         )
-            .into_response()
     };
     let Some(repo) = st.repos.get(id) else {
         return Err(err(
@@ -265,7 +267,7 @@ async fn revision(
 ) -> Response {
     let id = format!("{org}/{name}");
     let resp = match repo_for(&st, &id, &h) {
-        Err(r) => r,
+        Err(r) => *r,
         Ok(_) if rev != "main" && rev.len() != 40 => (
             StatusCode::NOT_FOUND,
             [("x-error-code", "RevisionNotFound")],
@@ -297,7 +299,7 @@ async fn tree(
 ) -> Response {
     let id = format!("{org}/{name}");
     let resp = match repo_for(&st, &id, &h) {
-        Err(r) => r,
+        Err(r) => *r,
         Ok(repo) => {
             let start: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
             let end = (start + st.page_size).min(repo.files.len());
@@ -347,7 +349,7 @@ async fn resolve(
 ) -> Response {
     let id = format!("{org}/{name}");
     let resp = match repo_for(&st, &id, &h) {
-        Err(r) => r,
+        Err(r) => *r,
         Ok(repo) if rev != repo.commit && rev != "main" => {
             (StatusCode::NOT_FOUND, "Invalid rev id").into_response()
         }
