@@ -591,4 +591,30 @@ mod tests {
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(err.contains("models.per_model.gemma"), "{err}");
     }
+
+    #[test]
+    fn lifecycle_and_hub_settings() {
+        let f = write(
+            "models:\n  max_loaded_models: 2\n  defaults:\n    ttl_seconds: 600\n  per_model:\n    big: {pin: true, ttl_seconds: 60}\nhub:\n  endpoint: http://mirror.local\n",
+        );
+        let cfg = Config::load(
+            Some(f.path()),
+            [("HF_TOKEN".to_string(), "hf_secret".to_string())],
+        )
+        .unwrap();
+        assert_eq!(cfg.models.max_loaded_models, Some(2));
+        let big = cfg.settings_for("big");
+        assert_eq!((big.pin, big.ttl_seconds), (Some(true), Some(60)));
+        assert_eq!(cfg.settings_for("other").ttl_seconds, Some(600));
+        assert_eq!(cfg.hub.endpoint, "http://mirror.local");
+        assert_eq!(cfg.hub.token.as_deref(), Some("hf_secret"));
+        assert!(!format!("{cfg:?}").contains("hf_secret"), "token in Debug output");
+
+        let f = write("models:\n  max_loaded_models: 0\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("models.max_loaded_models"), "{err}");
+        let f = write("hub:\n  endpoint: ftp://x\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("hub.endpoint"), "{err}");
+    }
 }

@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fleet::model_ids;
 use common::hub::{Access, FakeFile, FakeHub, FakeRepo, HubOptions};
 use common::{error_fields, no_eos, Opts, Server};
 use serde_json::{json, Value};
@@ -65,17 +66,6 @@ fn files_under(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-async fn model_ids(s: &Server) -> Vec<String> {
-    let (code, v) = s.get("/admin/models").await;
-    assert_eq!(code, 200, "{v}");
-    v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fleet::{chat, events, inventory, load, loaded_ids, server, spawn_post};
-use common::{error_fields, Server, MODEL};
+use common::fleet::{chat, events, inventory, load, loaded_ids, model_ids, server, spawn_post};
+use common::{error_fields, MODEL};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -246,15 +246,6 @@ async fn deleting_needs_confirmation_and_force_while_loaded() {
     assert_eq!(code, 400, "{v}");
     let (code, _) = s.get("/v1/models").await;
     assert_eq!(code, 200);
-    assert!(inventory_has(&s, MODEL).await);
+    assert!(model_ids(&s).await.contains(&MODEL.to_string()));
     assert!(s.log_text().contains("model_deleted"));
-}
-
-async fn inventory_has(s: &Server, id: &str) -> bool {
-    let (_, v) = s.get("/admin/models").await;
-    v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|m| m["id"] == id)
 }

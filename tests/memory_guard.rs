@@ -28,6 +28,13 @@ async fn a_low_memory_threshold_evicts_the_least_recently_used_or_refuses_with_n
     let (code, v) = load(&s, json!({"model_id": "gemma-a"})).await;
     assert_eq!(code, 200, "{v}");
     s.chat_text(chat("gemma-a", 2)).await;
+    // The machine really stays under the threshold with the model loaded and used.
+    let (_, st) = s.get("/admin/status").await;
+    let used_percent = st["memory"]["used_percent"].as_f64().unwrap();
+    assert!(
+        used_percent <= threshold,
+        "{used_percent}% used > {threshold}%"
+    );
 
     // B does not fit beside A: A, idle and unpinned, is evicted.
     let (code, v) = load(&s, json!({"model_id": "gemma-b", "pin": true})).await;
@@ -87,6 +94,12 @@ async fn a_low_memory_threshold_evicts_the_least_recently_used_or_refuses_with_n
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["evicted"], json!(["gemma-b"]));
     assert_eq!(loaded_ids(&s).await, ["gemma-a"]);
+    let (_, st) = s.get("/admin/status").await;
+    let used_percent = st["memory"]["used_percent"].as_f64().unwrap();
+    assert!(
+        used_percent <= threshold,
+        "{used_percent}% used > {threshold}%"
+    );
 }
 
 #[tokio::test]

@@ -233,6 +233,8 @@ pub struct Downloads {
     store: ModelStore,
     hub: HubClient,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// One start at a time, so two identical requests cannot both create a job.
+    start_lock: tokio::sync::Mutex<()>,
 }
 
 /// How one file's transfer ended, short of success.
@@ -249,6 +251,7 @@ impl Downloads {
             store,
             hub,
             jobs: Mutex::new(BTreeMap::new()),
+            start_lock: tokio::sync::Mutex::new(()),
         });
         me.restore();
         me
@@ -348,6 +351,7 @@ impl Downloads {
                 message: format!("`{revision}` is not a valid revision"),
             });
         }
+        let _one_at_a_time = self.start_lock.lock().await;
         let listing = self.hub.list(&repo, &revision).await?;
         let files = select(&listing.files, &req, implied.as_ref())?;
 

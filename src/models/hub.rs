@@ -169,6 +169,25 @@ impl HubClient {
         }
     }
 
+    /// A GET that must succeed; other answers become errors about `what` in `repo`.
+    async fn get_ok(
+        &self,
+        url: &str,
+        repo: &str,
+        what: &str,
+    ) -> Result<reqwest::Response, HubError> {
+        let resp = self
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(self.status_error(resp.status(), resp.headers(), repo, what))
+        }
+    }
+
     /// The commit `revision` points at and every file in the repository there.
     pub async fn list(&self, repo: &str, revision: &str) -> Result<RepoListing, HubError> {
         let url = format!(
@@ -176,23 +195,12 @@ impl HubClient {
             self.endpoint,
             encode(revision)
         );
-        let resp = self
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if !resp.status().is_success() {
-            return Err(self.status_error(
-                resp.status(),
-                resp.headers(),
-                repo,
-                &format!("repository `{repo}` at revision `{revision}`"),
-            ));
-        }
+        let what = format!("repository `{repo}` at revision `{revision}`");
+        let resp = self.get_ok(&url, repo, &what).await?;
         let info: RevisionInfo = resp
             .json()
             .await
-            .map_err(|e| HubError::Protocol(format!("revision info: {}", e.without_url())))?;
+            .map_err(|e| HubError::Protocol(format!("revision info: {}", describe(e))))?;
         if info.sha.is_empty() || !info.sha.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(HubError::Protocol(format!("bad commit id `{}`", info.sha)));
         }
@@ -204,18 +212,8 @@ impl HubClient {
         ));
         while let Some(url) = next.take() {
             let resp = self
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            if !resp.status().is_success() {
-                return Err(self.status_error(
-                    resp.status(),
-                    resp.headers(),
-                    repo,
-                    &format!("file list of `{repo}`"),
-                ));
-            }
+                .get_ok(&url, repo, &format!("file list of `{repo}`"))
+                .await?;
             // Only follow pages on the same Hub: the token must not go anywhere else.
             next = next_page(resp.headers()).filter(|u| u.starts_with(&self.endpoint));
             let page: Vec<TreeEntry> = resp

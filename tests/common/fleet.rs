@@ -77,3 +77,15 @@ pub fn events(s: &Server, event: &str, model: &str) -> usize {
         })
         .count()
 }
+
+/// Ids in the disk inventory.
+pub async fn model_ids(s: &Server) -> Vec<String> {
+    let (code, v) = s.get("/admin/models").await;
+    assert_eq!(code, 200, "{v}");
+    v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
