@@ -608,7 +608,10 @@ mod tests {
         assert_eq!(cfg.settings_for("other").ttl_seconds, Some(600));
         assert_eq!(cfg.hub.endpoint, "http://mirror.local");
         assert_eq!(cfg.hub.token.as_deref(), Some("hf_secret"));
-        assert!(!format!("{cfg:?}").contains("hf_secret"), "token in Debug output");
+        assert!(
+            !format!("{cfg:?}").contains("hf_secret"),
+            "token in Debug output"
+        );
 
         let f = write("models:\n  max_loaded_models: 0\n");
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
