@@ -124,7 +124,7 @@ async fn idle_models_unload_after_their_ttl_but_not_while_busy() {
     let s = server(&[]);
     let (code, v) = load(
         &s,
-        json!({"model_id": "gemma-a", "ttl_seconds": 1, "parallel": 1}),
+        json!({"model_id": "gemma-a", "ttl_seconds": 1, "parallel": 1, "context": 4096}),
     )
     .await;
     assert_eq!(code, 200, "{v}");
@@ -132,15 +132,21 @@ async fn idle_models_unload_after_their_ttl_but_not_while_busy() {
     let (code, _) = load(&s, json!({"model_id": "gemma-b", "parallel": 1})).await;
     assert_eq!(code, 200);
 
-    // A request that outlasts the TTL keeps the model loaded while it runs.
-    let started = Instant::now();
-    let text = s.chat_text(chat("gemma-a", 100)).await;
-    assert!(!text.is_empty());
-    assert!(
-        started.elapsed() > Duration::from_millis(1500),
-        "request too short to test the TTL"
+    // A request that outlasts the TTL keeps the model loaded while it runs (4000 tokens: far
+    // longer than the check on any machine; the client hangs up after it).
+    let long = spawn_post(s.url("/v1/chat/completions"), chat("gemma-a", 4000));
+    s.wait_for("active_requests", 1, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        s.performance().await["active_requests"],
+        1,
+        "the request ended too soon"
     );
     assert!(loaded_ids(&s).await.contains(&"gemma-a".to_string()));
+    long.abort();
+    s.wait_for("active_requests", 0, Duration::from_secs(10))
+        .await;
 
     // Idle past its TTL it goes; the model without a TTL stays.
     let deadline = Instant::now() + Duration::from_secs(10);

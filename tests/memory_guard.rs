@@ -76,7 +76,7 @@ async fn a_low_memory_threshold_evicts_the_least_recently_used_or_refuses_with_n
     let (code, v) = load(&s, json!({"model_id": "gemma-b", "pin": false})).await;
     assert_eq!((code, v["status"].clone()), (200, json!("already_loaded")));
     assert_eq!(v["pinned"], false);
-    let mut body = chat("gemma-b", 120);
+    let mut body = chat("gemma-b", 250);
     body["stream"] = json!(true);
     let stream = spawn_post(s.url("/v1/chat/completions"), body);
     s.wait_for("active_requests", 1, Duration::from_secs(10))
