@@ -47,7 +47,7 @@ pub async fn download(args: &ClientArgs, body: Value) -> anyhow::Result<()> {
         if j["state"] != "downloading" {
             break j;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&last)?);

@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 #[derive(Clone)]
 pub struct FakeFile {
     pub path: String,
-    pub data: Arc<Vec<u8>>,
+    pub data: Bytes,
+    /// SHA-256, worked out once (weights are large and every listing and answer names it).
+    digest: Arc<std::sync::OnceLock<String>>,
     /// Stored with LFS (served through the CDN, listed with a SHA-256).
     pub lfs: bool,
     /// Advertise this SHA-256 instead of the real one (a tampered or corrupted file).
@@ -38,7 +40,8 @@ impl FakeFile {
     pub fn lfs(path: &str, data: Vec<u8>) -> Self {
         Self {
             path: path.into(),
-            data: Arc::new(data),
+            data: Bytes::from(data),
+            digest: Arc::default(),
             lfs: true,
             advertised_sha256: None,
             advertised_size: None,
@@ -54,13 +57,15 @@ impl FakeFile {
     }
 
     pub fn sha256(&self) -> String {
-        hex::encode(Sha256::digest(self.data.as_slice()))
+        self.digest
+            .get_or_init(|| hex::encode(Sha256::digest(&self.data)))
+            .clone()
     }
 
     fn git_oid(&self) -> String {
         let mut h = Sha1::new();
         h.update(format!("blob {}\0", self.data.len()));
-        h.update(self.data.as_slice());
+        h.update(&self.data);
         hex::encode(h.finalize())
     }
 }
@@ -433,10 +438,10 @@ fn serve_bytes(st: &HubState, f: &FakeFile, h: &HeaderMap) -> Response {
         Some((s, e)) => (s, e.min(len - 1), StatusCode::PARTIAL_CONTENT),
         None => (0, len.saturating_sub(1), StatusCode::OK),
     };
-    let body: Vec<u8> = if len == 0 {
-        Vec::new()
+    let body = if len == 0 {
+        Bytes::new()
     } else {
-        f.data[start as usize..=end as usize].to_vec()
+        f.data.slice(start as usize..=end as usize)
     };
     let cut = st.cut_once.lock().unwrap().remove(&f.path);
     let pause = st.slow.get(&f.path).copied();
@@ -456,12 +461,11 @@ fn serve_bytes(st: &HubState, f: &FakeFile, h: &HeaderMap) -> Response {
 /// The body in 64 KiB pieces; `cut` ends it with an error halfway (the connection drops
 /// with bytes missing), `pause` sleeps between pieces.
 fn async_stream(
-    body: Vec<u8>,
+    body: Bytes,
     cut: bool,
     pause: Option<Duration>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     let stop_at = if cut { body.len() / 2 } else { usize::MAX };
-    let body = Bytes::from(body);
     futures_util::stream::unfold(0usize, move |pos| {
         let body = body.clone();
         async move {
