@@ -129,6 +129,9 @@ async fn idle_models_unload_after_their_ttl_but_not_while_busy() {
     .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["ttl_seconds"], 1);
+    let (_, st) = s.get("/admin/status").await;
+    assert_eq!(st["loaded_models"][0]["ttl_seconds"], 1);
+    assert_eq!(st["loaded_models"][0]["pinned"], false);
     let (code, _) = load(&s, json!({"model_id": "gemma-b", "parallel": 1})).await;
     assert_eq!(code, 200);
 

@@ -305,6 +305,8 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
                 "scheduler": stats,
                 "request_count": m.request_count(),
                 "last_used": rfc3339(m.last_used()),
+                "pinned": m.pinned(),
+                "ttl_seconds": m.ttl_seconds(),
             })
         })
         .collect();
