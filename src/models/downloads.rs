@@ -595,7 +595,7 @@ impl Downloads {
             if let Some(p) = dest.parent() {
                 tokio::fs::create_dir_all(p).await?;
             }
-            tokio::fs::rename(dir.join(&f.path), &dest).await?;
+            move_file(&dir.join(&f.path), &dest).await?;
             placed.push(dest);
         }
         // Keep only the record: the data has moved.
@@ -807,6 +807,22 @@ impl Downloads {
             )));
         }
         Ok(())
+    }
+}
+
+/// Renames, or copies then removes when the destination is on another disk (a models
+/// folder symlinked elsewhere). A copy goes through a hidden name first, so a half-copied
+/// file is never visible under the model's name.
+async fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match tokio::fs::rename(from, to).await {
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            let name = to.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = to.with_file_name(format!(".{name}.copying"));
+            tokio::fs::copy(from, &tmp).await?;
+            tokio::fs::rename(&tmp, to).await?;
+            tokio::fs::remove_file(from).await
+        }
+        other => other,
     }
 }
 
@@ -1118,6 +1134,23 @@ mod tests {
         let s = select(&single, &req("a/b"), None).unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].path, "only-Q4_K_M.gguf");
+    }
+
+    #[tokio::test]
+    async fn moves_across_filesystems() {
+        use std::os::unix::fs::MetadataExt;
+        // The build tree is on disk; /dev/shm is a tmpfs on Linux: two filesystems.
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        assert_ne!(dev(disk.path()), dev(other.path()), "need two filesystems");
+        let from = disk.path().join("m.gguf");
+        std::fs::write(&from, b"weights").unwrap();
+        let to = other.path().join("m.gguf");
+        move_file(&from, &to).await.unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"weights");
+        assert!(!from.exists());
+        assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 1);
     }
 
     #[test]
