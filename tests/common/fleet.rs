@@ -42,10 +42,12 @@ pub fn spawn_post(url: String, body: Value) -> tokio::task::JoinHandle<(u16, Str
     })
 }
 
+/// `POST /admin/model/load`.
 pub async fn load(s: &Server, body: Value) -> (u16, Value) {
     s.post("/admin/model/load", &body).await
 }
 
+/// Ids of the loaded models, from `/admin/status`.
 pub async fn loaded_ids(s: &Server) -> Vec<String> {
     let (_, v) = s.get("/admin/status").await;
     v["loaded_models"]
@@ -56,15 +58,20 @@ pub async fn loaded_ids(s: &Server) -> Vec<String> {
         .collect()
 }
 
-pub async fn inventory(s: &Server, id: &str) -> Value {
+/// The disk inventory's entries (`GET /admin/models` → `models`).
+pub async fn inventory_models(s: &Server) -> Vec<Value> {
     let (code, v) = s.get("/admin/models").await;
     assert_eq!(code, 200, "{v}");
-    v["models"]
-        .as_array()
-        .unwrap()
+    v["models"].as_array().unwrap().clone()
+}
+
+/// One model's inventory entry.
+pub async fn inventory(s: &Server, id: &str) -> Value {
+    let models = inventory_models(s).await;
+    models
         .iter()
         .find(|m| m["id"] == id)
-        .unwrap_or_else(|| panic!("{id} not in {v}"))
+        .unwrap_or_else(|| panic!("{id} not in {models:?}"))
         .clone()
 }
 
@@ -80,11 +87,8 @@ pub fn events(s: &Server, event: &str, model: &str) -> usize {
 
 /// Ids in the disk inventory.
 pub async fn model_ids(s: &Server) -> Vec<String> {
-    let (code, v) = s.get("/admin/models").await;
-    assert_eq!(code, 200, "{v}");
-    v["models"]
-        .as_array()
-        .unwrap()
+    inventory_models(s)
+        .await
         .iter()
         .map(|m| m["id"].as_str().unwrap().to_string())
         .collect()
