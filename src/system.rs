@@ -37,10 +37,15 @@ impl MemorySnapshot {
         }
     }
 
+    /// `threshold_percent` of total: what used memory may grow to.
+    pub fn limit_bytes(&self, threshold_percent: f64) -> u64 {
+        (self.total_bytes as f64 * threshold_percent / 100.0) as u64
+    }
+
     /// Bytes that may still be taken before used memory crosses `threshold_percent` of total.
     pub fn headroom_bytes(&self, threshold_percent: f64) -> u64 {
-        let limit = (self.total_bytes as f64 * threshold_percent / 100.0) as u64;
-        limit.saturating_sub(self.used_bytes)
+        self.limit_bytes(threshold_percent)
+            .saturating_sub(self.used_bytes)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::engine::MemoryEstimate;
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
 use crate::models::registry::{
-    DeleteReport, LoadOverrides, LoadReport, RegistryError, UnloadReport,
+    DeleteReport, LoadOverrides, LoadReport, LoadedModel, RegistryError, UnloadReport,
 };
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
@@ -145,6 +145,9 @@ pub struct ModelEntry {
 pub struct Runtime {
     #[serde(flatten)]
     pub info: ModelInfo,
+    /// What the load was estimated to take, as the memory guard counts it.
+    pub memory_bytes: u64,
+    pub memory: MemoryEstimate,
     pub chat_template: crate::chat::template::TemplateSource,
     pub loaded_at: String,
     pub scheduler: SchedulerStats,
@@ -154,14 +157,15 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn runtime(state: &AppState, id: &str) -> Option<Runtime> {
-    let m = state.registry.get(id)?;
-    Some(Runtime {
+fn runtime(m: &LoadedModel) -> Runtime {
+    Runtime {
         info: m.engine.info().clone(),
+        memory_bytes: m.estimate.total_bytes,
+        memory: m.estimate,
         chat_template: m.template.source(),
         loaded_at: rfc3339(m.loaded_at),
         scheduler: m.engine.stats(),
-    })
+    }
 }
 
 /// `GET /admin/models`: the disk inventory with loaded state.
@@ -175,16 +179,19 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Va
     let entries: Vec<ModelEntry> = disk
         .into_iter()
         .map(|d| {
-            let runtime = runtime(&state, &d.id);
             let loaded = reg.get(&d.id);
-            let facts = reg.facts(&d);
-            let estimate = reg.estimate_for(&d);
+            let runtime = loaded.as_deref().map(runtime);
+            let plan = reg.plan(&d, &LoadOverrides::default()).ok();
             let usage = reg.usage(&d.id);
             let configured = reg.config().settings_for(&d.id);
-            let context = match (&runtime, &facts) {
+            let context = match (&runtime, &plan) {
                 (Some(r), _) => r.info.context_per_sequence,
-                (None, Some(f)) => configured.context.unwrap_or(4096).min(f.context_train),
+                (None, Some(p)) => p.context,
                 (None, None) => configured.context.unwrap_or(4096),
+            };
+            let (facts, estimated_memory) = match plan {
+                Some(p) => (Some(p.facts), Some(p.estimate)),
+                None => (None, None),
             };
             ModelEntry {
                 loaded: runtime.is_some(),
@@ -195,7 +202,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Va
                     .or(d.quantization),
                 architecture: facts.map(|f| f.architecture),
                 context,
-                estimated_memory: estimate,
+                estimated_memory,
                 memory_bytes: loaded.as_ref().map(|m| m.estimate.total_bytes),
                 pinned: loaded
                     .as_ref()
@@ -292,10 +299,10 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             total.decode_tokens_per_second += stats.decode_tokens_per_second;
             total.cancelled_total += stats.cancelled_total;
             total.rejected_total += stats.rejected_total;
-            models_bytes += info.memory_bytes;
+            models_bytes += m.estimate.total_bytes;
             serde_json::json!({
                 "id": m.id,
-                "memory_bytes": info.memory_bytes,
+                "memory_bytes": m.estimate.total_bytes,
                 "size_bytes": m.disk.size_bytes,
                 "context": info.context_per_sequence,
                 "parallel": info.parallel,

@@ -104,10 +104,6 @@ pub struct ModelInfo {
     /// Context the model was trained with.
     pub context_train: u32,
     pub parameters: u64,
-    /// Bytes the load was estimated to take (weights, KV cache, buffers).
-    pub memory_bytes: u64,
-    /// The estimate by part.
-    pub memory: MemoryEstimate,
     pub gpu_layers: u32,
     pub threads: u32,
 }

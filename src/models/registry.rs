@@ -233,7 +233,17 @@ pub struct UsageRecord {
 }
 
 /// Header facts cached by file identity, so the inventory does not reread headers.
-type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Option<GgufFacts>)>;
+type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Result<GgufFacts, String>)>;
+
+/// What loading a model on disk would be, worked out from its header alone: the guard
+/// decides on `estimate`, the engine loads with `opts`, the inventory shows both.
+pub struct LoadPlan {
+    pub facts: GgufFacts,
+    pub opts: LoadOptions,
+    /// Context tokens per sequence the load would get.
+    pub context: u32,
+    pub estimate: MemoryEstimate,
+}
 
 /// All loaded models plus the store they come from.
 pub struct Registry {
@@ -362,24 +372,16 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
 
         let configured = self.config.settings_for(&disk.id);
-        let opts = load_options(&configured, overrides);
-        let estimate = {
-            let (path, opts) = (disk.path.clone(), opts.clone());
-            tokio::task::spawn_blocking(move || footprint::estimate_file(&path, &opts))
-                .await
-                .map_err(|e| EngineError::Load(format!("estimate crashed: {e}")))??
-        };
+        let LoadPlan { opts, estimate, .. } =
+            self.plan(&disk, overrides).map_err(EngineError::Load)?;
         let evicted = self.make_room(&disk.id, &estimate).await?;
 
         let path = disk.path.clone();
         let started = Instant::now();
         tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue, estimated_bytes = estimate.total_bytes);
-        let engine = {
-            let opts = opts.clone();
-            tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
-                .await
-                .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?
-        };
+        let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
+            .await
+            .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
         let engine: Arc<dyn Backend> = match engine {
             Ok(e) => Arc::new(e),
             Err(e) => {
@@ -417,7 +419,7 @@ impl Registry {
         tracing::info!(
             event = "model_loaded",
             model = %model.id,
-            memory_bytes = model.engine.info().memory_bytes,
+            memory_bytes = model.estimate.total_bytes,
             seconds = model.load_duration.as_secs_f64(),
             pinned = model.pinned(),
             ttl_seconds = model.ttl_seconds().unwrap_or(0),
@@ -436,14 +438,12 @@ impl Registry {
     fn room(&self) -> Room {
         let mem = MemorySnapshot::read();
         let threshold = self.config.memory.threshold_percent;
-        let budget = (mem.total_bytes as f64 * threshold / 100.0) as u64;
+        let budget = mem.limit_bytes(threshold);
         let others = mem.used_bytes.saturating_sub(process_anon_bytes());
         let estimated: u64 = self.loaded().iter().map(|m| m.estimate.ram_bytes).sum();
         let ours = process_rss_bytes().max(estimated);
-        let gpu_headroom = gpu_memory().map(|(total, free)| {
-            let limit = (total as f64 * threshold / 100.0) as u64;
-            limit.saturating_sub(total - free.min(total))
-        });
+        let gpu_headroom = gpu_memory()
+            .map(|(total, free)| MemorySnapshot::from_parts(total, free).headroom_bytes(threshold));
         Room {
             ram_headroom: budget.saturating_sub(others + ours),
             gpu_headroom,
@@ -545,7 +545,7 @@ impl Registry {
                 }
             }
         };
-        let freed = model.engine.info().memory_bytes;
+        let freed = model.estimate.total_bytes;
         let engine = Arc::clone(&model.engine);
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         self.history.lock().expect("history lock").insert(
@@ -582,15 +582,16 @@ impl Registry {
     }
 
     /// Header facts of a model file, read once per file version.
-    pub fn facts(&self, disk: &DiskModel) -> Option<GgufFacts> {
-        let meta = std::fs::metadata(&disk.path).ok()?;
+    fn facts(&self, disk: &DiskModel) -> Result<GgufFacts, String> {
+        let meta =
+            std::fs::metadata(&disk.path).map_err(|e| format!("{}: {e}", disk.path.display()))?;
         let key = (meta.len(), meta.modified().ok());
         if let Some((len, mtime, f)) = self.facts.lock().expect("facts lock").get(&disk.path) {
             if (*len, *mtime) == key {
                 return f.clone();
             }
         }
-        let f = gguf::read(&disk.path).ok();
+        let f = gguf::read(&disk.path);
         self.facts
             .lock()
             .expect("facts lock")
@@ -598,19 +599,16 @@ impl Registry {
         f
     }
 
-    /// What loading a model on disk with its configured settings would take.
-    pub fn estimate_for(&self, disk: &DiskModel) -> Option<MemoryEstimate> {
+    /// What loading a model on disk with `overrides` over its configured settings would be.
+    pub fn plan(&self, disk: &DiskModel, overrides: &LoadOverrides) -> Result<LoadPlan, String> {
         let facts = self.facts(disk)?;
-        let opts = load_options(
-            &self.config.settings_for(&disk.id),
-            &LoadOverrides::default(),
-        );
-        Some(footprint::estimate(
-            &facts,
-            disk.size_bytes,
-            &opts,
-            gpu_memory().is_some(),
-        ))
+        let opts = load_options(&self.config.settings_for(&disk.id), overrides);
+        Ok(LoadPlan {
+            context: footprint::context_per_sequence(&facts, &opts),
+            estimate: footprint::estimate(&facts, disk.size_bytes, &opts, gpu_memory().is_some()),
+            facts,
+            opts,
+        })
     }
 
     /// Removes a model's files from disk. A loaded model is refused unless `force`, which
@@ -711,7 +709,7 @@ fn report(m: &LoadedModel, status: &'static str, evicted: Vec<String>) -> LoadRe
         evicted,
         model_id: m.id.clone(),
         status,
-        memory_bytes: info.memory_bytes,
+        memory_bytes: m.estimate.total_bytes,
         load_seconds: m.load_duration.as_secs_f64(),
         context: info.context_per_sequence,
         parallel: info.parallel,

@@ -3,53 +3,22 @@
 //! cache per sequence, the output buffer and the compute graph, whose worst case holds logits
 //! for a whole micro-batch and attention scores over a sequence's whole context.
 
-use std::path::Path;
-
-use super::gguf::{self, GgufFacts};
+use super::gguf::GgufFacts;
 use super::worker::BATCH_TOKENS;
 use super::LoadOptions;
-use crate::engine::{EngineError, MemoryEstimate};
+use crate::engine::MemoryEstimate;
 
 /// Fixed allowance for llama.cpp's own bookkeeping and the scheduler thread.
 const FIXED_OVERHEAD: u64 = 16 << 20;
 
-/// Estimates a load of `path` with `opts`, reading only the header.
-pub fn estimate_file(path: &Path, opts: &LoadOptions) -> Result<MemoryEstimate, EngineError> {
-    let facts = gguf::read(path).map_err(EngineError::Load)?;
-    let weights = weights_bytes(path);
-    Ok(estimate(
-        &facts,
-        weights,
-        opts,
-        crate::system::gpu_memory().is_some(),
-    ))
-}
-
-/// Bytes of the model's files: every shard when the file is one of a split set.
-fn weights_bytes(path: &Path) -> u64 {
-    let one = std::fs::metadata(path).map_or(0, |m| m.len());
-    let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-        return one;
-    };
-    let Some((head, total)) = stem.rsplit_once("-of-") else {
-        return one;
-    };
-    let Some((base, _)) = head.rsplit_once('-') else {
-        return one;
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let n: u32 = total.parse().unwrap_or(1);
-    (1..=n)
-        .map(|i| dir.join(format!("{base}-{i:05}-of-{total}.gguf")))
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum::<u64>()
-        .max(one)
+/// Context tokens each sequence gets: what was asked, capped by what the model was trained for.
+pub fn context_per_sequence(f: &GgufFacts, opts: &LoadOptions) -> u32 {
+    opts.context.min(f.context_train.max(16))
 }
 
 /// The estimate from header facts; `gpu` says whether `gpu_layers` will really offload.
 pub fn estimate(f: &GgufFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
-    let per_seq = u64::from(opts.context.min(f.context_train.max(16)));
+    let per_seq = u64::from(context_per_sequence(f, opts));
     let parallel = u64::from(opts.parallel.max(1));
     let kv =
         f.kv_heads_all_layers * u64::from(f.key_length + f.value_length) * 2 * per_seq * parallel;

@@ -119,8 +119,6 @@ impl LlamaEngine {
             .ok()
             .filter(|t| !t.trim().is_empty());
 
-        let memory = footprint::estimate_file(path, opts)?;
-
         let shared = Arc::new(Shared::default());
         let (job_tx, job_rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<u32, EngineError>>();
@@ -187,8 +185,6 @@ impl LlamaEngine {
             parallel,
             context_train,
             parameters: model.n_params(),
-            memory_bytes: memory.total_bytes,
-            memory,
             gpu_layers: opts.gpu_layers,
             threads: opts.threads,
         };
