@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::hub::{valid_repo_id, HubClient, HubError, RepoFile};
-use super::store::ModelStore;
+use super::store::{shard_of, ModelStore};
 
 /// Attempts per file before a job fails (each resumes where the last one stopped).
 const ATTEMPTS: u32 = 5;
@@ -149,7 +149,6 @@ struct Job {
     record: Mutex<JobRecord>,
     cancel: AtomicBool,
     running: AtomicBool,
-    done: AtomicU64,
     rate: Mutex<Rate>,
 }
 
@@ -183,16 +182,27 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+impl JobRecord {
+    fn bytes_done(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_done).sum()
+    }
+}
+
 impl Job {
     fn new(record: JobRecord) -> Arc<Self> {
-        let done = record.files.iter().map(|f| f.bytes_done).sum();
         Arc::new(Self {
             record: Mutex::new(record),
             cancel: AtomicBool::new(false),
             running: AtomicBool::new(false),
-            done: AtomicU64::new(done),
             rate: Mutex::new(Rate::default()),
         })
+    }
+
+    /// Records a file's progress; gives the job's bytes done.
+    fn set_file_done(&self, index: usize, bytes: u64) -> u64 {
+        let mut r = self.record.lock().expect("job lock");
+        r.files[index].bytes_done = bytes;
+        r.bytes_done()
     }
 
     fn view(&self) -> JobView {
@@ -201,7 +211,7 @@ impl Job {
         let done = if record.state == JobState::Ready {
             total
         } else {
-            self.done.load(Ordering::Relaxed).min(total)
+            record.bytes_done().min(total)
         };
         let running = record.state == JobState::Downloading;
         let rate = if running {
@@ -288,12 +298,15 @@ impl Downloads {
                     std::fs::metadata(dir.join(format!("{}.part", f.path))).map_or(0, |m| m.len())
                 };
             }
-            if rec.state == JobState::Downloading {
+            let interrupted = rec.state == JobState::Downloading;
+            if interrupted {
                 rec.state = JobState::Interrupted;
                 tracing::info!(event = "download_interrupted", job = %rec.job_id, repo = %rec.repo, "found an unfinished download from before the restart");
             }
             let job = Job::new(rec);
-            self.persist(&job);
+            if interrupted {
+                self.persist(&job);
+            }
             self.jobs.lock().expect("jobs lock").insert(job.id(), job);
         }
     }
@@ -373,10 +386,7 @@ impl Downloads {
             })
             .cloned();
         if let Some(job) = existing {
-            if !job.running.load(Ordering::SeqCst) {
-                self.check_disk(&job)?;
-                self.launch(&job);
-            }
+            self.relaunch(&job)?;
             return Ok((job.view(), false));
         }
 
@@ -421,11 +431,17 @@ impl Downloads {
         if state.finished() {
             return Err(DownloadError::Finished(id.into(), state_name(state)));
         }
-        if !job.running.load(Ordering::SeqCst) {
-            self.check_disk(&job)?;
-            self.launch(&job);
-        }
+        self.relaunch(&job)?;
         Ok(job.view())
+    }
+
+    /// Starts an unfinished job again unless it is running.
+    fn relaunch(self: &Arc<Self>, job: &Arc<Job>) -> Result<(), DownloadError> {
+        if !job.running.load(Ordering::SeqCst) {
+            self.check_disk(job)?;
+            self.launch(job);
+        }
+        Ok(())
     }
 
     /// Cancels a job and deletes its partial files.
@@ -479,7 +495,7 @@ impl Downloads {
         job.cancel.store(false, Ordering::SeqCst);
         {
             let mut r = job.record.lock().expect("job lock");
-            let resumed = r.state != JobState::Downloading || job.done.load(Ordering::Relaxed) > 0;
+            let resumed = r.state != JobState::Downloading || r.bytes_done() > 0;
             r.state = JobState::Downloading;
             r.error = None;
             tracing::info!(
@@ -488,7 +504,7 @@ impl Downloads {
                 repo = %r.repo,
                 commit = %r.commit,
                 files = r.files.len(),
-                bytes_done = job.done.load(Ordering::Relaxed),
+                bytes_done = r.bytes_done(),
             );
         }
         self.persist(job);
@@ -523,22 +539,15 @@ impl Downloads {
                 Err(FileFailure::Cancelled) => return self.finish_cancelled(job),
                 Err(FileFailure::Mismatch(m)) => {
                     tracing::warn!(event = "download_verification_failed", job = %id, file = %m.file, expected = %m.expected, actual = %m.actual);
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                    job.done.store(0, Ordering::Relaxed);
-                    let mut r = job.record.lock().expect("job lock");
-                    r.state = JobState::VerificationFailed;
-                    r.error = Some(format!(
-                        "`{}` does not match the Hub's {}: expected {}, got {}; the download was deleted",
-                        m.file, m.algorithm, m.expected, m.actual
-                    ));
-                    r.verification = Some(m);
-                    r.finished_at = Some(now_rfc3339());
-                    for f in &mut r.files {
-                        f.verified = false;
-                        f.bytes_done = 0;
+                    {
+                        let mut r = job.record.lock().expect("job lock");
+                        r.error = Some(format!(
+                            "`{}` does not match the Hub's {}: expected {}, got {}; the download was deleted",
+                            m.file, m.algorithm, m.expected, m.actual
+                        ));
+                        r.verification = Some(m);
                     }
-                    drop(r);
-                    return self.persist(job);
+                    return self.discard(job, JobState::VerificationFailed);
                 }
                 Err(FileFailure::Failed(msg)) => {
                     tracing::warn!(event = "download_failed", job = %id, file = %f.path, error = %msg);
@@ -569,19 +578,22 @@ impl Downloads {
     }
 
     fn finish_cancelled(&self, job: &Job) {
-        let id = job.id();
-        let _ = std::fs::remove_dir_all(self.job_dir(&id));
-        job.done.store(0, Ordering::Relaxed);
+        tracing::info!(event = "download_cancelled", job = %job.id());
+        self.discard(job, JobState::Cancelled);
+    }
+
+    /// Ends a job in `state` with none of its data kept (only its record).
+    fn discard(&self, job: &Job, state: JobState) {
+        clear_staged_data(&self.job_dir(&job.id()));
         {
             let mut r = job.record.lock().expect("job lock");
-            r.state = JobState::Cancelled;
+            r.state = state;
             r.finished_at = Some(now_rfc3339());
             for f in &mut r.files {
                 f.verified = false;
                 f.bytes_done = 0;
             }
         }
-        tracing::info!(event = "download_cancelled", job = %id);
         self.persist(job);
     }
 
@@ -598,18 +610,7 @@ impl Downloads {
             move_file(&dir.join(&f.path), &dest).await?;
             placed.push(dest);
         }
-        // Keep only the record: the data has moved.
-        let mut entries = tokio::fs::read_dir(dir).await?;
-        while let Some(e) = entries.next_entry().await? {
-            if e.file_name() != "job.json" {
-                let p = e.path();
-                let _ = if e.file_type().await?.is_dir() {
-                    tokio::fs::remove_dir_all(p).await
-                } else {
-                    tokio::fs::remove_file(p).await
-                };
-            }
-        }
+        clear_staged_data(dir);
         let models = self
             .store
             .scan()?
@@ -656,17 +657,7 @@ impl Downloads {
         tokio::io::AsyncSeekExt::seek(&mut out, std::io::SeekFrom::Start(offset))
             .await
             .map_err(io)?;
-        let set_done = |job: &Job, v: u64| {
-            let mut r = job.record.lock().expect("job lock");
-            let old = std::mem::replace(&mut r.files[index].bytes_done, v);
-            drop(r);
-            if v >= old {
-                job.done.fetch_add(v - old, Ordering::Relaxed);
-            } else {
-                job.done.fetch_sub(old - v, Ordering::Relaxed);
-            }
-        };
-        set_done(job, offset);
+        job.set_file_done(index, offset);
 
         let mut failures = 0u32;
         while offset < f.size_bytes {
@@ -682,7 +673,7 @@ impl Downloads {
                     &mut offset,
                     &mut hasher,
                     &mut out,
-                    &set_done,
+                    index,
                 )
                 .await;
             match outcome {
@@ -734,7 +725,7 @@ impl Downloads {
         offset: &mut u64,
         hasher: &mut FileHasher,
         out: &mut tokio::io::BufWriter<tokio::fs::File>,
-        set_done: &impl Fn(&Job, u64),
+        index: usize,
     ) -> Result<(), Transfer> {
         let resp = match self.hub.fetch(repo, commit, &f.path, *offset).await {
             Ok(r) => r,
@@ -768,7 +759,7 @@ impl Downloads {
                     tokio::io::AsyncSeekExt::seek(out, std::io::SeekFrom::Start(0))
                         .await
                         .map_err(io)?;
-                    set_done(job, 0);
+                    job.set_file_done(index, 0);
                 }
             }
             416 if *offset == f.size_bytes => return Ok(()),
@@ -794,11 +785,8 @@ impl Downloads {
             out.write_all(&chunk).await.map_err(io)?;
             hasher.update(&chunk);
             *offset += chunk.len() as u64;
-            set_done(job, *offset);
-            job.rate
-                .lock()
-                .expect("rate lock")
-                .sample(job.done.load(Ordering::Relaxed));
+            let done = job.set_file_done(index, *offset);
+            job.rate.lock().expect("rate lock").sample(done);
         }
         if *offset < f.size_bytes {
             return Err(Transfer::Retry(format!(
@@ -807,6 +795,23 @@ impl Downloads {
             )));
         }
         Ok(())
+    }
+}
+
+/// Deletes everything in a job's staging folder but its record.
+fn clear_staged_data(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name() != "job.json" {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+        }
     }
 }
 
@@ -1056,13 +1061,7 @@ fn file_name(p: &str) -> &str {
 /// The model a GGUF file belongs to (shards of one split model share it).
 fn model_key(p: &str) -> String {
     let stem = p.strip_suffix(".gguf").unwrap_or(p);
-    match stem
-        .rsplit_once("-of-")
-        .and_then(|(h, _)| h.rsplit_once('-'))
-    {
-        Some((base, _)) => base.to_string(),
-        None => stem.to_string(),
-    }
+    shard_of(stem).map_or(stem, |(base, _)| base).to_string()
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ fn quantization_from_name(stem: &str) -> Option<String> {
 }
 
 /// Splits `name-00001-of-00003` into (`name`, shard number) for multi-file GGUFs.
-fn shard_of(stem: &str) -> Option<(&str, u32)> {
+pub fn shard_of(stem: &str) -> Option<(&str, u32)> {
     let (head, total) = stem.rsplit_once("-of-")?;
     let (base, idx) = head.rsplit_once('-')?;
     let ok = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
