@@ -38,16 +38,14 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u32,
     },
-    /// Any other status with its own code (Hub answers, disk space).
+    /// Any other status with its own code (Hub answers, disk space, conflicts with the
+    /// current state such as deleting a loaded model).
     #[error("{message}")]
     Other {
         status: StatusCode,
         message: String,
         code: &'static str,
     },
-    /// The request contradicts the current state (deleting a loaded model).
-    #[error("{message}")]
-    Conflict { message: String, code: &'static str },
     /// The server cannot take the work right now (memory, unloading).
     #[error("{message}")]
     Unavailable { message: String, code: &'static str },
@@ -90,7 +88,6 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::Other { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -115,7 +112,6 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large")),
             Self::RateLimited { .. } => ("rate_limit_exceeded", None, Some("rate_limit_exceeded")),
             Self::Unavailable { code, .. } => ("server_error", None, Some(*code)),
-            Self::Conflict { code, .. } => ("invalid_request_error", None, Some(*code)),
             Self::Other { status, code, .. } => (
                 if status.is_server_error() {
                     "server_error"
@@ -219,7 +215,8 @@ impl From<RegistryError> for ApiError {
                 param: Some("confirm".into()),
                 code: Some("confirmation_required"),
             },
-            RegistryError::Loaded(_) => Self::Conflict {
+            RegistryError::Loaded(_) => Self::Other {
+                status: StatusCode::CONFLICT,
                 message: e.to_string(),
                 code: "model_loaded",
             },
@@ -254,10 +251,7 @@ impl From<DownloadError> for ApiError {
                 other(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
             DownloadError::NoSuchJob(_) => Self::NotFound(e.to_string()),
-            DownloadError::Finished(..) => Self::Conflict {
-                message: e.to_string(),
-                code: "job_finished",
-            },
+            DownloadError::Finished(..) => other(StatusCode::CONFLICT, "job_finished"),
             DownloadError::Io(_) => Self::Internal(e.to_string()),
         }
     }
