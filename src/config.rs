@@ -141,6 +141,37 @@ impl Default for HubConfig {
     }
 }
 
+impl ModelSettings {
+    /// These settings, with what they leave out taken from `base`: a load request over a
+    /// model's settings, a model's settings over the defaults.
+    pub fn over(&self, base: &ModelSettings) -> ModelSettings {
+        ModelSettings {
+            context: self.context.or(base.context),
+            parallel: self.parallel.or(base.parallel),
+            max_queue: self.max_queue.or(base.max_queue),
+            gpu_layers: self.gpu_layers.or(base.gpu_layers),
+            threads: self.threads.or(base.threads),
+            ttl_seconds: self.ttl_seconds.or(base.ttl_seconds),
+            pin: self.pin.or(base.pin),
+        }
+    }
+}
+
+impl LoadDefaults {
+    /// The defaults as settings, to layer others over.
+    pub fn settings(&self) -> ModelSettings {
+        ModelSettings {
+            context: Some(self.context),
+            parallel: Some(self.parallel),
+            max_queue: Some(self.max_queue),
+            gpu_layers: Some(self.gpu_layers),
+            threads: self.threads,
+            ttl_seconds: self.ttl_seconds,
+            pin: None,
+        }
+    }
+}
+
 /// The memory guardrail.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -388,19 +419,7 @@ impl Config {
                 format!("{t} is outside (0, 100]"),
             ));
         }
-        let d = &self.models.defaults;
-        check_settings(
-            "models.defaults",
-            &ModelSettings {
-                context: Some(d.context),
-                parallel: Some(d.parallel),
-                max_queue: Some(d.max_queue),
-                gpu_layers: Some(d.gpu_layers),
-                threads: d.threads,
-                ttl_seconds: d.ttl_seconds,
-                pin: None,
-            },
-        )?;
+        check_settings("models.defaults", &self.models.defaults.settings())?;
         if self.models.max_loaded_models == Some(0) {
             return Err((
                 "models.max_loaded_models".into(),
@@ -443,16 +462,10 @@ impl Config {
 
     /// The settings a load of `id` starts from: `models.defaults` under `models.per_model`.
     pub fn settings_for(&self, id: &str) -> ModelSettings {
-        let d = &self.models.defaults;
-        let m = self.models.per_model.get(id).cloned().unwrap_or_default();
-        ModelSettings {
-            context: m.context.or(Some(d.context)),
-            parallel: m.parallel.or(Some(d.parallel)),
-            max_queue: m.max_queue.or(Some(d.max_queue)),
-            gpu_layers: m.gpu_layers.or(Some(d.gpu_layers)),
-            threads: m.threads.or(d.threads),
-            ttl_seconds: m.ttl_seconds.or(d.ttl_seconds),
-            pin: m.pin,
+        let defaults = self.models.defaults.settings();
+        match self.models.per_model.get(id) {
+            Some(m) => m.over(&defaults),
+            None => defaults,
         }
     }
 

@@ -239,6 +239,8 @@ type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Result<GgufFacts, S
 /// decides on `estimate`, the engine loads with `opts`, the inventory shows both.
 pub struct LoadPlan {
     pub facts: GgufFacts,
+    /// The request's settings over the model's configured ones.
+    pub settings: ModelSettings,
     pub opts: LoadOptions,
     /// Context tokens per sequence the load would get.
     pub context: u32,
@@ -371,9 +373,12 @@ impl Registry {
             .find(target)?
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
 
-        let configured = self.config.settings_for(&disk.id);
-        let LoadPlan { opts, estimate, .. } =
-            self.plan(&disk, overrides).map_err(EngineError::Load)?;
+        let LoadPlan {
+            settings,
+            opts,
+            estimate,
+            ..
+        } = self.plan(&disk, overrides).map_err(EngineError::Load)?;
         let evicted = self.make_room(&disk.id, &estimate).await?;
 
         let path = disk.path.clone();
@@ -407,13 +412,8 @@ impl Registry {
             requests: AtomicU64::new(prior.map_or(0, |p| p.requests)),
             last_used_ms: AtomicU64::new(0),
             loaded_at_instant: Instant::now(),
-            pinned: AtomicBool::new(overrides.pin.or(configured.pin).unwrap_or(false)),
-            ttl_seconds: AtomicU64::new(
-                overrides
-                    .ttl_seconds
-                    .or(configured.ttl_seconds)
-                    .unwrap_or(0),
-            ),
+            pinned: AtomicBool::new(settings.pin.unwrap_or(false)),
+            ttl_seconds: AtomicU64::new(settings.ttl_seconds.unwrap_or(0)),
             leases: AtomicUsize::new(0),
         });
         tracing::info!(
@@ -602,8 +602,10 @@ impl Registry {
     /// What loading a model on disk with `overrides` over its configured settings would be.
     pub fn plan(&self, disk: &DiskModel, overrides: &LoadOverrides) -> Result<LoadPlan, String> {
         let facts = self.facts(disk)?;
-        let opts = load_options(&self.config.settings_for(&disk.id), overrides);
+        let settings = overrides.over(&self.config.settings_for(&disk.id));
+        let opts = load_options(&settings);
         Ok(LoadPlan {
+            settings,
             context: footprint::context_per_sequence(&facts, &opts),
             estimate: footprint::estimate(&facts, disk.size_bytes, &opts, gpu_memory().is_some()),
             facts,
@@ -676,27 +678,16 @@ impl Registry {
     }
 }
 
-/// Engine options: the load request's overrides over the model's configured settings.
-fn load_options(configured: &ModelSettings, o: &LoadOverrides) -> LoadOptions {
+/// Engine options from layered settings (which carry every configured default).
+fn load_options(s: &ModelSettings) -> LoadOptions {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
     let d = crate::config::LoadDefaults::default();
     LoadOptions {
-        context: o
-            .context
-            .or(configured.context)
-            .unwrap_or(d.context)
-            .max(16),
-        parallel: o
-            .parallel
-            .or(configured.parallel)
-            .unwrap_or(d.parallel)
-            .clamp(1, 256),
-        max_queue: o.max_queue.or(configured.max_queue).unwrap_or(d.max_queue),
-        gpu_layers: o
-            .gpu_layers
-            .or(configured.gpu_layers)
-            .unwrap_or(d.gpu_layers),
-        threads: o.threads.or(configured.threads).unwrap_or(cores).max(1),
+        context: s.context.unwrap_or(d.context).max(16),
+        parallel: s.parallel.unwrap_or(d.parallel).clamp(1, 256),
+        max_queue: s.max_queue.unwrap_or(d.max_queue),
+        gpu_layers: s.gpu_layers.unwrap_or(d.gpu_layers),
+        threads: s.threads.unwrap_or(cores).max(1),
     }
 }
 
