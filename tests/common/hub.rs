@@ -209,23 +209,35 @@ impl FakeHub {
 type Shared = (Arc<HubState>, bool);
 
 fn router(state: Arc<HubState>, cdn: bool) -> Router {
+    let shared = (state, cdn);
     Router::new()
         .route("/api/models/{org}/{name}/revision/{*rev}", get(revision))
         .route("/api/models/{org}/{name}/tree/{*rev}", get(tree))
         .route("/cdn/{org}/{name}/{*path}", get(cdn_file))
         .route("/{org}/{name}/resolve/{rev}/{*path}", get(resolve))
-        .with_state((state, cdn))
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), record))
+        .with_state(shared)
 }
 
-fn record(st: &HubState, cdn: bool, path: String, h: &HeaderMap, status: u16) {
+/// Notes every routed request (path, range, authorization, status) for the tests.
+async fn record(
+    State((st, cdn)): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = req.headers();
     let text = |k: header::HeaderName| h.get(k).and_then(|v| v.to_str().ok()).map(String::from);
+    let (range, authorization) = (text(header::RANGE), text(header::AUTHORIZATION));
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
     st.seen.lock().unwrap().push(Seen {
         path,
-        range: text(header::RANGE),
-        authorization: text(header::AUTHORIZATION),
+        range,
+        authorization,
         cdn,
-        status,
+        status: resp.status().as_u16(),
     });
+    resp
 }
 
 /// The repository if the request may see it, else the Hub's error answer.
@@ -266,12 +278,12 @@ fn repo_for<'a>(st: &'a HubState, id: &str, h: &HeaderMap) -> Result<&'a FakeRep
 }
 
 async fn revision(
-    State((st, cdn)): State<Shared>,
+    State((st, _)): State<Shared>,
     Path((org, name, rev)): Path<(String, String, String)>,
     h: HeaderMap,
 ) -> Response {
     let id = format!("{org}/{name}");
-    let resp = match repo_for(&st, &id, &h) {
+    match repo_for(&st, &id, &h) {
         Err(r) => *r,
         Ok(_) if rev != "main" && rev.len() != 40 => (
             StatusCode::NOT_FOUND,
@@ -285,25 +297,17 @@ async fn revision(
             "siblings": repo.files.iter().map(|f| serde_json::json!({"rfilename": f.path})).collect::<Vec<_>>(),
         }))
         .into_response(),
-    };
-    record(
-        &st,
-        cdn,
-        format!("/api/models/{id}/revision/{rev}"),
-        &h,
-        resp.status().as_u16(),
-    );
-    resp
+    }
 }
 
 async fn tree(
-    State((st, cdn)): State<Shared>,
+    State((st, _)): State<Shared>,
     Path((org, name, rev)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
     let id = format!("{org}/{name}");
-    let resp = match repo_for(&st, &id, &h) {
+    match repo_for(&st, &id, &h) {
         Err(r) => *r,
         Ok(repo) => {
             let start: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -336,24 +340,16 @@ async fn tree(
             }
             r
         }
-    };
-    record(
-        &st,
-        cdn,
-        format!("/api/models/{id}/tree/{rev}"),
-        &h,
-        resp.status().as_u16(),
-    );
-    resp
+    }
 }
 
 async fn resolve(
-    State((st, cdn)): State<Shared>,
+    State((st, _)): State<Shared>,
     Path((org, name, rev, path)): Path<(String, String, String, String)>,
     h: HeaderMap,
 ) -> Response {
     let id = format!("{org}/{name}");
-    let resp = match repo_for(&st, &id, &h) {
+    match repo_for(&st, &id, &h) {
         Err(r) => *r,
         Ok(repo) if rev != repo.commit && rev != "main" => {
             (StatusCode::NOT_FOUND, "Invalid rev id").into_response()
@@ -375,19 +371,11 @@ async fn resolve(
                 .unwrap(),
             Some(f) => serve_bytes(&st, f, &h),
         },
-    };
-    record(
-        &st,
-        cdn,
-        format!("/{id}/resolve/{rev}/{path}"),
-        &h,
-        resp.status().as_u16(),
-    );
-    resp
+    }
 }
 
 async fn cdn_file(
-    State((st, cdn)): State<Shared>,
+    State((st, _)): State<Shared>,
     Path((org, name, path)): Path<(String, String, String)>,
     h: HeaderMap,
 ) -> Response {
@@ -396,18 +384,10 @@ async fn cdn_file(
         .repos
         .get(&id)
         .and_then(|r| r.files.iter().find(|f| f.path == path));
-    let resp = match file {
+    match file {
         None => (StatusCode::NOT_FOUND, "no such object").into_response(),
         Some(f) => serve_bytes(&st, f, &h),
-    };
-    record(
-        &st,
-        cdn,
-        format!("/cdn/{id}/{path}"),
-        &h,
-        resp.status().as_u16(),
-    );
-    resp
+    }
 }
 
 /// The file's bytes, honouring `Range: bytes=N-[M]`, with the configured faults.
