@@ -77,6 +77,35 @@ fn held_note(held: &[String]) -> String {
     }
 }
 
+/// Why a model is unloaded: logged, and deciding whether a request in flight keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unload {
+    /// Asked for (unload, or a forced delete): in-flight requests end with an error.
+    Request,
+    /// Made room for another load.
+    Evicted,
+    /// Idle past its TTL.
+    Ttl,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl Unload {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Evicted => "evicted",
+            Self::Ttl => "ttl",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// Automatic unloads lose to a request that arrived meanwhile.
+    fn yields_to_requests(self) -> bool {
+        matches!(self, Self::Evicted | Self::Ttl)
+    }
+}
+
 /// Settings a load request may override (over the configured ones for that model).
 pub type LoadOverrides = ModelSettings;
 
@@ -476,7 +505,7 @@ impl Registry {
                 Step::Load => return Ok(evicted),
                 Step::Evict { id: victim, reason } => {
                     tracing::info!(event = "model_evicted", model = %victim, reason, for_model = %id, needed_bytes = need.ram_bytes, headroom_bytes = room.ram_headroom);
-                    match self.unload_reason(&victim, "evicted").await {
+                    match self.unload_reason(&victim, Unload::Evicted).await {
                         Ok(_) => evicted.push(victim),
                         Err(RegistryError::Busy(_)) => continue,
                         Err(e) => return Err(e),
@@ -516,14 +545,10 @@ impl Registry {
     /// Unloads a model: it stops taking requests at once, in-flight ones end with an error,
     /// and its memory is released before this returns.
     pub async fn unload(&self, id: &str) -> Result<UnloadReport, RegistryError> {
-        self.unload_reason(id, "request").await
+        self.unload_reason(id, Unload::Request).await
     }
 
-    async fn unload_reason(
-        &self,
-        id: &str,
-        reason: &'static str,
-    ) -> Result<UnloadReport, RegistryError> {
+    async fn unload_reason(&self, id: &str, reason: Unload) -> Result<UnloadReport, RegistryError> {
         let model = {
             let mut map = self.loaded.write().expect("registry lock");
             let target = self.config.resolve_alias(id);
@@ -532,7 +557,7 @@ impl Registry {
                 .find(|m| m.answers_to(target))
                 .map(|m| m.id.clone());
             match key {
-                Some(k) if reason != "request" && map[&k].busy() => {
+                Some(k) if reason.yields_to_requests() && map[&k].busy() => {
                     // An eviction or TTL expiry lost a race with a new request: keep it.
                     return Err(RegistryError::Busy(k));
                 }
@@ -555,7 +580,7 @@ impl Registry {
                 last_used: model.last_used(),
             },
         );
-        tracing::info!(event = "model_unloaded", model = %model.id, reason, memory_freed_bytes = freed);
+        tracing::info!(event = "model_unloaded", model = %model.id, reason = reason.as_str(), memory_freed_bytes = freed);
         Ok(UnloadReport {
             model_id: model.id.clone(),
             status: "unloaded",
@@ -566,7 +591,7 @@ impl Registry {
     /// Unloads everything (server shutdown).
     pub async fn unload_all(&self) {
         for m in self.loaded() {
-            let _ = self.unload_reason(&m.id, "shutdown").await;
+            let _ = self.unload_reason(&m.id, Unload::Shutdown).await;
         }
     }
 
@@ -626,7 +651,7 @@ impl Registry {
             if !force {
                 return Err(RegistryError::Loaded(disk.id));
             }
-            self.unload_reason(&disk.id, "request").await?;
+            self.unload_reason(&disk.id, Unload::Request).await?;
             true
         } else {
             false
@@ -670,7 +695,7 @@ impl Registry {
                     let Some(ttl) = m.ttl_seconds() else { continue };
                     if m.last_used_instant().elapsed() >= Duration::from_secs(ttl) {
                         tracing::info!(event = "model_evicted", model = %m.id, reason = "ttl", ttl_seconds = ttl);
-                        let _ = reg.unload_reason(&m.id, "ttl").await;
+                        let _ = reg.unload_reason(&m.id, Unload::Ttl).await;
                     }
                 }
             }
