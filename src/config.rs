@@ -39,6 +39,38 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub logging: LoggingConfig,
     pub hub: HubConfig,
+    pub requests: RequestsConfig,
+}
+
+/// Bounds on what one request may make the server read, render and tokenize, so one client
+/// cannot take the CPU, memory or sockets the others need.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestsConfig {
+    /// Largest request body; larger ones get 413 before they are parsed.
+    pub max_body_bytes: usize,
+    /// Seconds a client may take to send its whole body; a stalled upload gets 408.
+    pub body_timeout_seconds: f64,
+    /// Most messages in one chat request.
+    pub max_messages: usize,
+    /// Most characters of prompt text; `None`: 32 per context token of the model (far above
+    /// any real prompt that fits, far below what makes tokenizing slow).
+    pub max_prompt_chars: Option<usize>,
+    /// Let control-token text in message content become control tokens (`<|im_start|>` in a
+    /// user message would then open a new turn). Only for setups whose clients are trusted.
+    pub special_tokens_in_content: bool,
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 * 1024 * 1024,
+            body_timeout_seconds: 30.0,
+            max_messages: 4096,
+            max_prompt_chars: None,
+            special_tokens_in_content: false,
+        }
+    }
 }
 
 /// Where the server listens and which keys guard it.
@@ -54,6 +86,15 @@ pub struct ServerConfig {
     /// Seconds of silence after which a stream gets an SSE comment, so proxies and client
     /// timeouts do not cut a stream that waits in the queue or on a long prefill.
     pub sse_keepalive_seconds: f64,
+    /// With no key configured, `/admin` answers only loopback clients unless this is set.
+    pub admin_open: bool,
+    /// Seconds a connection may wait for a request's complete headers, counted from when it
+    /// opened or its previous response ended: drops idle keep-alive sockets and clients that
+    /// send headers a byte at a time.
+    pub header_timeout_seconds: f64,
+    /// Most open connections. At the limit a new one closes the longest-idle connection, or
+    /// is answered 503 when every connection is busy.
+    pub max_connections: usize,
 }
 
 /// Where models live and how they are served.
@@ -95,6 +136,8 @@ pub struct LoadDefaults {
     pub threads: Option<u32>,
     /// Seconds a model may sit idle before it is unloaded; `None` keeps it until evicted.
     pub ttl_seconds: Option<u64>,
+    /// Decode each sequence alone so output never depends on what else runs (slower).
+    pub batch_invariant: bool,
 }
 
 /// Engine settings for one model or one load; what is left out comes from
@@ -111,6 +154,8 @@ pub struct ModelSettings {
     pub ttl_seconds: Option<u64>,
     /// Never evict this model to make room for another (TTL and explicit unloads still apply).
     pub pin: Option<bool>,
+    /// Reproducible output at the cost of batching's throughput (see `LoadOptions`).
+    pub batch_invariant: Option<bool>,
 }
 
 /// Where models are downloaded from. The token is sent only to `endpoint` and never logged.
@@ -153,6 +198,7 @@ impl ModelSettings {
             threads: self.threads.or(base.threads),
             ttl_seconds: self.ttl_seconds.or(base.ttl_seconds),
             pin: self.pin.or(base.pin),
+            batch_invariant: self.batch_invariant.or(base.batch_invariant),
         }
     }
 }
@@ -168,6 +214,7 @@ impl LoadDefaults {
             threads: self.threads,
             ttl_seconds: self.ttl_seconds,
             pin: None,
+            batch_invariant: Some(self.batch_invariant),
         }
     }
 }
@@ -208,6 +255,9 @@ impl Default for ServerConfig {
             api_key: None,
             admin_key: None,
             sse_keepalive_seconds: 10.0,
+            admin_open: false,
+            header_timeout_seconds: 10.0,
+            max_connections: 512,
         }
     }
 }
@@ -236,6 +286,7 @@ impl Default for LoadDefaults {
             gpu_layers: 0,
             threads: None,
             ttl_seconds: None,
+            batch_invariant: false,
         }
     }
 }
@@ -389,8 +440,17 @@ impl Config {
             "PARALLEL" => self.models.defaults.parallel = parse(v)?,
             "MAX_QUEUE" => self.models.defaults.max_queue = parse(v)?,
             "SSE_KEEPALIVE" => self.server.sse_keepalive_seconds = parse(v)?,
+            "ADMIN_OPEN" => self.server.admin_open = parse(v)?,
+            "HEADER_TIMEOUT" => self.server.header_timeout_seconds = parse(v)?,
+            "MAX_CONNECTIONS" => self.server.max_connections = parse(v)?,
+            "BODY_TIMEOUT" => self.requests.body_timeout_seconds = parse(v)?,
+            "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
+            "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
+            "MAX_PROMPT_CHARS" => self.requests.max_prompt_chars = Some(parse(v)?),
+            "SPECIAL_TOKENS_IN_CONTENT" => self.requests.special_tokens_in_content = parse(v)?,
             "GPU_LAYERS" => self.models.defaults.gpu_layers = parse(v)?,
             "THREADS" => self.models.defaults.threads = Some(parse(v)?),
+            "BATCH_INVARIANT" => self.models.defaults.batch_invariant = parse(v)?,
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
             "LOG_FORMAT" => {
                 self.logging.format = match v {
@@ -443,6 +503,31 @@ impl Config {
                 format!("{k} is outside 0.01..=3600"),
             ));
         }
+        for (key, secs) in [
+            (
+                "server.header_timeout_seconds",
+                self.server.header_timeout_seconds,
+            ),
+            (
+                "requests.body_timeout_seconds",
+                self.requests.body_timeout_seconds,
+            ),
+        ] {
+            if !(0.1..=3600.0).contains(&secs) {
+                return Err((key.into(), format!("{secs} is outside 0.1..=3600")));
+            }
+        }
+        let r = &self.requests;
+        for (key, n) in [
+            ("server.max_connections", self.server.max_connections),
+            ("requests.max_body_bytes", r.max_body_bytes),
+            ("requests.max_messages", r.max_messages),
+            ("requests.max_prompt_chars", r.max_prompt_chars.unwrap_or(1)),
+        ] {
+            if n == 0 {
+                return Err((key.into(), "0 would refuse everything".into()));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err((
                 "logging.level".into(),
@@ -493,6 +578,12 @@ pub fn check_settings(prefix: &str, m: &ModelSettings) -> Result<(), (String, St
     }
     if m.threads == Some(0) {
         return err("threads", "0 threads cannot decode".into());
+    }
+    if let Some(t) = m.threads.filter(|&t| t > 1024) {
+        return err(
+            "threads",
+            format!("{t} is more than 1024 (it is capped at the machine's cores anyway)"),
+        );
     }
     if let Some(t) = m.ttl_seconds.filter(|&t| t == 0 || t > 365 * 86_400) {
         return err("ttl_seconds", format!("{t} is outside 1..=31536000"));

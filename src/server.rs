@@ -3,13 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::models::downloads::Downloads;
 use crate::models::hub::HubClient;
 use crate::models::registry::{LoadOverrides, Registry};
@@ -47,22 +45,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let state = AppState {
-        config: Arc::clone(&config),
-        registry: Arc::clone(&registry),
-        downloads,
-        metrics: Metrics::default(),
-        started: Instant::now(),
-    };
+    let state = AppState::new(Arc::clone(&config), Arc::clone(&registry), downloads);
     tracing::info!(
         address = %listener.local_addr()?,
         models_directory = %store_root.display(),
         version = env!("CARGO_PKG_VERSION"),
         "opta-lmx listening"
     );
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    if let Some(n) = crate::system::raise_open_files_limit() {
+        tracing::debug!(open_files = n, "open-files limit");
+    }
+    crate::api::serve::serve(listener, router(state), &config.server, shutdown_signal()).await?;
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;
     Ok(())

@@ -88,6 +88,37 @@ pub fn gpu_memory() -> Option<(u64, u64)> {
     })
 }
 
+/// Raises the soft open-files limit to the hard one (often 1,024 against 500,000+), so the
+/// connection cap, not the descriptor table, decides how many clients fit. Returns the limit.
+pub fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a stack value of the right type.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return None;
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let want = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+        Some(lim.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

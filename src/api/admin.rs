@@ -1,12 +1,12 @@
 //! `/admin` handlers: load and unload models, inventory, status and health. JSON in and out,
 //! so bots can manage models without a person.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Request, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
+use super::{read_body, ApiJson, ApiPath, ApiQuery, AppState};
 use crate::config::check_settings;
 use crate::engine::MemoryEstimate;
 use crate::engine::{ModelInfo, SchedulerStats};
@@ -35,6 +35,8 @@ pub struct LoadBody {
     /// Unload after this many idle seconds.
     #[serde(alias = "ttl")]
     pub ttl_seconds: Option<u64>,
+    /// Decode each sequence alone for output that never depends on other requests.
+    pub batch_invariant: Option<bool>,
 }
 
 /// `POST /admin/model/unload` body.
@@ -58,6 +60,7 @@ pub async fn load(
         threads: body.threads,
         ttl_seconds: body.ttl_seconds,
         pin: body.pin,
+        batch_invariant: body.batch_invariant,
     };
     if let Err((key, reason)) = check_settings("", &options) {
         let param = key.trim_start_matches('.').to_string();
@@ -91,10 +94,11 @@ pub struct DeleteBody {
 /// `DELETE /admin/model/{id}`: removes the model's files after an explicit confirmation.
 pub async fn delete_model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(query): Query<DeleteBody>,
-    body: axum::body::Bytes,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeleteBody>,
+    request: Request,
 ) -> Result<Json<DeleteReport>, ApiError> {
+    let body = read_body(request, &state).await?;
     let from_body: DeleteBody = if body.iter().all(u8::is_ascii_whitespace) {
         DeleteBody::default()
     } else {

@@ -1,12 +1,12 @@
 //! `/admin/model/download*`: start, watch, list, resume and cancel Hub downloads.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::models::downloads::{DownloadRequest, JobView};
 
 /// `POST /admin/model/download`: 202 with the job (200 when it joins an unfinished one).
@@ -27,7 +27,7 @@ pub async fn start(
 /// `GET /admin/model/download/{job}`.
 pub async fn get(
     State(state): State<AppState>,
-    Path(job): Path<String>,
+    ApiPath(job): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     state
         .downloads
@@ -44,7 +44,7 @@ pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
 /// `DELETE /admin/model/download/{job}`: cancels and deletes the partial files.
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(job): Path<String>,
+    ApiPath(job): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     Ok(Json(state.downloads.cancel(&job)?))
 }
@@ -52,7 +52,7 @@ pub async fn cancel(
 /// `POST /admin/model/download/{job}/resume`: continues an interrupted or failed job.
 pub async fn resume(
     State(state): State<AppState>,
-    Path(job): Path<String>,
+    ApiPath(job): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     Ok(Json(state.downloads.resume(&job)?))
 }

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::chat::prompt::PromptError;
 use crate::engine::EngineError;
 use crate::models::downloads::DownloadError;
 use crate::models::hub::HubError;
@@ -186,6 +187,22 @@ impl From<EngineError> for ApiError {
                 retry_after_secs,
             },
             EngineError::Decode(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<PromptError> for ApiError {
+    fn from(e: PromptError) -> Self {
+        match e {
+            PromptError::TooManyMessages { .. } => Self::invalid("messages", e.to_string()),
+            PromptError::TooLong { .. } => Self::InvalidRequest {
+                message: e.to_string(),
+                param: Some("messages".into()),
+                code: Some("context_length_exceeded"),
+            },
+            PromptError::Template(_) => Self::invalid("messages", e.to_string()),
+            // Nobody reads this: the client is gone.
+            PromptError::Cancelled => Self::invalid("messages", e.to_string()),
         }
     }
 }

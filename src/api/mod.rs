@@ -8,27 +8,32 @@ pub mod openai;
 pub mod sse;
 pub mod types;
 
+pub mod serve;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{header, HeaderMap};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::models::downloads::Downloads;
 use crate::models::registry::Registry;
 use error::ApiError;
-
-/// Largest request body accepted (long prompts are big, but not this big).
-pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -38,31 +43,160 @@ pub struct AppState {
     pub downloads: Arc<Downloads>,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Bounds CPU work on request data (JSON parsing, templating, tokenizing) to the cores,
+    /// so a flood of heavy requests queues instead of starving the engine threads.
+    pub cpu: Arc<Semaphore>,
 }
 
-/// JSON body extractor whose failures are OpenAI 400s naming the bad field (axum's own
-/// rejections are plain text). The content type is not checked: `curl -d` sends form types.
+impl AppState {
+    /// State over a registry and downloads, with fresh metrics.
+    pub fn new(config: Arc<Config>, registry: Arc<Registry>, downloads: Arc<Downloads>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            config,
+            registry,
+            downloads,
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            cpu: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    /// Runs CPU-heavy work on request data on the blocking pool, at most one job per core.
+    /// `work` gets a flag that turns true when the caller is dropped (the client hung up), and
+    /// should stop at its next check.
+    pub async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&AtomicBool) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        /// Raises the flag when the request's future is dropped before the work is done.
+        struct CancelOnDrop(Arc<AtomicBool>);
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let permit = Arc::clone(&self.cpu)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("the server is shutting down".into()))?;
+        let flag = Arc::new(AtomicBool::new(false));
+        let _cancel = CancelOnDrop(Arc::clone(&flag));
+        tokio::task::spawn_blocking(move || {
+            let out = work(&flag);
+            drop(permit);
+            out
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request preparation failed: {e}")))
+    }
+}
+
+/// JSON body extractor whose failures are OpenAI errors naming the bad field (axum's own
+/// rejections are plain text). The body must arrive within the body timeout, stay under the
+/// size limit, and hold one JSON value with nothing after it; large bodies are parsed on the
+/// blocking pool. The content type is not checked: `curl -d` sends form types.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+/// Bodies up to this size are parsed in place; larger ones off the async runtime.
+const PARSE_IN_PLACE: usize = 64 * 1024;
+
+impl<T: DeserializeOwned + Send + 'static> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(BODY_LIMIT)
-            } else {
-                ApiError::InvalidRequest {
-                    message: format!("could not read the request body: {e}"),
-                    param: None,
-                    code: None,
-                }
-            }
-        })?;
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut de)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req, state).await?;
+        if bytes.len() <= PARSE_IN_PLACE {
+            return parse_json(&bytes).map(ApiJson);
+        }
+        state
+            .off_runtime(move |_| parse_json(&bytes))
+            .await?
             .map(ApiJson)
-            .map_err(body_error)
+    }
+}
+
+/// The whole body, within the configured size and time.
+pub async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let limits = &state.config.requests;
+    let timeout = Duration::from_secs_f64(limits.body_timeout_seconds);
+    let limit = limits.max_body_bytes;
+    let body = axum::body::to_bytes(req.into_body(), limit);
+    match tokio::time::timeout(timeout, body).await {
+        Err(_) => Err(ApiError::Other {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {} seconds",
+                limits.body_timeout_seconds
+            ),
+            code: "request_timeout",
+        }),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if is_too_large(&e) => Err(ApiError::PayloadTooLarge(limit)),
+        Ok(Err(e)) => Err(ApiError::InvalidRequest {
+            message: format!("could not read the request body: {e}"),
+            param: None,
+            code: None,
+        }),
+    }
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// One JSON value, and nothing but whitespace after it.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
+    de.end().map_err(|e| ApiError::InvalidRequest {
+        message: format!("the request body has data after its JSON value: {e}"),
+        param: None,
+        code: None,
+    })?;
+    Ok(value)
+}
+
+/// Path parameters whose failures (bad percent-encoding, say) are OpenAI 400s.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|e| ApiError::InvalidRequest {
+                message: format!("invalid path: {}", e.body_text()),
+                param: None,
+                code: None,
+            })
+    }
+}
+
+/// Query parameters whose failures (`?confirm=yes`) are OpenAI 400s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiError::InvalidRequest {
+                message: format!("invalid query string: {}", e.body_text()),
+                param: None,
+                code: None,
+            })
     }
 }
 
@@ -124,13 +258,50 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     }
 }
 
-async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match &state.config.server.admin_key {
-        Some(key) if !presented_key(req.headers(), true).is_some_and(|k| keys_match(k, key)) => {
-            ApiError::Unauthorized("missing or invalid admin key (X-Admin-Key)".into())
-                .into_response()
+/// Who may use `/admin`: with an admin key, its holders; else with an API key, its holders;
+/// with no key at all, loopback clients only (unless `server.admin_open`), because loading,
+/// unloading and deleting models is not for anyone on the LAN.
+fn admin_access(
+    server: &ServerConfig,
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let key = server.admin_key.as_ref().or(server.api_key.as_ref());
+    match key {
+        Some(key) if presented_key(headers, true).is_some_and(|k| keys_match(k, key)) => Ok(()),
+        Some(_) if server.admin_key.is_some() => Err(ApiError::Unauthorized(
+            "missing or invalid admin key (X-Admin-Key or Authorization: Bearer)".into(),
+        )),
+        Some(_) => Err(ApiError::Unauthorized(
+            "missing or invalid key: with no admin key configured, /admin needs the API key".into(),
+        )),
+        None if server.admin_open || peer.is_some_and(is_loopback) => Ok(()),
+        None => Err(ApiError::Other {
+            status: StatusCode::FORBIDDEN,
+            message: "the admin API answers only this machine when no key is configured; set an admin key (OPTA_LMX_ADMIN_KEY) or server.admin_open".into(),
+            code: "admin_forbidden",
+        }),
+    }
+}
+
+/// Loopback, including IPv4 loopback mapped into IPv6 (a dual-stack listener).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
-        _ => next.run(req).await,
+        IpAddr::V4(v4) => v4.is_loopback(),
+    }
+}
+
+async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    match admin_access(&state.config.server, peer, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -211,7 +382,7 @@ pub fn router(state: AppState) -> Router {
                 req.uri().path()
             ))
         })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(state.config.requests.max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(log_requests))
         .with_state(state)
@@ -232,5 +403,68 @@ mod tests {
         assert!(keys_match("abc", "abc"));
         assert!(!keys_match("abc", "abd"));
         assert!(!keys_match("abc", "abcd"));
+    }
+
+    fn server(api: Option<&str>, admin: Option<&str>, open: bool) -> ServerConfig {
+        ServerConfig {
+            api_key: api.map(String::from),
+            admin_key: admin.map(String::from),
+            admin_open: open,
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn admin_needs_a_key_when_any_is_set_and_loopback_when_none() {
+        let lan: Option<IpAddr> = Some("192.0.2.7".parse().unwrap());
+        let local: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
+        let mapped: Option<IpAddr> = Some("::ffff:127.0.0.1".parse().unwrap());
+        let none = HeaderMap::new();
+        let bearer = |k: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {k}").parse().unwrap(),
+            );
+            h
+        };
+        let (api_key, admin_key) = (bearer("api"), bearer("adm"));
+        let status = |r: Result<(), ApiError>| r.err().map(|e| e.status().as_u16());
+
+        // Only an API key: it opens /admin too; nothing else does, not even from loopback.
+        let c = server(Some("api"), None, false);
+        assert_eq!(status(admin_access(&c, local, &none)), Some(401));
+        assert_eq!(status(admin_access(&c, local, &admin_key)), Some(401));
+        assert_eq!(status(admin_access(&c, lan, &api_key)), None);
+        // An admin key: only it.
+        let c = server(Some("api"), Some("adm"), false);
+        assert_eq!(status(admin_access(&c, local, &api_key)), Some(401));
+        assert_eq!(status(admin_access(&c, lan, &admin_key)), None);
+        let mut x = HeaderMap::new();
+        x.insert("x-admin-key", "adm".parse().unwrap());
+        assert_eq!(status(admin_access(&c, lan, &x)), None);
+        // No keys: loopback only, unless configured open.
+        let c = server(None, None, false);
+        assert_eq!(status(admin_access(&c, lan, &none)), Some(403));
+        assert_eq!(status(admin_access(&c, None, &none)), Some(403));
+        assert_eq!(status(admin_access(&c, local, &none)), None);
+        assert_eq!(status(admin_access(&c, mapped, &none)), None);
+        let c = server(None, None, true);
+        assert_eq!(status(admin_access(&c, lan, &none)), None);
+    }
+
+    #[test]
+    fn json_bodies_must_end_after_their_value() {
+        #[derive(serde::Deserialize, Debug)]
+        struct B {
+            #[allow(dead_code)]
+            a: u32,
+        }
+        assert!(parse_json::<B>(br#"{"a": 1}  "#).is_ok());
+        let e = parse_json::<B>(br#"{"a": 1} {"a": 2}"#).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("after its JSON value"), "{e}");
+        let e = parse_json::<B>(br#"{"a": "x"}"#).unwrap_err();
+        assert!(e.to_string().contains("`a`"), "{e}");
     }
 }

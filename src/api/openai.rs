@@ -1,6 +1,6 @@
 //! `/v1` handlers: chat and text completions (whole or streamed) and the model list.
 
-use axum::extract::{Path, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -8,9 +8,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::error::ApiError;
 use super::sse::{stream_response, Formatter, Piece};
 use super::types::*;
-use super::{from_value, ApiJson, AppState};
+use super::{from_value, parse_json, read_body, ApiPath, AppState};
+use crate::chat::prompt::{chat_prompt, PromptError, PromptLimits};
 use crate::engine::{EngineError, Event, FinishReason, GenerationRequest, TokenId, Usage};
-use crate::models::registry::LoadedModel;
+use crate::models::registry::{LoadedModel, ModelLease};
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -92,20 +93,49 @@ async fn collect(
     Err(ApiError::Internal("generation ended unexpectedly".into()))
 }
 
+/// Limits for building one prompt for `model`.
+fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimits {
+    let r = &state.config.requests;
+    let context = model.engine.info().context_per_sequence as usize;
+    PromptLimits {
+        max_messages: r.max_messages,
+        max_chars: r.max_prompt_chars.unwrap_or(context * 32),
+        special_in_content: r.special_tokens_in_content,
+    }
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<serde_json::Value>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = from_value(&body)?;
-    let v = from_value::<SamplingFields>(&body)?.validate()?;
-    validate_messages(&req.messages)?;
+    let bytes = read_body(request, &state).await?;
+    // Parsing, templating and tokenizing are CPU work on request data: off the runtime.
+    let (req, v) = state
+        .off_runtime(move |_| {
+            let body: serde_json::Value = parse_json(&bytes)?;
+            let req: ChatCompletionRequest = from_value(&body)?;
+            let v = from_value::<SamplingFields>(&body)?.validate()?;
+            validate_messages(&req.messages)?;
+            Ok::<_, ApiError>((req, v))
+        })
+        .await??;
     let model = state.registry.resolve(req.model.as_deref()).await?;
-    let prompt_text = model
-        .template
-        .render(&req.messages, req.tools.as_ref())
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = model.engine.tokenize(&prompt_text, true);
+    let limits = prompt_limits(&state, &model);
+    let shared = model.shared();
+    let prompt = state
+        .off_runtime(move |cancel| {
+            chat_prompt(
+                &shared.template,
+                &shared.control,
+                shared.engine.as_ref(),
+                &req.messages,
+                req.tools.as_ref(),
+                &limits,
+                cancel,
+            )
+        })
+        .await??;
     let gen = generation_request(&model, prompt, &v)?;
     model.touch();
     let rx = model.engine.submit(gen)?;
@@ -182,13 +212,21 @@ pub async fn chat_completions(
     Ok(stream_response(rx, include_usage, format, &state).into_response())
 }
 
-/// `POST /v1/completions`.
+/// `POST /v1/completions`. The prompt is the client's own raw prompt (it does its own
+/// templating), so control-token text in it is parsed, as llama-server does.
 pub async fn completions(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<serde_json::Value>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = from_value(&body)?;
-    let v = from_value::<SamplingFields>(&body)?.validate()?;
+    let bytes = read_body(request, &state).await?;
+    let (req, v) = state
+        .off_runtime(move |_| {
+            let body: serde_json::Value = parse_json(&bytes)?;
+            let req: CompletionRequest = from_value(&body)?;
+            let v = from_value::<SamplingFields>(&body)?.validate()?;
+            Ok::<_, ApiError>((req, v))
+        })
+        .await??;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -196,20 +234,42 @@ pub async fn completions(
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
     let model = state.registry.resolve(req.model.as_deref()).await?;
-    let prompt = match req.prompt {
-        PromptSpec::Text(t) => model.engine.tokenize(&t, true),
-        PromptSpec::Texts(mut ts) if ts.len() == 1 => {
-            model.engine.tokenize(&ts.pop().unwrap_or_default(), true)
-        }
+    let text = match req.prompt {
+        PromptSpec::Text(t) => t,
+        PromptSpec::Texts(mut ts) if ts.len() == 1 => ts.pop().unwrap_or_default(),
         PromptSpec::Texts(_) => {
             return Err(ApiError::invalid(
                 "prompt",
                 "exactly one prompt per request is supported",
             ))
         }
-        PromptSpec::Tokens(t) => t,
+        PromptSpec::Tokens(t) => {
+            return finish_completion(&state, &model, t, &v).await;
+        }
     };
-    let gen = generation_request(&model, prompt, &v)?;
+    let limit = prompt_limits(&state, &model).max_chars;
+    if text.len() > limit {
+        return Err(PromptError::TooLong {
+            chars: text.len(),
+            limit,
+        }
+        .into());
+    }
+    let shared = model.shared();
+    let prompt = state
+        .off_runtime(move |_| shared.engine.tokenize(&text, true, true))
+        .await?;
+    finish_completion(&state, &model, prompt, &v).await
+}
+
+/// Submits a text completion and answers it, whole or streamed.
+async fn finish_completion(
+    state: &AppState,
+    model: &ModelLease,
+    prompt: Vec<TokenId>,
+    v: &ValidatedSampling,
+) -> Result<Response, ApiError> {
+    let gen = generation_request(model, prompt, v)?;
     model.touch();
     let rx = model.engine.submit(gen)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
@@ -232,7 +292,7 @@ pub async fn completions(
         };
 
     if !v.stream {
-        let out = collect(&state, rx).await?;
+        let out = collect(state, rx).await?;
         let resp = body(
             out.text,
             Some(out.finish_reason),
@@ -255,7 +315,7 @@ pub async fn completions(
         };
         serde_json::to_string(&chunk).ok()
     });
-    Ok(stream_response(rx, include_usage, format, &state).into_response())
+    Ok(stream_response(rx, include_usage, format, state).into_response())
 }
 
 fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> ModelObject {
@@ -308,7 +368,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList
 /// `GET /v1/models/{id}` (ids may contain slashes).
 pub async fn get_model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let target = state.config.resolve_alias(&id).to_string();
     let models = all_models(&state)?;

@@ -1,3 +1,5 @@
-//! Chat prompt construction (and, later, tool-call parsing).
+//! The chat layer between HTTP and the engine: chat templates, and prompts built so that only
+//! the template speaks in control tokens (later, tool-call parsing).
 
+pub mod prompt;
 pub mod template;

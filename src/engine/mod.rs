@@ -106,6 +106,10 @@ pub struct ModelInfo {
     pub parameters: u64,
     pub gpu_layers: u32,
     pub threads: u32,
+    /// Token ids run from 0 to this (exclusive); prompts of token ids are checked against it.
+    pub vocab_size: u32,
+    /// Whether sequences are decoded one by one for reproducible output (see `LoadOptions`).
+    pub batch_invariant: bool,
 }
 
 /// What loading a model takes, by part, worked out before loading so that the memory guard
@@ -160,7 +164,12 @@ pub trait Backend: Send + Sync {
     /// Whether the vocabulary contains this exact special token.
     fn has_special_token(&self, text: &str) -> bool;
     /// Tokenizes prompt text; `add_bos` prepends BOS when the model wants one and it is absent.
-    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<TokenId>;
+    /// With `special`, text such as `<|im_start|>` becomes its control token (template text);
+    /// without, it stays plain text (what users wrote).
+    fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Vec<TokenId>;
+    /// The text of every control token (and the unknown token): what user text must never be
+    /// allowed to turn into.
+    fn control_texts(&self) -> &[String];
     /// Queues a request. Events arrive on the returned channel; dropping the receiver
     /// cancels the request and frees its sequence.
     fn submit(&self, req: GenerationRequest)

@@ -58,6 +58,9 @@ impl Assignment {
 #[derive(Debug)]
 pub struct SlotTable {
     slots: Vec<Slot>,
+    /// Whether new requests may reuse cached prefixes. Off in batch-invariant mode: a reused
+    /// prefix was computed in other chunk sizes than a cold prompt, so its last bits differ.
+    reuse: bool,
 }
 
 /// Length of the common prefix of two token lists.
@@ -78,7 +81,14 @@ impl SlotTable {
                     last_used: now,
                 })
                 .collect(),
+            reuse: true,
         }
+    }
+
+    /// The same table, but every request computes its whole prompt (batch-invariant mode).
+    pub fn without_prefix_reuse(mut self) -> Self {
+        self.reuse = false;
+        self
     }
 
     /// Number of slots.
@@ -124,9 +134,10 @@ impl SlotTable {
             .max_by_key(|(_, s)| s.cached.len())
             .map(|(i, _)| i);
         let slot = match extendable {
-            Some(i) => i,
-            None => free().min_by_key(|(_, s)| s.last_used).map(|(i, _)| i)?,
+            Some(i) if self.reuse => i,
+            _ => free().min_by_key(|(_, s)| s.last_used).map(|(i, _)| i)?,
         };
+        let cap = if self.reuse { cap } else { 0 };
         let own = common_prefix(&self.slots[slot].cached, prompt).min(cap);
         let (donor, donor_len) = self
             .slots
@@ -170,9 +181,55 @@ impl SlotTable {
     }
 }
 
+/// Runs `group` through `run` (one batched decode and its sampling); when the batch fails,
+/// runs each member alone so that one bad sequence fails by itself and the others go on.
+/// Returns the members that failed even alone, with their errors.
+pub fn isolate_failures<E>(
+    group: &[u64],
+    run: &mut dyn FnMut(&[u64]) -> Result<(), E>,
+) -> Vec<(u64, E)> {
+    match run(group) {
+        Ok(()) => Vec::new(),
+        Err(e) if group.len() == 1 => vec![(group[0], e)],
+        Err(_) => group
+            .iter()
+            .flat_map(|&id| isolate_failures(&[id], run))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_batch_is_retried_member_by_member() {
+        // Sequence 7 poisons any batch it is in; the others succeed once run without it.
+        let mut calls: Vec<Vec<u64>> = Vec::new();
+        let mut run = |ids: &[u64]| {
+            calls.push(ids.to_vec());
+            if ids.contains(&7) {
+                Err(format!("bad {ids:?}"))
+            } else {
+                Ok(())
+            }
+        };
+        let failed = isolate_failures(&[3, 7, 9], &mut run);
+        assert_eq!(failed, [(7, "bad [7]".to_string())]);
+        assert_eq!(calls, [vec![3, 7, 9], vec![3], vec![7], vec![9]]);
+        let mut ok = |_: &[u64]| Ok::<(), String>(());
+        assert!(isolate_failures(&[1, 2], &mut ok).is_empty());
+    }
+
+    #[test]
+    fn without_prefix_reuse_every_prompt_is_computed_whole() {
+        let mut t = SlotTable::new(2).without_prefix_reuse();
+        t.get_mut(0).cached = vec![1, 2, 3];
+        t.get_mut(1).cached = vec![1, 2, 3, 4];
+        let a = t.assign(&[1, 2, 3, 4, 5]).unwrap();
+        assert_eq!(a.reuse, Reuse::None);
+        assert!(t.get(a.slot).cached.is_empty());
+    }
 
     /// Idle slots holding a cache, least recently used first: the eviction order.
     fn lru_order(t: &SlotTable) -> Vec<usize> {

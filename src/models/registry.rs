@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::guard::{self, Refusal, Resident, Room, Step};
 use super::store::{DiskModel, InvalidModelId, ModelStore};
+use crate::chat::prompt::ControlText;
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
 use crate::engine::llama::gguf::GgufFacts;
@@ -115,6 +116,8 @@ pub struct LoadedModel {
     pub disk: DiskModel,
     pub engine: Arc<dyn Backend>,
     pub template: ChatTemplate,
+    /// Finds control-token text in client strings, so it is tokenized as text.
+    pub control: ControlText,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     /// What the load was estimated to take (what the guard counts it as).
@@ -148,6 +151,12 @@ impl Drop for ModelLease {
 }
 
 impl ModelLease {
+    /// The model itself, for work that must outlive a borrow (prompt building on the blocking
+    /// pool). It does not extend the lease: the lease still ends when this guard drops.
+    pub fn shared(&self) -> Arc<LoadedModel> {
+        Arc::clone(&self.0)
+    }
+
     fn new(m: Arc<LoadedModel>) -> Self {
         m.leases.fetch_add(1, Ordering::SeqCst);
         Self(m)
@@ -413,11 +422,17 @@ impl Registry {
         let path = disk.path.clone();
         let started = Instant::now();
         tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue, estimated_bytes = estimate.total_bytes);
-        let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(&path, &opts))
-            .await
-            .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
-        let engine: Arc<dyn Backend> = match engine {
-            Ok(e) => Arc::new(e),
+        // The control-token finder is built here too: thousands of patterns, CPU work.
+        let engine = tokio::task::spawn_blocking(move || {
+            LlamaEngine::load(&path, &opts).map(|e| {
+                let control = ControlText::new(e.control_texts());
+                (e, control)
+            })
+        })
+        .await
+        .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
+        let (engine, control): (Arc<dyn Backend>, ControlText) = match engine {
+            Ok((e, c)) => (Arc::new(e), c),
             Err(e) => {
                 tracing::warn!(event = "model_load_failed", model = %disk.id, error = %e);
                 return Err(e.into());
@@ -435,6 +450,7 @@ impl Registry {
             disk,
             engine,
             template,
+            control,
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
             estimate,
@@ -712,7 +728,9 @@ fn load_options(s: &ModelSettings) -> LoadOptions {
         parallel: s.parallel.unwrap_or(d.parallel).clamp(1, 256),
         max_queue: s.max_queue.unwrap_or(d.max_queue),
         gpu_layers: s.gpu_layers.unwrap_or(d.gpu_layers),
-        threads: s.threads.unwrap_or(cores).max(1),
+        // More threads than cores only makes them wait for each other.
+        threads: s.threads.unwrap_or(cores).clamp(1, cores),
+        batch_invariant: s.batch_invariant.unwrap_or(false),
     }
 }
 

@@ -72,6 +72,7 @@ mod tests {
             max_queue: 0,
             gpu_layers,
             threads: 1,
+            batch_invariant: false,
         }
     }
 

@@ -47,6 +47,9 @@ pub struct LoadOptions {
     pub max_queue: u32,
     pub gpu_layers: u32,
     pub threads: u32,
+    /// Decode each sequence alone with fixed chunking and no prefix reuse, so that output does
+    /// not depend on what else runs (reproducible, at the cost of batching's throughput).
+    pub batch_invariant: bool,
 }
 
 /// A loaded GGUF model with its scheduler thread.
@@ -54,6 +57,7 @@ pub struct LlamaEngine {
     model: Arc<LlamaModel>,
     info: ModelInfo,
     template: Option<String>,
+    control_texts: Vec<String>,
     max_queue: u32,
     jobs: Mutex<Option<std_mpsc::Sender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -125,7 +129,8 @@ impl LlamaEngine {
         let worker = {
             let model = Arc::clone(&model);
             let shared = Arc::clone(&shared);
-            let threads = opts.threads.max(1) as i32;
+            let threads = opts.threads.clamp(1, 1024) as i32;
+            let invariant = opts.batch_invariant;
             std::thread::Builder::new()
                 .name("llama-scheduler".into())
                 .spawn(move || {
@@ -154,14 +159,13 @@ impl LlamaEngine {
                     };
                     let n_ctx_seq = ctx.n_ctx() / parallel;
                     let _ = ready_tx.send(Ok(n_ctx_seq));
-                    Worker::new(
-                        &model,
-                        ctx,
-                        &shared,
-                        n_ctx_seq,
-                        SlotTable::new(parallel as usize),
-                    )
-                    .run(job_rx);
+                    let slots = SlotTable::new(parallel as usize);
+                    let slots = if invariant {
+                        slots.without_prefix_reuse()
+                    } else {
+                        slots
+                    };
+                    Worker::new(&model, ctx, &shared, n_ctx_seq, slots, invariant).run(job_rx);
                 })
                 .map_err(|e| EngineError::Load(format!("could not start scheduler thread: {e}")))?
         };
@@ -187,11 +191,15 @@ impl LlamaEngine {
             parameters: model.n_params(),
             gpu_layers: opts.gpu_layers,
             threads: opts.threads,
+            vocab_size: model.n_vocab().max(0) as u32,
+            batch_invariant: opts.batch_invariant,
         };
+        let control_texts = control_texts(&model);
         Ok(Self {
             model,
             info,
             template,
+            control_texts,
             max_queue: opts.max_queue,
             jobs: Mutex::new(Some(job_tx)),
             worker: Mutex::new(Some(worker)),
@@ -222,10 +230,14 @@ impl Backend for LlamaEngine {
         toks.len() == 1 && self.model.vocab().is_control(toks[0])
     }
 
-    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<TokenId> {
+    fn control_texts(&self) -> &[String] {
+        &self.control_texts
+    }
+
+    fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Vec<TokenId> {
         let vocab = self.model.vocab();
         let mut toks: Vec<TokenId> = vocab
-            .tokenize(text.as_bytes(), false, true)
+            .tokenize(text.as_bytes(), false, special)
             .into_iter()
             .map(|t| t.0)
             .collect();
@@ -241,6 +253,21 @@ impl Backend for LlamaEngine {
         req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         let n_vocab = self.model.n_vocab();
+        // A token id llama.cpp does not know fails the whole batch it is decoded in, so it is
+        // refused here, before it can reach anyone else's batch.
+        if let Some((pos, &t)) = req
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t >= n_vocab)
+        {
+            return Err(EngineError::InvalidParam {
+                param: "prompt",
+                message: format!(
+                    "prompt token id {t} at position {pos} is outside the vocabulary (0..{n_vocab})"
+                ),
+            });
+        }
         if let Some(&(t, _)) = req
             .sampling
             .logit_bias
@@ -310,6 +337,30 @@ impl Backend for LlamaEngine {
             let _ = worker.join();
         }
     }
+}
+
+/// Texts of the control and unknown tokens: what clients may write but must never turn into
+/// (normal, byte and user-defined tokens are plain text to the tokenizer either way).
+fn control_texts(model: &LlamaModel) -> Vec<String> {
+    use llama_cpp_2::token_type::LlamaTokenAttr;
+    let vocab = model.vocab();
+    let mut out: Vec<String> = vocab
+        .tokens()
+        .filter(|&t| {
+            let attr = vocab.attr(t);
+            attr.contains(LlamaTokenAttr::Control) || attr.contains(LlamaTokenAttr::Unknown)
+        })
+        .filter_map(|t| {
+            vocab
+                .text(t)
+                .and_then(|c| c.to_str().ok())
+                .map(String::from)
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl LlamaEngine {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{Job, Shared, Ticket};
 use crate::engine::sampling::argmax;
-use crate::engine::scheduler::{common_prefix, Reuse, SlotTable};
+use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::text::TextAssembler;
 use crate::engine::{EngineError, Event, FinishReason, TokenId, Usage};
 
@@ -83,6 +83,9 @@ pub(super) struct Worker<'m> {
     shared: &'m Shared,
     n_ctx_seq: u32,
     slots: SlotTable,
+    /// Batch-invariant mode: each sequence is decoded alone, in fixed-size chunks, with no
+    /// prefix reuse, so its output is bit-for-bit what it would be with nothing else running.
+    invariant: bool,
     queue: VecDeque<Job>,
     active: Vec<Active>,
     next_id: u64,
@@ -101,6 +104,7 @@ impl<'m> Worker<'m> {
         shared: &'m Shared,
         n_ctx_seq: u32,
         slots: SlotTable,
+        invariant: bool,
     ) -> Self {
         Self {
             model,
@@ -108,6 +112,7 @@ impl<'m> Worker<'m> {
             shared,
             n_ctx_seq,
             slots,
+            invariant,
             queue: VecDeque::new(),
             active: Vec::new(),
             next_id: 0,
@@ -324,11 +329,44 @@ impl<'m> Worker<'m> {
         len
     }
 
-    /// One forward pass for everyone, then one sampled token for each sequence that has logits.
+    /// One forward pass for everyone (one per sequence in batch-invariant mode), then one
+    /// sampled token for each sequence that has logits.
     fn step(&mut self, batch: &mut LlamaBatch) {
         self.resolve_waits();
-        // What each request feeds this step. Generating sequences first: one token each keeps
-        // every stream moving.
+        self.plan_feeds();
+        // Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp puts
+        // only consecutive sequence ids into one micro-batch, so arrival order would split a
+        // step into many small matrix multiplications.
+        let mut fed: Vec<(i32, u64)> = self
+            .active
+            .iter()
+            .filter(|a| !a.fed.is_empty())
+            .map(|a| (self.slots.get(a.slot).seq, a.id))
+            .collect();
+        fed.sort_unstable();
+        let ids: Vec<u64> = fed.into_iter().map(|(_, id)| id).collect();
+        let groups: Vec<Vec<u64>> = if self.invariant {
+            ids.into_iter().map(|id| vec![id]).collect()
+        } else {
+            vec![ids]
+        };
+        for group in groups.iter().filter(|g| !g.is_empty()) {
+            let failed =
+                isolate_failures(group, &mut |members| self.decode_and_sample(batch, members));
+            for (id, error) in failed {
+                self.fail(id, error);
+            }
+        }
+    }
+
+    /// Decides what each request feeds this step: one token for every generating sequence,
+    /// then prompt chunks, oldest request first, in whatever room is left (a smaller share
+    /// while others are generating, so their streams do not stall behind a long prompt).
+    ///
+    /// The last prompt token always goes alone, in a step after the rest of its prompt: its
+    /// logits (what the first sampled token comes from) are then computed the same way whether
+    /// the prefix was cached or not, so the same seed gives the same answer either way.
+    fn plan_feeds(&mut self) {
         let mut generating = 0;
         for a in &mut self.active {
             a.logits_at = None;
@@ -338,37 +376,47 @@ impl<'m> Worker<'m> {
                 generating += 1;
             }
         }
-        // Then prompt chunks, oldest request first, in whatever room is left; a smaller share
-        // while others are generating, so their streams do not stall behind a long prompt.
         let prefill_room = if generating > 0 {
             PREFILL_WHILE_GENERATING
         } else {
             BATCH_TOKENS
         };
+        // Batch-invariant mode: every sequence decodes alone, in chunks of the same size
+        // whatever else is running.
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
         for a in &mut self.active {
-            if a.next.is_some() || !a.prefilling() || a.wait.is_some() || room == 0 {
+            if a.next.is_some() || !a.prefilling() || a.wait.is_some() {
                 continue;
             }
-            let take = (a.prompt.len() - a.prompt_done).min(room);
+            let cap = if self.invariant { BATCH_TOKENS } else { room };
+            let left = a.prompt.len() - a.prompt_done;
+            let take = if left == 1 { 1 } else { (left - 1).min(cap) };
+            if cap == 0 {
+                continue;
+            }
             a.fed
                 .extend_from_slice(&a.prompt[a.prompt_done..a.prompt_done + take]);
             a.prompt_done += take;
-            room -= take;
+            if !self.invariant {
+                room -= take;
+            }
         }
-        // Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp puts
-        // only consecutive sequence ids into one micro-batch, so arrival order would split a
-        // step into many small matrix multiplications.
-        let mut order: Vec<usize> = (0..self.active.len())
-            .filter(|&i| !self.active[i].fed.is_empty())
-            .collect();
-        order.sort_by_key(|&i| self.slots.get(self.active[i].slot).seq);
+    }
+
+    /// One decode of the tokens `members` planned, then their sampling (logits are only valid
+    /// until the next decode). On failure nothing is sampled; the caller retries or fails them.
+    fn decode_and_sample(&mut self, batch: &mut LlamaBatch, members: &[u64]) -> Result<(), String> {
         batch.clear();
         let mut used = 0usize;
-        for i in order {
-            let a = &mut self.active[i];
+        let mut generating = 0u64;
+        for &id in members {
+            let Some(a) = self.active.iter_mut().find(|a| a.id == id) else {
+                continue;
+            };
             let slot = self.slots.get(a.slot);
             let wants_logits = a.next.is_some() || !a.prefilling();
+            generating += u64::from(a.next.is_some());
+            a.logits_at = None;
             for (k, &tok) in a.fed.iter().enumerate() {
                 let last = k + 1 == a.fed.len();
                 batch
@@ -378,7 +426,7 @@ impl<'m> Worker<'m> {
                         &[slot.seq],
                         last && wants_logits,
                     )
-                    .expect("batch has room");
+                    .map_err(|e| e.to_string())?;
                 if last && wants_logits {
                     a.logits_at = Some(used as i32);
                 }
@@ -386,36 +434,50 @@ impl<'m> Worker<'m> {
             }
         }
         if used == 0 {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.ctx.decode(batch) {
-            tracing::error!(error = %e, "decode failed; failing the requests in this batch");
-            for a in self.active.drain(..) {
-                let seq = self.slots.get(a.slot).seq;
-                let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
-                self.slots.forget(a.slot);
-                self.slots.release(a.slot);
-                let _ = a
-                    .events
-                    .send(Event::Error(EngineError::Decode(e.to_string())));
-            }
-            return;
-        }
+        self.ctx.decode(batch).map_err(|e| e.to_string())?;
+        let sampled = self
+            .active
+            .iter()
+            .filter(|a| members.contains(&a.id) && a.logits_at.is_some())
+            .count() as u64;
         self.shared.rates.lock().expect("rates lock").record(
             Instant::now(),
-            (used - generating) as u64,
-            self.active.iter().filter(|a| a.logits_at.is_some()).count() as u64,
+            used as u64 - generating,
+            sampled,
         );
-        self.sample_and_emit();
+        self.sample_and_emit(members);
+        Ok(())
     }
 
-    /// Picks each sequence's next token, streams its text, and retires finished requests.
-    fn sample_and_emit(&mut self) {
+    /// Ends one request whose tokens llama.cpp refused even alone; the rest of the batch goes
+    /// on. Its sequence's KV is dropped, since it may hold part of the failed batch.
+    fn fail(&mut self, id: u64, error: String) {
+        let Some(i) = self.active.iter().position(|a| a.id == id) else {
+            return;
+        };
+        let a = self.active.remove(i);
+        tracing::error!(error = %error, slot = a.slot, "decode failed for one sequence; ending that request");
+        let seq = self.slots.get(a.slot).seq;
+        let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+        self.slots.forget(a.slot);
+        self.slots.release(a.slot);
+        let _ = a.events.send(Event::Error(EngineError::Decode(error)));
+    }
+
+    /// Picks the next token of each of `members` that has logits, streams its text, and
+    /// retires finished requests.
+    fn sample_and_emit(&mut self, members: &[u64]) {
         let vocab = self.model.vocab();
         let mut finished = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
+            if !members.contains(&a.id) {
+                continue;
+            }
             self.slots.get_mut(a.slot).cached.extend_from_slice(&a.fed);
-            let Some(idx) = a.logits_at else {
+            a.fed.clear();
+            let Some(idx) = a.logits_at.take() else {
                 continue;
             };
             let tok = match &mut a.picker {
