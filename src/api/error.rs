@@ -237,6 +237,11 @@ impl From<RegistryError> for ApiError {
                 message: e.to_string(),
                 code: "model_loaded",
             },
+            RegistryError::DeleteRefused(_) => Self::Other {
+                status: StatusCode::CONFLICT,
+                message: e.to_string(),
+                code: "delete_refused",
+            },
             RegistryError::Engine(inner) => inner.into(),
             RegistryError::Io(_) => Self::Internal(e.to_string()),
         }

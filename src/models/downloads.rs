@@ -601,6 +601,12 @@ impl Downloads {
     async fn install(&self, job: &Job, dir: &Path, repo: &str) -> std::io::Result<Vec<String>> {
         let files = job.record.lock().expect("job lock").files.clone();
         let dest_root = self.store.root().join(repo);
+        // A folder link inside the models directory must not carry files out of it.
+        if !self.store.resolves_inside(&dest_root)? {
+            return Err(std::io::Error::other(format!(
+                "`{repo}` resolves outside the models directory (a linked folder); not installing there"
+            )));
+        }
         let mut placed = Vec::new();
         for f in &files {
             let dest = dest_root.join(&f.path);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::guard::{self, Refusal, Resident, Room, Step};
-use super::store::{DiskModel, InvalidModelId, ModelStore};
+use super::store::{DeleteError, DiskModel, InvalidModelId, ModelStore};
 use crate::chat::prompt::ControlText;
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
@@ -65,6 +65,9 @@ pub enum RegistryError {
     Engine(#[from] EngineError),
     #[error("models directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A delete that would reach outside the models directory or past a shared link.
+    #[error(transparent)]
+    DeleteRefused(DeleteError),
 }
 
 fn held_note(held: &[String]) -> String {
@@ -657,10 +660,10 @@ impl Registry {
     /// Removes a model's files from disk. A loaded model is refused unless `force`, which
     /// unloads it first (its in-flight requests end with an error).
     pub async fn delete(&self, id: &str, force: bool) -> Result<DeleteReport, RegistryError> {
-        let target = self.config.resolve_alias(id);
+        let target = self.config.resolve_alias(id).to_string();
         let disk = self
-            .store
-            .find(target)?
+            .on_store(move |store| store.find(&target))
+            .await??
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         let _guard = self.load_lock.lock().await;
         let unloaded = if self.get(&disk.id).is_some() {
@@ -672,7 +675,15 @@ impl Registry {
         } else {
             false
         };
-        let files = self.store.delete(&disk)?;
+        let files = {
+            let disk = disk.clone();
+            self.on_store(move |store| store.delete(&disk))
+                .await?
+                .map_err(|e| match e {
+                    DeleteError::Io(e) => RegistryError::Io(e),
+                    e => RegistryError::DeleteRefused(e),
+                })?
+        };
         self.history.lock().expect("history lock").remove(&disk.id);
         let report = DeleteReport {
             model_id: disk.id.clone(),
@@ -691,6 +702,17 @@ impl Registry {
         };
         tracing::info!(event = "model_deleted", model = %report.model_id, bytes = report.bytes_freed, unloaded);
         Ok(report)
+    }
+
+    /// Runs a disk operation of the store on the blocking pool (scans walk folders).
+    async fn on_store<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&ModelStore) -> T + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || op(&store))
+            .await
+            .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))
     }
 
     /// Unloads models idle past their TTL, checking every half second until the registry is

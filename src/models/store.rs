@@ -196,11 +196,86 @@ impl ModelStore {
     }
 }
 
+/// Why a delete did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// The model's folder is a link that other models are listed under too.
+    #[error("`{model}` is reached through the linked folder `{link}`, which also holds {others}; remove the link yourself")]
+    SharedLink {
+        model: String,
+        link: String,
+        others: String,
+    },
+    /// A path that resolves outside the models directory (never touched).
+    #[error("`{0}` resolves outside the models directory; nothing was deleted")]
+    Outside(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 impl ModelStore {
-    /// Deletes a scanned model's files (every shard of a split model; a symlink is removed,
-    /// never its target), then the folders it leaves empty, up to the models directory.
-    pub fn delete(&self, model: &DiskModel) -> std::io::Result<Vec<PathBuf>> {
+    /// Whether `path` (or, when it does not exist yet, its nearest existing ancestor) is
+    /// inside the models directory once every link is resolved.
+    pub fn resolves_inside(&self, path: &Path) -> std::io::Result<bool> {
+        let root = std::fs::canonicalize(&self.root)?;
+        let mut p = path;
+        loop {
+            match std::fs::canonicalize(p) {
+                Ok(real) => return Ok(real.starts_with(&root)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
+                    Some(parent) => p = parent,
+                    None => return Ok(false),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The first folder between the models directory and `dir` that is a symbolic link.
+    fn linked_folder(&self, dir: &Path) -> Option<PathBuf> {
+        let rel = dir.strip_prefix(&self.root).ok()?;
+        let mut p = self.root.clone();
+        for c in rel.components() {
+            p.push(c);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Deletes a scanned model's files (every shard of a split model), then the folders it
+    /// leaves empty, up to the models directory. Links are removed, never what they point to:
+    /// a linked model file loses its link, and a model inside a linked folder loses that
+    /// folder link (refused when other models are listed under the same link).
+    pub fn delete(&self, model: &DiskModel) -> Result<Vec<PathBuf>, DeleteError> {
         let dir = model.path.parent().unwrap_or(&self.root).to_path_buf();
+        let shown = |p: &Path| {
+            p.strip_prefix(&self.root)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        };
+        if let Some(link) = self.linked_folder(&dir) {
+            let others: Vec<String> = self
+                .scan()?
+                .into_iter()
+                .filter(|m| m.id != model.id && m.path.starts_with(&link))
+                .map(|m| m.id)
+                .collect();
+            if !others.is_empty() {
+                return Err(DeleteError::SharedLink {
+                    model: model.id.clone(),
+                    link: shown(&link),
+                    others: others.join(", "),
+                });
+            }
+            std::fs::remove_file(&link)?;
+            return Ok(vec![link]);
+        }
+        if !self.resolves_inside(&dir)? {
+            return Err(DeleteError::Outside(shown(&dir)));
+        }
         let name = model
             .path
             .file_name()
@@ -219,6 +294,7 @@ impl ModelStore {
                 None => Some(n.as_str()) == name.as_deref(),
             };
             if same {
+                // `remove_file` on a link removes the link itself.
                 std::fs::remove_file(entry.path())?;
                 removed.push(entry.path());
             }
@@ -330,5 +406,30 @@ mod tests {
         store.delete(&m).unwrap();
         assert!(target.exists());
         assert!(store.scan().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_model_in_a_linked_folder_loses_the_link_never_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("real.gguf");
+        touch(&target, 4);
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("evil")).unwrap();
+        let store = ModelStore::new(dir.path());
+        let m = store.find("evil/real").unwrap().unwrap();
+        assert!(!store.resolves_inside(&m.path).unwrap());
+        let removed = store.delete(&m).unwrap();
+        assert_eq!(removed, [dir.path().join("evil")]);
+        assert!(target.exists(), "the target outside was deleted");
+        assert!(store.scan().unwrap().is_empty());
+
+        // Two models behind one link: neither delete may take the other with it.
+        touch(&outside.path().join("second.gguf"), 4);
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("shared")).unwrap();
+        let m = store.find("shared/real").unwrap().unwrap();
+        let err = store.delete(&m).unwrap_err();
+        assert!(matches!(err, DeleteError::SharedLink { .. }), "{err}");
+        assert!(err.to_string().contains("shared/second"), "{err}");
+        assert!(target.exists() && dir.path().join("shared").exists());
     }
 }
