@@ -579,12 +579,6 @@ pub fn check_settings(prefix: &str, m: &ModelSettings) -> Result<(), (String, St
     if m.threads == Some(0) {
         return err("threads", "0 threads cannot decode".into());
     }
-    if let Some(t) = m.threads.filter(|&t| t > 1024) {
-        return err(
-            "threads",
-            format!("{t} is more than 1024 (it is capped at the machine's cores anyway)"),
-        );
-    }
     if let Some(t) = m.ttl_seconds.filter(|&t| t == 0 || t > 365 * 86_400) {
         return err("ttl_seconds", format!("{t} is outside 1..=31536000"));
     }

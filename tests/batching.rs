@@ -71,37 +71,33 @@ fn system_prompt(seed: &str, words: usize) -> String {
     s
 }
 
-#[tokio::test]
-async fn eight_streams_at_once_match_each_served_alone() {
-    let s = Server::start(Opts {
-        parallel: 8,
-        ..Opts::default()
-    });
-    // Short, distinct prompts. (llama.cpp's CPU matrix kernels round a lone token slightly
-    // differently from a batch of them, so a prompt whose next two tokens are nearly tied can
-    // flip at temperature 0; a long repetitive prompt to this base model is such a case. These
-    // are not, so any difference here is the scheduler mixing sequences up.)
-    let questions = [
-        "Rivers flow",
-        "Green leaves",
-        "In the city",
-        "A small cat",
-        "Stars shine",
-        "Bees are",
-        "The sea is",
-        "Bread is made",
-    ];
-    let chat = |q: &str, n: u32, stream: bool| {
-        json!({"model": MODEL, "prompt": q, "max_tokens": n, "temperature": 0,
-               "logit_bias": no_eos(), "stream": stream, "stream_options": {"include_usage": true}})
-    };
-    // Each served alone first, one at a time.
+/// Eight short, distinct prompts.
+const QUESTIONS: [&str; 8] = [
+    "Rivers flow",
+    "Green leaves",
+    "In the city",
+    "A small cat",
+    "Stars shine",
+    "Bees are",
+    "The sea is",
+    "Bread is made",
+];
+
+fn completion(q: &str, n: u32) -> Value {
+    json!({"model": MODEL, "prompt": q, "max_tokens": n, "temperature": 0,
+           "logit_bias": no_eos(), "stream": true, "stream_options": {"include_usage": true}})
+}
+
+/// Serves the eight questions one at a time, then all at once (arriving in reverse, so each
+/// lands in another sequence than alone); returns (alone, together, most sequences seen
+/// decoding at once).
+async fn alone_then_together(s: &Server) -> (Vec<(String, Value)>, Vec<(String, Value)>, u64) {
     let mut alone = Vec::new();
-    for q in questions {
-        let r = s.send("/v1/completions", &chat(q, 12, true)).await;
+    for q in QUESTIONS {
+        let r = s.send("/v1/completions", &completion(q, 12)).await;
         alone.push(read_stream(r).await);
     }
-    // Then all eight at once, while a watcher records how many sequences ran together.
+    // A watcher records how many sequences ran together.
     let watcher = {
         let url = s.url("/admin/status");
         tokio::spawn(async move {
@@ -117,47 +113,63 @@ async fn eight_streams_at_once_match_each_served_alone() {
             most
         })
     };
-    // All eight at once (arriving in reverse, so each lands in another sequence than alone).
-    let batched = |order: Vec<usize>| {
-        let s = &s;
-        async move {
-            let mut out = futures_util::future::join_all(order.iter().map(|&i| async move {
-                let r = s
-                    .send("/v1/completions", &chat(questions[i], 12, true))
-                    .await;
-                (i, read_stream(r).await)
-            }))
+    let mut together = futures_util::future::join_all((0..8).rev().map(|i| async move {
+        let r = s
+            .send("/v1/completions", &completion(QUESTIONS[i], 12))
             .await;
-            out.sort_by_key(|(i, _)| *i);
-            out.into_iter().map(|(_, r)| r).collect::<Vec<_>>()
-        }
-    };
-    let together = batched((0..8).rev().collect()).await;
-    let mut same_as_alone = 0;
+        (i, read_stream(r).await)
+    }))
+    .await;
+    together.sort_by_key(|(i, _)| *i);
+    let together = together.into_iter().map(|(_, r)| r).collect();
+    (alone, together, watcher.await.unwrap())
+}
+
+#[tokio::test]
+async fn eight_streams_at_once_match_each_served_alone_in_batch_invariant_mode() {
+    // Batch-invariant mode decodes each sequence alone, in the same chunks as when nothing
+    // else runs, so equality holds bit for bit on every CPU. What it checks is the
+    // scheduler: eight requests in flight, slots reused, and no sequence ever sees another's
+    // tokens or cache.
+    let s = Server::start(Opts {
+        parallel: 8,
+        extra_args: vec!["--batch-invariant".into()],
+        ..Opts::default()
+    });
+    let (alone, together, most) = alone_then_together(&s).await;
     for (i, ((text, usage), (alone_text, alone_usage))) in together.iter().zip(&alone).enumerate() {
         assert_eq!(usage["completion_tokens"], 12, "{usage}");
         assert_eq!(usage["prompt_tokens"], alone_usage["prompt_tokens"]);
-        // Against the same prompt alone (vec_dot for one token, tinyBLAS tiles of 1, 2 or 4
-        // columns, repacked Q4_K gemv/gemm: see `opening_words`; llama-server does the same).
         assert_eq!(
-            opening_words(text, 2),
-            opening_words(alone_text, 2),
-            "question {:?} changed when batched",
-            questions[i]
+            text, alone_text,
+            "question {:?} changed when served with seven others",
+            QUESTIONS[i]
         );
-        same_as_alone += usize::from(text == alone_text);
     }
-    assert!(
-        same_as_alone >= 5,
-        "only {same_as_alone} of 8 matched the solo answers: {together:?} vs {alone:?}"
-    );
     let distinct: std::collections::HashSet<_> = together.iter().map(|(t, _)| t).collect();
     assert!(distinct.len() > 1, "all answers identical: {together:?}");
-    assert_eq!(
-        watcher.await.unwrap(),
-        8,
-        "the eight requests were never decoded together"
-    );
+    assert_eq!(most, 8, "the eight requests were never in flight together");
+}
+
+#[tokio::test]
+async fn eight_streams_at_once_are_decoded_together_in_the_default_mode() {
+    // In the default mode the eight share each forward pass. llama.cpp's CPU kernels round a
+    // batch differently from a lone token (vec_dot, tinyBLAS tiles, repacked Q4_K gemv/gemm,
+    // and these differ between AVX2 and AVX-512 machines), so where two next tokens are nearly
+    // tied a batched answer may take the other one: only what holds everywhere is asserted.
+    let s = Server::start(Opts {
+        parallel: 8,
+        ..Opts::default()
+    });
+    let (alone, together, most) = alone_then_together(&s).await;
+    for ((text, usage), (_, alone_usage)) in together.iter().zip(&alone) {
+        assert_eq!(usage["completion_tokens"], 12, "{usage}");
+        assert_eq!(usage["prompt_tokens"], alone_usage["prompt_tokens"]);
+        assert!(!text.trim().is_empty(), "{together:?}");
+    }
+    let distinct: std::collections::HashSet<_> = together.iter().map(|(t, _)| t).collect();
+    assert!(distinct.len() > 1, "all answers identical: {together:?}");
+    assert_eq!(most, 8, "the eight requests were never decoded together");
 }
 
 #[tokio::test]

@@ -90,6 +90,10 @@ async fn a_low_memory_threshold_evicts_the_least_recently_used_or_refuses_with_n
         text.ends_with("data: [DONE]\n\n"),
         "the busy model's stream was cut: {text}"
     );
+    // The client has its last byte a moment before the scheduler counts the request done:
+    // wait for that state, not for time, before asking for the eviction.
+    s.wait_for("active_requests", 0, Duration::from_secs(30))
+        .await;
     let (code, v) = load(&s, json!({"model_id": "gemma-a"})).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["evicted"], json!(["gemma-b"]));

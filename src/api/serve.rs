@@ -190,7 +190,21 @@ pub async fn serve(
             Arc::clone(&conns),
             stop_rx.clone(),
         );
+        let first_byte = Duration::from_secs_f64(cfg.header_timeout_seconds);
         tasks.spawn(async move {
+            // The protocol sniffing below waits for the first bytes before HTTP/1's header
+            // timer starts, so a socket that never sends anything is timed here.
+            // (`readable()` may wake spuriously; `peek` waits for a real byte or the end.)
+            let mut probe = [0u8; 1];
+            let first = tokio::select! {
+                r = tokio::time::timeout(first_byte, stream.peek(&mut probe)) => matches!(r, Ok(Ok(1))),
+                _ = close.notified() => false,
+                _ = stop.changed() => false,
+            };
+            if !first {
+                conns.map.lock().expect("connections lock").remove(&id);
+                return;
+            }
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let guard = BusyGuard::new(Arc::clone(&busy), Arc::clone(&idle), epoch);

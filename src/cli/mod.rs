@@ -117,6 +117,9 @@ pub struct ServeArgs {
     pub sse_keepalive_seconds: Option<f64>,
     #[arg(long)]
     pub threads: Option<u32>,
+    /// Decode each sequence alone so its output never depends on other requests (slower).
+    #[arg(long)]
+    pub batch_invariant: bool,
     #[arg(long)]
     pub gpu_layers: Option<u32>,
     /// Most models loaded at once (least recently used idle ones are evicted).
@@ -176,6 +179,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.threads {
             m.defaults.threads = Some(v);
+        }
+        if self.batch_invariant {
+            m.defaults.batch_invariant = true;
         }
         if let Some(v) = self.gpu_layers {
             m.defaults.gpu_layers = v;

@@ -242,6 +242,9 @@ impl<'m> Worker<'m> {
     /// `reused` tokens already cached: six bots arriving together with one system prompt then
     /// compute it once, not six times.
     fn running_prefill_to_share(&self, prompt: &[TokenId], reused: usize) -> Option<Wait> {
+        if self.invariant {
+            return None; // a copied prefix was computed in another request's chunks
+        }
         let cap = prompt.len().saturating_sub(1);
         self.active
             .iter()
