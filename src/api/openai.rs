@@ -338,11 +338,12 @@ fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> Mod
 }
 
 /// Every model the server can serve: loaded ones and the rest of the disk inventory.
-fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
-    let mut disk = state
-        .registry
-        .store()
-        .scan()
+async fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
+    // A scan walks folders: blocking I/O, so not on the async runtime.
+    let store = state.registry.store().clone();
+    let mut disk = tokio::task::spawn_blocking(move || store.scan())
+        .await
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
     // A loaded model whose file was removed since is still servable.
     for m in state.registry.loaded() {
@@ -355,7 +356,8 @@ fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, 
 
 /// `GET /v1/models`.
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
-    let data = all_models(&state)?
+    let data = all_models(&state)
+        .await?
         .iter()
         .map(|d| model_object(&state, d))
         .collect();
@@ -371,7 +373,7 @@ pub async fn get_model(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let target = state.config.resolve_alias(&id).to_string();
-    let models = all_models(&state)?;
+    let models = all_models(&state).await?;
     let found = models.iter().find(|d| {
         d.id.eq_ignore_ascii_case(&target)
             || d.alternate_ids
