@@ -40,6 +40,22 @@ async fn finish_stream(r: reqwest::Response) -> Value {
     usage
 }
 
+/// Starts a long stream in a task of its own; the task gives the response once its headers
+/// are in (200 asserted), the body still streaming.
+fn spawn_stream(s: &Server, max_tokens: u32) -> tokio::task::JoinHandle<reqwest::Response> {
+    let url = s.url("/v1/completions");
+    tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .json(&long_stream(max_tokens))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r
+    })
+}
+
 /// Times `GET /healthz` over and over until stopped; gives the slowest answer seen.
 fn watch_health(s: &Server) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Duration>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -66,20 +82,7 @@ async fn a_bad_token_id_is_refused_while_other_streams_go_on() {
         parallel: 4,
         ..Opts::default()
     });
-    let good: Vec<_> = (0..3)
-        .map(|_| {
-            let url = s.url("/v1/completions");
-            tokio::spawn(async move {
-                let r = reqwest::Client::new()
-                    .post(url)
-                    .json(&long_stream(48))
-                    .send()
-                    .await
-                    .unwrap();
-                finish_stream(r).await
-            })
-        })
-        .collect();
+    let good: Vec<_> = (0..3).map(|_| spawn_stream(&s, 48)).collect();
     s.wait_for("active_requests", 3, Duration::from_secs(30))
         .await;
     for (bad, pos) in [
@@ -106,7 +109,7 @@ async fn a_bad_token_id_is_refused_while_other_streams_go_on() {
         );
     }
     for g in good {
-        let usage = g.await.unwrap();
+        let usage = finish_stream(g.await.unwrap()).await;
         assert_eq!(usage["completion_tokens"], 48, "{usage}");
     }
 }
@@ -115,18 +118,7 @@ async fn a_bad_token_id_is_refused_while_other_streams_go_on() {
 async fn special_token_floods_are_refused_fast_and_nobody_else_waits() {
     let s = Server::start(Opts::default());
     let (stop, health) = watch_health(&s);
-    let good = {
-        let url = s.url("/v1/completions");
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .json(&long_stream(120))
-                .send()
-                .await
-                .unwrap();
-            finish_stream(r).await
-        })
-    };
+    let good = spawn_stream(&s, 120);
     s.wait_for("active_requests", 1, Duration::from_secs(30))
         .await;
     let chat = |content: String| {
@@ -174,7 +166,7 @@ async fn special_token_floods_are_refused_fast_and_nobody_else_waits() {
     assert_eq!(code, 400, "{v}");
     println!("four floods refused in {:?}", t.elapsed());
 
-    let usage = good.await.unwrap();
+    let usage = finish_stream(good.await.unwrap()).await;
     assert_eq!(usage["completion_tokens"], 120, "{usage}");
     stop.store(true, Ordering::Relaxed);
     let worst = health.await.unwrap();
@@ -430,21 +422,7 @@ async fn connections_beyond_the_cap_evict_idle_ones_or_are_refused() {
     drop(idle);
 
     // Every connection busy (streams in flight): a newcomer gets a clean 503, not a hang.
-    let streams: Vec<_> = (0..6)
-        .map(|_| {
-            let url = s.url("/v1/completions");
-            tokio::spawn(async move {
-                let r = reqwest::Client::new()
-                    .post(url)
-                    .json(&long_stream(900))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                r // held open, streaming
-            })
-        })
-        .collect();
+    let streams: Vec<_> = (0..6).map(|_| spawn_stream(&s, 900)).collect();
     let mut held = Vec::new();
     for t in streams {
         held.push(t.await.unwrap());

@@ -3,6 +3,7 @@
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
@@ -104,22 +105,34 @@ fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimits {
     }
 }
 
+/// Reads a completion request's body and parses it into the endpoint's own fields and the
+/// validated sampling fields, then runs `check`: CPU work on request data, so off the runtime.
+async fn parse_request<R: DeserializeOwned + Send + 'static>(
+    state: &AppState,
+    request: Request,
+    check: fn(&R) -> Result<(), ApiError>,
+) -> Result<(R, ValidatedSampling), ApiError> {
+    let bytes = read_body(request, state).await?;
+    state
+        .off_runtime(move |_| {
+            let body: serde_json::Value = parse_json(&bytes)?;
+            let req: R = from_value(&body)?;
+            let v = from_value::<SamplingFields>(&body)?.validate()?;
+            check(&req)?;
+            Ok((req, v))
+        })
+        .await?
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(request, &state).await?;
-    // Parsing, templating and tokenizing are CPU work on request data: off the runtime.
-    let (req, v) = state
-        .off_runtime(move |_| {
-            let body: serde_json::Value = parse_json(&bytes)?;
-            let req: ChatCompletionRequest = from_value(&body)?;
-            let v = from_value::<SamplingFields>(&body)?.validate()?;
-            validate_messages(&req.messages)?;
-            Ok::<_, ApiError>((req, v))
-        })
-        .await??;
+    let (req, v) = parse_request(&state, request, |r: &ChatCompletionRequest| {
+        validate_messages(&r.messages)
+    })
+    .await?;
     let model = state.registry.resolve(req.model.as_deref()).await?;
     let limits = prompt_limits(&state, &model);
     let shared = model.shared();
@@ -218,15 +231,7 @@ pub async fn completions(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(request, &state).await?;
-    let (req, v) = state
-        .off_runtime(move |_| {
-            let body: serde_json::Value = parse_json(&bytes)?;
-            let req: CompletionRequest = from_value(&body)?;
-            let v = from_value::<SamplingFields>(&body)?.validate()?;
-            Ok::<_, ApiError>((req, v))
-        })
-        .await??;
+    let (req, v) = parse_request(&state, request, |_: &CompletionRequest| Ok(())).await?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
