@@ -384,19 +384,19 @@ impl<'m> Worker<'m> {
         } else {
             BATCH_TOKENS
         };
-        // Batch-invariant mode: every sequence decodes alone, in chunks of the same size
-        // whatever else is running.
+        // (Batch-invariant mode: every sequence decodes alone, in chunks of the same size
+        // whatever else is running, so it takes no share of this room.)
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
         for a in &mut self.active {
             if a.next.is_some() || !a.prefilling() || a.wait.is_some() {
                 continue;
             }
             let cap = if self.invariant { BATCH_TOKENS } else { room };
-            let left = a.prompt.len() - a.prompt_done;
-            let take = if left == 1 { 1 } else { (left - 1).min(cap) };
             if cap == 0 {
                 continue;
             }
+            let left = a.prompt.len() - a.prompt_done;
+            let take = if left == 1 { 1 } else { (left - 1).min(cap) };
             a.fed
                 .extend_from_slice(&a.prompt[a.prompt_done..a.prompt_done + take]);
             a.prompt_done += take;
