@@ -3,3 +3,4 @@
 
 pub mod prompt;
 pub mod template;
+pub mod tools;

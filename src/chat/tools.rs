@@ -1,0 +1,801 @@
+//! Tool calls out of what models really write. Hermes / Qwen models wrap a call in
+//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`; small ones often write the same JSON
+//! in a fenced ```json block or bare at the start of the answer; some write
+//! `<function=name>{…}</function>`. The parser takes the answer piece by piece as it streams
+//! and gives content and call deltas, holding back only what could still be the start of a
+//! call, so a marker never leaks into `content`. The same parser runs over a whole answer for
+//! non-streaming responses, so both give exactly the same calls.
+//!
+//! A call's arguments stream as the raw JSON text the model writes; once a call's JSON ends,
+//! its arguments are complete. Re-parsing the (short) text of the open call on each piece keeps
+//! the state machine small: the only state is the open call's text and what was sent of it.
+
+/// What an answer turns into, piece by piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    Content(String),
+    /// A call begins: its index in this answer, a fresh id and the function's name.
+    CallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    /// More of a call's arguments (JSON text, in fragments that concatenate).
+    CallArgs {
+        index: usize,
+        fragment: String,
+    },
+}
+
+/// How a call was opened, which decides how it closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    /// `<tool_call>` … `</tool_call>`.
+    Hermes,
+    /// ```` ```json ```` … ```` ``` ````.
+    Fence,
+    /// `{` as the first thing in the answer.
+    Bare,
+    /// `<function=` name `>` … `</function>`.
+    Function,
+}
+
+impl Opener {
+    fn text(self) -> &'static str {
+        match self {
+            Self::Hermes => "<tool_call>",
+            Self::Fence => "```json",
+            Self::Bare => "",
+            Self::Function => "<function=",
+        }
+    }
+
+    fn closer(self) -> &'static str {
+        match self {
+            Self::Hermes => "</tool_call>",
+            Self::Fence => "```",
+            Self::Bare => "",
+            Self::Function => "</function>",
+        }
+    }
+}
+
+/// Markers that open a call anywhere in an answer.
+const TRIGGERS: [Opener; 3] = [Opener::Hermes, Opener::Fence, Opener::Function];
+
+/// How far the text of an open call has got.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Not a call after all: the opener and text are content.
+    NotACall,
+    /// Still open: the name once known, and the arguments text so far (streamable).
+    Open {
+        name: Option<String>,
+        args: Option<String>,
+        /// Whether `args` is final (the JSON value ended; only the closer is missing).
+        args_done: bool,
+    },
+    /// Complete: `used` bytes of the call text belong to it (closer included).
+    Done {
+        name: String,
+        args: String,
+        used: usize,
+    },
+}
+
+/// Streams tool calls out of an answer.
+#[derive(Debug, Default)]
+pub struct ToolCallParser {
+    /// Text not yet given out: held-back content, or the open call's text after its opener.
+    buf: String,
+    open: Option<OpenCall>,
+    calls: usize,
+    /// Whitespace held back until it is known not to precede a call or end the answer.
+    ws: String,
+    /// Whether anything but whitespace has been seen (a bare `{` opens a call only first).
+    started: bool,
+    /// Whitespace right after a call is not content either.
+    after_call: bool,
+}
+
+#[derive(Debug)]
+struct OpenCall {
+    opener: Opener,
+    index: usize,
+    /// Whether the start delta (id and name) went out.
+    announced: bool,
+    /// Bytes of the arguments text already sent.
+    sent: usize,
+    /// Arguments given as a JSON string are decoded and sent whole at the end.
+    string_args: bool,
+}
+
+impl OpenCall {
+    /// Marks string arguments as sent (they go out once, whole).
+    const SENT_WHOLE: usize = usize::MAX;
+}
+
+/// A fresh call id: `call_` and 24 hex digits.
+fn call_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("call_{}", &id[..24])
+}
+
+impl ToolCallParser {
+    /// A parser for one answer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls seen so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// Takes the next piece of the answer.
+    pub fn push(&mut self, text: &str) -> Vec<Delta> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        self.advance(&mut out, false);
+        out
+    }
+
+    /// The answer ended: gives what was held back, closing a call that was cut short.
+    pub fn finish(&mut self) -> Vec<Delta> {
+        let mut out = Vec::new();
+        self.advance(&mut out, true);
+        if !self.buf.is_empty() {
+            let rest = std::mem::take(&mut self.buf);
+            self.content(&mut out, &rest);
+        }
+        if self.calls == 0 && !self.ws.is_empty() {
+            out.push(Delta::Content(std::mem::take(&mut self.ws)));
+        }
+        out
+    }
+
+    fn advance(&mut self, out: &mut Vec<Delta>, at_end: bool) {
+        loop {
+            if self.open.is_some() {
+                if !self.step_call(out, at_end) {
+                    return;
+                }
+                continue;
+            }
+            // Content up to the first opener; hold back what may begin one.
+            if !self.started {
+                let trimmed = self.buf.trim_start();
+                if trimmed.starts_with('{') {
+                    let skip = self.buf.len() - trimmed.len();
+                    self.buf.drain(..skip);
+                    self.start_call(Opener::Bare);
+                    continue;
+                }
+                if trimmed.is_empty() {
+                    return;
+                }
+            }
+            let found = TRIGGERS
+                .iter()
+                .filter_map(|o| self.buf.find(o.text()).map(|i| (i, *o)))
+                .min_by_key(|(i, _)| *i);
+            match found {
+                Some((i, opener)) => {
+                    let before: String = self.buf.drain(..i).collect();
+                    self.content(out, &before);
+                    self.buf.drain(..opener.text().len());
+                    self.start_call(opener);
+                }
+                None => {
+                    let keep = if at_end { 0 } else { held_back(&self.buf) };
+                    let text: String = self.buf.drain(..self.buf.len() - keep).collect();
+                    self.content(out, &text);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_call(&mut self, opener: Opener) {
+        self.started = true;
+        self.open = Some(OpenCall {
+            opener,
+            index: self.calls,
+            announced: false,
+            sent: 0,
+            string_args: false,
+        });
+    }
+
+    /// Content out, with whitespace runs held back until something follows them.
+    fn content(&mut self, out: &mut Vec<Delta>, text: &str) {
+        let text = if self.after_call {
+            text.trim_start()
+        } else {
+            text
+        };
+        if text.is_empty() {
+            return;
+        }
+        self.after_call = false;
+        let body = text.trim_end();
+        if body.is_empty() {
+            self.ws.push_str(text);
+            return;
+        }
+        self.started = true;
+        let mut s = std::mem::take(&mut self.ws);
+        s.push_str(body);
+        self.ws = text[body.len()..].to_string();
+        match out.last_mut() {
+            Some(Delta::Content(c)) => c.push_str(&s),
+            _ => out.push(Delta::Content(s)),
+        }
+    }
+
+    /// Moves the open call along; returns whether the loop should go on (it closed or failed).
+    fn step_call(&mut self, out: &mut Vec<Delta>, at_end: bool) -> bool {
+        let call = self.open.as_mut().expect("an open call");
+        let progress = parse_call(&self.buf, call.opener);
+        match progress {
+            Progress::NotACall => {
+                let opener = call.opener;
+                self.open = None;
+                // The opener was content after all; go on scanning after it.
+                let text = format!("{}{}", opener.text(), std::mem::take(&mut self.buf));
+                let (head, rest) = split_after_opener(&text, opener);
+                self.content(out, head);
+                self.buf = rest.to_string();
+                if opener == Opener::Bare {
+                    self.started = true;
+                }
+                true
+            }
+            Progress::Open {
+                name,
+                args,
+                args_done,
+            } => {
+                if at_end && name.is_some() {
+                    // Cut short (max_tokens): a started call is given as far as it got.
+                    let args = args.unwrap_or_default();
+                    self.emit(out, name.as_deref(), &args, true);
+                    self.buf.clear();
+                    self.close();
+                    return true;
+                }
+                if at_end {
+                    // Never became a call: content.
+                    let opener = call.opener;
+                    self.open = None;
+                    let text = format!("{}{}", opener.text(), std::mem::take(&mut self.buf));
+                    self.content(out, &text);
+                    return false;
+                }
+                if let Some(args) = args {
+                    self.emit(out, name.as_deref(), &args, args_done);
+                } else {
+                    self.emit(out, name.as_deref(), "", false);
+                }
+                false
+            }
+            Progress::Done { name, args, used } => {
+                self.emit(out, Some(&name), &args, true);
+                self.buf.drain(..used);
+                self.close();
+                true
+            }
+        }
+    }
+
+    /// Sends the start of the open call once its name is known, then any new arguments text.
+    fn emit(&mut self, out: &mut Vec<Delta>, name: Option<&str>, args: &str, done: bool) {
+        let call = self.open.as_mut().expect("an open call");
+        let Some(name) = name else {
+            return;
+        };
+        if !call.announced {
+            call.announced = true;
+            self.ws.clear(); // whitespace before a call is not content
+            out.push(Delta::CallStart {
+                index: call.index,
+                id: call_id(),
+                name: name.to_string(),
+            });
+        }
+        if args.starts_with('"') {
+            call.string_args = true;
+        }
+        if call.string_args {
+            // `"arguments": "{\"a\": 1}"`: the decoded string is the arguments, sent whole.
+            if done && call.sent != OpenCall::SENT_WHOLE {
+                call.sent = OpenCall::SENT_WHOLE;
+                let decoded = serde_json::from_str::<String>(args).unwrap_or_default();
+                out.push(Delta::CallArgs {
+                    index: call.index,
+                    fragment: decoded,
+                });
+            }
+            return;
+        }
+        if args.len() > call.sent {
+            out.push(Delta::CallArgs {
+                index: call.index,
+                fragment: args[call.sent..].to_string(),
+            });
+            call.sent = args.len();
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(call) = self.open.take() {
+            if call.announced {
+                self.calls += 1;
+                self.after_call = true;
+            }
+        }
+    }
+}
+
+/// The opener's text as content and the rest to scan again (a bare `{` is content itself).
+fn split_after_opener(text: &str, opener: Opener) -> (&str, &str) {
+    let n = if opener == Opener::Bare {
+        1
+    } else {
+        opener.text().len()
+    };
+    text.split_at(n.min(text.len()))
+}
+
+/// How much of the end of `buf` could be the start of an opener.
+fn held_back(buf: &str) -> usize {
+    let mut keep = 0;
+    for o in TRIGGERS {
+        let t = o.text();
+        for k in (1..t.len()).rev() {
+            if k > keep && buf.ends_with(&t[..k]) {
+                keep = k;
+                break;
+            }
+        }
+    }
+    keep
+}
+
+/// Parses the text after an opener as far as it goes.
+fn parse_call(text: &str, opener: Opener) -> Progress {
+    let mut s = Scanner { text, pos: 0 };
+    let mut fixed_name = None;
+    if opener == Opener::Function {
+        let Some(end) = text.find('>') else {
+            return if text.contains(['\n', '{', '<']) {
+                Progress::NotACall
+            } else {
+                Progress::Open {
+                    name: None,
+                    args: None,
+                    args_done: false,
+                }
+            };
+        };
+        let name = text[..end].trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Progress::NotACall;
+        }
+        fixed_name = Some(name.to_string());
+        s.pos = end + 1;
+    }
+    s.skip_ws();
+    if s.at_end() {
+        return Progress::Open {
+            name: fixed_name,
+            args: None,
+            args_done: false,
+        };
+    }
+    let (name, args, args_done, after) = if let Some(name) = fixed_name {
+        // `<function=name>` then the arguments object itself.
+        let start = s.pos;
+        match s.value_end() {
+            Scan::Bad => return Progress::NotACall,
+            Scan::Partial => {
+                return Progress::Open {
+                    name: Some(name),
+                    args: Some(text[start..].to_string()),
+                    args_done: false,
+                }
+            }
+            Scan::End(end) => (name, text[start..end].to_string(), true, end),
+        }
+    } else {
+        match s.call_object() {
+            Obj::Bad => return Progress::NotACall,
+            Obj::Partial { name, args } => {
+                return Progress::Open {
+                    name,
+                    args,
+                    args_done: false,
+                }
+            }
+            Obj::End { name, args, end } => {
+                let Some(name) = name else {
+                    return Progress::NotACall;
+                };
+                (name, args.unwrap_or_else(|| "{}".into()), true, end)
+            }
+        }
+    };
+    // After the JSON: the closer (a bare call has none).
+    let closer = opener.closer();
+    let rest = &text[after..];
+    let trimmed = rest.trim_start();
+    let ws = rest.len() - trimmed.len();
+    if closer.is_empty() {
+        return Progress::Done {
+            name,
+            args,
+            used: after,
+        };
+    }
+    if trimmed.starts_with(closer) {
+        return Progress::Done {
+            name,
+            args,
+            used: after + ws + closer.len(),
+        };
+    }
+    if closer.starts_with(trimmed) {
+        return Progress::Open {
+            name: Some(name),
+            args: Some(args),
+            args_done,
+        };
+    }
+    // Something else follows the JSON: the call is complete without its closer.
+    Progress::Done {
+        name,
+        args,
+        used: after,
+    }
+}
+
+/// Where a JSON value ends.
+enum Scan {
+    End(usize),
+    Partial,
+    Bad,
+}
+
+/// A call object as far as it goes.
+enum Obj {
+    End {
+        name: Option<String>,
+        args: Option<String>,
+        end: usize,
+    },
+    Partial {
+        name: Option<String>,
+        args: Option<String>,
+    },
+    Bad,
+}
+
+struct Scanner<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl Scanner<'_> {
+    fn at_end(&self) -> bool {
+        self.pos >= self.text.len()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+    }
+
+    /// Scans one JSON value from `pos` (strings, numbers, literals, nested containers).
+    fn value_end(&mut self) -> Scan {
+        let bytes = self.text.as_bytes();
+        let start = self.pos;
+        match self.peek() {
+            None => Scan::Partial,
+            Some(b'"') => self.string_end(),
+            Some(b'{') | Some(b'[') => {
+                let mut depth = 0usize;
+                let mut i = start;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'"' => {
+                            self.pos = i;
+                            match self.string_end() {
+                                Scan::End(e) => {
+                                    i = e;
+                                    continue;
+                                }
+                                other => return other,
+                            }
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.pos = i + 1;
+                                return Scan::End(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                Scan::Partial
+            }
+            Some(b) if b == b'-' || b.is_ascii_alphanumeric() => {
+                let mut i = start;
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || b"+-.".contains(&bytes[i]))
+                {
+                    i += 1;
+                }
+                if i == bytes.len() {
+                    return Scan::Partial;
+                }
+                self.pos = i;
+                Scan::End(i)
+            }
+            Some(_) => Scan::Bad,
+        }
+    }
+
+    /// Scans a string starting at `pos` (a quote), honouring escapes.
+    fn string_end(&mut self) -> Scan {
+        let bytes = self.text.as_bytes();
+        let mut i = self.pos + 1;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => {
+                    self.pos = i + 1;
+                    return Scan::End(i + 1);
+                }
+                _ => i += 1,
+            }
+        }
+        Scan::Partial
+    }
+
+    /// Scans `{"name": "…", "arguments": {…}}` (keys in any order; `parameters` is accepted for
+    /// `arguments`, and a nested `{"function": {...}}` is not). Any other first key: not a call.
+    fn call_object(&mut self) -> Obj {
+        if self.peek() != Some(b'{') {
+            return Obj::Bad;
+        }
+        self.pos += 1;
+        let (mut name, mut args) = (None, None);
+        let partial = |name: &Option<String>, args: &Option<String>| Obj::Partial {
+            name: name.clone(),
+            args: args.clone(),
+        };
+        loop {
+            self.skip_ws();
+            match self.peek() {
+                None => return partial(&name, &None),
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Obj::End {
+                        name,
+                        args,
+                        end: self.pos,
+                    };
+                }
+                Some(b',') => {
+                    self.pos += 1;
+                    continue;
+                }
+                Some(b'"') => {}
+                Some(_) => return Obj::Bad,
+            }
+            let key_start = self.pos;
+            let key = match self.string_end() {
+                Scan::End(e) => serde_json::from_str::<String>(&self.text[key_start..e]),
+                _ => return partial(&name, &None),
+            };
+            let Ok(key) = key else { return Obj::Bad };
+            let known = matches!(key.as_str(), "name" | "arguments" | "parameters");
+            if !known && name.is_none() && args.is_none() {
+                return Obj::Bad;
+            }
+            self.skip_ws();
+            match self.peek() {
+                None => return partial(&name, &None),
+                Some(b':') => self.pos += 1,
+                Some(_) => return Obj::Bad,
+            }
+            self.skip_ws();
+            let value_start = self.pos;
+            match self.value_end() {
+                Scan::Bad => return Obj::Bad,
+                Scan::Partial => {
+                    let so_far = (key != "name").then(|| self.text[value_start..].to_string());
+                    return partial(&name, &so_far.filter(|_| known));
+                }
+                Scan::End(e) => {
+                    let raw = &self.text[value_start..e];
+                    match key.as_str() {
+                        "name" => match serde_json::from_str::<String>(raw) {
+                            Ok(n) if !n.is_empty() => name = Some(n),
+                            _ => return Obj::Bad,
+                        },
+                        "arguments" | "parameters" => args = Some(raw.to_string()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Content, and each call as (name, arguments), from a list of deltas.
+    fn assemble(deltas: &[Delta]) -> (String, Vec<(String, String)>) {
+        let mut content = String::new();
+        let mut calls: Vec<(String, String)> = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for d in deltas {
+            match d {
+                Delta::Content(c) => content.push_str(c),
+                Delta::CallStart { index, id, name } => {
+                    assert_eq!(*index, calls.len(), "{deltas:?}");
+                    assert!(id.starts_with("call_") && id.len() == 29, "{id}");
+                    assert!(ids.insert(id.clone()), "duplicate id");
+                    calls.push((name.clone(), String::new()));
+                }
+                Delta::CallArgs { index, fragment } => calls[*index].1.push_str(fragment),
+            }
+        }
+        (content, calls)
+    }
+
+    /// Feeds `text` whole, then cut at every byte boundary (char-aligned) into two and into
+    /// single characters, and checks that every way gives the same content and calls.
+    fn parse_every_way(text: &str) -> (String, Vec<(String, String)>) {
+        let whole = {
+            let mut p = ToolCallParser::new();
+            let mut d = p.push(text);
+            d.extend(p.finish());
+            assemble(&d)
+        };
+        for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let mut p = ToolCallParser::new();
+            let mut d = p.push(&text[..cut]);
+            d.extend(p.push(&text[cut..]));
+            d.extend(p.finish());
+            assert_eq!(assemble(&d), whole, "cut at {cut} of {text:?}");
+        }
+        let mut p = ToolCallParser::new();
+        let mut d = Vec::new();
+        for ch in text.chars() {
+            d.extend(p.push(&ch.to_string()));
+        }
+        d.extend(p.finish());
+        assert_eq!(assemble(&d), whole, "char by char: {text:?}");
+        whole
+    }
+
+    fn call(name: &str, args: &str) -> (String, String) {
+        (name.to_string(), args.to_string())
+    }
+
+    #[test]
+    fn hermes_calls_with_text_before_and_several_calls() {
+        // As Qwen2.5 writes them.
+        let text = "I'll read both.\n<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"README.md\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"list_dir\", \"arguments\": {\"path\": \"src/{a}\\\"\"}}\n</tool_call>";
+        let (content, calls) = parse_every_way(text);
+        assert_eq!(content, "I'll read both.");
+        assert_eq!(
+            calls,
+            [
+                call("read_file", r#"{"path": "README.md"}"#),
+                call("list_dir", r#"{"path": "src/{a}\""}"#)
+            ]
+        );
+    }
+
+    #[test]
+    fn fenced_and_bare_json_calls_as_small_models_write_them() {
+        // Recorded from Qwen2.5-Coder-0.5B-Instruct for "read the file README.md".
+        let fenced = "```json\n{\n  \"name\": \"read_file\",\n  \"arguments\": {\n    \"path\": \"README.md\"\n  }\n}\n```";
+        let (content, calls) = parse_every_way(fenced);
+        assert_eq!(content, "");
+        assert_eq!(
+            calls,
+            [call("read_file", "{\n    \"path\": \"README.md\"\n  }")]
+        );
+        let bare = "  {\"arguments\": {\"q\": [1, 2]}, \"name\": \"search\"}";
+        assert_eq!(
+            parse_every_way(bare),
+            (String::new(), vec![call("search", r#"{"q": [1, 2]}"#)])
+        );
+        let function = "<function=get_weather>{\"city\": \"Oslo\"}</function>";
+        assert_eq!(
+            parse_every_way(function),
+            (
+                String::new(),
+                vec![call("get_weather", r#"{"city": "Oslo"}"#)]
+            )
+        );
+        // Arguments as a JSON-encoded string are decoded.
+        let stringy = "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 1}\"}</tool_call>";
+        assert_eq!(
+            parse_every_way(stringy),
+            (String::new(), vec![call("f", r#"{"a": 1}"#)])
+        );
+    }
+
+    #[test]
+    fn json_and_code_that_are_not_calls_stay_content() {
+        for text in [
+            "```json\n{\"city\": \"Oslo\", \"temp\": 3}\n```",
+            "{\"city\": \"Oslo\"} is the answer",
+            "Use `<tool_call>` tags. Like <tool_call> this.",
+            "Here: ```python\nprint(1)\n``` done",
+            "a < b and c <function",
+            "<function=two words>x</function>",
+        ] {
+            let (content, calls) = parse_every_way(text);
+            assert!(calls.is_empty(), "{text:?} gave {calls:?}");
+            assert_eq!(content, text, "content changed");
+        }
+    }
+
+    #[test]
+    fn truncated_calls_keep_what_came_and_malformed_ones_are_content() {
+        // Cut by max_tokens inside the arguments: the call as far as it got.
+        let (content, calls) =
+            parse_every_way("<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": \"xy");
+        assert_eq!(
+            (content.as_str(), calls),
+            ("", vec![call("f", "{\"a\": \"xy")])
+        );
+        // Cut before the name ends: not a call.
+        let text = "<tool_call>{\"na";
+        assert_eq!(parse_every_way(text), (text.to_string(), vec![]));
+        // A call without a closer, followed by text.
+        let (content, calls) =
+            parse_every_way("<tool_call>{\"name\": \"f\", \"arguments\": {}} then more");
+        assert_eq!(calls, [call("f", "{}")]);
+        assert_eq!(content, "then more");
+        // A marker split across pieces never leaks: checked by parse_every_way above; and a
+        // lone `<` or backtick at the very end is content.
+        assert_eq!(parse_every_way("x <"), ("x <".to_string(), vec![]));
+        assert_eq!(parse_every_way("x ``"), ("x ``".to_string(), vec![]));
+    }
+
+    #[test]
+    fn streaming_sends_the_name_before_the_arguments_end() {
+        let mut p = ToolCallParser::new();
+        let mut d = p.push("<tool_call>{\"name\": \"read_file\", \"arguments\": {\"pa");
+        assert!(
+            matches!(&d[..], [Delta::CallStart { name, .. }, Delta::CallArgs { fragment, .. }] if name == "read_file" && fragment == "{\"pa")
+        );
+        d = p.push("th\": \"x\"}}</tool_call>");
+        assert_eq!(
+            d,
+            [Delta::CallArgs {
+                index: 0,
+                fragment: "th\": \"x\"}".into()
+            }]
+        );
+        assert_eq!(p.calls(), 1);
+        assert!(p.finish().is_empty());
+    }
+}
