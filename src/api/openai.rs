@@ -11,6 +11,7 @@ use super::sse::{stream_response, Formatter, Piece};
 use super::types::*;
 use super::{from_value, parse_json, read_body, ApiPath, AppState};
 use crate::chat::prompt::{chat_prompt, PromptError, PromptLimits};
+use crate::chat::tools::{Delta, ToolCallParser};
 use crate::engine::{EngineError, Event, FinishReason, GenerationRequest, TokenId, Usage};
 use crate::models::registry::{LoadedModel, ModelLease};
 
@@ -136,6 +137,12 @@ pub async fn chat_completions(
     let model = state.registry.resolve(req.model.as_deref()).await?;
     let limits = prompt_limits(&state, &model);
     let shared = model.shared();
+    // `tool_choice: "none"`: the model is not offered the tools at all.
+    let tools = req
+        .tools
+        .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+        .filter(|_| req.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none"));
+    let parse_calls = tools.is_some();
     let prompt = state
         .off_runtime(move |cancel| {
             chat_prompt(
@@ -143,7 +150,7 @@ pub async fn chat_completions(
                 &shared.control,
                 shared.engine.as_ref(),
                 &req.messages,
-                req.tools.as_ref(),
+                tools.as_ref(),
                 &limits,
                 cancel,
             )
@@ -158,6 +165,7 @@ pub async fn chat_completions(
 
     if !v.stream {
         let out = collect(&state, rx).await?;
+        let (content, tool_calls) = whole_answer(out.text, parse_calls);
         return Ok(Json(ChatCompletion {
             id,
             object: "chat.completion",
@@ -168,11 +176,12 @@ pub async fn chat_completions(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: out.text,
+                    content,
                     refusal: None,
+                    tool_calls: tool_calls.clone(),
                 },
                 logprobs: None,
-                finish_reason: out.finish_reason,
+                finish_reason: with_calls(out.finish_reason, tool_calls.is_some()),
             }],
             usage: out.usage.into(),
         })
@@ -198,31 +207,109 @@ pub async fn chat_completions(
         logprobs: None,
         finish_reason,
     };
-    let format: Formatter = std::sync::Arc::new(move |piece| match piece {
-        Piece::Start => chunk(
-            vec![choice(
-                ChatDelta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                },
-                None,
-            )],
-            None,
-        ),
-        Piece::Text(t) => chunk(
-            vec![choice(
-                ChatDelta {
-                    role: None,
+    // One parser per answer: tool calls are found as the text streams.
+    let mut parser = parse_calls.then(ToolCallParser::new);
+    let format: Formatter = Box::new(move |piece| {
+        let deltas = |ds: Vec<ChatDelta>| -> Vec<String> {
+            ds.into_iter()
+                .filter_map(|d| chunk(vec![choice(d, None)], None))
+                .collect()
+        };
+        match piece {
+            Piece::Start => deltas(vec![ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+                tool_calls: None,
+            }]),
+            Piece::Text(t) => match parser.as_mut() {
+                Some(p) => deltas(wire_deltas(p.push(&t))),
+                None => deltas(vec![ChatDelta {
                     content: Some(t),
-                },
-                None,
-            )],
-            None,
-        ),
-        Piece::Finish(r) => chunk(vec![choice(ChatDelta::default(), Some(r))], None),
-        Piece::Usage(u) => chunk(vec![], Some(Some(u.into()))),
+                    ..ChatDelta::default()
+                }]),
+            },
+            Piece::Finish(r) => {
+                let (mut out, calls) = match parser.as_mut() {
+                    Some(p) => (deltas(wire_deltas(p.finish())), p.calls() > 0),
+                    None => (Vec::new(), false),
+                };
+                out.extend(chunk(
+                    vec![choice(ChatDelta::default(), Some(with_calls(r, calls)))],
+                    None,
+                ));
+                out
+            }
+            Piece::Usage(u) => chunk(vec![], Some(Some(u.into()))).into_iter().collect(),
+        }
     });
     Ok(stream_response(rx, include_usage, format, &state).into_response())
+}
+
+/// A whole answer's content and tool calls (`content` is `null` when there are only calls).
+fn whole_answer(text: String, parse_calls: bool) -> (Option<String>, Option<Vec<ToolCallOut>>) {
+    if !parse_calls {
+        return (Some(text), None);
+    }
+    let mut parser = ToolCallParser::new();
+    let mut all = parser.push(&text);
+    all.extend(parser.finish());
+    let mut content = String::new();
+    let mut calls: Vec<ToolCallOut> = Vec::new();
+    for d in all {
+        match d {
+            Delta::Content(c) => content.push_str(&c),
+            Delta::CallStart { id, name, .. } => calls.push(ToolCallOut {
+                id,
+                kind: "function",
+                function: FunctionCall {
+                    name,
+                    arguments: String::new(),
+                },
+            }),
+            Delta::CallArgs { index, fragment } => {
+                calls[index].function.arguments.push_str(&fragment)
+            }
+        }
+    }
+    if calls.is_empty() {
+        (Some(content), None)
+    } else {
+        ((!content.is_empty()).then_some(content), Some(calls))
+    }
+}
+
+/// The parser's deltas in OpenAI's streamed shape.
+fn wire_deltas(deltas: Vec<Delta>) -> Vec<ChatDelta> {
+    let call = |index, id: Option<String>, name: Option<String>, arguments| ChatDelta {
+        tool_calls: Some(vec![ToolCallDelta {
+            index,
+            kind: id.as_ref().map(|_| "function"),
+            id,
+            function: FunctionDelta { name, arguments },
+        }]),
+        ..ChatDelta::default()
+    };
+    deltas
+        .into_iter()
+        .map(|d| match d {
+            Delta::Content(c) => ChatDelta {
+                content: Some(c),
+                ..ChatDelta::default()
+            },
+            Delta::CallStart { index, id, name } => {
+                call(index, Some(id), Some(name), String::new())
+            }
+            Delta::CallArgs { index, fragment } => call(index, None, None, fragment),
+        })
+        .collect()
+}
+
+/// An answer that stopped after tool calls finished because of them.
+fn with_calls(reason: FinishReason, calls: bool) -> FinishReason {
+    match reason {
+        FinishReason::Stop if calls => FinishReason::ToolCalls,
+        other => other,
+    }
 }
 
 /// `POST /v1/completions`. The prompt is the client's own raw prompt (it does its own
@@ -307,9 +394,9 @@ async fn finish_completion(
     }
     let include_usage = v.include_usage;
     let usage_field = move || include_usage.then_some(None);
-    let format: Formatter = std::sync::Arc::new(move |piece| {
+    let format: Formatter = Box::new(move |piece| {
         let chunk = match piece {
-            Piece::Start => return None,
+            Piece::Start => return Vec::new(),
             Piece::Text(t) => body(t, None, usage_field()),
             Piece::Finish(r) => body(String::new(), Some(r), usage_field()),
             Piece::Usage(u) => {
@@ -318,7 +405,7 @@ async fn finish_completion(
                 c
             }
         };
-        serde_json::to_string(&chunk).ok()
+        serde_json::to_string(&chunk).ok().into_iter().collect()
     });
     Ok(stream_response(rx, include_usage, format, state).into_response())
 }

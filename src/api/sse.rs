@@ -26,12 +26,13 @@ pub enum Piece {
     Usage(Usage),
 }
 
-/// Formats pieces into chunk JSON for one endpoint; `None` skips the piece.
-pub type Formatter = std::sync::Arc<dyn Fn(Piece) -> Option<String> + Send + Sync>;
+/// Formats one response's pieces into chunk JSON, zero or more chunks a piece. Stateful: a
+/// chat answer's tool calls are parsed as its text streams.
+pub type Formatter = Box<dyn FnMut(Piece) -> Vec<String> + Send>;
 
 enum State {
-    Start(UnboundedReceiver<Event>),
-    Running(UnboundedReceiver<Event>),
+    Start(UnboundedReceiver<Event>, Formatter),
+    Running(UnboundedReceiver<Event>, Formatter),
     Ended,
 }
 
@@ -45,19 +46,18 @@ pub fn stream_response(
     let metrics = state.metrics.clone();
     let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
     let data = |s: String| SseEvent::default().data(s);
-    let s = stream::unfold(State::Start(events), move |state| {
-        let format = std::sync::Arc::clone(&format);
+    let s = stream::unfold(State::Start(events, format), move |state| {
         let metrics = metrics.clone();
         async move {
             match state {
-                State::Start(rx) => {
-                    let out: Vec<_> = format(Piece::Start).map(data).into_iter().collect();
-                    Some((out, State::Running(rx)))
+                State::Start(rx, mut format) => {
+                    let out: Vec<_> = format(Piece::Start).into_iter().map(data).collect();
+                    Some((out, State::Running(rx, format)))
                 }
-                State::Running(mut rx) => match rx.recv().await {
+                State::Running(mut rx, mut format) => match rx.recv().await {
                     Some(Event::Text(t)) => {
-                        let out = format(Piece::Text(t)).map(data).into_iter().collect();
-                        Some((out, State::Running(rx)))
+                        let out = format(Piece::Text(t)).into_iter().map(data).collect();
+                        Some((out, State::Running(rx, format)))
                     }
                     Some(Event::Done {
                         finish_reason,
@@ -67,11 +67,11 @@ pub fn stream_response(
                     }) => {
                         metrics.record_completion(&usage, time_to_first_token, total_time);
                         let mut out: Vec<_> = format(Piece::Finish(finish_reason))
-                            .map(data)
                             .into_iter()
+                            .map(data)
                             .collect();
                         if include_usage {
-                            out.extend(format(Piece::Usage(usage)).map(data));
+                            out.extend(format(Piece::Usage(usage)).into_iter().map(data));
                         }
                         out.push(data("[DONE]".into()));
                         Some((out, State::Ended))

@@ -156,6 +156,20 @@ fn normalise_message(m: &Json) -> Json {
         if let Some(t) = text {
             obj.insert("content".into(), Json::String(t));
         }
+        // OpenAI sends a call's arguments as JSON text; templates (Qwen's, Llama's) write
+        // them with `tojson`, so they get the object, and the model sees what it writes.
+        if let Some(Json::Array(calls)) = obj.get_mut("tool_calls") {
+            for f in calls.iter_mut().filter_map(|c| c.get_mut("function")) {
+                let parsed = f
+                    .get("arguments")
+                    .and_then(Json::as_str)
+                    .and_then(|a| serde_json::from_str::<Json>(a).ok())
+                    .filter(Json::is_object);
+                if let Some(args) = parsed {
+                    f["arguments"] = args;
+                }
+            }
+        }
     }
     m
 }

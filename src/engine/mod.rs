@@ -64,6 +64,8 @@ pub struct GenerationRequest {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The answer ended in tool calls (decided by the chat layer, never by the engine).
+    ToolCalls,
 }
 
 /// Token counts for one request.

@@ -31,6 +31,20 @@ pub fn model_file() -> PathBuf {
     p
 }
 
+/// Id the instruction-tuned Qwen model is served under in tests that need a chat model.
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m";
+
+/// The Qwen GGUF placed by `scripts/fetch-model.sh qwen`; tests fail (not skip) without it.
+pub fn qwen_file() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/test-model/{QWEN}.gguf"));
+    assert!(
+        p.exists(),
+        "test model missing at {}: run scripts/fetch-model.sh qwen",
+        p.display()
+    );
+    p
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
