@@ -13,6 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m-q4_k_m"
+QWEN = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 
 
 def _free_port() -> int:
@@ -21,16 +22,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(extra_args):
+def _start(extra_args, model_id=MODEL, context="1024"):
     """Starts opta-lmx on a free port; yields its base URL, stops it afterwards."""
     binary = pathlib.Path(os.environ.get("OPTA_LMX_BIN", ROOT / "target/release/opta-lmx"))
-    model = pathlib.Path(
-        os.environ.get("OPTA_LMX_TEST_MODEL", ROOT / "target/test-model/gemma-3-270m-q4_k_m.gguf")
-    )
+    if model_id == MODEL:
+        model = pathlib.Path(os.environ.get(
+            "OPTA_LMX_TEST_MODEL", ROOT / "target/test-model/gemma-3-270m-q4_k_m.gguf"))
+    else:
+        model = ROOT / f"target/test-model/{model_id}.gguf"
     assert binary.exists(), f"build first: {binary} missing"
     assert model.exists(), f"run scripts/fetch-model.sh: {model} missing"
     models_dir = pathlib.Path(tempfile.mkdtemp(prefix="opta-lmx-py-"))
-    (models_dir / f"{MODEL}.gguf").symlink_to(model)
+    (models_dir / f"{model_id}.gguf").symlink_to(model)
     config = models_dir / ".config.yaml"
     config.write_text("")
     port = _free_port()
@@ -38,7 +41,7 @@ def _start(extra_args):
     log = open(models_dir / ".server.log", "wb")
     proc = subprocess.Popen(
         [str(binary), "serve", "--config", str(config), "--port", str(port),
-         "--models-dir", str(models_dir), "--model", MODEL, "--context", "1024", *extra_args],
+         "--models-dir", str(models_dir), "--model", model_id, "--context", context, *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
@@ -73,3 +76,9 @@ def server():
 def busy_server():
     """One sequence and no wait queue: a second concurrent request is refused."""
     yield from _start(["--parallel", "1", "--max-queue", "0"])
+
+
+@pytest.fixture(scope="module")
+def qwen_server():
+    """The instruction-tuned Qwen model, for chat and tool calls."""
+    yield from _start(["--parallel", "2"], model_id=QWEN, context="4096")
