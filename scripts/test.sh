@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting and lints, Rust unit and integration tests
-# (real server, real Gemma model), then the official openai Python SDK against the live server.
+# (real server, real Gemma and Qwen models), then the official openai Python and TypeScript
+# SDKs against the live server.
 # Everything it downloads is cached under target/ (model wheels, the virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,9 @@ if [ ! -x target/venv/bin/python ]; then
 fi
 target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai pytest
 target/venv/bin/python -m pytest -q tests/python
+
+# The official TypeScript SDK, as the coding CLI and the bots use it.
+mkdir -p target/node
+[ -f target/node/package.json ] || echo '{"private": true}' > target/node/package.json
+(cd target/node && npm install --silent --no-audit --no-fund openai@4)
+node --test tests/ts/
