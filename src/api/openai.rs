@@ -11,7 +11,7 @@ use super::sse::{stream_response, Formatter, Piece};
 use super::types::*;
 use super::{from_value, parse_json, read_body, ApiPath, AppState};
 use crate::chat::prompt::{chat_prompt, PromptError, PromptLimits};
-use crate::chat::tools::{Delta, ToolCallParser};
+use crate::chat::tools::{required_call, Delta, ToolCallParser};
 use crate::engine::{EngineError, Event, FinishReason, GenerationRequest, TokenId, Usage};
 use crate::models::registry::{LoadedModel, ModelLease};
 
@@ -56,6 +56,7 @@ fn generation_request(
         max_tokens,
         stop: v.stop.clone(),
         sampling: v.params.clone(),
+        constraint: v.constraint.clone(),
     })
 }
 
@@ -143,6 +144,37 @@ pub async fn chat_completions(
         .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
         .filter(|_| req.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none"));
     let parse_calls = tools.is_some();
+    // `required` or a named function: the answer is forced to be one such call.
+    let forced_call = match (&tools, req.tool_choice.as_ref()) {
+        (_, None) => None,
+        (_, Some(c)) if matches!(c.as_str(), Some("auto" | "none")) => None,
+        (tools, Some(c)) => {
+            let name = match c.as_str() {
+                Some("required") => None,
+                Some(other) => return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!(
+                        "tool_choice `{other}` is not one of none, auto, required, or a function"
+                    ),
+                )),
+                None => Some(
+                    c.pointer("/function/name")
+                        .and_then(|n| n.as_str())
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                "tool_choice",
+                                "tool_choice object needs function.name",
+                            )
+                        })?,
+                ),
+            };
+            let empty = serde_json::Value::Null;
+            Some(
+                required_call(tools.as_ref().unwrap_or(&empty), name)
+                    .map_err(|e| ApiError::invalid("tool_choice", e))?,
+            )
+        }
+    };
     let prompt = state
         .off_runtime(move |cancel| {
             chat_prompt(
@@ -156,7 +188,10 @@ pub async fn chat_completions(
             )
         })
         .await??;
-    let gen = generation_request(&model, prompt, &v)?;
+    let mut gen = generation_request(&model, prompt, &v)?;
+    if forced_call.is_some() {
+        gen.constraint = forced_call;
+    }
     model.touch();
     let rx = model.engine.submit(gen)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());

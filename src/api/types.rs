@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{FinishReason, SamplingParams, Usage};
+use crate::engine::{Constraint, FinishReason, SamplingParams, Usage};
 
 /// `stop` may be one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +86,8 @@ pub struct ValidatedSampling {
     /// Explicit completion limit, if the client set one.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// JSON output the client asked for with `response_format`.
+    pub constraint: Option<Constraint>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -127,15 +129,7 @@ impl SamplingFields {
                 "logprobs are not supported yet",
             ));
         }
-        if let Some(rf) = &self.response_format {
-            let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
-            if kind != "text" {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!("response_format type `{kind}` is not supported yet (only `text`)"),
-                ));
-            }
-        }
+        let constraint = response_format(self.response_format.as_ref())?;
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
             Some(m) if m >= 1 && m <= u32::MAX as i64 => Some(m as u32),
@@ -207,15 +201,51 @@ impl SamplingFields {
                     .unwrap_or(d.presence_penalty),
                 repeat_penalty,
                 logit_bias,
+                grammar: None,
             },
             max_tokens,
             stop,
+            constraint,
             stream: self.stream,
             include_usage: self
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
         })
+    }
+}
+
+/// `response_format`: plain text, any JSON object, or JSON matching a schema (enforced by the
+/// engine while sampling, so the answer always parses).
+fn response_format(rf: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(rf) = rf.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let json = |schema| {
+        Ok(Some(Constraint {
+            schema,
+            prefix: String::new(),
+            suffix: String::new(),
+            param: "response_format",
+        }))
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => json(serde_json::json!({"type": "object"})),
+        Some("json_schema") => match rf.pointer("/json_schema/schema") {
+            Some(schema) if schema.is_object() => json(schema.clone()),
+            _ => Err(ApiError::invalid(
+                "response_format",
+                "response_format of type json_schema needs json_schema.schema (an object)",
+            )),
+        },
+        other => Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "response_format type {} is not one of text, json_object, json_schema",
+                other.map_or("(missing)".to_string(), |t| format!("`{t}`"))
+            ),
+        )),
     }
 }
 
@@ -454,7 +484,8 @@ mod tests {
             json!({"logprobs": true}),
             json!({"logit_bias": {"abc": 1}}),
             json!({"logit_bias": {"5": 500}}),
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "xml"}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
         ] {
             assert!(fields(bad.clone()).validate().is_err(), "{bad}");
         }
@@ -465,6 +496,16 @@ mod tests {
         assert_eq!(v.stop, ["x"]);
         assert_eq!(v.params.seed, Some(u32::MAX));
         assert!(v.stream && v.include_usage);
+        let v = fields(json!({"response_format": {"type": "json_object"}}))
+            .validate()
+            .unwrap();
+        assert_eq!(v.constraint.unwrap().schema, json!({"type": "object"}));
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let v = fields(json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "s", "strict": true, "schema": schema}}}))
+        .validate()
+        .unwrap();
+        assert_eq!(v.constraint.unwrap().schema, schema);
     }
 
     #[test]

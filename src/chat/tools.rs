@@ -10,6 +10,53 @@
 //! its arguments are complete. Re-parsing the (short) text of the open call on each piece keeps
 //! the state machine small: the only state is the open call's text and what was sent of it.
 
+use crate::engine::Constraint;
+
+/// The constraint for `tool_choice: "required"` (any of `tools`) or a named function: one
+/// Hermes-style call whose name is one of the offered functions and whose arguments match that
+/// function's parameter schema. Errors name what is wrong with the request.
+pub fn required_call(tools: &serde_json::Value, only: Option<&str>) -> Result<Constraint, String> {
+    use serde_json::json;
+    let functions: Vec<&serde_json::Value> = tools
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("function"))
+        .filter(|f| only.is_none_or(|n| f.get("name").and_then(|x| x.as_str()) == Some(n)))
+        .collect();
+    if functions.is_empty() {
+        return Err(match only {
+            Some(n) => format!("tool_choice names `{n}`, which is not among the tools"),
+            None => "tool_choice `required` needs at least one tool".into(),
+        });
+    }
+    let options: Vec<serde_json::Value> = functions
+        .iter()
+        .map(|f| {
+            let params = f
+                .get("parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": f.get("name")}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = match <[_; 1]>::try_from(options) {
+        Ok([one]) => one,
+        Err(many) => json!({ "anyOf": many }),
+    };
+    Ok(Constraint {
+        schema,
+        prefix: "<tool_call>\n".into(),
+        suffix: "\n</tool_call>".into(),
+        param: "tool_choice",
+    })
+}
+
 /// What an answer turns into, piece by piece.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delta {

@@ -56,6 +56,20 @@ pub struct GenerationRequest {
     /// Strings that end generation; the matched string is not returned.
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Output the engine must produce, whatever the model would rather say.
+    pub constraint: Option<Constraint>,
+}
+
+/// Constrained output: JSON that matches `schema`, written between `prefix` and `suffix`
+/// (a tool call's markers, or nothing). Backends enforce it while sampling (llama.cpp: a
+/// grammar built from the schema), so the result always parses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constraint {
+    pub schema: serde_json::Value,
+    pub prefix: String,
+    pub suffix: String,
+    /// The request field it came from, for errors (`response_format`, `tool_choice`).
+    pub param: &'static str,
 }
 
 /// Why a generation ended, as OpenAI names it.

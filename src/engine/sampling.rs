@@ -1,6 +1,7 @@
 //! Per-request sampling settings and the llama.cpp sampler chain built from them. Each
 //! request owns its chain, so requests decoded in one batch never share RNG or penalty state.
 
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
@@ -24,6 +25,8 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// Additive biases on token logits.
     pub logit_bias: Vec<(TokenId, f32)>,
+    /// A GBNF grammar (root rule `root`) every sampled token must follow.
+    pub grammar: Option<String>,
 }
 
 /// Tokens looked back over for the penalties.
@@ -42,6 +45,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             repeat_penalty: 1.0,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -52,14 +56,21 @@ impl SamplingParams {
     /// the whole vocabulary.
     pub fn is_plain_greedy(&self) -> bool {
         self.temperature <= 0.0
+            && self.grammar.is_none()
             && self.frequency_penalty == 0.0
             && self.presence_penalty == 0.0
             && self.repeat_penalty == 1.0
     }
 
-    /// Builds the chain: bias, penalties, then greedy, or top-k → top-p → min-p → temperature → draw.
-    pub fn build(&self, n_vocab: i32) -> LlamaSampler {
+    /// Builds the chain: grammar, bias, penalties, then greedy, or top-k → top-p → min-p →
+    /// temperature → draw. Fails only on a grammar llama.cpp cannot parse.
+    pub fn build(&self, model: &LlamaModel) -> Result<LlamaSampler, String> {
+        let n_vocab = model.n_vocab();
         let mut chain = Vec::new();
+        if let Some(g) = &self.grammar {
+            // First: tokens the grammar forbids are gone before anything else looks.
+            chain.push(LlamaSampler::grammar(model, g, "root").map_err(|e| e.to_string())?);
+        }
         if !self.logit_bias.is_empty() {
             let biases: Vec<_> = self
                 .logit_bias
@@ -95,7 +106,7 @@ impl SamplingParams {
             chain.push(LlamaSampler::temp(self.temperature));
             chain.push(LlamaSampler::dist(self.seed.unwrap_or_else(rand_seed)));
         }
-        LlamaSampler::chain_simple(chain)
+        Ok(LlamaSampler::chain_simple(chain))
     }
 }
 

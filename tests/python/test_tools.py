@@ -60,3 +60,77 @@ def test_agent_turn_streamed_through_the_sdk_helper_matches_the_whole_answer(cli
     assert answer.choices[0].finish_reason == "stop"
     assert answer.choices[0].message.tool_calls is None
     assert "server" in answer.choices[0].message.content.lower()
+
+
+def test_required_and_named_tool_choices_always_give_a_valid_call(client):
+    import jsonschema
+
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    # The model would rather chat: `required` makes it call one of the tools anyway.
+    r = client.chat.completions.create(
+        model=QWEN, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0,
+        messages=[{"role": "user", "content": "Say hello to me."}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name in params
+    jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+    # A named function is the one called, streamed too.
+    named = {"type": "function", "function": {"name": "list_dir"}}
+    with client.beta.chat.completions.stream(
+            model=QWEN, tools=TOOLS, tool_choice=named, max_tokens=80, temperature=0,
+            messages=[{"role": "user", "content": "Say hello to me."}]) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    assert call.function.name == "list_dir"
+    jsonschema.validate(json.loads(call.function.arguments), params["list_dir"])
+    # A name that is not offered is the client's mistake.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=QWEN, tools=TOOLS, max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+            tool_choice={"type": "function", "function": {"name": "delete_everything"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
+CAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "colors": {"type": "array", "items": {"enum": ["black", "white", "orange"]},
+                   "minItems": 1, "maxItems": 3},
+        "indoor": {"type": "boolean"},
+    },
+    "required": ["name", "age", "colors", "indoor"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_always_validates_over_many_seeds(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "cat", "strict": True, "schema": CAT}}
+    for seed in range(8):
+        r = client.chat.completions.create(
+            model=QWEN, response_format=fmt, max_tokens=200, temperature=1.0, seed=seed,
+            messages=[{"role": "user", "content": "Invent a cat."}])
+        assert r.choices[0].finish_reason == "stop", r
+        jsonschema.validate(json.loads(r.choices[0].message.content), CAT)
+    # json_object: any object, streamed.
+    stream = client.chat.completions.create(
+        model=QWEN, response_format={"type": "json_object"}, max_tokens=300, temperature=0,
+        stream=True, messages=[{"role": "user", "content": "A cat's name and age, please."}])
+    parts, finish = [], None
+    for c in stream:
+        if c.choices:
+            parts.append(c.choices[0].delta.content or "")
+            finish = c.choices[0].finish_reason or finish
+    assert finish == "stop", "".join(parts)
+    assert isinstance(json.loads("".join(parts)), dict)
+    # A schema feature the grammar cannot enforce is named in a 400.
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"id": {"type": "string", "pattern": "[0-9]+"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=QWEN, response_format=bad, max_tokens=8,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "response_format"
+    assert "pattern" in e.value.body["message"]

@@ -19,6 +19,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
@@ -250,8 +251,19 @@ impl Backend for LlamaEngine {
 
     fn submit(
         &self,
-        req: GenerationRequest,
+        mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        if let Some(c) = req.constraint.take() {
+            let gbnf = grammar_for(&c)?;
+            // Compiled once here so a grammar llama.cpp cannot use is the caller's 400.
+            LlamaSampler::grammar(&self.model, &gbnf, "root").map_err(|e| {
+                EngineError::InvalidParam {
+                    param: c.param,
+                    message: format!("the schema gives a grammar llama.cpp cannot use: {e}"),
+                }
+            })?;
+            req.sampling.grammar = Some(gbnf);
+        }
         let n_vocab = self.model.n_vocab();
         // A token id llama.cpp does not know fails the whole batch it is decoded in, so it is
         // refused here, before it can reach anyone else's batch.
@@ -339,6 +351,86 @@ impl Backend for LlamaEngine {
     }
 }
 
+/// The GBNF grammar for a constraint: llama.cpp's JSON-schema converter for the JSON, its root
+/// renamed, wrapped in the literal prefix and suffix.
+fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
+    if let Some(problem) = schema_problem(&c.schema, &c.schema) {
+        return Err(EngineError::InvalidParam {
+            param: c.param,
+            message: format!("this JSON schema cannot be enforced: {problem}"),
+        });
+    }
+    let schema = c.schema.to_string();
+    let json =
+        llama_cpp_2::json_schema_to_grammar(&schema).map_err(|e| EngineError::InvalidParam {
+            param: c.param,
+            message: format!(
+                "this JSON schema cannot be enforced (unsupported feature or invalid schema): {e}"
+            ),
+        })?;
+    let literal = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    let mut out = String::new();
+    for line in json.lines() {
+        match line.strip_prefix("root ::=") {
+            Some(rest) => out.push_str(&format!("json-root ::={rest}")),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "root ::= {} json-root {}\n",
+        literal(&c.prefix),
+        literal(&c.suffix)
+    ));
+    Ok(out)
+}
+
+/// The first schema feature llama.cpp's converter would reject or silently not enforce, named,
+/// so the client learns which one (the converter itself only reports failure).
+fn schema_problem(node: &serde_json::Value, root: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match node {
+        Value::Object(map) => {
+            if let Some(r) = map.get("$ref").and_then(Value::as_str) {
+                let Some(path) = r.strip_prefix('#') else {
+                    return Some(format!("remote $ref `{r}` is not supported"));
+                };
+                if root.pointer(path).is_none() {
+                    return Some(format!("$ref `{r}` points at nothing in the schema"));
+                }
+            }
+            let types: Vec<&Value> = match map.get("type") {
+                Some(Value::Array(ts)) => ts.iter().collect(),
+                Some(t) => vec![t],
+                None => Vec::new(),
+            };
+            for t in types {
+                let ok = t.as_str().is_some_and(|t| {
+                    matches!(
+                        t,
+                        "object" | "array" | "string" | "number" | "integer" | "boolean" | "null"
+                    )
+                });
+                if !ok {
+                    return Some(format!("type {t} is not a JSON type"));
+                }
+            }
+            if let Some(p) = map.get("pattern").and_then(Value::as_str) {
+                if !(p.starts_with('^') && p.ends_with('$')) {
+                    return Some(format!(
+                        "pattern `{p}` must be anchored with ^ and $ to be enforced"
+                    ));
+                }
+            }
+            map.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
+                .find_map(|(_, v)| schema_problem(v, root))
+        }
+        Value::Array(items) => items.iter().find_map(|v| schema_problem(v, root)),
+        _ => None,
+    }
+}
+
 /// Texts of the control and unknown tokens: what clients may write but must never turn into
 /// (normal, byte and user-defined tokens are plain text to the tokenizer either way).
 fn control_texts(model: &LlamaModel) -> Vec<String> {
@@ -377,5 +469,47 @@ impl LlamaEngine {
 impl Drop for LlamaEngine {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn schema_features_the_grammar_cannot_enforce_are_named() {
+        let problem = |s: serde_json::Value| schema_problem(&s, &s);
+        assert_eq!(
+            problem(json!({"$ref": "https://x/s.json"})).unwrap(),
+            "remote $ref `https://x/s.json` is not supported"
+        );
+        assert!(problem(json!({"properties": {"a": {"$ref": "#/$defs/b"}}}))
+            .unwrap()
+            .contains("points at nothing"));
+        assert!(problem(json!({"type": "nonsense"}))
+            .unwrap()
+            .contains("not a JSON type"));
+        assert!(
+            problem(json!({"items": {"type": "string", "pattern": "a|b"}}))
+                .unwrap()
+                .contains("anchored")
+        );
+        let fine = json!({"type": "object", "$defs": {"b": {"type": ["string", "null"]}},
+                          "properties": {"a": {"$ref": "#/$defs/b"}, "c": {"const": {"type": 1}},
+                                         "d": {"type": "string", "pattern": "^[a-z]+$"}}});
+        assert_eq!(problem(fine), None);
+        let c = super::super::Constraint {
+            schema: json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+            prefix: "<tool_call>\n".into(),
+            suffix: "\n</tool_call>".into(),
+            param: "tool_choice",
+        };
+        let g = grammar_for(&c).unwrap();
+        assert!(
+            g.contains("root ::= \"<tool_call>\\n\" json-root \"\\n</tool_call>\""),
+            "{g}"
+        );
+        assert!(g.lines().any(|l| l.starts_with("json-root ::=")), "{g}");
     }
 }

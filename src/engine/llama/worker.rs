@@ -202,6 +202,18 @@ impl<'m> Worker<'m> {
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            let picker = if job.req.sampling.is_plain_greedy() {
+                Picker::Greedy(job.req.sampling.logit_bias.clone())
+            } else {
+                match job.req.sampling.build(self.model) {
+                    Ok(chain) => Picker::Chain(chain),
+                    // Checked at submit; a failure here still ends only this request.
+                    Err(e) => {
+                        let _ = job.events.send(Event::Error(EngineError::Decode(e)));
+                        continue;
+                    }
+                }
+            };
             let assignment = self.slots.assign(&job.req.prompt).expect("a slot is free");
             let reused = self.apply_reuse(assignment.slot, assignment.reuse);
             let req = job.req;
@@ -221,11 +233,7 @@ impl<'m> Worker<'m> {
                 wait,
                 cached_tokens: reused as u32,
                 next: None,
-                picker: if req.sampling.is_plain_greedy() {
-                    Picker::Greedy(req.sampling.logit_bias.clone())
-                } else {
-                    Picker::Chain(req.sampling.build(self.model.n_vocab()))
-                },
+                picker,
                 max_tokens: req.max_tokens,
                 generated: 0,
                 text: TextAssembler::new(req.stop),
