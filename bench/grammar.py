@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Decode speed with a grammar active next to without, same server, same model, one run.
+
+    bench/grammar.py BINARY QWEN_GGUF [--runs N]
+
+Streams the same request twice per run: free text, and under a JSON schema (an array of 40
+short strings, so both answers are long). Decode speed is tokens after the first divided by
+the time after the first token; the ratio is grammar / free. Standard library only.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ID = "qwen"
+SCHEMA = {"type": "object", "properties": {"items": {
+    "type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 40, "maxItems": 40}},
+    "required": ["items"], "additionalProperties": False}
+
+
+def stream(base, body):
+    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    t0, first, usage = time.time(), None, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            v = json.loads(line[6:])
+            if v.get("usage"):
+                usage = v["usage"]
+            if v["choices"] and v["choices"][0]["delta"].get("content") and first is None:
+                first = time.time()
+    end = time.time()
+    n = usage["completion_tokens"]
+    return (n - 1) / (end - first), n, first - t0
+
+
+def main():
+    binary, model = sys.argv[1], sys.argv[2]
+    runs = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
+    d = tempfile.mkdtemp()
+    os.symlink(os.path.abspath(model), os.path.join(d, ID + ".gguf"))
+    open(os.path.join(d, "c.yaml"), "w").close()
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(d, "c.yaml"), "--port",
+                             str(port), "--models-dir", d, "--model", ID, "--parallel", "1",
+                             "--context", "4096", "--log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        body = {"model": ID, "max_tokens": 300, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "List forty fruits and vegetables, one per line."}]}
+        free, constrained = [], []
+        for _ in range(runs):
+            free.append(stream(base, body))
+            constrained.append(stream(base, {**body, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "list", "schema": SCHEMA}}}))
+        mean = lambda xs: sum(x[0] for x in xs) / len(xs)
+        for name, xs in (("free text", free), ("json_schema grammar", constrained)):
+            print(f"{name:<20} decode {mean(xs):6.1f} tokens/s  "
+                  f"(tokens {[x[1] for x in xs]}, ttft {[round(x[2], 3) for x in xs]} s)")
+        print(f"ratio grammar / free: {mean(constrained) / mean(free):.2f}x")
+    finally:
+        proc.kill()
+
+
+if __name__ == "__main__":
+    main()
