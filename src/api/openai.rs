@@ -151,12 +151,14 @@ pub async fn chat_completions(
         (tools, Some(c)) => {
             let name = match c.as_str() {
                 Some("required") => None,
-                Some(other) => return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!(
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!(
                         "tool_choice `{other}` is not one of none, auto, required, or a function"
                     ),
-                )),
+                    ))
+                }
                 None => Some(
                     c.pointer("/function/name")
                         .and_then(|n| n.as_str())

@@ -10,6 +10,8 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
@@ -17,7 +19,7 @@ use super::{Job, Shared, Ticket};
 use crate::engine::sampling::argmax;
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::text::TextAssembler;
-use crate::engine::{EngineError, Event, FinishReason, TokenId, Usage};
+use crate::engine::{EngineError, Event, FinishReason, SamplingParams, TokenId, Usage};
 
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
 pub(super) const BATCH_TOKENS: usize = 512;
@@ -36,6 +38,71 @@ enum Picker {
     Greedy(Vec<(TokenId, f32)>),
     /// llama.cpp's sampler chain, owned by this request alone.
     Chain(LlamaSampler),
+    /// A grammar, checked against the token the chain would pick; only when the grammar
+    /// refuses it does the whole vocabulary go through the grammar (as llama.cpp's own common
+    /// sampler does): most steps then cost one grammar check instead of one per vocabulary entry.
+    Constrained {
+        grammar: LlamaSampler,
+        chain: LlamaSampler,
+    },
+}
+
+impl Picker {
+    /// The picker for a request's sampling settings.
+    fn new(sampling: &SamplingParams, model: &LlamaModel) -> Result<Self, String> {
+        if sampling.is_plain_greedy() {
+            return Ok(Self::Greedy(sampling.logit_bias.clone()));
+        }
+        let Some(g) = &sampling.grammar else {
+            return sampling.build(model).map(Self::Chain);
+        };
+        let grammar = LlamaSampler::grammar(model, g, "root").map_err(|e| e.to_string())?;
+        let free = SamplingParams {
+            grammar: None,
+            ..sampling.clone()
+        };
+        Ok(Self::Constrained {
+            grammar,
+            chain: free.build(model)?,
+        })
+    }
+
+    /// The next token from the logits at `idx`.
+    fn pick(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
+        match self {
+            Self::Greedy(biases) => LlamaToken(argmax(ctx.get_logits_ith(idx), biases)),
+            Self::Chain(sampler) => sampler.sample(ctx, idx),
+            Self::Constrained { grammar, chain } => {
+                let logits = ctx.get_logits_ith(idx);
+                let all = || {
+                    LlamaTokenDataArray::from_iter(
+                        logits
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                        false,
+                    )
+                };
+                let mut candidates = all();
+                candidates.apply_sampler(chain);
+                let allowed = candidates.selected_token().filter(|&t| {
+                    let mut one =
+                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 1.0, 0.0)], false);
+                    one.apply_sampler(grammar);
+                    one.data[0].logit().is_finite()
+                });
+                let tok = allowed.unwrap_or_else(|| {
+                    let mut candidates = all();
+                    candidates.apply_sampler(grammar);
+                    candidates.apply_sampler(chain);
+                    candidates.selected_token().unwrap_or(LlamaToken(0))
+                });
+                grammar.accept(tok);
+                chain.accept(tok);
+                tok
+            }
+        }
+    }
 }
 
 /// A prefix another request is computing right now, that this one will copy when it is in.
@@ -202,16 +269,12 @@ impl<'m> Worker<'m> {
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            let picker = if job.req.sampling.is_plain_greedy() {
-                Picker::Greedy(job.req.sampling.logit_bias.clone())
-            } else {
-                match job.req.sampling.build(self.model) {
-                    Ok(chain) => Picker::Chain(chain),
-                    // Checked at submit; a failure here still ends only this request.
-                    Err(e) => {
-                        let _ = job.events.send(Event::Error(EngineError::Decode(e)));
-                        continue;
-                    }
+            let picker = match Picker::new(&job.req.sampling, self.model) {
+                Ok(p) => p,
+                // Checked at submit; a failure here still ends only this request.
+                Err(e) => {
+                    let _ = job.events.send(Event::Error(EngineError::Decode(e)));
+                    continue;
                 }
             };
             let assignment = self.slots.assign(&job.req.prompt).expect("a slot is free");
@@ -491,10 +554,7 @@ impl<'m> Worker<'m> {
             let Some(idx) = a.logits_at.take() else {
                 continue;
             };
-            let tok = match &mut a.picker {
-                Picker::Greedy(biases) => LlamaToken(argmax(self.ctx.get_logits_ith(idx), biases)),
-                Picker::Chain(sampler) => sampler.sample(&self.ctx, idx),
-            };
+            let tok = a.picker.pick(&self.ctx, idx);
             a.generated += 1;
             a.first_token.get_or_insert_with(Instant::now);
             let mut finish = None;
