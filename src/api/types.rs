@@ -271,6 +271,29 @@ pub fn validate_messages(messages: &[Value]) -> Result<(), ApiError> {
                 ),
             ));
         }
+        if let Some(Value::Array(parts)) = m.get("content") {
+            for (j, part) in parts.iter().enumerate() {
+                let at = format!("{param}.content[{j}]");
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") if part.get("text").is_some_and(Value::is_string) => {}
+                    Some("text") => {
+                        return Err(ApiError::invalid(at.clone(), format!("{at}.text must be a string")))
+                    }
+                    Some(kind @ ("image_url" | "input_image" | "image" | "input_audio")) => {
+                        return Err(ApiError::invalid(
+                            at,
+                            format!("`{kind}` content parts are not supported: no model served here can see or hear yet; send text parts"),
+                        ))
+                    }
+                    other => {
+                        return Err(ApiError::invalid(
+                            at.clone(),
+                            format!("{at}.type {} is not a content part type (text)", other.map_or("(missing)".into(), |t| format!("`{t}`"))),
+                        ))
+                    }
+                }
+            }
+        }
         match m.get("content") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             Some(Value::Null) | None if role == "assistant" => {}
@@ -514,6 +537,21 @@ mod tests {
         assert!(validate_messages(&[json!({"role": "wizard", "content": "x"})]).is_err());
         assert!(validate_messages(&[json!({"role": "user"})]).is_err());
         assert!(validate_messages(&[json!({"role": "user", "content": 5})]).is_err());
+        let image = json!({"role": "user", "content": [{"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]});
+        let e = validate_messages(&[image]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`image_url` content parts are not supported"),
+            "{e}"
+        );
+        assert_eq!(e.detail().param.as_deref(), Some("messages[0].content[1]"));
+        assert!(
+            validate_messages(&[json!({"role": "user", "content": [{"type": "text"}]})]).is_err()
+        );
+        assert!(
+            validate_messages(&[json!({"role": "user", "content": [{"type": "video"}]})]).is_err()
+        );
         assert!(validate_messages(&[
             json!({"role": "system", "content": "s"}),
             json!({"role": "user", "content": [{"type": "text", "text": "t"}]}),

@@ -142,6 +142,10 @@ impl ChatTemplate {
 fn normalise_message(m: &Json) -> Json {
     let mut m = m.clone();
     if let Some(obj) = m.as_object_mut() {
+        // OpenAI's newer name for system instructions; templates only know `system`.
+        if obj.get("role").and_then(Json::as_str) == Some("developer") {
+            obj.insert("role".into(), Json::String("system".into()));
+        }
         let text = match obj.get("content") {
             Some(Json::Array(parts)) => Some(
                 parts
@@ -205,6 +209,23 @@ mod tests {
             out,
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
+    }
+
+    #[test]
+    fn developer_is_system_and_call_arguments_reach_the_template_as_objects() {
+        let src = "{% for m in messages %}[{{ m.role }}]{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.path }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), &hints("x"), "", "");
+        let out = t
+            .render(
+                &[
+                    json!({"role":"developer","content":"Be brief."}),
+                    json!({"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                        "function":{"name":"read_file","arguments":"{\"path\": \"README.md\"}"}}]}),
+                ],
+                None,
+            )
+            .unwrap();
+        assert_eq!(out, "[system][assistant]README.md");
     }
 
     #[test]
