@@ -12,7 +12,9 @@ use super::types::*;
 use super::{from_value, parse_json, read_body, ApiPath, AppState};
 use crate::chat::prompt::{chat_prompt, PromptError, PromptLimits};
 use crate::chat::tools::{required_call, Delta, ToolCallParser};
-use crate::engine::{EngineError, Event, FinishReason, GenerationRequest, TokenId, Usage};
+use crate::engine::{
+    EngineError, Event, FinishReason, GenerationRequest, TokenId, TokenLogprob, Usage,
+};
 use crate::models::registry::{LoadedModel, ModelLease};
 
 fn now_secs() -> u64 {
@@ -57,12 +59,15 @@ fn generation_request(
         stop: v.stop.clone(),
         sampling: v.params.clone(),
         constraint: v.constraint.clone(),
+        logprobs: v.logprobs,
     })
 }
 
 /// Everything a finished non-streaming generation produced.
 struct Collected {
     text: String,
+    /// Per-token log-probabilities, when asked for.
+    logprobs: Vec<TokenLogprob>,
     finish_reason: FinishReason,
     usage: Usage,
 }
@@ -72,9 +77,11 @@ async fn collect(
     mut rx: UnboundedReceiver<Event>,
 ) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
+            Event::Logprob(lp) => logprobs.push(lp),
             Event::Done {
                 finish_reason,
                 usage,
@@ -86,6 +93,7 @@ async fn collect(
                     .record_completion(&usage, time_to_first_token, total_time);
                 return Ok(Collected {
                     text,
+                    logprobs,
                     finish_reason,
                     usage,
                 });
@@ -202,6 +210,7 @@ pub async fn chat_completions(
 
     if !v.stream {
         let out = collect(&state, rx).await?;
+        let logprobs = v.logprobs.map(|_| ChoiceLogprobs::value(out.logprobs));
         let (content, tool_calls) = whole_answer(out.text, parse_calls);
         return Ok(Json(ChatCompletion {
             id,
@@ -217,7 +226,7 @@ pub async fn chat_completions(
                     refusal: None,
                     tool_calls: tool_calls.clone(),
                 },
-                logprobs: None,
+                logprobs,
                 finish_reason: with_calls(out.finish_reason, tool_calls.is_some()),
             }],
             usage: out.usage.into(),
@@ -238,18 +247,25 @@ pub async fn chat_completions(
         })
         .ok()
     };
-    let choice = |delta, finish_reason| ChatChunkChoice {
+    let choice = |delta, logprobs, finish_reason| ChatChunkChoice {
         index: 0,
         delta,
-        logprobs: None,
+        logprobs,
         finish_reason,
     };
-    // One parser per answer: tool calls are found as the text streams.
+    // One parser per answer: tool calls are found as the text streams. Token log-probabilities
+    // arrive before their text and ride on the next chunk that goes out.
     let mut parser = parse_calls.then(ToolCallParser::new);
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let wants_logprobs = v.logprobs.is_some();
     let format: Formatter = Box::new(move |piece| {
-        let deltas = |ds: Vec<ChatDelta>| -> Vec<String> {
+        let mut take_logprobs = || {
+            (wants_logprobs && !pending.is_empty())
+                .then(|| ChoiceLogprobs::value(std::mem::take(&mut pending)))
+        };
+        let mut deltas = |ds: Vec<ChatDelta>| -> Vec<String> {
             ds.into_iter()
-                .filter_map(|d| chunk(vec![choice(d, None)], None))
+                .filter_map(|d| chunk(vec![choice(d, take_logprobs(), None)], None))
                 .collect()
         };
         match piece {
@@ -258,6 +274,10 @@ pub async fn chat_completions(
                 content: Some(String::new()),
                 tool_calls: None,
             }]),
+            Piece::Logprob(lp) => {
+                pending.push(lp);
+                Vec::new()
+            }
             Piece::Text(t) => match parser.as_mut() {
                 Some(p) => deltas(wire_deltas(p.push(&t))),
                 None => deltas(vec![ChatDelta {
@@ -271,7 +291,11 @@ pub async fn chat_completions(
                     None => (Vec::new(), false),
                 };
                 out.extend(chunk(
-                    vec![choice(ChatDelta::default(), Some(with_calls(r, calls)))],
+                    vec![choice(
+                        ChatDelta::default(),
+                        take_logprobs(),
+                        Some(with_calls(r, calls)),
+                    )],
                     None,
                 ));
                 out
@@ -359,6 +383,12 @@ pub async fn completions(
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
+    if v.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "logprobs are supported on /v1/chat/completions, not yet on /v1/completions",
+        ));
+    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
@@ -433,7 +463,7 @@ async fn finish_completion(
     let usage_field = move || include_usage.then_some(None);
     let format: Formatter = Box::new(move |piece| {
         let chunk = match piece {
-            Piece::Start => return Vec::new(),
+            Piece::Start | Piece::Logprob(_) => return Vec::new(),
             Piece::Text(t) => body(t, None, usage_field()),
             Piece::Finish(r) => body(String::new(), Some(r), usage_field()),
             Piece::Usage(u) => {

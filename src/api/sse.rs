@@ -14,13 +14,15 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::engine::{Event, FinishReason, Usage};
+use crate::engine::{Event, FinishReason, TokenLogprob, Usage};
 
 /// A moment in a stream that a chunk formatter turns into JSON.
 pub enum Piece {
     /// Before any text (chat sends the assistant role here).
     Start,
     Text(String),
+    /// A generated token's log-probability (before its text), when asked for.
+    Logprob(TokenLogprob),
     Finish(FinishReason),
     /// Final usage, only when the client asked for it.
     Usage(Usage),
@@ -57,6 +59,10 @@ pub fn stream_response(
                 State::Running(mut rx, mut format) => match rx.recv().await {
                     Some(Event::Text(t)) => {
                         let out = format(Piece::Text(t)).into_iter().map(data).collect();
+                        Some((out, State::Running(rx, format)))
+                    }
+                    Some(Event::Logprob(lp)) => {
+                        let out = format(Piece::Logprob(lp)).into_iter().map(data).collect();
                         Some((out, State::Running(rx, format)))
                     }
                     Some(Event::Done {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{Constraint, FinishReason, SamplingParams, Usage};
+use crate::engine::{Constraint, FinishReason, SamplingParams, TokenLogprob, Usage};
 
 /// `stop` may be one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +88,8 @@ pub struct ValidatedSampling {
     pub stop: Vec<String>,
     /// JSON output the client asked for with `response_format`.
     pub constraint: Option<Constraint>,
+    /// Alternatives per token when log-probabilities were asked for.
+    pub logprobs: Option<u8>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -120,15 +122,25 @@ impl SamplingFields {
         let wants_logprobs = match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
             Some(Value::Bool(true)) => true,
-            Some(Value::Number(n)) => n.as_i64().unwrap_or(1) > 0,
             Some(_) => return Err(ApiError::invalid("logprobs", "logprobs must be a boolean")),
         };
-        if wants_logprobs || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::invalid(
-                "logprobs",
-                "logprobs are not supported yet",
-            ));
-        }
+        let logprobs = match (wants_logprobs, self.top_logprobs) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ))
+            }
+            (true, None) => Some(0),
+            (true, Some(n)) if (0..=20).contains(&n) => Some(n as u8),
+            (true, Some(n)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20, got {n}"),
+                ))
+            }
+        };
         let constraint = response_format(self.response_format.as_ref())?;
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
@@ -206,6 +218,7 @@ impl SamplingFields {
             max_tokens,
             stop,
             constraint,
+            logprobs,
             stream: self.stream,
             include_usage: self
                 .stream_options
@@ -306,6 +319,58 @@ pub fn validate_messages(messages: &[Value]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// `choices[].logprobs` of a chat completion (whole, or the tokens of one chunk).
+#[derive(Debug, Serialize)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<LogprobEntry>,
+    pub refusal: Option<Vec<LogprobEntry>>,
+}
+
+/// One token's entry in `logprobs.content`.
+#[derive(Debug, Serialize)]
+pub struct LogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative in `top_logprobs`.
+#[derive(Debug, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ChoiceLogprobs {
+    /// The wire form of the engine's per-token reports, as a JSON value for `logprobs`.
+    pub fn value(tokens: Vec<TokenLogprob>) -> Value {
+        let content = tokens
+            .into_iter()
+            .map(|t| LogprobEntry {
+                token: t.token.text,
+                logprob: t.logprob,
+                bytes: t.token.bytes,
+                top_logprobs: t
+                    .top
+                    .into_iter()
+                    .map(|(tok, logprob)| TopLogprob {
+                        token: tok.text,
+                        logprob,
+                        bytes: tok.bytes,
+                    })
+                    .collect(),
+            })
+            .collect();
+        serde_json::to_value(ChoiceLogprobs {
+            content,
+            refusal: None,
+        })
+        .unwrap_or(Value::Null)
+    }
 }
 
 /// OpenAI's `usage` object.
@@ -504,7 +569,9 @@ mod tests {
             json!({"max_completion_tokens": 99999999999i64}),
             json!({"frequency_penalty": 9}),
             json!({"n": 2}),
-            json!({"logprobs": true}),
+            json!({"logprobs": 3}),
+            json!({"top_logprobs": 2}),
+            json!({"logprobs": true, "top_logprobs": 21}),
             json!({"logit_bias": {"abc": 1}}),
             json!({"logit_bias": {"5": 500}}),
             json!({"response_format": {"type": "xml"}}),

@@ -58,6 +58,23 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Output the engine must produce, whatever the model would rather say.
     pub constraint: Option<Constraint>,
+    /// Report each generated token's log-probability and this many alternatives (0..=20).
+    pub logprobs: Option<u8>,
+}
+
+/// One generated token's log-probability, and the most likely alternatives at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// A token as text and as the raw bytes it stands for (a token may hold part of a character).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub text: String,
+    pub bytes: Vec<u8>,
 }
 
 /// Constrained output: JSON that matches `schema`, written between `prefix` and `suffix`
@@ -96,6 +113,8 @@ pub struct Usage {
 pub enum Event {
     /// More generated text (never split inside a character, never part of a stop string).
     Text(String),
+    /// A token was generated (sent before its text, only when logprobs were asked for).
+    Logprob(TokenLogprob),
     /// Generation ended normally.
     Done {
         finish_reason: FinishReason,

@@ -110,6 +110,29 @@ impl SamplingParams {
     }
 }
 
+/// The log-probability of `token` under the model's own distribution (softmax of the raw
+/// logits, as OpenAI reports it), and the `k` most likely tokens with theirs, most likely first.
+pub fn logprobs(logits: &[f32], token: usize, k: usize) -> (f32, Vec<(TokenId, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - lse) as f32;
+    // A sorted list of at most k: one pass, cheap for k <= 20 over a 150k vocabulary.
+    let mut top: Vec<(usize, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() < k || top.last().is_some_and(|&(_, m)| l > m) {
+            let at = top.partition_point(|&(_, m)| m >= l);
+            top.insert(at, (i, l));
+            top.truncate(k);
+        }
+    }
+    let top = top
+        .into_iter()
+        .map(|(i, l)| (i as TokenId, lp(l)))
+        .collect();
+    (lp(logits[token]), top)
+}
+
 /// Index of the largest logit after adding `biases` (the first on ties, as llama.cpp's greedy
 /// sampler picks). Runs once per generated token over the whole vocabulary (262k entries for
 /// Gemma), so the common case is a branch-free scan the compiler vectorises; biases (few, and
@@ -175,6 +198,20 @@ fn rand_seed() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_and_the_top_ones_come_first() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0, 3.0];
+        let (chosen, top) = logprobs(&logits, 1, 3);
+        let total: f32 = logits.iter().map(|&l| l.exp()).sum();
+        assert!((chosen - (3.0f32.exp() / total).ln()).abs() < 1e-6);
+        let ids: Vec<TokenId> = top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, [1, 4, 2], "ties keep the lower id first");
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let mass: f32 = top.iter().map(|&(_, l)| l.exp()).sum();
+        assert!(mass <= 1.0 + 1e-6);
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
+    }
 
     #[test]
     fn argmax_first_on_ties() {

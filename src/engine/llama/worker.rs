@@ -16,10 +16,12 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
 use super::{Job, Shared, Ticket};
-use crate::engine::sampling::argmax;
+use crate::engine::sampling::{argmax, logprobs};
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::text::TextAssembler;
-use crate::engine::{EngineError, Event, FinishReason, SamplingParams, TokenId, Usage};
+use crate::engine::{
+    EngineError, Event, FinishReason, SamplingParams, TokenId, TokenLogprob, TokenText, Usage,
+};
 
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
 pub(super) const BATCH_TOKENS: usize = 512;
@@ -132,6 +134,8 @@ struct Active {
     picker: Picker,
     max_tokens: u32,
     generated: u32,
+    /// Alternatives to report with each token's log-probability, if asked.
+    logprobs: Option<u8>,
     text: TextAssembler,
     /// When the request reached the engine: time to first token includes queueing.
     submitted: Instant,
@@ -299,6 +303,7 @@ impl<'m> Worker<'m> {
                 picker,
                 max_tokens: req.max_tokens,
                 generated: 0,
+                logprobs: req.logprobs,
                 text: TextAssembler::new(req.stop),
                 submitted: job.submitted,
                 first_token: None,
@@ -555,6 +560,25 @@ impl<'m> Worker<'m> {
                 continue;
             };
             let tok = a.picker.pick(&self.ctx, idx);
+            if let Some(k) = a.logprobs.filter(|_| !vocab.is_eog(tok)) {
+                let (logprob, top) =
+                    logprobs(self.ctx.get_logits_ith(idx), tok.0 as usize, k.into());
+                let text = |t: LlamaToken| {
+                    let bytes = vocab.token_to_piece(t, false, None);
+                    TokenText {
+                        text: String::from_utf8_lossy(&bytes).into_owned(),
+                        bytes,
+                    }
+                };
+                let _ = a.events.send(Event::Logprob(TokenLogprob {
+                    token: text(tok),
+                    logprob,
+                    top: top
+                        .into_iter()
+                        .map(|(t, l)| (text(LlamaToken(t)), l))
+                        .collect(),
+                }));
+            }
             a.generated += 1;
             a.first_token.get_or_insert_with(Instant::now);
             let mut finish = None;
