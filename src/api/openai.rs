@@ -203,33 +203,41 @@ pub async fn chat_completions(
         gen.constraint = forced_call;
     }
     model.touch();
-    let rx = model.engine.submit(gen)?;
+    let rxs = submit_choices(&model, gen, v.n)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model_id = model.id.clone();
 
     if !v.stream {
-        let out = collect(&state, rx).await?;
-        let logprobs = v.logprobs.map(|_| ChoiceLogprobs::value(out.logprobs));
-        let (content, tool_calls) = whole_answer(out.text, parse_calls);
+        let (outs, usage) = collect_choices(&state, rxs).await?;
+        let choices = outs
+            .into_iter()
+            .enumerate()
+            .map(|(i, out)| {
+                let logprobs = v.logprobs.map(|_| ChoiceLogprobs::value(out.logprobs));
+                let (content, tool_calls) = whole_answer(out.text, parse_calls);
+                let finish_reason = with_calls(out.finish_reason, tool_calls.is_some());
+                ChatChoice {
+                    index: i as u32,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content,
+                        refusal: None,
+                        tool_calls,
+                    },
+                    logprobs,
+                    finish_reason,
+                }
+            })
+            .collect();
         return Ok(Json(ChatCompletion {
             id,
             object: "chat.completion",
             created,
             model: model_id,
             system_fingerprint: fingerprint(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content,
-                    refusal: None,
-                    tool_calls: tool_calls.clone(),
-                },
-                logprobs,
-                finish_reason: with_calls(out.finish_reason, tool_calls.is_some()),
-            }],
-            usage: out.usage.into(),
+            choices,
+            usage: usage.into(),
         })
         .into_response());
     }
@@ -247,25 +255,33 @@ pub async fn chat_completions(
         })
         .ok()
     };
-    let choice = |delta, logprobs, finish_reason| ChatChunkChoice {
-        index: 0,
+    let choice = |index, delta, logprobs, finish_reason| ChatChunkChoice {
+        index,
         delta,
         logprobs,
         finish_reason,
     };
-    // One parser per answer: tool calls are found as the text streams. Token log-probabilities
-    // arrive before their text and ride on the next chunk that goes out.
-    let mut parser = parse_calls.then(ToolCallParser::new);
-    let mut pending: Vec<TokenLogprob> = Vec::new();
+    // One parser per answer (choice): tool calls are found as the text streams. Token
+    // log-probabilities arrive before their text and ride on the next chunk that goes out.
+    let mut parsers: Vec<Option<ToolCallParser>> = (0..v.n)
+        .map(|_| parse_calls.then(ToolCallParser::new))
+        .collect();
+    let mut pendings: Vec<Vec<TokenLogprob>> = (0..v.n).map(|_| Vec::new()).collect();
     let wants_logprobs = v.logprobs.is_some();
-    let format: Formatter = Box::new(move |piece| {
+    let format: Formatter = Box::new(move |index, piece| {
+        let parser = &mut parsers[index as usize];
+        let pending = &mut pendings[index as usize];
+        if let Piece::Logprob(lp) = piece {
+            pending.push(lp);
+            return Vec::new();
+        }
         let mut take_logprobs = || {
             (wants_logprobs && !pending.is_empty())
-                .then(|| ChoiceLogprobs::value(std::mem::take(&mut pending)))
+                .then(|| ChoiceLogprobs::value(std::mem::take(pending)))
         };
         let mut deltas = |ds: Vec<ChatDelta>| -> Vec<String> {
             ds.into_iter()
-                .filter_map(|d| chunk(vec![choice(d, take_logprobs(), None)], None))
+                .filter_map(|d| chunk(vec![choice(index, d, take_logprobs(), None)], None))
                 .collect()
         };
         match piece {
@@ -274,10 +290,7 @@ pub async fn chat_completions(
                 content: Some(String::new()),
                 tool_calls: None,
             }]),
-            Piece::Logprob(lp) => {
-                pending.push(lp);
-                Vec::new()
-            }
+            Piece::Logprob(_) => Vec::new(),
             Piece::Text(t) => match parser.as_mut() {
                 Some(p) => deltas(wire_deltas(p.push(&t))),
                 None => deltas(vec![ChatDelta {
@@ -292,6 +305,7 @@ pub async fn chat_completions(
                 };
                 out.extend(chunk(
                     vec![choice(
+                        index,
                         ChatDelta::default(),
                         take_logprobs(),
                         Some(with_calls(r, calls)),
@@ -303,7 +317,45 @@ pub async fn chat_completions(
             Piece::Usage(u) => chunk(vec![], Some(Some(u.into()))).into_iter().collect(),
         }
     });
-    Ok(stream_response(rx, include_usage, format, &state).into_response())
+    Ok(stream_response(rxs, include_usage, format, &state).into_response())
+}
+
+/// Submits the `n` choices of one request: the same prompt (the scheduler shares its KV
+/// between them), each its own sequence, seeds `seed + i` so seeded choices differ and
+/// repeat. If one cannot be queued the others are dropped (and so cancelled) with it.
+fn submit_choices(
+    model: &ModelLease,
+    gen: GenerationRequest,
+    n: u32,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let parallel = model.engine.info().parallel;
+    if n > parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n is {n}, more than the {parallel} sequences this model is loaded with"),
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let mut g = gen.clone();
+            g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
+            model.engine.submit(g).map_err(ApiError::from)
+        })
+        .collect()
+}
+
+/// Collects every choice whole; usage counts the prompt once and every choice's tokens.
+async fn collect_choices(
+    state: &AppState,
+    rxs: Vec<UnboundedReceiver<Event>>,
+) -> Result<(Vec<Collected>, Usage), ApiError> {
+    let outs = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(state, rx)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut usage = outs.first().map(|o| o.usage).unwrap_or_default();
+    usage.completion_tokens = outs.iter().map(|o| o.usage.completion_tokens).sum();
+    Ok((outs, usage))
 }
 
 /// A whole answer's content and tool calls (`content` is `null` when there are only calls).
@@ -430,51 +482,47 @@ async fn finish_completion(
 ) -> Result<Response, ApiError> {
     let gen = generation_request(model, prompt, v)?;
     model.touch();
-    let rx = model.engine.submit(gen)?;
+    let rxs = submit_choices(model, gen, v.n)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model_id = model.id.clone();
-    let body =
-        move |text: String, finish_reason, usage: Option<Option<UsageBody>>| TextCompletion {
-            id: id.clone(),
-            object: "text_completion",
-            created,
-            model: model_id.clone(),
-            system_fingerprint: fingerprint(),
-            choices: vec![TextChoice {
-                text,
-                index: 0,
-                logprobs: None,
-                finish_reason,
-            }],
-            usage,
-        };
+    let body = move |choices: Vec<TextChoice>, usage: Option<Option<UsageBody>>| TextCompletion {
+        id: id.clone(),
+        object: "text_completion",
+        created,
+        model: model_id.clone(),
+        system_fingerprint: fingerprint(),
+        choices,
+        usage,
+    };
+    let choice = |index, text, finish_reason| TextChoice {
+        text,
+        index,
+        logprobs: None,
+        finish_reason,
+    };
 
     if !v.stream {
-        let out = collect(state, rx).await?;
-        let resp = body(
-            out.text,
-            Some(out.finish_reason),
-            Some(Some(out.usage.into())),
-        );
-        return Ok(Json(resp).into_response());
+        let (outs, usage) = collect_choices(state, rxs).await?;
+        let choices = outs
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| choice(i as u32, o.text, Some(o.finish_reason)))
+            .collect();
+        return Ok(Json(body(choices, Some(Some(usage.into())))).into_response());
     }
     let include_usage = v.include_usage;
     let usage_field = move || include_usage.then_some(None);
-    let format: Formatter = Box::new(move |piece| {
+    let format: Formatter = Box::new(move |index, piece| {
         let chunk = match piece {
             Piece::Start | Piece::Logprob(_) => return Vec::new(),
-            Piece::Text(t) => body(t, None, usage_field()),
-            Piece::Finish(r) => body(String::new(), Some(r), usage_field()),
-            Piece::Usage(u) => {
-                let mut c = body(String::new(), None, Some(Some(u.into())));
-                c.choices.clear();
-                c
-            }
+            Piece::Text(t) => body(vec![choice(index, t, None)], usage_field()),
+            Piece::Finish(r) => body(vec![choice(index, String::new(), Some(r))], usage_field()),
+            Piece::Usage(u) => body(Vec::new(), Some(Some(u.into()))),
         };
         serde_json::to_string(&chunk).ok().into_iter().collect()
     });
-    Ok(stream_response(rx, include_usage, format, state).into_response())
+    Ok(stream_response(rxs, include_usage, format, state).into_response())
 }
 
 fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> ModelObject {

@@ -28,19 +28,31 @@ pub enum Piece {
     Usage(Usage),
 }
 
-/// Formats one response's pieces into chunk JSON, zero or more chunks a piece. Stateful: a
-/// chat answer's tool calls are parsed as its text streams.
-pub type Formatter = Box<dyn FnMut(Piece) -> Vec<String> + Send>;
+/// Formats one response's pieces into chunk JSON, zero or more chunks a piece, for the
+/// choice with the given index. Stateful: a chat answer's tool calls are parsed as its text
+/// streams.
+pub type Formatter = Box<dyn FnMut(u32, Piece) -> Vec<String> + Send>;
+
+/// Every choice's events, tagged with the choice's index. Dropping it drops every receiver,
+/// which cancels every choice's sequence.
+type Merged = stream::SelectAll<stream::BoxStream<'static, (u32, Event)>>;
 
 enum State {
-    Start(UnboundedReceiver<Event>, Formatter),
-    Running(UnboundedReceiver<Event>, Formatter),
+    Start(Merged, Formatter),
+    Running {
+        events: Merged,
+        format: Formatter,
+        /// Choices still generating.
+        left: u32,
+        /// Usage over the choices: the prompt once, completions added up.
+        usage: Option<Usage>,
+    },
     Ended,
 }
 
-/// Builds the SSE response for a running generation.
+/// Builds the SSE response for a running generation of one or more choices.
 pub fn stream_response(
-    events: UnboundedReceiver<Event>,
+    choices: Vec<UnboundedReceiver<Event>>,
     include_usage: bool,
     format: Formatter,
     state: &AppState,
@@ -48,41 +60,101 @@ pub fn stream_response(
     let metrics = state.metrics.clone();
     let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
     let data = |s: String| SseEvent::default().data(s);
-    let s = stream::unfold(State::Start(events, format), move |state| {
+    let count = choices.len() as u32;
+    let merged: Merged = stream::select_all(choices.into_iter().enumerate().map(|(i, rx)| {
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(move |ev| (i as u32, ev))
+            .boxed()
+    }));
+    let s = stream::unfold(State::Start(merged, format), move |state| {
         let metrics = metrics.clone();
         async move {
             match state {
-                State::Start(rx, mut format) => {
-                    let out: Vec<_> = format(Piece::Start).into_iter().map(data).collect();
-                    Some((out, State::Running(rx, format)))
+                State::Start(events, mut format) => {
+                    let out: Vec<_> = (0..count)
+                        .flat_map(|i| format(i, Piece::Start))
+                        .map(data)
+                        .collect();
+                    let next = State::Running {
+                        events,
+                        format,
+                        left: count,
+                        usage: None,
+                    };
+                    Some((out, next))
                 }
-                State::Running(mut rx, mut format) => match rx.recv().await {
-                    Some(Event::Text(t)) => {
-                        let out = format(Piece::Text(t)).into_iter().map(data).collect();
-                        Some((out, State::Running(rx, format)))
+                State::Running {
+                    mut events,
+                    mut format,
+                    left,
+                    usage,
+                } => match events.next().await {
+                    Some((i, Event::Text(t))) => {
+                        let out = format(i, Piece::Text(t)).into_iter().map(data).collect();
+                        Some((
+                            out,
+                            State::Running {
+                                events,
+                                format,
+                                left,
+                                usage,
+                            },
+                        ))
                     }
-                    Some(Event::Logprob(lp)) => {
-                        let out = format(Piece::Logprob(lp)).into_iter().map(data).collect();
-                        Some((out, State::Running(rx, format)))
-                    }
-                    Some(Event::Done {
-                        finish_reason,
-                        usage,
-                        time_to_first_token,
-                        total_time,
-                    }) => {
-                        metrics.record_completion(&usage, time_to_first_token, total_time);
-                        let mut out: Vec<_> = format(Piece::Finish(finish_reason))
+                    Some((i, Event::Logprob(lp))) => {
+                        let out = format(i, Piece::Logprob(lp))
                             .into_iter()
                             .map(data)
                             .collect();
-                        if include_usage {
-                            out.extend(format(Piece::Usage(usage)).into_iter().map(data));
+                        Some((
+                            out,
+                            State::Running {
+                                events,
+                                format,
+                                left,
+                                usage,
+                            },
+                        ))
+                    }
+                    Some((
+                        i,
+                        Event::Done {
+                            finish_reason,
+                            usage: u,
+                            time_to_first_token,
+                            total_time,
+                        },
+                    )) => {
+                        metrics.record_completion(&u, time_to_first_token, total_time);
+                        let usage = Some(match usage {
+                            None => u,
+                            Some(sum) => Usage {
+                                completion_tokens: sum.completion_tokens + u.completion_tokens,
+                                ..sum
+                            },
+                        });
+                        let mut out: Vec<_> = format(i, Piece::Finish(finish_reason))
+                            .into_iter()
+                            .map(data)
+                            .collect();
+                        if left > 1 {
+                            return Some((
+                                out,
+                                State::Running {
+                                    events,
+                                    format,
+                                    left: left - 1,
+                                    usage,
+                                },
+                            ));
+                        }
+                        if let (true, Some(u)) = (include_usage, usage) {
+                            out.extend(format(0, Piece::Usage(u)).into_iter().map(data));
                         }
                         out.push(data("[DONE]".into()));
                         Some((out, State::Ended))
                     }
-                    Some(Event::Error(e)) => {
+                    Some((_, Event::Error(e))) => {
                         Some((vec![error_event(ApiError::from(e))], State::Ended))
                     }
                     None => Some((

@@ -90,6 +90,8 @@ pub struct ValidatedSampling {
     pub constraint: Option<Constraint>,
     /// Alternatives per token when log-probabilities were asked for.
     pub logprobs: Option<u8>,
+    /// Choices to generate for the one prompt.
+    pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -109,16 +111,17 @@ impl SamplingFields {
     /// Checks ranges and unsupported options; defaults come from [`SamplingParams::default`].
     pub fn validate(&self) -> Result<ValidatedSampling, ApiError> {
         let d = SamplingParams::default();
-        if let Some(n) = self.n {
-            if n != 1 {
+        // Checked against the model's sequences once the model is known.
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=256).contains(&n) => n as u32,
+            Some(n) => {
                 return Err(ApiError::invalid(
                     "n",
-                    format!(
-                        "n must be 1 (got {n}); several choices per request are not supported yet"
-                    ),
-                ));
+                    format!("n must be between 1 and the model's parallel sequences, got {n}"),
+                ))
             }
-        }
+        };
         let wants_logprobs = match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
             Some(Value::Bool(true)) => true,
@@ -219,6 +222,7 @@ impl SamplingFields {
             stop,
             constraint,
             logprobs,
+            n,
             stream: self.stream,
             include_usage: self
                 .stream_options
@@ -568,7 +572,7 @@ mod tests {
             json!({"max_tokens": -5}),
             json!({"max_completion_tokens": 99999999999i64}),
             json!({"frequency_penalty": 9}),
-            json!({"n": 2}),
+            json!({"n": 0}),
             json!({"logprobs": 3}),
             json!({"top_logprobs": 2}),
             json!({"logprobs": true, "top_logprobs": 21}),
