@@ -10,8 +10,9 @@ use super::error::ApiError;
 use super::sse::{stream_response, Formatter, Piece};
 use super::types::*;
 use super::{from_value, parse_json, read_body, ApiPath, AppState};
+use crate::chat::answer::AnswerStream;
 use crate::chat::prompt::{chat_prompt, PromptError, PromptLimits};
-use crate::chat::tools::{required_call, Delta, ToolCallParser};
+use crate::chat::tools::{required_call, Delta};
 use crate::engine::{
     EngineError, Event, FinishReason, GenerationRequest, TokenId, TokenLogprob, Usage,
 };
@@ -198,7 +199,8 @@ pub async fn chat_completions(
             )
         })
         .await??;
-    let mut gen = generation_request(&model, prompt, &v)?;
+    let opens_thinking = prompt.opens_thinking;
+    let mut gen = generation_request(&model, prompt.tokens, &v)?;
     if forced_call.is_some() {
         gen.constraint = forced_call;
     }
@@ -215,15 +217,16 @@ pub async fn chat_completions(
             .enumerate()
             .map(|(i, out)| {
                 let logprobs = v.logprobs.map(|_| ChoiceLogprobs::value(out.logprobs));
-                let (content, tool_calls) = whole_answer(out.text, parse_calls);
-                let finish_reason = with_calls(out.finish_reason, tool_calls.is_some());
+                let answer = whole_answer(&out.text, parse_calls, opens_thinking);
+                let finish_reason = with_calls(out.finish_reason, answer.tool_calls.is_some());
                 ChatChoice {
                     index: i as u32,
                     message: AssistantMessage {
                         role: "assistant",
-                        content,
+                        content: answer.content,
+                        reasoning_content: answer.reasoning,
                         refusal: None,
-                        tool_calls,
+                        tool_calls: answer.tool_calls,
                     },
                     logprobs,
                     finish_reason,
@@ -263,13 +266,13 @@ pub async fn chat_completions(
     };
     // One parser per answer (choice): tool calls are found as the text streams. Token
     // log-probabilities arrive before their text and ride on the next chunk that goes out.
-    let mut parsers: Vec<Option<ToolCallParser>> = (0..v.n)
-        .map(|_| parse_calls.then(ToolCallParser::new))
+    let mut answers: Vec<AnswerStream> = (0..v.n)
+        .map(|_| AnswerStream::new(parse_calls, opens_thinking))
         .collect();
     let mut pendings: Vec<Vec<TokenLogprob>> = (0..v.n).map(|_| Vec::new()).collect();
     let wants_logprobs = v.logprobs.is_some();
     let format: Formatter = Box::new(move |index, piece| {
-        let parser = &mut parsers[index as usize];
+        let answer = &mut answers[index as usize];
         let pending = &mut pendings[index as usize];
         if let Piece::Logprob(lp) = piece {
             pending.push(lp);
@@ -288,21 +291,13 @@ pub async fn chat_completions(
             Piece::Start => deltas(vec![ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
-                tool_calls: None,
+                ..ChatDelta::default()
             }]),
             Piece::Logprob(_) => Vec::new(),
-            Piece::Text(t) => match parser.as_mut() {
-                Some(p) => deltas(wire_deltas(p.push(&t))),
-                None => deltas(vec![ChatDelta {
-                    content: Some(t),
-                    ..ChatDelta::default()
-                }]),
-            },
+            Piece::Text(t) => deltas(wire_deltas(answer.push(&t))),
             Piece::Finish(r) => {
-                let (mut out, calls) = match parser.as_mut() {
-                    Some(p) => (deltas(wire_deltas(p.finish())), p.calls() > 0),
-                    None => (Vec::new(), false),
-                };
+                let mut out = deltas(wire_deltas(answer.finish()));
+                let calls = answer.calls() > 0;
                 out.extend(chunk(
                     vec![choice(
                         index,
@@ -358,19 +353,25 @@ async fn collect_choices(
     Ok((outs, usage))
 }
 
-/// A whole answer's content and tool calls (`content` is `null` when there are only calls).
-fn whole_answer(text: String, parse_calls: bool) -> (Option<String>, Option<Vec<ToolCallOut>>) {
-    if !parse_calls {
-        return (Some(text), None);
-    }
-    let mut parser = ToolCallParser::new();
-    let mut all = parser.push(&text);
-    all.extend(parser.finish());
+/// A whole answer, split: content (`null` when there are only calls), reasoning, calls.
+struct WholeAnswer {
+    content: Option<String>,
+    reasoning: Option<String>,
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// Runs a whole answer through the same [`AnswerStream`] a streamed one goes through.
+fn whole_answer(text: &str, parse_calls: bool, opens_thinking: bool) -> WholeAnswer {
+    let mut answer = AnswerStream::new(parse_calls, opens_thinking);
+    let mut all = answer.push(text);
+    all.extend(answer.finish());
     let mut content = String::new();
+    let mut reasoning = String::new();
     let mut calls: Vec<ToolCallOut> = Vec::new();
     for d in all {
         match d {
             Delta::Content(c) => content.push_str(&c),
+            Delta::Reasoning(r) => reasoning.push_str(&r),
             Delta::CallStart { id, name, .. } => calls.push(ToolCallOut {
                 id,
                 kind: "function",
@@ -384,10 +385,11 @@ fn whole_answer(text: String, parse_calls: bool) -> (Option<String>, Option<Vec<
             }
         }
     }
-    if calls.is_empty() {
-        (Some(content), None)
-    } else {
-        ((!content.is_empty()).then_some(content), Some(calls))
+    let has_calls = !calls.is_empty();
+    WholeAnswer {
+        content: (!has_calls || !content.is_empty()).then_some(content),
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
+        tool_calls: has_calls.then_some(calls),
     }
 }
 
@@ -407,6 +409,11 @@ fn wire_deltas(deltas: Vec<Delta>) -> Vec<ChatDelta> {
         .map(|d| match d {
             Delta::Content(c) => ChatDelta {
                 content: Some(c),
+                ..ChatDelta::default()
+            },
+            Delta::Reasoning(r) => ChatDelta {
+                reasoning_content: Some(r.clone()),
+                reasoning: Some(r),
                 ..ChatDelta::default()
             },
             Delta::CallStart { index, id, name } => {

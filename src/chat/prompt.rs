@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use aho_corasick::{AhoCorasick, MatchKind};
 use serde_json::Value as Json;
 
+use super::reasoning::ReasoningSplitter;
 use super::template::{ChatTemplate, TemplateError};
 use crate::engine::{Backend, TokenId};
 
@@ -178,7 +179,7 @@ pub fn chat_prompt(
     tools: Option<&Json>,
     limits: &PromptLimits,
     cancel: &AtomicBool,
-) -> Result<Vec<TokenId>, PromptError> {
+) -> Result<ChatPrompt, PromptError> {
     if messages.len() > limits.max_messages {
         return Err(PromptError::TooManyMessages {
             count: messages.len(),
@@ -224,7 +225,18 @@ pub fn chat_prompt(
         };
         tokens.extend(engine.tokenize(text, i == 0, special));
     }
-    Ok(tokens)
+    Ok(ChatPrompt {
+        tokens,
+        opens_thinking: ReasoningSplitter::prompt_opens_thinking(&rendered),
+    })
+}
+
+/// A rendered, tokenized chat prompt.
+#[derive(Debug)]
+pub struct ChatPrompt {
+    pub tokens: Vec<TokenId>,
+    /// The template left the model inside a thinking block (its answer starts as reasoning).
+    pub opens_thinking: bool,
 }
 
 fn check(cancel: &AtomicBool) -> Result<(), PromptError> {

@@ -61,6 +61,8 @@ pub fn required_call(tools: &serde_json::Value, only: Option<&str>) -> Result<Co
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delta {
     Content(String),
+    /// Thinking, kept out of the content (from the reasoning splitter, never this parser).
+    Reasoning(String),
     /// A call begins: its index in this answer, a fresh id and the function's name.
     CallStart {
         index: usize,
@@ -707,6 +709,7 @@ mod tests {
                     calls.push((name.clone(), String::new()));
                 }
                 Delta::CallArgs { index, fragment } => calls[*index].1.push_str(fragment),
+                Delta::Reasoning(_) => unreachable!("the parser gives no reasoning"),
             }
         }
         (content, calls)
