@@ -153,6 +153,7 @@ pub async fn chat_completions(
         .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
         .filter(|_| req.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none"));
     let parse_calls = tools.is_some();
+    let one_call = req.parallel_tool_calls == Some(false);
     // `required` or a named function: the answer is forced to be one such call.
     let forced_call = match (&tools, req.tool_choice.as_ref()) {
         (_, None) => None,
@@ -217,7 +218,7 @@ pub async fn chat_completions(
             .enumerate()
             .map(|(i, out)| {
                 let logprobs = v.logprobs.map(|_| ChoiceLogprobs::value(out.logprobs));
-                let answer = whole_answer(&out.text, parse_calls, opens_thinking);
+                let answer = whole_answer(&out.text, parse_calls, opens_thinking, one_call);
                 let finish_reason = with_calls(out.finish_reason, answer.tool_calls.is_some());
                 ChatChoice {
                     index: i as u32,
@@ -267,7 +268,7 @@ pub async fn chat_completions(
     // One parser per answer (choice): tool calls are found as the text streams. Token
     // log-probabilities arrive before their text and ride on the next chunk that goes out.
     let mut answers: Vec<AnswerStream> = (0..v.n)
-        .map(|_| AnswerStream::new(parse_calls, opens_thinking))
+        .map(|_| AnswerStream::new(parse_calls, opens_thinking).one_call(one_call))
         .collect();
     let mut pendings: Vec<Vec<TokenLogprob>> = (0..v.n).map(|_| Vec::new()).collect();
     let wants_logprobs = v.logprobs.is_some();
@@ -361,8 +362,13 @@ struct WholeAnswer {
 }
 
 /// Runs a whole answer through the same [`AnswerStream`] a streamed one goes through.
-fn whole_answer(text: &str, parse_calls: bool, opens_thinking: bool) -> WholeAnswer {
-    let mut answer = AnswerStream::new(parse_calls, opens_thinking);
+fn whole_answer(
+    text: &str,
+    parse_calls: bool,
+    opens_thinking: bool,
+    one_call: bool,
+) -> WholeAnswer {
+    let mut answer = AnswerStream::new(parse_calls, opens_thinking).one_call(one_call);
     let mut all = answer.push(text);
     all.extend(answer.finish());
     let mut content = String::new();

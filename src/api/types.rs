@@ -57,6 +57,8 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<Value>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// `false`: at most one tool call per answer.
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `prompt` of a text completion: text or token ids.

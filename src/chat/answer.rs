@@ -9,6 +9,8 @@ use super::tools::{Delta, ToolCallParser};
 pub struct AnswerStream {
     split: ReasoningSplitter,
     calls: Option<ToolCallParser>,
+    /// `parallel_tool_calls: false`: calls after the first are dropped.
+    one_call: bool,
 }
 
 impl AnswerStream {
@@ -18,7 +20,14 @@ impl AnswerStream {
         Self {
             split: ReasoningSplitter::new(thinking_opened),
             calls: parse_calls.then(ToolCallParser::new),
+            one_call: false,
         }
+    }
+
+    /// Keeps only the first tool call (`parallel_tool_calls: false`).
+    pub fn one_call(mut self, only_first: bool) -> Self {
+        self.one_call = only_first;
+        self
     }
 
     /// Tool calls seen so far.
@@ -52,6 +61,12 @@ impl AnswerStream {
                 out.extend(parser.finish());
             }
         }
+        if self.one_call {
+            out.retain(|d| match d {
+                Delta::CallStart { index, .. } | Delta::CallArgs { index, .. } => *index == 0,
+                _ => true,
+            });
+        }
         out
     }
 }
@@ -70,6 +85,18 @@ mod tests {
         assert_eq!(d[0], Delta::Reasoning("I should read it.".into()));
         assert!(matches!(&d[1], Delta::CallStart { name, .. } if name == "read_file"));
         assert_eq!(a.calls(), 1);
+        let mut one = AnswerStream::new(true, false).one_call(true);
+        let two = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
+        let mut d = one.push(two);
+        d.extend(one.finish());
+        let names: Vec<_> = d
+            .iter()
+            .filter_map(|x| match x {
+                Delta::CallStart { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["a"]);
         let mut plain = AnswerStream::new(false, false);
         assert_eq!(
             plain.push("Hi <tool_call>"),

@@ -87,6 +87,8 @@ enum Opener {
     Bare,
     /// `<function=` name `>` … `</function>`.
     Function,
+    /// Llama 3.x: `<|python_tag|>` then the call's JSON, ended by the JSON itself.
+    PythonTag,
 }
 
 impl Opener {
@@ -96,6 +98,7 @@ impl Opener {
             Self::Fence => "```json",
             Self::Bare => "",
             Self::Function => "<function=",
+            Self::PythonTag => "<|python_tag|>",
         }
     }
 
@@ -105,12 +108,18 @@ impl Opener {
             Self::Fence => "```",
             Self::Bare => "",
             Self::Function => "</function>",
+            Self::PythonTag => "",
         }
     }
 }
 
 /// Markers that open a call anywhere in an answer.
-const TRIGGERS: [Opener; 3] = [Opener::Hermes, Opener::Fence, Opener::Function];
+const TRIGGERS: [Opener; 4] = [
+    Opener::Hermes,
+    Opener::Fence,
+    Opener::Function,
+    Opener::PythonTag,
+];
 
 /// How far the text of an open call has got.
 #[derive(Debug, PartialEq, Eq)]
@@ -774,6 +783,23 @@ mod tests {
         assert_eq!(
             parse_every_way(bare),
             (String::new(), vec![call("search", r#"{"q": [1, 2]}"#)])
+        );
+        // Llama 3.x: JSON with `parameters`, bare or after <|python_tag|>.
+        let llama = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        assert_eq!(
+            parse_every_way(llama),
+            (
+                String::new(),
+                vec![call("get_weather", r#"{"city": "Oslo"}"#)]
+            )
+        );
+        let tagged = format!("<|python_tag|>{llama}");
+        assert_eq!(
+            parse_every_way(&tagged),
+            (
+                String::new(),
+                vec![call("get_weather", r#"{"city": "Oslo"}"#)]
+            )
         );
         let function = "<function=get_weather>{\"city\": \"Oslo\"}</function>";
         assert_eq!(
