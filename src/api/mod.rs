@@ -69,27 +69,37 @@ impl AppState {
         &self,
         work: impl FnOnce(&AtomicBool) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        /// Raises the flag when the request's future is dropped before the work is done.
-        struct CancelOnDrop(Arc<AtomicBool>);
-        impl Drop for CancelOnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let permit = Arc::clone(&self.cpu)
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Internal("the server is shutting down".into()))?;
-        let flag = Arc::new(AtomicBool::new(false));
-        let _cancel = CancelOnDrop(Arc::clone(&flag));
-        tokio::task::spawn_blocking(move || {
-            let out = work(&flag);
-            drop(permit);
-            out
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("request preparation failed: {e}")))
+        run_cancellable(&self.cpu, work).await
     }
+}
+
+/// [`AppState::off_runtime`] over a given semaphore: waits for a permit (a dropped caller
+/// never starts), then runs `work` on the blocking pool with a flag raised if the caller is
+/// dropped meanwhile.
+async fn run_cancellable<T: Send + 'static>(
+    cpu: &Arc<Semaphore>,
+    work: impl FnOnce(&AtomicBool) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    /// Raises the flag when the request's future is dropped before the work is done.
+    struct CancelOnDrop(Arc<AtomicBool>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let permit = Arc::clone(cpu)
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::Internal("the server is shutting down".into()))?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let _cancel = CancelOnDrop(Arc::clone(&flag));
+    tokio::task::spawn_blocking(move || {
+        let out = work(&flag);
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("request preparation failed: {e}")))
 }
 
 /// JSON body extractor whose failures are OpenAI errors naming the bad field (axum's own
@@ -466,5 +476,49 @@ mod tests {
         assert!(e.to_string().contains("after its JSON value"), "{e}");
         let e = parse_json::<B>(br#"{"a": "x"}"#).unwrap_err();
         assert!(e.to_string().contains("`a`"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn work_off_the_runtime_sees_its_caller_leave_and_queued_work_never_starts() {
+        let cpu = Arc::new(Semaphore::new(1));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        // The running job waits for its caller to go, as a long tokenization checks its flag.
+        let running = tokio::spawn({
+            let cpu = Arc::clone(&cpu);
+            async move {
+                run_cancellable(&cpu, move |cancel: &AtomicBool| {
+                    started_tx.send(()).unwrap();
+                    while !cancel.load(Ordering::Relaxed) {
+                        std::thread::yield_now();
+                    }
+                    seen_tx.send(()).unwrap();
+                })
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // A second job queues for the one permit; its caller leaves before it gets it.
+        let ran = Arc::new(AtomicBool::new(false));
+        let queued = tokio::spawn({
+            let (cpu, ran) = (Arc::clone(&cpu), Arc::clone(&ran));
+            async move { run_cancellable(&cpu, move |_| ran.store(true, Ordering::SeqCst)).await }
+        });
+        tokio::task::yield_now().await;
+        queued.abort();
+        running.abort();
+        // The running job saw its flag go up; the queued one never started.
+        tokio::task::spawn_blocking(move || seen_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let _ = queued.await;
+        let permit = cpu.acquire().await.unwrap();
+        drop(permit);
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "queued work ran after its caller left"
+        );
     }
 }

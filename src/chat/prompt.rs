@@ -317,4 +317,73 @@ mod tests {
             [Segment::Template(format!("a{OPEN}9{CLOSE}b"))]
         );
     }
+
+    #[test]
+    fn a_cancelled_prompt_stops_before_rendering() {
+        use crate::chat::template::{ChatTemplate, ModelHints};
+        // A template that would fail if it were rendered: reaching it means cancel was ignored.
+        let t = ChatTemplate::new(
+            Some("{{ raise_exception('rendered') }}"),
+            &ModelHints {
+                architecture: "x",
+                has_llama3_headers: false,
+            },
+            "",
+            "",
+        );
+        let limits = PromptLimits {
+            max_messages: 10,
+            max_chars: 1000,
+            special_in_content: false,
+        };
+        let cancel = AtomicBool::new(true);
+        let err = chat_prompt(
+            &t,
+            &control(),
+            &NoEngine,
+            &[json!({"role": "user", "content": "hi"})],
+            None,
+            &limits,
+            &cancel,
+        )
+        .unwrap_err();
+        assert!(matches!(err, PromptError::Cancelled), "{err}");
+    }
+
+    /// Stands in for an engine in prompt tests that never reach tokenizing.
+    struct NoEngine;
+
+    impl Backend for NoEngine {
+        fn info(&self) -> &crate::engine::ModelInfo {
+            unreachable!()
+        }
+        fn chat_template_source(&self) -> Option<&str> {
+            None
+        }
+        fn special_tokens(&self) -> (String, String) {
+            unreachable!()
+        }
+        fn has_special_token(&self, _: &str) -> bool {
+            unreachable!()
+        }
+        fn tokenize(&self, _: &str, _: bool, _: bool) -> Vec<TokenId> {
+            unreachable!("a cancelled prompt must not be tokenized")
+        }
+        fn control_texts(&self) -> &[String] {
+            &[]
+        }
+        fn submit(
+            &self,
+            _: crate::engine::GenerationRequest,
+        ) -> Result<
+            tokio::sync::mpsc::UnboundedReceiver<crate::engine::Event>,
+            crate::engine::EngineError,
+        > {
+            unreachable!()
+        }
+        fn stats(&self) -> crate::engine::SchedulerStats {
+            unreachable!()
+        }
+        fn shutdown(&self) {}
+    }
 }
