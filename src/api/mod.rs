@@ -1,10 +1,13 @@
 //! HTTP only: routes, the JSON extractor, authentication and the fallbacks that keep every
-//! response OpenAI-shaped. Handlers live in [`openai`] and [`admin`].
+//! response OpenAI-shaped. Handlers live in [`chat`], [`completions`], [`models`] and [`admin`].
 
 pub mod admin;
+pub mod chat;
+pub mod completions;
 pub mod downloads;
 pub mod error;
-pub mod openai;
+pub mod generate;
+pub mod models;
 pub mod sse;
 pub mod types;
 
@@ -338,10 +341,10 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{*id}", get(openai::get_model))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*id}", get(models::get_model))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

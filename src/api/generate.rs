@@ -1,0 +1,162 @@
+//! What chat and text completions share: the generation request from validated fields, the
+//! `n` choices submitted together, and collecting whole answers.
+
+use axum::extract::Request;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::types::*;
+use super::{from_value, parse_json, read_body, AppState};
+use crate::chat::prompt::PromptLimits;
+use crate::engine::{
+    EngineError, Event, FinishReason, GenerationRequest, TokenId, TokenLogprob, Usage,
+};
+use crate::models::registry::{LoadedModel, ModelLease};
+
+pub(super) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+pub(super) fn fingerprint() -> String {
+    format!("opta-lmx-{}", env!("CARGO_PKG_VERSION"))
+}
+/// Checks the prompt against the context and picks the completion budget.
+pub(super) fn generation_request(
+    model: &LoadedModel,
+    prompt: Vec<TokenId>,
+    v: &ValidatedSampling,
+) -> Result<GenerationRequest, ApiError> {
+    let context = model.engine.info().context_per_sequence;
+    let prompt_len = prompt.len() as u32;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let too_long = |completion| EngineError::ContextLength {
+        context,
+        prompt: prompt_len,
+        completion,
+    };
+    if prompt_len >= context {
+        return Err(too_long(None).into());
+    }
+    let max_tokens = match v.max_tokens {
+        Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(context) => {
+            return Err(too_long(Some(m)).into())
+        }
+        Some(m) => m,
+        None => context - prompt_len,
+    };
+    Ok(GenerationRequest {
+        prompt,
+        max_tokens,
+        stop: v.stop.clone(),
+        sampling: v.params.clone(),
+        constraint: v.constraint.clone(),
+        logprobs: v.logprobs,
+    })
+}
+/// Everything a finished non-streaming generation produced.
+pub(super) struct Collected {
+    pub(super) text: String,
+    /// Per-token log-probabilities, when asked for.
+    pub(super) logprobs: Vec<TokenLogprob>,
+    pub(super) finish_reason: FinishReason,
+    pub(super) usage: Usage,
+}
+pub(super) async fn collect(
+    state: &AppState,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Logprob(lp) => logprobs.push(lp),
+            Event::Done {
+                finish_reason,
+                usage,
+                time_to_first_token,
+                total_time,
+            } => {
+                state
+                    .metrics
+                    .record_completion(&usage, time_to_first_token, total_time);
+                return Ok(Collected {
+                    text,
+                    logprobs,
+                    finish_reason,
+                    usage,
+                });
+            }
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Internal("generation ended unexpectedly".into()))
+}
+/// Limits for building one prompt for `model`.
+pub(super) fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimits {
+    let r = &state.config.requests;
+    let context = model.engine.info().context_per_sequence as usize;
+    PromptLimits {
+        max_messages: r.max_messages,
+        max_chars: r.max_prompt_chars.unwrap_or(context * 32),
+        special_in_content: r.special_tokens_in_content,
+    }
+}
+/// Reads a completion request's body and parses it into the endpoint's own fields and the
+/// validated sampling fields, then runs `check`: CPU work on request data, so off the runtime.
+pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static>(
+    state: &AppState,
+    request: Request,
+    check: fn(&R) -> Result<(), ApiError>,
+) -> Result<(R, ValidatedSampling), ApiError> {
+    let bytes = read_body(request, state).await?;
+    state
+        .off_runtime(move |_| {
+            let body: serde_json::Value = parse_json(&bytes)?;
+            let req: R = from_value(&body)?;
+            let v = from_value::<SamplingFields>(&body)?.validate()?;
+            check(&req)?;
+            Ok((req, v))
+        })
+        .await?
+}
+/// Submits the `n` choices of one request: the same prompt (the scheduler shares its KV
+/// between them), each its own sequence, seeds `seed + i` so seeded choices differ and
+/// repeat. If one cannot be queued the others are dropped (and so cancelled) with it.
+pub(super) fn submit_choices(
+    model: &ModelLease,
+    gen: GenerationRequest,
+    n: u32,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let parallel = model.engine.info().parallel;
+    if n > parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n is {n}, more than the {parallel} sequences this model is loaded with"),
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let mut g = gen.clone();
+            g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
+            model.engine.submit(g).map_err(ApiError::from)
+        })
+        .collect()
+}
+/// Collects every choice whole; usage counts the prompt once and every choice's tokens.
+pub(super) async fn collect_choices(
+    state: &AppState,
+    rxs: Vec<UnboundedReceiver<Event>>,
+) -> Result<(Vec<Collected>, Usage), ApiError> {
+    let outs = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(state, rx)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut usage = outs.first().map(|o| o.usage).unwrap_or_default();
+    usage.completion_tokens = outs.iter().map(|o| o.usage.completion_tokens).sum();
+    Ok((outs, usage))
+}

@@ -1,0 +1,75 @@
+//! `GET /v1/models` and `/v1/models/{id}`: every model the server can serve.
+
+use axum::extract::State;
+use axum::Json;
+
+use super::error::ApiError;
+use super::types::*;
+use super::{ApiPath, AppState};
+
+fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> ModelObject {
+    let loaded = state.registry.get(&disk.id);
+    ModelObject {
+        id: disk.id.clone(),
+        object: "model",
+        created: loaded
+            .as_ref()
+            .map(|m| m.loaded_at)
+            .unwrap_or(std::time::UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        owned_by: "opta-lmx",
+        loaded: loaded.is_some(),
+        size_bytes: disk.size_bytes,
+        quantization: disk.quantization.clone(),
+        context_length: loaded.map(|m| m.engine.info().context_per_sequence),
+    }
+}
+/// Every model the server can serve: loaded ones and the rest of the disk inventory.
+async fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
+    // A scan walks folders: blocking I/O, so not on the async runtime.
+    let store = state.registry.store().clone();
+    let mut disk = tokio::task::spawn_blocking(move || store.scan())
+        .await
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+    // A loaded model whose file was removed since is still servable.
+    for m in state.registry.loaded() {
+        if !disk.iter().any(|d| d.id == m.id) {
+            disk.push(m.disk.clone());
+        }
+    }
+    Ok(disk)
+}
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let data = all_models(&state)
+        .await?
+        .iter()
+        .map(|d| model_object(&state, d))
+        .collect();
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    }))
+}
+/// `GET /v1/models/{id}` (ids may contain slashes).
+pub async fn get_model(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let target = state.config.resolve_alias(&id).to_string();
+    let models = all_models(&state).await?;
+    let found = models.iter().find(|d| {
+        d.id.eq_ignore_ascii_case(&target)
+            || d.alternate_ids
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&target))
+    });
+    match found {
+        Some(d) => Ok(Json(model_object(&state, d))),
+        None => Err(ApiError::ModelNotFound(format!(
+            "model `{id}` does not exist"
+        ))),
+    }
+}
