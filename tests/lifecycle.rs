@@ -122,24 +122,41 @@ async fn max_loaded_models_evicts_the_least_recently_used() {
 #[tokio::test]
 async fn idle_models_unload_after_their_ttl_but_not_while_busy() {
     let s = server(&[]);
+    // A long TTL first: a 1 s TTL could expire while the next load runs on a slow machine.
     let (code, v) = load(
         &s,
-        json!({"model_id": "gemma-a", "ttl_seconds": 1, "parallel": 1, "context": 4096}),
+        json!({"model_id": "gemma-a", "ttl_seconds": 600, "parallel": 1, "context": 4096}),
     )
     .await;
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["ttl_seconds"], 1);
-    let (_, st) = s.get("/admin/status").await;
-    assert_eq!(st["loaded_models"][0]["ttl_seconds"], 1);
-    assert_eq!(st["loaded_models"][0]["pinned"], false);
     let (code, _) = load(&s, json!({"model_id": "gemma-b", "parallel": 1})).await;
     assert_eq!(code, 200);
 
     // A request that outlasts the TTL keeps the model loaded while it runs (4000 tokens: far
     // longer than the check on any machine; the client hangs up after it).
     let long = spawn_post(s.url("/v1/chat/completions"), chat("gemma-a", 4000));
-    s.wait_for("active_requests", 1, Duration::from_secs(10))
+    s.wait_for("active_requests", 1, Duration::from_secs(30))
         .await;
+    // Now a 1 s TTL, set on the loaded model while its request runs.
+    let (code, v) = load(&s, json!({"model_id": "gemma-a", "ttl_seconds": 1})).await;
+    assert_eq!(
+        (code, v["status"].clone()),
+        (200, json!("already_loaded")),
+        "{v}"
+    );
+    assert_eq!(v["ttl_seconds"], 1);
+    let (_, st) = s.get("/admin/status").await;
+    let a = st["loaded_models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "gemma-a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (a["ttl_seconds"].clone(), a["pinned"].clone()),
+        (json!(1), json!(false))
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         s.performance().await["active_requests"],
