@@ -366,8 +366,26 @@ async fn shared_prefix_is_copied_between_sequences_and_evicted_lru() {
         (reported - ratio).abs() < 1e-9,
         "{reported} vs {ratio}: {p}"
     );
-    assert!(p["prompt_tokens_per_second"].as_f64().unwrap() > 0.0, "{p}");
-    assert!(p["decode_tokens_per_second"].as_f64().unwrap() > 0.0, "{p}");
+    // Totals are exact; the rolling rates cover the last seconds only, so on a slow or busy
+    // machine the prompts may already have left the window: they are checked as numbers.
+    assert_eq!(
+        p["prompt_tokens_total"].as_u64().unwrap() as f64,
+        sum(|u| u["prompt_tokens"].as_u64().unwrap()),
+        "{p}"
+    );
+    assert_eq!(
+        p["completion_tokens_total"].as_u64().unwrap() as f64,
+        sum(|u| u["completion_tokens"].as_u64().unwrap()),
+        "{p}"
+    );
+    assert!(
+        p["prompt_tokens_per_second"].as_f64().unwrap() >= 0.0,
+        "{p}"
+    );
+    assert!(
+        p["decode_tokens_per_second"].as_f64().unwrap() >= 0.0,
+        "{p}"
+    );
     assert!(
         p["p95_time_to_first_token_ms"].as_f64().unwrap() > 0.0,
         "{p}"
