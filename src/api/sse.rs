@@ -89,23 +89,13 @@ pub fn stream_response(
                     left,
                     usage,
                 } => match events.next().await {
-                    Some((i, Event::Text(t))) => {
-                        let out = format(i, Piece::Text(t)).into_iter().map(data).collect();
-                        Some((
-                            out,
-                            State::Running {
-                                events,
-                                format,
-                                left,
-                                usage,
-                            },
-                        ))
-                    }
-                    Some((i, Event::Logprob(lp))) => {
-                        let out = format(i, Piece::Logprob(lp))
-                            .into_iter()
-                            .map(data)
-                            .collect();
+                    Some((i, ev @ (Event::Text(_) | Event::Logprob(_)))) => {
+                        let piece = match ev {
+                            Event::Text(t) => Piece::Text(t),
+                            Event::Logprob(lp) => Piece::Logprob(lp),
+                            _ => unreachable!("matched above"),
+                        };
+                        let out = format(i, piece).into_iter().map(data).collect();
                         Some((
                             out,
                             State::Running {

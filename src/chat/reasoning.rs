@@ -117,8 +117,9 @@ fn push(out: &mut Vec<Part>, part: Part) {
     }
 }
 
-/// How much of the end of `buf` could be the start of `marker`.
-fn held_back(buf: &str, marker: &str) -> usize {
+/// How much of the end of `buf` could be the start of `marker` (what a streaming parser must
+/// hold back until the next piece says whether the marker follows).
+pub(super) fn held_back(buf: &str, marker: &str) -> usize {
     (1..marker.len())
         .rev()
         .find(|&k| buf.ends_with(&marker[..k]))

@@ -407,17 +407,11 @@ fn split_after_opener(text: &str, opener: Opener) -> (&str, &str) {
 
 /// How much of the end of `buf` could be the start of an opener.
 fn held_back(buf: &str) -> usize {
-    let mut keep = 0;
-    for o in TRIGGERS {
-        let t = o.text();
-        for k in (1..t.len()).rev() {
-            if k > keep && buf.ends_with(&t[..k]) {
-                keep = k;
-                break;
-            }
-        }
-    }
-    keep
+    TRIGGERS
+        .iter()
+        .map(|o| super::reasoning::held_back(buf, o.text()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Parses the text after an opener as far as it goes.
