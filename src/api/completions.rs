@@ -10,7 +10,7 @@ use super::sse::{stream_response, Formatter, Piece};
 use super::types::*;
 use super::AppState;
 use crate::chat::prompt::PromptError;
-use crate::engine::TokenId;
+use crate::engine::{TokenId, TokenLogprob};
 use crate::models::registry::ModelLease;
 
 /// `POST /v1/completions`. The prompt is the client's own raw prompt (it does its own
@@ -19,15 +19,9 @@ pub async fn completions(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let (req, v) = parse_request(&state, request, |_: &CompletionRequest| Ok(())).await?;
+    let (req, v) = parse_request(&state, request, Ok::<CompletionRequest, ApiError>).await?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
-    }
-    if v.logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are supported on /v1/chat/completions, not yet on /v1/completions",
-        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
@@ -69,7 +63,7 @@ async fn finish_completion(
 ) -> Result<Response, ApiError> {
     let gen = generation_request(model, prompt, v)?;
     model.touch();
-    let rxs = submit_choices(model, gen, v.n)?;
+    let rxs = submit_choices(state, model, gen, v.n)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model_id = model.id.clone();
@@ -82,29 +76,52 @@ async fn finish_completion(
         choices,
         usage,
     };
-    let choice = |index, text, finish_reason| TextChoice {
+    let choice = |index, text, logprobs, finish_reason| TextChoice {
         text,
         index,
-        logprobs: None,
+        logprobs,
         finish_reason,
     };
+    let wants_logprobs = v.logprobs.is_some();
 
     if !v.stream {
-        let (outs, usage) = collect_choices(state, rxs).await?;
+        let (outs, usage) = collect_choices(rxs).await?;
         let choices = outs
             .into_iter()
             .enumerate()
-            .map(|(i, o)| choice(i as u32, o.text, Some(o.finish_reason)))
+            .map(|(i, o)| {
+                let logprobs = wants_logprobs.then(|| TextLogprobs::value(o.logprobs, 0));
+                choice(i as u32, o.text, logprobs, Some(o.finish_reason))
+            })
             .collect();
         return Ok(Json(body(choices, Some(Some(usage.into())))).into_response());
     }
     let include_usage = v.include_usage;
     let usage_field = move || include_usage.then_some(None);
+    // Token log-probabilities arrive before their text and ride on the choice's next chunk;
+    // offsets count from the start of the choice's text.
+    let mut pending: Vec<Vec<TokenLogprob>> = (0..v.n).map(|_| Vec::new()).collect();
+    let mut offsets = vec![0usize; v.n as usize];
     let format: Formatter = Box::new(move |index, piece| {
+        let i = index as usize;
+        let mut logprobs = || {
+            let tokens = std::mem::take(&mut pending[i]);
+            let value = (wants_logprobs && !tokens.is_empty())
+                .then(|| TextLogprobs::value(tokens.clone(), offsets[i]));
+            offsets[i] += tokens.iter().map(|t| t.token.text.len()).sum::<usize>();
+            value
+        };
         let chunk = match piece {
-            Piece::Start | Piece::Logprob(_) => return Vec::new(),
-            Piece::Text(t) => body(vec![choice(index, t, None)], usage_field()),
-            Piece::Finish(r) => body(vec![choice(index, String::new(), Some(r))], usage_field()),
+            Piece::Start => return Vec::new(),
+            Piece::Logprob(lp) => {
+                pending[i].push(lp);
+                return Vec::new();
+            }
+            Piece::Text(t) => body(vec![choice(index, t, logprobs(), None)], usage_field()),
+            Piece::Finish(r) => body(
+                vec![choice(index, String::new(), logprobs(), Some(r))],
+                usage_field(),
+            ),
             Piece::Usage(u) => body(Vec::new(), Some(Some(u.into()))),
         };
         serde_json::to_string(&chunk).ok().into_iter().collect()

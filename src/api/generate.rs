@@ -2,6 +2,7 @@
 //! `n` choices submitted together, and collecting whole answers.
 
 use axum::extract::Request;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -65,25 +66,18 @@ pub(super) struct Collected {
     pub(super) finish_reason: FinishReason,
     pub(super) usage: Usage,
 }
-pub(super) async fn collect(
-    state: &AppState,
-    mut rx: UnboundedReceiver<Event>,
-) -> Result<Collected, ApiError> {
+pub(super) async fn collect(mut rx: ChoiceEvents) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    while let Some(ev) = rx.next().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
             Event::Logprob(lp) => logprobs.push(lp),
             Event::Done {
                 finish_reason,
                 usage,
-                time_to_first_token,
-                total_time,
+                ..
             } => {
-                state
-                    .metrics
-                    .record_completion(&usage, time_to_first_token, total_time);
                 return Ok(Collected {
                     text,
                     logprobs,
@@ -107,20 +101,20 @@ pub(super) fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimi
     }
 }
 /// Reads a completion request's body and parses it into the endpoint's own fields and the
-/// validated sampling fields, then runs `check`: CPU work on request data, so off the runtime.
-pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static>(
+/// validated sampling fields, then runs `convert` on the former: CPU work on request data, so
+/// off the runtime.
+pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static, T: Send + 'static>(
     state: &AppState,
     request: Request,
-    check: fn(&R) -> Result<(), ApiError>,
-) -> Result<(R, ValidatedSampling), ApiError> {
+    convert: fn(R) -> Result<T, ApiError>,
+) -> Result<(T, ValidatedSampling), ApiError> {
     let bytes = read_body(request, state).await?;
     state
         .off_runtime(move |_| {
             let body: serde_json::Value = parse_json(&bytes)?;
             let req: R = from_value(&body)?;
             let v = from_value::<SamplingFields>(&body)?.validate()?;
-            check(&req)?;
-            Ok((req, v))
+            Ok((convert(req)?, v))
         })
         .await?
 }
@@ -128,10 +122,11 @@ pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static>(
 /// between them), each its own sequence, seeds `seed + i` so seeded choices differ and
 /// repeat. If one cannot be queued the others are dropped (and so cancelled) with it.
 pub(super) fn submit_choices(
+    state: &AppState,
     model: &ModelLease,
     gen: GenerationRequest,
     n: u32,
-) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+) -> Result<Vec<ChoiceEvents>, ApiError> {
     let parallel = model.engine.info().parallel;
     if n > parallel {
         return Err(ApiError::invalid(
@@ -143,16 +138,49 @@ pub(super) fn submit_choices(
         .map(|i| {
             let mut g = gen.clone();
             g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
-            model.engine.submit(g).map_err(ApiError::from)
+            let rx = model.engine.submit(g).map_err(ApiError::from)?;
+            Ok(ChoiceEvents {
+                rx,
+                metrics: state.metrics.clone(),
+            })
         })
         .collect()
 }
+
+/// One choice's engine events. Every finished generation passes through here, streamed or
+/// not, so this is the one place completions are counted in the metrics. Dropping it closes
+/// the channel, which cancels the choice's sequence.
+pub(super) struct ChoiceEvents {
+    rx: UnboundedReceiver<Event>,
+    metrics: crate::metrics::Metrics,
+}
+
+impl futures_util::Stream for ChoiceEvents {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(Event::Done {
+            usage,
+            time_to_first_token,
+            total_time,
+            ..
+        })) = &polled
+        {
+            self.metrics
+                .record_completion(usage, *time_to_first_token, *total_time);
+        }
+        polled
+    }
+}
 /// Collects every choice whole; usage counts the prompt once and every choice's tokens.
 pub(super) async fn collect_choices(
-    state: &AppState,
-    rxs: Vec<UnboundedReceiver<Event>>,
+    rxs: Vec<ChoiceEvents>,
 ) -> Result<(Vec<Collected>, Usage), ApiError> {
-    let outs = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(state, rx)))
+    let outs = futures_util::future::join_all(rxs.into_iter().map(collect))
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
+use super::generate::ChoiceEvents;
 use super::AppState;
 use crate::engine::{Event, FinishReason, TokenLogprob, Usage};
 
@@ -51,111 +51,106 @@ enum State {
 }
 
 /// Builds the SSE response for a running generation of one or more choices.
-pub fn stream_response(
-    choices: Vec<UnboundedReceiver<Event>>,
+pub(super) fn stream_response(
+    choices: Vec<ChoiceEvents>,
     include_usage: bool,
     format: Formatter,
     state: &AppState,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let metrics = state.metrics.clone();
     let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
     let data = |s: String| SseEvent::default().data(s);
     let count = choices.len() as u32;
-    let merged: Merged = stream::select_all(choices.into_iter().enumerate().map(|(i, rx)| {
-        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-            .map(move |ev| (i as u32, ev))
-            .boxed()
-    }));
-    let s = stream::unfold(State::Start(merged, format), move |state| {
-        let metrics = metrics.clone();
-        async move {
-            match state {
-                State::Start(events, mut format) => {
-                    let out: Vec<_> = (0..count)
-                        .flat_map(|i| format(i, Piece::Start))
+    let merged: Merged = stream::select_all(
+        choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| rx.map(move |ev| (i as u32, ev)).boxed()),
+    );
+    let s = stream::unfold(State::Start(merged, format), move |state| async move {
+        match state {
+            State::Start(events, mut format) => {
+                let out: Vec<_> = (0..count)
+                    .flat_map(|i| format(i, Piece::Start))
+                    .map(data)
+                    .collect();
+                let next = State::Running {
+                    events,
+                    format,
+                    left: count,
+                    usage: None,
+                };
+                Some((out, next))
+            }
+            State::Running {
+                mut events,
+                mut format,
+                left,
+                usage,
+            } => match events.next().await {
+                Some((i, ev @ (Event::Text(_) | Event::Logprob(_)))) => {
+                    let piece = match ev {
+                        Event::Text(t) => Piece::Text(t),
+                        Event::Logprob(lp) => Piece::Logprob(lp),
+                        _ => unreachable!("matched above"),
+                    };
+                    let out = format(i, piece).into_iter().map(data).collect();
+                    Some((
+                        out,
+                        State::Running {
+                            events,
+                            format,
+                            left,
+                            usage,
+                        },
+                    ))
+                }
+                Some((
+                    i,
+                    Event::Done {
+                        finish_reason,
+                        usage: u,
+                        ..
+                    },
+                )) => {
+                    let usage = Some(match usage {
+                        None => u,
+                        Some(sum) => Usage {
+                            completion_tokens: sum.completion_tokens + u.completion_tokens,
+                            ..sum
+                        },
+                    });
+                    let mut out: Vec<_> = format(i, Piece::Finish(finish_reason))
+                        .into_iter()
                         .map(data)
                         .collect();
-                    let next = State::Running {
-                        events,
-                        format,
-                        left: count,
-                        usage: None,
-                    };
-                    Some((out, next))
-                }
-                State::Running {
-                    mut events,
-                    mut format,
-                    left,
-                    usage,
-                } => match events.next().await {
-                    Some((i, ev @ (Event::Text(_) | Event::Logprob(_)))) => {
-                        let piece = match ev {
-                            Event::Text(t) => Piece::Text(t),
-                            Event::Logprob(lp) => Piece::Logprob(lp),
-                            _ => unreachable!("matched above"),
-                        };
-                        let out = format(i, piece).into_iter().map(data).collect();
-                        Some((
+                    if left > 1 {
+                        return Some((
                             out,
                             State::Running {
                                 events,
                                 format,
-                                left,
+                                left: left - 1,
                                 usage,
                             },
-                        ))
+                        ));
                     }
-                    Some((
-                        i,
-                        Event::Done {
-                            finish_reason,
-                            usage: u,
-                            time_to_first_token,
-                            total_time,
-                        },
-                    )) => {
-                        metrics.record_completion(&u, time_to_first_token, total_time);
-                        let usage = Some(match usage {
-                            None => u,
-                            Some(sum) => Usage {
-                                completion_tokens: sum.completion_tokens + u.completion_tokens,
-                                ..sum
-                            },
-                        });
-                        let mut out: Vec<_> = format(i, Piece::Finish(finish_reason))
-                            .into_iter()
-                            .map(data)
-                            .collect();
-                        if left > 1 {
-                            return Some((
-                                out,
-                                State::Running {
-                                    events,
-                                    format,
-                                    left: left - 1,
-                                    usage,
-                                },
-                            ));
-                        }
-                        if let (true, Some(u)) = (include_usage, usage) {
-                            out.extend(format(0, Piece::Usage(u)).into_iter().map(data));
-                        }
-                        out.push(data("[DONE]".into()));
-                        Some((out, State::Ended))
+                    if let (true, Some(u)) = (include_usage, usage) {
+                        out.extend(format(0, Piece::Usage(u)).into_iter().map(data));
                     }
-                    Some((_, Event::Error(e))) => {
-                        Some((vec![error_event(ApiError::from(e))], State::Ended))
-                    }
-                    None => Some((
-                        vec![error_event(ApiError::Internal(
-                            "generation ended unexpectedly".into(),
-                        ))],
-                        State::Ended,
-                    )),
-                },
-                State::Ended => None,
-            }
+                    out.push(data("[DONE]".into()));
+                    Some((out, State::Ended))
+                }
+                Some((_, Event::Error(e))) => {
+                    Some((vec![error_event(ApiError::from(e))], State::Ended))
+                }
+                None => Some((
+                    vec![error_event(ApiError::Internal(
+                        "generation ended unexpectedly".into(),
+                    ))],
+                    State::Ended,
+                )),
+            },
+            State::Ended => None,
         }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok)));

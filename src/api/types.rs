@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::chat::request::{ChatRequest, Message, Role, Tool, ToolCall, ToolChoice};
 use crate::engine::{Constraint, FinishReason, SamplingParams, TokenLogprob, Usage};
 
 /// `stop` may be one string or a list.
@@ -124,10 +125,28 @@ impl SamplingFields {
                 ))
             }
         };
+        // Chat: `logprobs: true` and `top_logprobs: k`. Legacy completions: `logprobs: k`.
+        let legacy = match &self.logprobs {
+            Some(Value::Number(k)) => match k.as_u64().filter(|k| *k <= 20) {
+                Some(k) => Some(k as u8),
+                None => {
+                    return Err(ApiError::invalid(
+                        "logprobs",
+                        format!("logprobs must be between 0 and 20, got {k}"),
+                    ))
+                }
+            },
+            _ => None,
+        };
         let wants_logprobs = match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Bool(true)) => true,
-            Some(_) => return Err(ApiError::invalid("logprobs", "logprobs must be a boolean")),
+            Some(Value::Bool(true)) | Some(Value::Number(_)) => true,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    "logprobs must be a boolean (or, for /v1/completions, an integer)",
+                ))
+            }
         };
         let logprobs = match (wants_logprobs, self.top_logprobs) {
             (false, None) => None,
@@ -137,7 +156,7 @@ impl SamplingFields {
                     "top_logprobs needs logprobs: true",
                 ))
             }
-            (true, None) => Some(0),
+            (true, None) => Some(legacy.unwrap_or(0)),
             (true, Some(n)) if (0..=20).contains(&n) => Some(n as u8),
             (true, Some(n)) => {
                 return Err(ApiError::invalid(
@@ -219,6 +238,7 @@ impl SamplingFields {
                 repeat_penalty,
                 logit_bias,
                 grammar: None,
+                grammar_triggers: Vec::new(),
             },
             max_tokens,
             stop,
@@ -246,6 +266,8 @@ fn response_format(rf: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
             prefix: String::new(),
             suffix: String::new(),
             param: "response_format",
+            repeat: false,
+            triggers: Vec::new(),
         }))
     };
     match rf.get("type").and_then(Value::as_str) {
@@ -268,63 +290,209 @@ fn response_format(rf: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
     }
 }
 
-/// Checks the message list before it reaches a template.
-pub fn validate_messages(messages: &[Value]) -> Result<(), ApiError> {
+impl ChatCompletionRequest {
+    /// The chat layer's request, checked field by field (errors name the field).
+    pub fn to_chat(&self) -> Result<ChatRequest, ApiError> {
+        Ok(ChatRequest {
+            messages: parse_messages(&self.messages)?,
+            tools: parse_tools(self.tools.as_ref())?,
+            tool_choice: parse_tool_choice(self.tool_choice.as_ref())?,
+            parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
+        })
+    }
+}
+
+fn kind_of(v: Option<&Value>) -> String {
+    v.and_then(Value::as_str)
+        .map_or("(missing)".into(), |t| format!("`{t}`"))
+}
+
+/// OpenAI messages as the chat layer's turns: `developer` is `system`, content parts are
+/// joined, parts no model here can take are refused with the part named.
+pub fn parse_messages(messages: &[Value]) -> Result<Vec<Message>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
-    for (i, m) in messages.iter().enumerate() {
-        let param = format!("messages[{i}]");
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::invalid(&param, format!("{param}.role is required")))?;
-        if !matches!(
-            role,
-            "system" | "developer" | "user" | "assistant" | "tool" | "function"
-        ) {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(i, m))
+        .collect()
+}
+
+fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
+    let param = format!("messages[{i}]");
+    let role_text = m
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(&param, format!("{param}.role is required")))?;
+    let role = match role_text {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        // `function` is the old name of a tool result.
+        "tool" | "function" => Role::Tool,
+        other => {
             return Err(ApiError::invalid(
                 format!("{param}.role"),
                 format!(
-                    "{param}.role `{role}` is not one of system, developer, user, assistant, tool"
+                    "{param}.role `{other}` is not one of system, developer, user, assistant, tool"
                 ),
-            ));
+            ))
         }
-        if let Some(Value::Array(parts)) = m.get("content") {
+    };
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
                 let at = format!("{param}.content[{j}]");
                 match part.get("type").and_then(Value::as_str) {
-                    Some("text") if part.get("text").is_some_and(Value::is_string) => {}
-                    Some("text") => {
-                        return Err(ApiError::invalid(at.clone(), format!("{at}.text must be a string")))
-                    }
+                    Some("text") => match part.get("text").and_then(Value::as_str) {
+                        Some(t) => texts.push(t),
+                        None => {
+                            return Err(ApiError::invalid(
+                                at.clone(),
+                                format!("{at}.text must be a string"),
+                            ))
+                        }
+                    },
                     Some(kind @ ("image_url" | "input_image" | "image" | "input_audio")) => {
                         return Err(ApiError::invalid(
                             at,
                             format!("`{kind}` content parts are not supported: no model served here can see or hear yet; send text parts"),
                         ))
                     }
-                    other => {
+                    _ => {
                         return Err(ApiError::invalid(
                             at.clone(),
-                            format!("{at}.type {} is not a content part type (text)", other.map_or("(missing)".into(), |t| format!("`{t}`"))),
+                            format!(
+                                "{at}.type {} is not a content part type (text)",
+                                kind_of(part.get("type"))
+                            ),
                         ))
                     }
                 }
             }
+            texts.join("\n")
         }
-        match m.get("content") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            Some(Value::Null) | None if role == "assistant" => {}
-            _ => {
+        Some(Value::Null) | None if role == Role::Assistant => String::new(),
+        _ => {
+            return Err(ApiError::invalid(
+                format!("{param}.content"),
+                format!("{param}.content must be a string or a list of content parts"),
+            ))
+        }
+    };
+    let mut message = Message::text(role, content);
+    let text_field = |key: &str| m.get(key).and_then(Value::as_str).map(String::from);
+    message.tool_call_id = text_field("tool_call_id");
+    message.name = text_field("name").filter(|_| role == Role::Tool);
+    if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+        let at = format!("{param}.tool_calls");
+        let calls = calls
+            .as_array()
+            .ok_or_else(|| ApiError::invalid(&at, format!("{at} must be a list")))?;
+        for (j, c) in calls.iter().enumerate() {
+            let f = c.get("function");
+            let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let Some(name) = name else {
                 return Err(ApiError::invalid(
-                    format!("{param}.content"),
-                    format!("{param}.content must be a string or a list of content parts"),
-                ))
-            }
+                    format!("{at}[{j}]"),
+                    format!("{at}[{j}].function.name is required"),
+                ));
+            };
+            // Arguments are JSON text; some clients send the object itself.
+            let arguments = match f.and_then(|f| f.get("arguments")) {
+                Some(Value::String(a)) => a.clone(),
+                None | Some(Value::Null) => "{}".into(),
+                Some(other) => other.to_string(),
+            };
+            message.tool_calls.push(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .into(),
+                name: name.into(),
+                arguments,
+            });
         }
     }
-    Ok(())
+    Ok(message)
+}
+
+/// `tools`: function tools, each with a name.
+fn parse_tools(tools: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
+    let Some(tools) = tools.filter(|t| !t.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let list = tools
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("tools", "tools must be a list"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let at = format!("tools[{i}]");
+            if t.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k != "function")
+            {
+                return Err(ApiError::invalid(
+                    &at,
+                    format!(
+                        "{at}.type {} is not supported (function)",
+                        kind_of(t.get("type"))
+                    ),
+                ));
+            }
+            let f = t.get("function").unwrap_or(t);
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty());
+            let Some(name) = name else {
+                return Err(ApiError::invalid(
+                    &at,
+                    format!("{at}.function.name is required"),
+                ));
+            };
+            Ok(Tool {
+                name: name.into(),
+                description: f
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(String::from),
+                parameters: f
+                    .get("parameters")
+                    .filter(|p| p.is_object())
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            })
+        })
+        .collect()
+}
+
+/// `tool_choice`: `none`, `auto`, `required`, or `{"type":"function","function":{"name":…}}`.
+fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError> {
+    let invalid = |m: String| ApiError::invalid("tool_choice", m);
+    match choice {
+        None | Some(Value::Null) => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(invalid(format!(
+                "tool_choice `{other}` is not one of none, auto, required, or a function"
+            ))),
+        },
+        Some(obj) => obj
+            .pointer("/function/name")
+            .or_else(|| obj.get("name"))
+            .and_then(Value::as_str)
+            .map(|n| ToolChoice::Function(n.into()))
+            .ok_or_else(|| invalid("tool_choice object needs function.name".into())),
+    }
 }
 
 /// `choices[].logprobs` of a chat completion (whole, or the tokens of one chunk).
@@ -379,6 +547,32 @@ impl ChoiceLogprobs {
     }
 }
 
+/// `choices[].logprobs` of a legacy text completion: parallel lists per token, and each
+/// token's offset in the choice's text.
+#[derive(Debug, Default, Serialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// The wire form of `tokens`, whose text starts at byte `offset` of the choice's text.
+    pub fn value(tokens: Vec<TokenLogprob>, mut offset: usize) -> Value {
+        let mut out = TextLogprobs::default();
+        for t in tokens {
+            out.text_offset.push(offset);
+            offset += t.token.text.len();
+            out.top_logprobs
+                .push(t.top.into_iter().map(|(tok, lp)| (tok.text, lp)).collect());
+            out.tokens.push(t.token.text);
+            out.token_logprobs.push(t.logprob);
+        }
+        serde_json::to_value(out).unwrap_or(Value::Null)
+    }
+}
+
 /// OpenAI's `usage` object.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageBody {
@@ -416,9 +610,40 @@ pub struct AssistantMessage {
     /// A thinking model's reasoning, kept out of `content`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// The same reasoning under the newer name some clients read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
     pub refusal: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+impl AssistantMessage {
+    /// The message for a whole answer: `content` is `null` when there are only calls.
+    pub fn from_answer(a: crate::chat::answer::WholeAnswer) -> Self {
+        let has_calls = !a.calls.is_empty();
+        let reasoning = (!a.reasoning.is_empty()).then_some(a.reasoning);
+        Self {
+            role: "assistant",
+            content: (!has_calls || !a.content.is_empty()).then_some(a.content),
+            reasoning_content: reasoning.clone(),
+            reasoning,
+            refusal: None,
+            tool_calls: has_calls.then(|| {
+                a.calls
+                    .into_iter()
+                    .map(|c| ToolCallOut {
+                        id: c.id,
+                        kind: "function",
+                        function: FunctionCall {
+                            name: c.name,
+                            arguments: c.arguments,
+                        },
+                    })
+                    .collect()
+            }),
+        }
+    }
 }
 
 /// One tool call of a whole answer.
@@ -583,7 +808,9 @@ mod tests {
             json!({"max_completion_tokens": 99999999999i64}),
             json!({"frequency_penalty": 9}),
             json!({"n": 0}),
-            json!({"logprobs": 3}),
+            json!({"logprobs": 21}),
+            json!({"logprobs": -1}),
+            json!({"logprobs": "yes"}),
             json!({"top_logprobs": 2}),
             json!({"logprobs": true, "top_logprobs": 21}),
             json!({"logit_bias": {"abc": 1}}),
@@ -600,6 +827,11 @@ mod tests {
         assert_eq!(v.stop, ["x"]);
         assert_eq!(v.params.seed, Some(u32::MAX));
         assert!(v.stream && v.include_usage);
+        // The legacy completions form: `logprobs: k`.
+        assert_eq!(
+            fields(json!({"logprobs": 3})).validate().unwrap().logprobs,
+            Some(3)
+        );
         let v = fields(json!({"response_format": {"type": "json_object"}}))
             .validate()
             .unwrap();
@@ -614,31 +846,60 @@ mod tests {
 
     #[test]
     fn message_checks() {
-        assert!(validate_messages(&[]).is_err());
-        assert!(validate_messages(&[json!({"role": "wizard", "content": "x"})]).is_err());
-        assert!(validate_messages(&[json!({"role": "user"})]).is_err());
-        assert!(validate_messages(&[json!({"role": "user", "content": 5})]).is_err());
+        let parse = parse_messages;
+        assert!(parse(&[]).is_err());
+        assert!(parse(&[json!({"role": "wizard", "content": "x"})]).is_err());
+        assert!(parse(&[json!({"role": "user"})]).is_err());
+        assert!(parse(&[json!({"role": "user", "content": 5})]).is_err());
         let image = json!({"role": "user", "content": [{"type": "text", "text": "what is this"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]});
-        let e = validate_messages(&[image]).unwrap_err();
+        let e = parse(&[image]).unwrap_err();
         assert!(
             e.to_string()
                 .contains("`image_url` content parts are not supported"),
             "{e}"
         );
         assert_eq!(e.detail().param.as_deref(), Some("messages[0].content[1]"));
-        assert!(
-            validate_messages(&[json!({"role": "user", "content": [{"type": "text"}]})]).is_err()
-        );
-        assert!(
-            validate_messages(&[json!({"role": "user", "content": [{"type": "video"}]})]).is_err()
-        );
-        assert!(validate_messages(&[
-            json!({"role": "system", "content": "s"}),
-            json!({"role": "user", "content": [{"type": "text", "text": "t"}]}),
-            json!({"role": "assistant", "content": null}),
+        assert!(parse(&[json!({"role": "user", "content": [{"type": "text"}]})]).is_err());
+        assert!(parse(&[json!({"role": "user", "content": [{"type": "video"}]})]).is_err());
+        let ok = parse(&[
+            json!({"role": "developer", "content": "s"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "read_file", "arguments": {"path": "x"}}}]}),
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "file"}),
         ])
-        .is_ok());
+        .unwrap();
+        assert_eq!(ok[0], Message::text(Role::System, "s"));
+        assert_eq!(ok[1].content, "a\nb");
+        assert_eq!(ok[2].tool_calls[0].arguments, r#"{"path":"x"}"#);
+        assert_eq!(ok[3].tool_call_id.as_deref(), Some("call_1"));
+    }
+
+    #[test]
+    fn tools_and_tool_choice() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "description": "d"}}]);
+        let t = parse_tools(Some(&tools)).unwrap();
+        assert_eq!(
+            (t[0].name.as_str(), t[0].parameters["type"].as_str()),
+            ("f", Some("object"))
+        );
+        let e = parse_tools(Some(&json!([{"type": "function", "function": {}}]))).unwrap_err();
+        assert_eq!(e.detail().param.as_deref(), Some("tools[0]"));
+        assert_eq!(parse_tool_choice(None).unwrap(), ToolChoice::Auto);
+        assert_eq!(
+            parse_tool_choice(Some(&json!("none"))).unwrap(),
+            ToolChoice::None
+        );
+        assert_eq!(
+            parse_tool_choice(Some(
+                &json!({"type": "function", "function": {"name": "f"}})
+            ))
+            .unwrap(),
+            ToolChoice::Function("f".into())
+        );
+        assert!(parse_tool_choice(Some(&json!("sometimes"))).is_err());
+        assert!(parse_tool_choice(Some(&json!({"type": "function"}))).is_err());
     }
 
     #[test]

@@ -1,8 +1,85 @@
 //! One choice's answer as it streams: reasoning split off first, then tool calls parsed out
 //! of the rest. Streaming and whole answers both go through it, so they always agree.
 
+use super::dialect::{ThinkMarkers, THINK_MARKERS};
 use super::reasoning::{Part, ReasoningSplitter};
+use super::request::ToolCall;
 use super::tools::{Delta, ToolCallParser};
+use crate::engine::FinishReason;
+
+/// How to read one request's answers: fixed once the prompt is built, shared by its choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerSpec {
+    /// Tools were offered, so calls are parsed out.
+    pub parse_calls: bool,
+    /// `parallel_tool_calls: false`: calls after the first are dropped.
+    pub one_call: bool,
+    /// The prompt left the model inside a thinking block.
+    pub opens_thinking: bool,
+    /// The model family's thinking markers.
+    pub think: ThinkMarkers,
+}
+
+impl Default for AnswerSpec {
+    fn default() -> Self {
+        Self {
+            parse_calls: false,
+            one_call: false,
+            opens_thinking: false,
+            think: THINK_MARKERS[0],
+        }
+    }
+}
+
+impl AnswerSpec {
+    /// A fresh parser for one choice.
+    pub fn stream(&self) -> AnswerStream {
+        AnswerStream {
+            split: ReasoningSplitter::with_markers(self.think, self.opens_thinking),
+            calls: self.parse_calls.then(ToolCallParser::new),
+            one_call: self.one_call,
+        }
+    }
+
+    /// A whole answer, through the same parser a streamed one goes through.
+    pub fn whole(&self, text: &str) -> WholeAnswer {
+        let mut answer = self.stream();
+        let mut all = answer.push(text);
+        all.extend(answer.finish());
+        let mut out = WholeAnswer::default();
+        for d in all {
+            match d {
+                Delta::Content(c) => out.content.push_str(&c),
+                Delta::Reasoning(r) => out.reasoning.push_str(&r),
+                Delta::CallStart { id, name, .. } => out.calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments: String::new(),
+                }),
+                Delta::CallArgs { index, fragment } => {
+                    out.calls[index].arguments.push_str(&fragment)
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A whole answer, split.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WholeAnswer {
+    pub content: String,
+    pub reasoning: String,
+    pub calls: Vec<ToolCall>,
+}
+
+/// An answer that stopped after tool calls finished because of them.
+pub fn finish_reason(reason: FinishReason, calls: bool) -> FinishReason {
+    match reason {
+        FinishReason::Stop if calls => FinishReason::ToolCalls,
+        other => other,
+    }
+}
 
 /// Turns the text of one answer into content, reasoning and tool-call deltas.
 #[derive(Debug)]
@@ -15,19 +92,14 @@ pub struct AnswerStream {
 
 impl AnswerStream {
     /// `parse_calls` when tools were offered; `thinking_opened` when the prompt left the model
-    /// inside a thinking block.
+    /// inside a `<think>` block.
     pub fn new(parse_calls: bool, thinking_opened: bool) -> Self {
-        Self {
-            split: ReasoningSplitter::new(thinking_opened),
-            calls: parse_calls.then(ToolCallParser::new),
-            one_call: false,
+        AnswerSpec {
+            parse_calls,
+            opens_thinking: thinking_opened,
+            ..AnswerSpec::default()
         }
-    }
-
-    /// Keeps only the first tool call (`parallel_tool_calls: false`).
-    pub fn one_call(mut self, only_first: bool) -> Self {
-        self.one_call = only_first;
-        self
+        .stream()
     }
 
     /// Tool calls seen so far.
@@ -85,7 +157,12 @@ mod tests {
         assert_eq!(d[0], Delta::Reasoning("I should read it.".into()));
         assert!(matches!(&d[1], Delta::CallStart { name, .. } if name == "read_file"));
         assert_eq!(a.calls(), 1);
-        let mut one = AnswerStream::new(true, false).one_call(true);
+        let mut one = AnswerSpec {
+            parse_calls: true,
+            one_call: true,
+            ..AnswerSpec::default()
+        }
+        .stream();
         let two = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
         let mut d = one.push(two);
         d.extend(one.finish());

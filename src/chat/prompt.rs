@@ -14,6 +14,7 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use serde_json::Value as Json;
 
 use super::reasoning::ReasoningSplitter;
+use super::request::{Message, Tool};
 use super::template::{ChatTemplate, TemplateError};
 use crate::engine::{Backend, TokenId};
 
@@ -175,8 +176,8 @@ pub fn chat_prompt(
     template: &ChatTemplate,
     control: &ControlText,
     engine: &dyn Backend,
-    messages: &[Json],
-    tools: Option<&Json>,
+    messages: &[Message],
+    tools: &[Tool],
     limits: &PromptLimits,
     cancel: &AtomicBool,
 ) -> Result<ChatPrompt, PromptError> {
@@ -193,12 +194,16 @@ pub fn chat_prompt(
         })
     };
     let mut literals = Vec::new();
+    let messages: Vec<Json> = messages.iter().map(Message::to_template).collect();
+    let tools: Option<Json> =
+        (!tools.is_empty()).then(|| tools.iter().map(Tool::to_template).collect());
     let (messages, tools, chars) = if limits.special_in_content {
-        let chars = messages.iter().map(text_len).sum::<usize>() + tools.map_or(0, text_len);
-        (messages.to_vec(), tools.cloned(), chars)
+        let chars =
+            messages.iter().map(text_len).sum::<usize>() + tools.as_ref().map_or(0, text_len);
+        (messages, tools, chars)
     } else {
-        let mut messages = messages.to_vec();
-        let mut tools = tools.cloned();
+        let mut messages = messages;
+        let mut tools = tools;
         let chars = messages
             .iter_mut()
             .map(|m| control.mask_json(m, &mut literals))
@@ -227,7 +232,10 @@ pub fn chat_prompt(
     }
     Ok(ChatPrompt {
         tokens,
-        opens_thinking: ReasoningSplitter::prompt_opens_thinking(&rendered),
+        opens_thinking: ReasoningSplitter::prompt_opens_thinking(
+            &rendered,
+            template.dialect().think,
+        ),
     })
 }
 
@@ -250,6 +258,7 @@ fn check(cancel: &AtomicBool) -> Result<(), PromptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::request::Role;
     use serde_json::json;
 
     fn control() -> ControlText {
@@ -341,8 +350,8 @@ mod tests {
             &t,
             &control(),
             &NoEngine,
-            &[json!({"role": "user", "content": "hi"})],
-            None,
+            &[Message::text(Role::User, "hi")],
+            &[],
             &limits,
             &cancel,
         )

@@ -1,11 +1,10 @@
 //! Keeps a thinking model's reasoning apart from its answer. Models that think write
-//! `<think>…</think>` before answering, or (when their template opens the block in the
-//! prompt, as DeepSeek-R1's and Qwen3's do) start inside it and write only `</think>`. The
-//! reasoning goes to `reasoning_content`, never into `content`, streamed piece by piece with
-//! only a possible marker held back.
+//! `<think>…</think>` (or their family's markers, see [`THINK_MARKERS`]) before answering, or
+//! (when their template opens the block in the prompt, as DeepSeek-R1's and Qwen3's do) start
+//! inside it and write only the closing marker. The reasoning goes to `reasoning_content`,
+//! never into `content`, streamed piece by piece with only a possible marker held back.
 
-const OPEN: &str = "<think>";
-const CLOSE: &str = "</think>";
+use super::dialect::{ThinkMarkers, THINK_MARKERS};
 
 /// A piece of an answer: reasoning or content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,13 +28,20 @@ enum State {
 pub struct ReasoningSplitter {
     state: State,
     buf: String,
+    markers: ThinkMarkers,
 }
 
 impl ReasoningSplitter {
-    /// A splitter for an answer whose prompt ended inside a thinking block (`prompt_opened`)
-    /// or not.
+    /// A splitter for `<think>` answers whose prompt ended inside a thinking block
+    /// (`prompt_opened`) or not.
     pub fn new(prompt_opened: bool) -> Self {
+        Self::with_markers(THINK_MARKERS[0], prompt_opened)
+    }
+
+    /// A splitter for a model family's own thinking markers.
+    pub fn with_markers(markers: ThinkMarkers, prompt_opened: bool) -> Self {
         Self {
+            markers,
             state: if prompt_opened {
                 State::Thinking
             } else {
@@ -46,36 +52,37 @@ impl ReasoningSplitter {
     }
 
     /// Whether a rendered prompt leaves the model inside a thinking block.
-    pub fn prompt_opens_thinking(prompt: &str) -> bool {
-        prompt.trim_end().ends_with(OPEN)
+    pub fn prompt_opens_thinking(prompt: &str, markers: ThinkMarkers) -> bool {
+        prompt.trim_end().ends_with(markers.open)
     }
 
     /// Takes the next piece of the answer.
     pub fn push(&mut self, text: &str) -> Vec<Part> {
         self.buf.push_str(text);
+        let (open, close) = (self.markers.open, self.markers.close);
         let mut out = Vec::new();
         loop {
             match self.state {
                 State::Start => {
                     let trimmed = self.buf.trim_start();
-                    if let Some(rest) = trimmed.strip_prefix(OPEN) {
+                    if let Some(rest) = trimmed.strip_prefix(open) {
                         self.buf = rest.to_string();
                         self.state = State::Thinking;
-                    } else if OPEN.starts_with(trimmed) {
+                    } else if open.starts_with(trimmed) {
                         return out; // maybe the opening marker, still arriving
                     } else {
                         self.state = State::Answering;
                     }
                 }
-                State::Thinking => match self.buf.find(CLOSE) {
+                State::Thinking => match self.buf.find(close) {
                     Some(i) => {
                         let reasoning: String = self.buf.drain(..i).collect();
                         push(&mut out, Part::Reasoning(reasoning));
-                        self.buf.drain(..CLOSE.len());
+                        self.buf.drain(..close.len());
                         self.state = State::AfterThinking;
                     }
                     None => {
-                        let keep = held_back(&self.buf, CLOSE);
+                        let keep = held_back(&self.buf, close);
                         let reasoning: String = self.buf.drain(..self.buf.len() - keep).collect();
                         push(&mut out, Part::Reasoning(reasoning));
                         return out;
@@ -122,6 +129,7 @@ fn push(out: &mut Vec<Part>, part: Part) {
 pub(super) fn held_back(buf: &str, marker: &str) -> usize {
     (1..marker.len())
         .rev()
+        .filter(|&k| marker.is_char_boundary(k))
         .find(|&k| buf.ends_with(&marker[..k]))
         .unwrap_or(0)
 }
@@ -132,8 +140,12 @@ mod tests {
 
     /// Reasoning and content, fed whole and cut at every character boundary.
     fn split_every_way(text: &str, opened: bool) -> (String, String) {
+        split_with(THINK_MARKERS[0], text, opened)
+    }
+
+    fn split_with(markers: ThinkMarkers, text: &str, opened: bool) -> (String, String) {
         let run = |pieces: Vec<&str>| {
-            let mut s = ReasoningSplitter::new(opened);
+            let mut s = ReasoningSplitter::with_markers(markers, opened);
             let mut parts: Vec<Part> = pieces.iter().flat_map(|p| s.push(p)).collect();
             parts.extend(s.finish());
             let (mut r, mut c) = (String::new(), String::new());
@@ -180,11 +192,38 @@ mod tests {
             split_every_way("  <thi", false),
             (String::new(), "  <thi".into())
         );
+        let think = THINK_MARKERS[0];
         assert!(ReasoningSplitter::prompt_opens_thinking(
-            "<|im_start|>assistant\n<think>\n"
+            "<|im_start|>assistant\n<think>\n",
+            think
         ));
         assert!(!ReasoningSplitter::prompt_opens_thinking(
-            "<|im_start|>assistant\n"
+            "<|im_start|>assistant\n",
+            think
         ));
+    }
+
+    /// Every family's markers split the same way, multi-byte markers (Kimi's) cut inside a
+    /// character included.
+    #[test]
+    fn other_families_markers() {
+        for m in THINK_MARKERS {
+            let text = format!("{}Plan: call it.{}\n\nDone.", m.open, m.close);
+            assert_eq!(
+                split_with(m, &text, false),
+                ("Plan: call it.".into(), "Done.".into()),
+                "{m:?}"
+            );
+            let opened = format!("Still thinking{}Answer", m.close);
+            assert_eq!(
+                split_with(m, &opened, true),
+                ("Still thinking".into(), "Answer".into())
+            );
+        }
+        // Another family's markers are just text.
+        assert_eq!(
+            split_with(THINK_MARKERS[1], "<think>x</think>y", false),
+            (String::new(), "<think>x</think>y".into())
+        );
     }
 }

@@ -5,6 +5,8 @@
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
+use super::dialect::Dialect;
+
 const GEMMA: &str = include_str!("templates/gemma.jinja");
 const LLAMA3: &str = include_str!("templates/llama3.jinja");
 const CHATML: &str = include_str!("templates/chatml.jinja");
@@ -40,6 +42,7 @@ pub struct ChatTemplate {
     source: TemplateSource,
     bos_token: String,
     eos_token: String,
+    dialect: Dialect,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -100,13 +103,23 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        let dialect = match source {
+            TemplateSource::Model => Dialect::detect(Some(&src), false),
+            other => Dialect::detect(None, other == TemplateSource::BuiltinLlama3),
+        };
         env.add_template_owned("chat", src)?;
         Ok(Self {
             env,
             source,
+            dialect,
             bos_token: bos.to_string(),
             eos_token: eos.to_string(),
         })
+    }
+
+    /// How this model writes tool calls and thinking.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Where this template came from.
@@ -114,16 +127,15 @@ impl ChatTemplate {
         self.source
     }
 
-    /// Renders `messages` (OpenAI shape) into prompt text ending where the assistant speaks.
-    /// Content given as a list of parts is joined to its text, which every template understands.
+    /// Renders `messages` (in the OpenAI shape of [`super::request::Message::to_template`])
+    /// into prompt text ending where the assistant speaks.
     pub fn render(&self, messages: &[Json], tools: Option<&Json>) -> Result<String, TemplateError> {
-        let messages: Vec<Json> = messages.iter().map(normalise_message).collect();
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| TemplateError::Render(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(&messages),
+            messages => Value::from_serialize(messages),
             tools => tools.map(Value::from_serialize),
             add_generation_prompt => true,
             bos_token => &self.bos_token,
@@ -136,46 +148,6 @@ impl ChatTemplate {
             _ => TemplateError::Render(format!("{e:#}")),
         })
     }
-}
-
-/// Flattens `content: [{type:"text",text}]` to a string and `null` content to `""`.
-fn normalise_message(m: &Json) -> Json {
-    let mut m = m.clone();
-    if let Some(obj) = m.as_object_mut() {
-        // OpenAI's newer name for system instructions; templates only know `system`.
-        if obj.get("role").and_then(Json::as_str) == Some("developer") {
-            obj.insert("role".into(), Json::String("system".into()));
-        }
-        let text = match obj.get("content") {
-            Some(Json::Array(parts)) => Some(
-                parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Json::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
-            Some(Json::Null) | None => Some(String::new()),
-            _ => None,
-        };
-        if let Some(t) = text {
-            obj.insert("content".into(), Json::String(t));
-        }
-        // OpenAI sends a call's arguments as JSON text; templates (Qwen's, Llama's) write
-        // them with `tojson`, so they get the object, and the model sees what it writes.
-        if let Some(Json::Array(calls)) = obj.get_mut("tool_calls") {
-            for f in calls.iter_mut().filter_map(|c| c.get_mut("function")) {
-                let parsed = f
-                    .get("arguments")
-                    .and_then(Json::as_str)
-                    .and_then(|a| serde_json::from_str::<Json>(a).ok())
-                    .filter(Json::is_object);
-                if let Some(args) = parsed {
-                    f["arguments"] = args;
-                }
-            }
-        }
-    }
-    m
 }
 
 #[cfg(test)]
@@ -198,7 +170,7 @@ mod tests {
             .render(
                 &[
                     json!({"role":"system","content":"Be brief."}),
-                    json!({"role":"user","content":[{"type":"text","text":" Hi "}]}),
+                    json!({"role":"user","content":" Hi "}),
                     json!({"role":"assistant","content":"Hello"}),
                     json!({"role":"user","content":"Bye"}),
                 ],
@@ -209,23 +181,6 @@ mod tests {
             out,
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
-    }
-
-    #[test]
-    fn developer_is_system_and_call_arguments_reach_the_template_as_objects() {
-        let src = "{% for m in messages %}[{{ m.role }}]{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.path }}{% endif %}{% endfor %}";
-        let t = ChatTemplate::new(Some(src), &hints("x"), "", "");
-        let out = t
-            .render(
-                &[
-                    json!({"role":"developer","content":"Be brief."}),
-                    json!({"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
-                        "function":{"name":"read_file","arguments":"{\"path\": \"README.md\"}"}}]}),
-                ],
-                None,
-            )
-            .unwrap();
-        assert_eq!(out, "[system][assistant]README.md");
     }
 
     #[test]

@@ -10,51 +10,112 @@
 //! its arguments are complete. Re-parsing the (short) text of the open call on each piece keeps
 //! the state machine small: the only state is the open call's text and what was sent of it.
 
+use super::dialect::ToolFormat;
+use super::request::{Tool, ToolChoice};
 use crate::engine::Constraint;
 
-/// The constraint for `tool_choice: "required"` (any of `tools`) or a named function: one
-/// Hermes-style call whose name is one of the offered functions and whose arguments match that
-/// function's parameter schema. Errors name what is wrong with the request.
-pub fn required_call(tools: &serde_json::Value, only: Option<&str>) -> Result<Constraint, String> {
-    use serde_json::json;
-    let functions: Vec<&serde_json::Value> = tools
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t.get("function"))
-        .filter(|f| only.is_none_or(|n| f.get("name").and_then(|x| x.as_str()) == Some(n)))
+/// The grammar that keeps tool calls valid, in the model's own format, or `None` when nothing
+/// is constrained. `required` or a named function: the answer is one call (to one of `tools`,
+/// or to that function) with arguments matching its parameter schema. `auto`: the model writes
+/// freely until it starts a call with its format's marker; from there the call must be valid
+/// (a lazy grammar). Errors name what is wrong with the request.
+pub fn call_constraint(
+    tools: &[Tool],
+    choice: &ToolChoice,
+    format: ToolFormat,
+    parallel: bool,
+) -> Result<Option<Constraint>, String> {
+    let only = match choice {
+        ToolChoice::None => return Ok(None),
+        ToolChoice::Auto | ToolChoice::Required => None,
+        ToolChoice::Function(name) => Some(name.as_str()),
+    };
+    let functions: Vec<&Tool> = tools
+        .iter()
+        .filter(|t| only.is_none_or(|n| t.name == n))
         .collect();
     if functions.is_empty() {
-        return Err(match only {
-            Some(n) => format!("tool_choice names `{n}`, which is not among the tools"),
-            None => "tool_choice `required` needs at least one tool".into(),
-        });
+        return match (choice, only) {
+            (ToolChoice::Auto, _) => Ok(None),
+            (_, Some(n)) => Err(format!(
+                "tool_choice names `{n}`, which is not among the tools"
+            )),
+            _ => Err("tool_choice `required` needs at least one tool".into()),
+        };
     }
+    let forced = *choice != ToolChoice::Auto;
+    Ok(Some(grammar_for_calls(
+        &functions, format, forced, parallel,
+    )))
+}
+
+/// One call object per function in the format's key names, as a JSON schema.
+fn grammar_for_calls(
+    functions: &[&Tool],
+    format: ToolFormat,
+    forced: bool,
+    parallel: bool,
+) -> Constraint {
+    use serde_json::json;
+    let args_key = match format {
+        ToolFormat::Llama3 => "parameters",
+        ToolFormat::Hermes | ToolFormat::Mistral => "arguments",
+    };
     let options: Vec<serde_json::Value> = functions
         .iter()
         .map(|f| {
-            let params = f
-                .get("parameters")
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object"}));
+            let params = if f.parameters.is_object() {
+                f.parameters.clone()
+            } else {
+                json!({"type": "object"})
+            };
             json!({
                 "type": "object",
-                "properties": {"name": {"const": f.get("name")}, "arguments": params},
-                "required": ["name", "arguments"],
+                "properties": {"name": {"const": f.name}, args_key: params},
+                "required": ["name", args_key],
                 "additionalProperties": false,
             })
         })
         .collect();
-    let schema = match <[_; 1]>::try_from(options) {
+    let call = match <[_; 1]>::try_from(options) {
         Ok([one]) => one,
         Err(many) => json!({ "anyOf": many }),
     };
-    Ok(Constraint {
+    // Several calls in one answer: Hermes repeats the block, Mistral lists them; a forced
+    // answer is exactly one call.
+    let many = parallel && !forced;
+    let (schema, prefix, suffix, repeat, trigger) = match format {
+        ToolFormat::Hermes => (
+            call,
+            "<tool_call>",
+            "</tool_call>",
+            many,
+            "<tool_call>".to_string(),
+        ),
+        // A Llama 3 call is the whole answer, opening with its name.
+        ToolFormat::Llama3 => (
+            call,
+            "",
+            "",
+            false,
+            r#"^\s*(\{\s*"name"\s*:)[\s\S]*$"#.into(),
+        ),
+        ToolFormat::Mistral => {
+            let mut list = json!({"type": "array", "items": call, "minItems": 1});
+            if !many {
+                list["maxItems"] = json!(1);
+            }
+            (list, "[TOOL_CALLS]", "", false, r"\[TOOL_CALLS\]".into())
+        }
+    };
+    Constraint {
         schema,
-        prefix: "<tool_call>\n".into(),
-        suffix: "\n</tool_call>".into(),
+        prefix: prefix.into(),
+        suffix: suffix.into(),
         param: "tool_choice",
-    })
+        repeat,
+        triggers: if forced { Vec::new() } else { vec![trigger] },
+    }
 }
 
 /// What an answer turns into, piece by piece.
@@ -89,6 +150,11 @@ enum Opener {
     Function,
     /// Llama 3.x: `<|python_tag|>` then the call's JSON, ended by the JSON itself.
     PythonTag,
+    /// Mistral: `[TOOL_CALLS]` then a JSON list of calls (v0.3, Nemo), or then `name[ARGS]{…}`
+    /// (Magistral, Devstral).
+    Mistral,
+    /// The next call in a Mistral list, after a `,`.
+    MistralItem,
 }
 
 impl Opener {
@@ -99,6 +165,8 @@ impl Opener {
             Self::Bare => "",
             Self::Function => "<function=",
             Self::PythonTag => "<|python_tag|>",
+            Self::Mistral => "[TOOL_CALLS]",
+            Self::MistralItem => "",
         }
     }
 
@@ -108,17 +176,18 @@ impl Opener {
             Self::Fence => "```",
             Self::Bare => "",
             Self::Function => "</function>",
-            Self::PythonTag => "",
+            Self::PythonTag | Self::Mistral | Self::MistralItem => "",
         }
     }
 }
 
 /// Markers that open a call anywhere in an answer.
-const TRIGGERS: [Opener; 4] = [
+const TRIGGERS: [Opener; 5] = [
     Opener::Hermes,
     Opener::Fence,
     Opener::Function,
     Opener::PythonTag,
+    Opener::Mistral,
 ];
 
 /// How far the text of an open call has got.
@@ -133,11 +202,13 @@ enum Progress {
         /// Whether `args` is final (the JSON value ended; only the closer is missing).
         args_done: bool,
     },
-    /// Complete: `used` bytes of the call text belong to it (closer included).
+    /// Complete: `used` bytes of the call text belong to it (closer included). `more`: a
+    /// list of calls goes on with another one.
     Done {
         name: String,
         args: String,
         used: usize,
+        more: bool,
     },
 }
 
@@ -337,10 +408,18 @@ impl ToolCallParser {
                 }
                 false
             }
-            Progress::Done { name, args, used } => {
+            Progress::Done {
+                name,
+                args,
+                used,
+                more,
+            } => {
                 self.emit(out, Some(&name), &args, true);
                 self.buf.drain(..used);
                 self.close();
+                if more {
+                    self.start_call(Opener::MistralItem);
+                }
                 true
             }
         }
@@ -418,6 +497,46 @@ fn held_back(buf: &str) -> usize {
 fn parse_call(text: &str, opener: Opener) -> Progress {
     let mut s = Scanner { text, pos: 0 };
     let mut fixed_name = None;
+    // In a Mistral list (`[TOOL_CALLS][{…}, {…}]`) each call ends at its `,` or the `]`.
+    let mut in_list = opener == Opener::MistralItem;
+    if opener == Opener::Mistral {
+        s.skip_ws();
+        match s.peek() {
+            None => {
+                return Progress::Open {
+                    name: None,
+                    args: None,
+                    args_done: false,
+                }
+            }
+            Some(b'[') => {
+                s.pos += 1;
+                in_list = true;
+            }
+            Some(b'{') => {}
+            Some(_) => {
+                // The newer form: `name[ARGS]{…}`.
+                let rest = &text[s.pos..];
+                let Some(end) = rest.find("[ARGS]") else {
+                    return if rest.contains(['\n', '{', '"', ' ']) {
+                        Progress::NotACall
+                    } else {
+                        Progress::Open {
+                            name: None,
+                            args: None,
+                            args_done: false,
+                        }
+                    };
+                };
+                let name = rest[..end].trim();
+                if name.is_empty() || name.contains(char::is_whitespace) {
+                    return Progress::NotACall;
+                }
+                fixed_name = Some(name.to_string());
+                s.pos += end + "[ARGS]".len();
+            }
+        }
+    }
     if opener == Opener::Function {
         let Some(end) = text.find('>') else {
             return if text.contains(['\n', '{', '<']) {
@@ -482,11 +601,39 @@ fn parse_call(text: &str, opener: Opener) -> Progress {
     let rest = &text[after..];
     let trimmed = rest.trim_start();
     let ws = rest.len() - trimmed.len();
+    if in_list {
+        return match trimmed.as_bytes().first() {
+            None => Progress::Open {
+                name: Some(name),
+                args: Some(args),
+                args_done,
+            },
+            Some(b',') => Progress::Done {
+                name,
+                args,
+                used: after + ws + 1,
+                more: true,
+            },
+            Some(b']') => Progress::Done {
+                name,
+                args,
+                used: after + ws + 1,
+                more: false,
+            },
+            Some(_) => Progress::Done {
+                name,
+                args,
+                used: after,
+                more: false,
+            },
+        };
+    }
     if closer.is_empty() {
         return Progress::Done {
             name,
             args,
             used: after,
+            more: false,
         };
     }
     if trimmed.starts_with(closer) {
@@ -494,6 +641,7 @@ fn parse_call(text: &str, opener: Opener) -> Progress {
             name,
             args,
             used: after + ws + closer.len(),
+            more: false,
         };
     }
     if closer.starts_with(trimmed) {
@@ -508,6 +656,7 @@ fn parse_call(text: &str, opener: Opener) -> Progress {
         name,
         args,
         used: after,
+        more: false,
     }
 }
 
@@ -808,6 +957,101 @@ mod tests {
         assert_eq!(
             parse_every_way(stringy),
             (String::new(), vec![call("f", r#"{"a": 1}"#)])
+        );
+    }
+
+    #[test]
+    fn mistral_calls_in_both_of_its_forms() {
+        // Mistral v0.3 / Nemo: one list, calls separated by commas, ids included.
+        let list = "[TOOL_CALLS] [{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}, \"id\": \"Ab3dE6gH9\"}, {\"name\": \"list_dir\", \"arguments\": {}}]";
+        assert_eq!(
+            parse_every_way(list),
+            (
+                String::new(),
+                vec![
+                    call("read_file", r#"{"path": "a"}"#),
+                    call("list_dir", "{}")
+                ]
+            )
+        );
+        let with_text = "Reading it.[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"x\": [1]}}]";
+        assert_eq!(
+            parse_every_way(with_text),
+            ("Reading it.".into(), vec![call("f", r#"{"x": [1]}"#)])
+        );
+        // Magistral / Devstral: `name[ARGS]{…}`, one marker per call.
+        let args = "[TOOL_CALLS]read_file[ARGS]{\"path\": \"a\"}[TOOL_CALLS]g[ARGS]{}";
+        assert_eq!(
+            parse_every_way(args),
+            (
+                String::new(),
+                vec![call("read_file", r#"{"path": "a"}"#), call("g", "{}")]
+            )
+        );
+        // Not calls after all.
+        for text in ["[TOOL_CALLS] nothing here", "[TOOL_CALLS][1, 2]"] {
+            let (content, calls) = parse_every_way(text);
+            assert!(calls.is_empty(), "{text:?} gave {calls:?}");
+            assert_eq!(content, text);
+        }
+    }
+
+    #[test]
+    fn constraints_follow_the_format_and_the_choice() {
+        use serde_json::json;
+        let tools = vec![
+            Tool {
+                name: "read_file".into(),
+                description: None,
+                parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            },
+            Tool {
+                name: "ls".into(),
+                description: Some("list".into()),
+                parameters: json!({"type": "object"}),
+            },
+        ];
+        let named = ToolChoice::Function("ls".into());
+        let c = call_constraint(&tools, &named, ToolFormat::Hermes, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.schema["properties"]["name"]["const"], "ls");
+        assert_eq!(
+            (c.prefix.as_str(), c.suffix.as_str()),
+            ("<tool_call>", "</tool_call>")
+        );
+        assert!(
+            c.triggers.is_empty() && !c.repeat,
+            "forced: one call, from the start"
+        );
+        let auto = call_constraint(&tools, &ToolChoice::Auto, ToolFormat::Hermes, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(auto.schema["anyOf"].as_array().unwrap().len(), 2);
+        assert_eq!(auto.triggers, ["<tool_call>"]);
+        assert!(auto.repeat);
+        let llama = call_constraint(&tools, &ToolChoice::Required, ToolFormat::Llama3, true)
+            .unwrap()
+            .unwrap();
+        assert!(llama.schema["anyOf"][0]["properties"]["parameters"].is_object());
+        assert_eq!(llama.prefix, "");
+        let mistral = call_constraint(&tools, &ToolChoice::Auto, ToolFormat::Mistral, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(mistral.schema["type"], "array");
+        assert_eq!(mistral.schema["maxItems"], 1);
+        assert_eq!(mistral.prefix, "[TOOL_CALLS]");
+        let missing = ToolChoice::Function("nope".into());
+        let e = call_constraint(&tools, &missing, ToolFormat::Hermes, true).unwrap_err();
+        assert!(e.contains("`nope`"), "{e}");
+        assert!(call_constraint(&[], &ToolChoice::Required, ToolFormat::Hermes, true).is_err());
+        assert_eq!(
+            call_constraint(&[], &ToolChoice::Auto, ToolFormat::Hermes, true),
+            Ok(None)
+        );
+        assert_eq!(
+            call_constraint(&tools, &ToolChoice::None, ToolFormat::Hermes, true),
+            Ok(None)
         );
     }
 

@@ -87,6 +87,11 @@ pub struct Constraint {
     pub suffix: String,
     /// The request field it came from, for errors (`response_format`, `tool_choice`).
     pub param: &'static str,
+    /// Several wrapped values in a row (parallel tool calls), whitespace between.
+    pub repeat: bool,
+    /// Lazy: free text until one of these regular expressions matches the output, then the
+    /// grammar from the match (its first group, if any) on. Empty: constrained from the start.
+    pub triggers: Vec<String>,
 }
 
 /// Why a generation ended, as OpenAI names it.

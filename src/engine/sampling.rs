@@ -27,6 +27,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(TokenId, f32)>,
     /// A GBNF grammar (root rule `root`) every sampled token must follow.
     pub grammar: Option<String>,
+    /// When not empty, `grammar` is lazy: it applies from the first match of one of these
+    /// patterns on (see [`super::Constraint::triggers`]).
+    pub grammar_triggers: Vec<String>,
 }
 
 /// Tokens looked back over for the penalties.
@@ -46,6 +49,7 @@ impl Default for SamplingParams {
             repeat_penalty: 1.0,
             logit_bias: Vec::new(),
             grammar: None,
+            grammar_triggers: Vec::new(),
         }
     }
 }
@@ -62,14 +66,27 @@ impl SamplingParams {
             && self.repeat_penalty == 1.0
     }
 
+    /// The grammar sampler, lazy when there are triggers; `None` without a grammar.
+    pub fn grammar_sampler(&self, model: &LlamaModel) -> Result<Option<LlamaSampler>, String> {
+        let Some(g) = &self.grammar else {
+            return Ok(None);
+        };
+        let sampler = if self.grammar_triggers.is_empty() {
+            LlamaSampler::grammar(model, g, "root")
+        } else {
+            LlamaSampler::grammar_lazy_patterns(model, g, "root", &self.grammar_triggers, &[])
+        };
+        sampler.map(Some).map_err(|e| e.to_string())
+    }
+
     /// Builds the chain: grammar, bias, penalties, then greedy, or top-k → top-p → min-p →
     /// temperature → draw. Fails only on a grammar llama.cpp cannot parse.
     pub fn build(&self, model: &LlamaModel) -> Result<LlamaSampler, String> {
         let n_vocab = model.n_vocab();
         let mut chain = Vec::new();
-        if let Some(g) = &self.grammar {
+        if let Some(g) = self.grammar_sampler(model)? {
             // First: tokens the grammar forbids are gone before anything else looks.
-            chain.push(LlamaSampler::grammar(model, g, "root").map_err(|e| e.to_string())?);
+            chain.push(g);
         }
         if !self.logit_bias.is_empty() {
             let biases: Vec<_> = self

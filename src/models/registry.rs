@@ -753,6 +753,7 @@ fn load_options(s: &ModelSettings) -> LoadOptions {
         // More threads than cores only makes them wait for each other.
         threads: s.threads.unwrap_or(cores).clamp(1, cores),
         batch_invariant: s.batch_invariant.unwrap_or(false),
+        rendered_markers: crate::chat::dialect::MARKERS.map(String::from).to_vec(),
     }
 }
 

@@ -134,3 +134,34 @@ def test_json_schema_output_always_validates_over_many_seeds(client):
                                        messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["param"] == "response_format"
     assert "pattern" in e.value.body["message"]
+
+
+# Qwen2.5's `<tool_call>` token (added token 151657 of its vocabulary).
+QWEN_TOOL_CALL_TOKEN = "151657"
+
+
+def test_auto_keeps_a_started_call_valid(client):
+    """Under `auto`, a lazy grammar switches on at `<tool_call>`: whatever the model writes after
+    the marker is a valid call. Biasing the marker token hard makes the model start a call at
+    once and, left alone, write nothing but more markers; the grammar turns it into one valid
+    call, and with parallel calls off, the answer ends there."""
+    import jsonschema
+
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"enum": ["Oslo", "Paris"]}},
+            "required": ["city"], "additionalProperties": False}}}
+    kwargs = dict(model=QWEN, tools=[weather], tool_choice="auto", parallel_tool_calls=False,
+                  temperature=0, max_tokens=60, logit_bias={QWEN_TOOL_CALL_TOKEN: 100},
+                  messages=[{"role": "user", "content": "What is the weather like in Paris?"}])
+    r = client.chat.completions.create(**kwargs)
+    assert r.choices[0].finish_reason == "tool_calls", r
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments),
+                        weather["function"]["parameters"])
+    # Without tools the same bias gives only markers: the grammar did the work above.
+    plain = client.chat.completions.create(
+        **{**kwargs, "tools": None, "tool_choice": None, "parallel_tool_calls": None})
+    assert plain.choices[0].finish_reason == "length"
+    assert plain.choices[0].message.content.count("<tool_call>") > 10

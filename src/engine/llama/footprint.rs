@@ -73,6 +73,7 @@ mod tests {
             gpu_layers,
             threads: 1,
             batch_invariant: false,
+            rendered_markers: Vec::new(),
         }
     }
 

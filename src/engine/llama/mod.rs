@@ -7,6 +7,7 @@ pub mod footprint;
 pub mod gguf;
 mod worker;
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -19,7 +20,6 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
@@ -51,6 +51,9 @@ pub struct LoadOptions {
     /// Decode each sequence alone with fixed chunking and no prefix reuse, so that output does
     /// not depend on what else runs (reproducible, at the cost of batching's throughput).
     pub batch_invariant: bool,
+    /// Control tokens whose text an answer carries: the tool-call and thinking markers the
+    /// chat layer parses. Other control tokens render as nothing, as in llama-server.
+    pub rendered_markers: Vec<String>,
 }
 
 /// A loaded GGUF model with its scheduler thread.
@@ -124,6 +127,7 @@ impl LlamaEngine {
             .ok()
             .filter(|t| !t.trim().is_empty());
 
+        let rendered = rendered_tokens(&model, &opts.rendered_markers);
         let shared = Arc::new(Shared::default());
         let (job_tx, job_rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<u32, EngineError>>();
@@ -166,7 +170,8 @@ impl LlamaEngine {
                     } else {
                         slots
                     };
-                    Worker::new(&model, ctx, &shared, n_ctx_seq, slots, invariant).run(job_rx);
+                    Worker::new(&model, ctx, &shared, n_ctx_seq, slots, invariant, rendered)
+                        .run(job_rx);
                 })
                 .map_err(|e| EngineError::Load(format!("could not start scheduler thread: {e}")))?
         };
@@ -254,15 +259,27 @@ impl Backend for LlamaEngine {
         mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         if let Some(c) = req.constraint.take() {
-            let gbnf = grammar_for(&c)?;
-            // Compiled once here so a grammar llama.cpp cannot use is the caller's 400.
-            LlamaSampler::grammar(&self.model, &gbnf, "root").map_err(|e| {
-                EngineError::InvalidParam {
-                    param: c.param,
-                    message: format!("the schema gives a grammar llama.cpp cannot use: {e}"),
-                }
-            })?;
-            req.sampling.grammar = Some(gbnf);
+            let lazy = !c.triggers.is_empty();
+            let built = grammar_for(&c).and_then(|gbnf| {
+                let mut sampling = req.sampling.clone();
+                sampling.grammar = Some(gbnf);
+                sampling.grammar_triggers = c.triggers;
+                // Compiled once here so a grammar llama.cpp cannot use is the caller's 400.
+                sampling
+                    .grammar_sampler(&self.model)
+                    .map_err(|e| EngineError::InvalidParam {
+                        param: c.param,
+                        message: format!("the schema gives a grammar llama.cpp cannot use: {e}"),
+                    })?;
+                Ok(sampling)
+            });
+            match built {
+                Ok(sampling) => req.sampling = sampling,
+                // A lazy grammar (tools under `auto`) is a safety net the client did not ask
+                // for: tools whose schemas it cannot express are still offered, unguarded.
+                Err(e) if lazy => tracing::debug!(error = %e, "tool-call grammar skipped"),
+                Err(e) => return Err(e),
+            }
         }
         let n_vocab = self.model.n_vocab();
         // A token id llama.cpp does not know fails the whole batch it is decoded in, so it is
@@ -377,11 +394,21 @@ fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
         }
         out.push('\n');
     }
-    out.push_str(&format!(
-        "root ::= {} json-root {}\n",
-        literal(&c.prefix),
-        literal(&c.suffix)
-    ));
+    // A marker and the JSON may have a line break between them, as Hermes templates write it.
+    let mut item = String::new();
+    if !c.prefix.is_empty() {
+        item.push_str(&format!("{} \"\\n\"? ", literal(&c.prefix)));
+    }
+    item.push_str("json-root");
+    if !c.suffix.is_empty() {
+        item.push_str(&format!(" \"\\n\"? {}", literal(&c.suffix)));
+    }
+    out.push_str(&format!("wrapped-item ::= {item}\n"));
+    if c.repeat {
+        out.push_str("root ::= wrapped-item ([ \\t\\n]* wrapped-item)*\n");
+    } else {
+        out.push_str("root ::= wrapped-item\n");
+    }
     Ok(out)
 }
 
@@ -429,6 +456,23 @@ fn schema_problem(node: &serde_json::Value, root: &serde_json::Value) -> Option<
         Value::Array(items) => items.iter().find_map(|v| schema_problem(v, root)),
         _ => None,
     }
+}
+
+/// Ids of the control tokens whose text is one of `markers`.
+fn rendered_tokens(model: &LlamaModel, markers: &[String]) -> HashSet<i32> {
+    use llama_cpp_2::token_type::LlamaTokenAttr;
+    let vocab = model.vocab();
+    vocab
+        .tokens()
+        .filter(|&t| vocab.attr(t).contains(LlamaTokenAttr::Control))
+        .filter(|&t| {
+            vocab
+                .text(t)
+                .and_then(|c| c.to_str().ok())
+                .is_some_and(|text| markers.iter().any(|m| m == text))
+        })
+        .map(|t| t.0)
+        .collect()
 }
 
 /// Texts of the control and unknown tokens: what clients may write but must never turn into
@@ -501,15 +545,34 @@ mod tests {
         assert_eq!(problem(fine), None);
         let c = super::super::Constraint {
             schema: json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
-            prefix: "<tool_call>\n".into(),
-            suffix: "\n</tool_call>".into(),
+            prefix: "<tool_call>".into(),
+            suffix: "</tool_call>".into(),
             param: "tool_choice",
+            repeat: true,
+            triggers: vec!["<tool_call>".into()],
         };
         let g = grammar_for(&c).unwrap();
         assert!(
-            g.contains("root ::= \"<tool_call>\\n\" json-root \"\\n</tool_call>\""),
+            g.contains(
+                "wrapped-item ::= \"<tool_call>\" \"\\n\"? json-root \"\\n\"? \"</tool_call>\""
+            ),
+            "{g}"
+        );
+        assert!(
+            g.contains("root ::= wrapped-item ([ \\t\\n]* wrapped-item)*"),
             "{g}"
         );
         assert!(g.lines().any(|l| l.starts_with("json-root ::=")), "{g}");
+        // llama.cpp compiles it, lazily too (the vocabulary-free parse is what can fail).
+        let plain = super::super::Constraint {
+            prefix: String::new(),
+            suffix: String::new(),
+            repeat: false,
+            triggers: Vec::new(),
+            ..c
+        };
+        assert!(grammar_for(&plain)
+            .unwrap()
+            .contains("root ::= wrapped-item\n"));
     }
 }

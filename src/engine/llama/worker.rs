@@ -1,7 +1,7 @@
 //! The scheduler thread of one loaded model: it owns the llama.cpp context, admits queued
 //! requests into free sequences (reusing cached prefixes), and runs the batched decode loop.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
@@ -55,12 +55,12 @@ impl Picker {
         if sampling.is_plain_greedy() {
             return Ok(Self::Greedy(sampling.logit_bias.clone()));
         }
-        let Some(g) = &sampling.grammar else {
+        let Some(grammar) = sampling.grammar_sampler(model)? else {
             return sampling.build(model).map(Self::Chain);
         };
-        let grammar = LlamaSampler::grammar(model, g, "root").map_err(|e| e.to_string())?;
         let free = SamplingParams {
             grammar: None,
+            grammar_triggers: Vec::new(),
             ..sampling.clone()
         };
         Ok(Self::Constrained {
@@ -160,6 +160,8 @@ pub(super) struct Worker<'m> {
     queue: VecDeque<Job>,
     active: Vec<Active>,
     next_id: u64,
+    /// Control tokens rendered as their text (markers the chat layer parses).
+    rendered: HashSet<i32>,
 }
 
 impl Active {
@@ -176,6 +178,7 @@ impl<'m> Worker<'m> {
         n_ctx_seq: u32,
         slots: SlotTable,
         invariant: bool,
+        rendered: HashSet<i32>,
     ) -> Self {
         Self {
             model,
@@ -187,6 +190,7 @@ impl<'m> Worker<'m> {
             queue: VecDeque::new(),
             active: Vec::new(),
             next_id: 0,
+            rendered,
         }
     }
 
@@ -549,6 +553,7 @@ impl<'m> Worker<'m> {
     /// retires finished requests.
     fn sample_and_emit(&mut self, members: &[u64]) {
         let vocab = self.model.vocab();
+        let rendered = &self.rendered;
         let mut finished = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
             if !members.contains(&a.id) {
@@ -564,7 +569,7 @@ impl<'m> Worker<'m> {
                 let (logprob, top) =
                     logprobs(self.ctx.get_logits_ith(idx), tok.0 as usize, k.into());
                 let text = |t: LlamaToken| {
-                    let bytes = vocab.token_to_piece(t, false, None);
+                    let bytes = vocab.token_to_piece(t, rendered.contains(&t.0), None);
                     TokenText {
                         text: String::from_utf8_lossy(&bytes).into_owned(),
                         bytes,
@@ -586,7 +591,7 @@ impl<'m> Worker<'m> {
                 finish = Some(FinishReason::Stop);
                 a.next = None;
             } else {
-                let piece = vocab.token_to_piece(tok, false, None);
+                let piece = vocab.token_to_piece(tok, rendered.contains(&tok.0), None);
                 let out = a.text.push(&piece);
                 if !out.text.is_empty() {
                     let _ = a.events.send(Event::Text(out.text));
