@@ -3,8 +3,10 @@
 
     bench/grammar.py BINARY QWEN_GGUF [--runs N]
 
-Streams the same request twice per run: free text, and under a JSON schema (an array of 40
-short strings, so both answers are long). Decode speed is tokens after the first divided by
+Streams the same request three times per run: free text, under a JSON schema (an array of
+40 short strings, so both answers are long), and free text with tools offered under `auto`
+(the lazy tool-call grammar waits for `<tool_call>` the whole answer, scanning what is
+written). Decode speed is tokens after the first divided by
 the time after the first token; the ratio is grammar / free. Standard library only.
 """
 import json
@@ -17,6 +19,11 @@ import time
 import urllib.request
 
 ID = "qwen"
+# A tool the question has no use for, so the answer stays text.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
 SCHEMA = {"type": "object", "properties": {"items": {
     "type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 40, "maxItems": 40}},
     "required": ["items"], "additionalProperties": False}
@@ -34,7 +41,8 @@ def stream(base, body):
             v = json.loads(line[6:])
             if v.get("usage"):
                 usage = v["usage"]
-            if v["choices"] and v["choices"][0]["delta"].get("content") and first is None:
+            delta = v["choices"][0]["delta"] if v["choices"] else {}
+            if (delta.get("content") or delta.get("tool_calls")) and first is None:
                 first = time.time()
     end = time.time()
     n = usage["completion_tokens"]
@@ -63,16 +71,19 @@ def main():
         body = {"model": ID, "max_tokens": 300, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "List forty fruits and vegetables, one per line."}]}
-        free, constrained = [], []
+        free, constrained, lazy = [], [], []
         for _ in range(runs):
             free.append(stream(base, body))
             constrained.append(stream(base, {**body, "response_format": {
                 "type": "json_schema", "json_schema": {"name": "list", "schema": SCHEMA}}}))
+            lazy.append(stream(base, {**body, "tools": TOOLS, "tool_choice": "auto"}))
         mean = lambda xs: sum(x[0] for x in xs) / len(xs)
-        for name, xs in (("free text", free), ("json_schema grammar", constrained)):
+        for name, xs in (("free text", free), ("json_schema grammar", constrained),
+                         ("auto tools (lazy)", lazy)):
             print(f"{name:<20} decode {mean(xs):6.1f} tokens/s  "
                   f"(tokens {[x[1] for x in xs]}, ttft {[round(x[2], 3) for x in xs]} s)")
         print(f"ratio grammar / free: {mean(constrained) / mean(free):.2f}x")
+        print(f"ratio auto tools (lazy grammar waiting) / free: {mean(lazy) / mean(free):.2f}x")
     finally:
         proc.kill()
 

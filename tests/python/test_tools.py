@@ -165,3 +165,22 @@ def test_auto_keeps_a_started_call_valid(client):
         **{**kwargs, "tools": None, "tool_choice": None, "parallel_tool_calls": None})
     assert plain.choices[0].finish_reason == "length"
     assert plain.choices[0].message.content.count("<tool_call>") > 10
+
+
+def test_auto_offers_tools_whose_schemas_no_grammar_can_enforce(client):
+    """OpenClaw's tools use schema features the grammar cannot express. Under `auto` the lazy
+    grammar is a safety net the client never asked for, so such tools are still offered
+    (200); `required` promises a valid call, so there it is a 400 naming the feature."""
+    odd = {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"id": {"type": "string", "pattern": "[0-9]+"}},
+        "patternProperties": {"^x-": {"type": "string"}}}}}
+    r = client.chat.completions.create(
+        model=QWEN, tools=TOOLS + [odd], tool_choice="auto", max_tokens=40, temperature=0,
+        messages=[{"role": "user", "content": "read the file README.md"}])
+    assert r.choices[0].finish_reason in ("tool_calls", "stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=QWEN, tools=[odd], tool_choice="required", max_tokens=8,
+            messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "tool_choice"
+    assert "pattern" in e.value.body["message"]
