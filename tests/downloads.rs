@@ -381,7 +381,12 @@ async fn a_file_that_does_not_match_its_hash_leaves_nothing_behind() {
             &json!({"model_id": "acme/tampered-GGUF/set"}),
         )
         .await;
-    assert_eq!(code, 404, "{v}");
+    // Not on disk: a load only offers to download it again (the coding CLI's contract).
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (200, Some("download_required")),
+        "{v}"
+    );
     assert!(s.log_text().contains("download_verification_failed"));
 
     // A finished job cannot be resumed or cancelled.
@@ -661,4 +666,91 @@ async fn the_cli_downloads_with_progress_and_deletes_with_confirmation() {
     let (ok, out, _) = cli(&["downloads"]);
     assert!(ok);
     assert!(out.contains(job["job_id"].as_str().unwrap()));
+}
+
+#[tokio::test]
+async fn the_coding_cli_loads_a_hub_model_by_downloading_it_and_watches_the_progress() {
+    let gemma = std::fs::read(common::model_file()).unwrap();
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "google/gemma-3-270m-GGUF",
+            vec![
+                FakeFile::git("README.md", b"gemma"),
+                FakeFile::lfs("gemma-3-270m-Q4_K_M.gguf", gemma),
+            ],
+        )],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    // `download` in the first Opta-LMX's shape: repo_id and huggingface_hub patterns.
+    let (code, v) = s
+        .post(
+            "/admin/models/download",
+            &json!({"repo_id": "google/gemma-3-270m-GGUF", "allow_patterns": ["*.md"]}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["repo_id"], "google/gemma-3-270m-GGUF");
+    assert_eq!(v["status"], "downloading");
+    assert_eq!(v["bytes_total"], 5, "only README.md: {v}");
+    let readme_job = v["download_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        wait_job(&s, &readme_job, Duration::from_secs(60)).await["state"],
+        "ready"
+    );
+
+    // The load the CLI sends for a model it does not have: it downloads, then loads.
+    let (code, v) = s
+        .post(
+            "/admin/models/load",
+            &json!({"model_id": "google/gemma-3-270m-GGUF", "auto_download": true}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["status"], "downloading");
+    let job = v["download_id"].as_str().unwrap().to_string();
+
+    // Progress as server-sent events until the job ends; the last one says how.
+    let body = reqwest::Client::new()
+        .get(s.url(&format!("/admin/models/download/{job}/progress")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.headers()["content-type"], "text/event-stream");
+    let events: Vec<Value> = common::sse_data(&body.text().await.unwrap())
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let last = events.last().expect("at least one event");
+    assert_eq!(last["status"], "ready", "{last}");
+    assert_eq!(last["download_id"], job.as_str());
+    assert_eq!(last["bytes_done"], 253_113_024);
+    let done: Vec<u64> = events
+        .iter()
+        .map(|e| e["bytes_done"].as_u64().unwrap())
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+
+    // The CLI polls /admin/models until the model is in `loaded`.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = s.get("/admin/models").await;
+        let ids: Vec<&str> = v["loaded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        if ids == ["google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not loaded: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, _) = s
+        .get(&format!("/admin/models/download/{job}/progress"))
+        .await;
+    assert_eq!(code, 200, "a finished job's progress is its final state");
+    let (code, _) = s.get("/admin/models/download/nope/progress").await;
+    assert_eq!(code, 404);
 }

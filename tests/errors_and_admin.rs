@@ -74,16 +74,35 @@ async fn request_errors_are_openai_shaped() {
         .await;
         assert_eq!(param, "max_tokens");
     }
-    // max_tokens that does not fit the context, with the numbers.
-    let (msg, _, code) = expect_error(
-        &s,
-        chat,
-        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
-        400,
-    )
-    .await;
-    assert_eq!(code, "context_length_exceeded");
-    assert!(msg.contains("256") && msg.contains("100000"), "{msg}");
+    // max_tokens beyond what the context has left is clamped, as LM Studio and llama-server
+    // do: the answer stops at the context's end with `length`. The same for legacy completions
+    // and for `max_completion_tokens`.
+    for (path, body) in [
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
+        ),
+        (
+            chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100000}),
+        ),
+    ] {
+        let mut body = body;
+        body["logit_bias"] = no_eos();
+        let (st, v) = s.post(path, &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        let u = &v["usage"];
+        let (p, c) = (
+            u["prompt_tokens"].as_u64().unwrap(),
+            u["completion_tokens"].as_u64().unwrap(),
+        );
+        assert_eq!(p + c, 256, "{u}: generation runs to the context's end");
+    }
 
     // Prompt longer than the context: 400 with both numbers.
     let long = "word ".repeat(400);

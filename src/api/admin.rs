@@ -2,6 +2,7 @@
 //! so bots can manage models without a person.
 
 use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
@@ -11,8 +12,9 @@ use crate::config::check_settings;
 use crate::engine::MemoryEstimate;
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
+use crate::models::downloads::{DownloadRequest, JobState};
 use crate::models::registry::{
-    DeleteReport, LoadOverrides, LoadReport, LoadedModel, RegistryError, UnloadReport,
+    DeleteReport, LoadOverrides, LoadedModel, RegistryError, UnloadReport,
 };
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
@@ -37,6 +39,14 @@ pub struct LoadBody {
     pub ttl_seconds: Option<u64>,
     /// Decode each sequence alone for output that never depends on other requests.
     pub batch_invariant: Option<bool>,
+    /// The first Opta-LMX's backend choice (`auto`, `llama`, `gguf`, `llama.cpp`); GGUF is
+    /// what this server loads, so anything else is refused.
+    pub backend: Option<String>,
+    /// A Hub model that is not on disk is downloaded, then loaded.
+    #[serde(default)]
+    pub auto_download: bool,
+    /// The token a `download_required` answer gave: confirms that download.
+    pub confirmation_token: Option<String>,
 }
 
 /// `POST /admin/model/unload` body.
@@ -47,11 +57,25 @@ pub struct UnloadBody {
     pub model_id: String,
 }
 
-/// `POST /admin/model/load`.
+/// `POST /admin/model/load`. A model that is not on disk but names a Hub repository answers
+/// `download_required` with a confirmation token; sent again with the token or with
+/// `auto_download: true`, the download starts (`downloading`, `download_id`) and the model is
+/// loaded when it completes, as the first Opta-LMX did.
 pub async fn load(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<LoadBody>,
-) -> Result<Json<LoadReport>, ApiError> {
+) -> Result<Response, ApiError> {
+    if let Some(b) = body.backend.as_deref() {
+        if !matches!(
+            b.to_ascii_lowercase().as_str(),
+            "" | "auto" | "llama" | "llama.cpp" | "llamacpp" | "gguf"
+        ) {
+            return Err(ApiError::invalid(
+                "backend",
+                format!("backend `{b}` is not available here; this server loads GGUF models with llama.cpp (auto, llama, gguf)"),
+            ));
+        }
+    }
     let options = LoadOverrides {
         context: body.context,
         parallel: body.parallel,
@@ -69,15 +93,105 @@ pub async fn load(
             format!("{param}: {reason}"),
         ));
     }
-    Ok(Json(state.registry.load(&body.model_id, &options).await?))
+    match state.registry.load(&body.model_id, &options).await {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(RegistryError::NotFound(id)) if id.contains('/') => {
+            download_then_load(&state, &body, options).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A load of a Hub model that is not on disk: asks for confirmation, or starts the download
+/// and loads the model once it is verified and installed.
+async fn download_then_load(
+    state: &AppState,
+    body: &LoadBody,
+    options: LoadOverrides,
+) -> Result<Response, ApiError> {
+    let token = confirmation_token(state, &body.model_id);
+    let confirmed = body.auto_download || body.confirmation_token.as_deref() == Some(&token);
+    if !confirmed {
+        return Ok(Json(serde_json::json!({
+            "status": "download_required",
+            "model_id": body.model_id,
+            "confirmation_token": token,
+            "message": format!("`{}` is not on disk; send the load again with this confirmation_token (or auto_download: true) to download it from the Hub and load it", body.model_id),
+        }))
+        .into_response());
+    }
+    let request = DownloadRequest {
+        model_id: body.model_id.clone(),
+        revision: None,
+        files: None,
+        pattern: None,
+        allow_patterns: None,
+        ignore_patterns: None,
+    };
+    let (job, _) = state.downloads.start(request).await?;
+    let download_id = job.record.job_id.clone();
+    let (downloads, registry) = (state.downloads.clone(), state.registry.clone());
+    let watched = download_id.clone();
+    tokio::spawn(async move {
+        // Waits for the job to stop; a verified one is loaded under the id it installed.
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let Some(job) = downloads.get(&watched) else {
+                return;
+            };
+            match job.record.state {
+                JobState::Downloading => continue,
+                JobState::Ready => {
+                    if let Some(id) = job.record.models.first() {
+                        if let Err(e) = registry.load(id, &options).await {
+                            tracing::warn!(model = %id, error = %e, "load after download failed");
+                        }
+                    }
+                    return;
+                }
+                _ => return,
+            }
+        }
+    });
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "status": "downloading",
+            "model_id": body.model_id,
+            "download_id": download_id,
+            "progress_url": format!("/admin/models/download/{download_id}/progress"),
+        })),
+    )
+        .into_response())
+}
+
+/// The confirmation a `download_required` answer asks for: a hash of the model id and this
+/// server run's secret, so it needs no storage and a token from another run is refused.
+fn confirmation_token(state: &AppState, model_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{}\n{model_id}", state.secret).as_bytes());
+    hex::encode(&digest[..16])
 }
 
 /// `POST /admin/model/unload`.
 pub async fn unload(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<UnloadBody>,
-) -> Result<Json<UnloadReport>, ApiError> {
-    Ok(Json(state.registry.unload(&body.model_id).await?))
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let report: UnloadReport = state.registry.unload(&body.model_id).await?;
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    v["memory_freed_gb"] = serde_json::json!(gb(report.memory_freed_bytes));
+    Ok(Json(v))
+}
+
+/// Bytes in GB (10^9), rounded to 0.01, as the first Opta-LMX reported memory.
+fn gb(bytes: u64) -> f64 {
+    (bytes as f64 / 1e7).round() / 100.0
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `DELETE /admin/model/{id}` confirmation, as query parameters or a JSON body.
@@ -174,6 +288,14 @@ fn runtime(m: &LoadedModel) -> Runtime {
 
 /// `GET /admin/models`: the disk inventory with loaded state.
 pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    // Scanning the directory and reading GGUF headers touch the disk: the blocking pool.
+    tokio::task::spawn_blocking(move || inventory(&state))
+        .await
+        .map_err(|e| ApiError::Internal(format!("models inventory: {e}")))?
+        .map(Json)
+}
+
+fn inventory(state: &AppState) -> Result<serde_json::Value, ApiError> {
     let disk = state
         .registry
         .store()
@@ -226,14 +348,60 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Va
             }
         })
         .collect();
-    Ok(Json(serde_json::json!({
+    // The loaded models in the first Opta-LMX's shape, which the coding CLI polls after a load.
+    let loaded: Vec<serde_json::Value> = reg
+        .loaded()
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.id,
+                "memory_gb": gb(m.estimate.total_bytes),
+                "context_length": m.engine.info().context_per_sequence,
+                "loaded_at": unix_seconds(m.loaded_at),
+                "request_count": m.request_count(),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "loaded": loaded,
         "models_directory": reg.store().root().display().to_string(),
         "max_loaded_models": reg.config().models.max_loaded_models,
         "models": entries,
         "downloads_in_progress": state.downloads.list().into_iter()
             .filter(|j| !matches!(j.record.state, crate::models::downloads::JobState::Ready | crate::models::downloads::JobState::Cancelled))
             .collect::<Vec<_>>(),
-    })))
+    }))
+}
+
+/// The models directory's contents, read on the blocking pool (a scan touches the disk).
+async fn scan(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
+    let registry = state.registry.clone();
+    tokio::task::spawn_blocking(move || registry.store().scan())
+        .await
+        .map_err(|e| ApiError::Internal(format!("models directory scan: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))
+}
+
+/// `GET /admin/models/available`: models on disk that are not loaded, as the coding CLI lists
+/// them (`repo_id` is the id to load).
+pub async fn available(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let disk = scan(&state).await?;
+    Ok(Json(
+        disk.into_iter()
+            .filter(|d| state.registry.get(&d.id).is_none())
+            .map(|d| {
+                serde_json::json!({
+                    "repo_id": d.id,
+                    "id": d.id,
+                    "size_bytes": d.size_bytes,
+                    "format": d.format,
+                    "path": d.path.display().to_string(),
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// `GET /admin/status` memory section.
@@ -241,6 +409,10 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Va
 pub struct MemoryStatus {
     #[serde(flatten)]
     pub snapshot: MemorySnapshot,
+    /// The same figures in GB, as the coding CLI reads them.
+    pub used_gb: f64,
+    pub total_gb: f64,
+    pub available_gb: f64,
     pub threshold_percent: f64,
     pub process_rss_bytes: u64,
     pub models_bytes: u64,
@@ -252,6 +424,8 @@ pub struct Status {
     pub version: &'static str,
     pub uptime_seconds: u64,
     pub memory: MemoryStatus,
+    /// Ids of the loaded models.
+    pub models: Vec<String>,
     pub loaded_models: Vec<serde_json::Value>,
     pub performance: PerformanceStatus,
 }
@@ -321,11 +495,16 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             })
         })
         .collect();
+    let snapshot = MemorySnapshot::read();
     Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
+        models: loaded.iter().map(|m| m.id.clone()).collect(),
         memory: MemoryStatus {
-            snapshot: MemorySnapshot::read(),
+            used_gb: gb(snapshot.used_bytes),
+            total_gb: gb(snapshot.total_bytes),
+            available_gb: gb(snapshot.available_bytes),
+            snapshot,
             threshold_percent: state.config.memory.threshold_percent,
             process_rss_bytes: process_rss_bytes(),
             models_bytes,
@@ -342,6 +521,22 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             rejected_requests_total: total.rejected_total,
         },
     })
+}
+
+/// `GET /readyz`: 200 with `models_loaded` while a model can answer, 503 while none is
+/// loaded (the coding CLI then reports the server as degraded). No auth.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let n = state.registry.loaded().len();
+    let status = if n > 0 {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if n > 0 { "ready" } else { "not_ready" },
+        "models_loaded": n,
+    });
+    (status, Json(body)).into_response()
 }
 
 /// `GET /admin/health` and `/healthz`: liveness, no auth.

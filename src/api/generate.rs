@@ -23,7 +23,11 @@ pub(super) fn now_secs() -> u64 {
 pub(super) fn fingerprint() -> String {
     format!("opta-lmx-{}", env!("CARGO_PKG_VERSION"))
 }
-/// Checks the prompt against the context and picks the completion budget.
+/// Checks the prompt against the context and picks the completion budget. A `max_tokens`
+/// beyond what the context has left is clamped, as LM Studio and llama-server do: clients
+/// (the coding CLI among them) compute it from an estimate of the prompt, and the generation
+/// simply stops at the context's end with `finish_reason: "length"`. Only a prompt that does
+/// not fit at all is refused.
 pub(super) fn generation_request(
     model: &LoadedModel,
     prompt: Vec<TokenId>,
@@ -34,21 +38,16 @@ pub(super) fn generation_request(
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
-    let too_long = |completion| EngineError::ContextLength {
-        context,
-        prompt: prompt_len,
-        completion,
-    };
     if prompt_len >= context {
-        return Err(too_long(None).into());
-    }
-    let max_tokens = match v.max_tokens {
-        Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(context) => {
-            return Err(too_long(Some(m)).into())
+        return Err(EngineError::ContextLength {
+            context,
+            prompt: prompt_len,
+            completion: None,
         }
-        Some(m) => m,
-        None => context - prompt_len,
-    };
+        .into());
+    }
+    let left = context - prompt_len;
+    let max_tokens = v.max_tokens.map_or(left, |m| m.min(left));
     Ok(GenerationRequest {
         prompt,
         max_tokens,

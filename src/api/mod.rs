@@ -7,6 +7,7 @@ pub mod completions;
 pub mod downloads;
 pub mod error;
 pub mod generate;
+pub mod lmstudio;
 pub mod models;
 pub mod sse;
 pub mod types;
@@ -49,6 +50,8 @@ pub struct AppState {
     /// Bounds CPU work on request data (JSON parsing, templating, tokenizing) to the cores,
     /// so a flood of heavy requests queues instead of starving the engine threads.
     pub cpu: Arc<Semaphore>,
+    /// A random secret of this server run (confirmation tokens are derived from it).
+    pub secret: String,
 }
 
 impl AppState {
@@ -62,6 +65,7 @@ impl AppState {
             metrics: Metrics::default(),
             started: Instant::now(),
             cpu: Arc::new(Semaphore::new(cores)),
+            secret: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -251,6 +255,8 @@ fn presented_key(headers: &HeaderMap, admin: bool) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
+        // Anthropic's clients send their key as `x-api-key`.
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
 /// Constant-time comparison so keys cannot be guessed byte by byte from timings.
@@ -345,6 +351,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
+        .route("/api/v1/models", get(lmstudio::list_v1))
+        .route("/api/v1/models/load", post(lmstudio::load))
+        .route("/api/v1/models/unload", post(lmstudio::unload))
+        .route("/api/v0/models", get(lmstudio::list_v0))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -355,6 +365,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/model/unload", post(admin::unload))
         .route("/admin/models/unload", post(admin::unload))
         .route("/admin/models", get(admin::models))
+        .route("/admin/models/available", get(admin::available))
         .route("/admin/model/download", post(downloads::start))
         .route("/admin/models/download", post(downloads::start))
         .route("/admin/model/downloads", get(downloads::list))
@@ -367,6 +378,22 @@ pub fn router(state: AppState) -> Router {
             "/admin/model/download/{job}/resume",
             post(downloads::resume),
         )
+        .route(
+            "/admin/models/download/{job}",
+            get(downloads::get).delete(downloads::cancel),
+        )
+        .route(
+            "/admin/models/download/{job}/resume",
+            post(downloads::resume),
+        )
+        .route(
+            "/admin/model/download/{job}/progress",
+            get(downloads::progress),
+        )
+        .route(
+            "/admin/models/download/{job}/progress",
+            get(downloads::progress),
+        )
         .route("/admin/model/{*id}", delete(admin::delete_model))
         .route("/admin/models/{*id}", delete(admin::delete_model))
         .route("/admin/status", get(admin::status))
@@ -376,7 +403,8 @@ pub fn router(state: AppState) -> Router {
         ));
     let open = Router::new()
         .route("/admin/health", get(admin::health))
-        .route("/healthz", get(admin::health));
+        .route("/healthz", get(admin::health))
+        .route("/readyz", get(admin::ready));
     Router::new()
         .merge(v1)
         .merge(admin_routes)

@@ -42,7 +42,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    fn finished(self) -> bool {
+    /// Whether the job has stopped (for good or until resumed).
+    pub fn finished(self) -> bool {
         matches!(
             self,
             Self::Ready | Self::VerificationFailed | Self::Cancelled
@@ -103,6 +104,11 @@ pub struct JobView {
     pub progress: f64,
     pub rate_bytes_per_second: f64,
     pub eta_seconds: Option<f64>,
+    /// The job id, state and repository again under the first Opta-LMX's names, which the
+    /// coding CLI reads.
+    pub download_id: String,
+    pub status: JobState,
+    pub repo_id: String,
 }
 
 /// Why a download could not start or be changed.
@@ -135,7 +141,7 @@ pub enum DownloadError {
 #[serde(deny_unknown_fields)]
 pub struct DownloadRequest {
     /// `org/repo`, `org/repo:QUANT` or `org/repo/path/file.gguf`.
-    #[serde(alias = "model", alias = "repo")]
+    #[serde(alias = "model", alias = "repo", alias = "repo_id")]
     pub model_id: String,
     pub revision: Option<String>,
     /// Exact file paths in the repository.
@@ -143,6 +149,11 @@ pub struct DownloadRequest {
     /// A glob over file paths, such as `*Q4_K_M*.gguf`.
     #[serde(alias = "glob")]
     pub pattern: Option<String>,
+    /// `huggingface_hub`'s selection, as the first Opta-LMX took it: files matching any of
+    /// these globs (in place of the one-model default).
+    pub allow_patterns: Option<Vec<String>>,
+    /// Files matching any of these globs are left out of whatever was selected.
+    pub ignore_patterns: Option<Vec<String>>,
 }
 
 struct Job {
@@ -229,6 +240,9 @@ impl Job {
             },
             rate_bytes_per_second: rate,
             eta_seconds: (running && rate > 0.0).then(|| (total - done) as f64 / rate),
+            download_id: record.job_id.clone(),
+            status: record.state,
+            repo_id: record.repo.clone(),
             record,
         }
     }
@@ -973,7 +987,36 @@ fn select(
                     .starts_with("mmproj")
         })
     };
-    let chosen: Vec<RepoFile> = if let Some(list) = &req.files {
+    let glob_opts = glob::MatchOptions {
+        case_sensitive: false,
+        require_literal_separator: false,
+        require_literal_leading_dot: false,
+    };
+    let globs = |param: &'static str, list: &[String]| {
+        list.iter()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|e| DownloadError::Invalid {
+                    param,
+                    message: format!("`{p}` is not a valid glob: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let ignored = globs(
+        "ignore_patterns",
+        req.ignore_patterns.as_deref().unwrap_or(&[]),
+    )?;
+    let allowed = match &req.allow_patterns {
+        Some(list) => Some(globs("allow_patterns", list)?),
+        None => None,
+    };
+    let mut chosen: Vec<RepoFile> = if let Some(allowed) = &allowed {
+        files
+            .iter()
+            .filter(|f| allowed.iter().any(|p| p.matches_with(&f.path, glob_opts)))
+            .cloned()
+            .collect()
+    } else if let Some(list) = &req.files {
         let mut out = Vec::new();
         for want in list {
             match files.iter().find(|f| &f.path == want) {
@@ -1039,6 +1082,7 @@ fn select(
             }
         }
     };
+    chosen.retain(|f| !ignored.iter().any(|p| p.matches_with(&f.path, glob_opts)));
     if chosen.is_empty() {
         let available: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
         return Err(DownloadError::Invalid {
@@ -1089,6 +1133,8 @@ mod tests {
             revision: None,
             files: None,
             pattern: None,
+            allow_patterns: None,
+            ignore_patterns: None,
         }
     }
 
@@ -1130,6 +1176,20 @@ mod tests {
         assert!(select(&files, &r, None).is_err());
         let mut r = req("a/b");
         r.files = Some(vec!["README.md".into(), "nope".into()]);
+        assert!(select(&files, &r, None).is_err());
+        // huggingface_hub's allow / ignore patterns, as the CLI sends them.
+        let mut r = req("a/b");
+        r.allow_patterns = Some(vec!["*Q4_K_M*.gguf".into(), "README.md".into()]);
+        r.ignore_patterns = Some(vec!["big*".into()]);
+        let picked: Vec<_> = select(&files, &r, None)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        assert_eq!(picked, ["README.md", "m-Q4_K_M.gguf"]);
+        r.ignore_patterns = Some(vec!["*".into()]);
+        assert!(select(&files, &r, None).is_err());
+        r.allow_patterns = Some(vec!["[".into()]);
         assert!(select(&files, &r, None).is_err());
         let single = [
             file("README.md"),

@@ -1,0 +1,163 @@
+//! LM Studio's own REST API, for clients written against LM Studio (OpenClaw's bundled
+//! `lmstudio` provider discovers models with `GET /api/v1/models` and preloads with
+//! `POST /api/v1/models/load`). Same registry as `/admin`; only the shapes are LM Studio's.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use crate::models::registry::LoadOverrides;
+
+/// One model on disk with what LM Studio's lists say about it.
+struct Listed {
+    disk: crate::models::store::DiskModel,
+    architecture: Option<String>,
+    quantization: Option<String>,
+    max_context: Option<u32>,
+    /// Context per sequence, when loaded.
+    loaded: Option<u32>,
+    tools: bool,
+}
+
+/// The models directory with header facts, read on the blocking pool (it touches the disk).
+async fn listed(state: &AppState) -> Result<Vec<Listed>, ApiError> {
+    let registry = state.registry.clone();
+    tokio::task::spawn_blocking(move || {
+        let disk = registry
+            .store()
+            .scan()
+            .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+        Ok(disk
+            .into_iter()
+            .map(|d| {
+                let plan = registry.plan(&d, &LoadOverrides::default()).ok();
+                let loaded = registry.get(&d.id);
+                Listed {
+                    architecture: plan.as_ref().map(|p| p.facts.architecture.clone()),
+                    quantization: plan
+                        .as_ref()
+                        .and_then(|p| p.facts.file_type.clone())
+                        .or(d.quantization.clone()),
+                    max_context: plan.as_ref().map(|p| p.facts.context_train),
+                    loaded: loaded
+                        .as_ref()
+                        .map(|m| m.engine.info().context_per_sequence),
+                    tools: loaded
+                        .as_ref()
+                        .and_then(|m| m.engine.chat_template_source().map(|t| t.contains("tools")))
+                        .unwrap_or(false),
+                    disk: d,
+                }
+            })
+            .collect())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("models directory scan: {e}")))?
+}
+
+/// The publisher LM Studio shows: the Hub organisation the model came from, else `local`.
+fn publisher(d: &crate::models::store::DiskModel) -> String {
+    d.alternate_ids
+        .iter()
+        .find_map(|a| a.split_once('/').map(|(org, _)| org.to_string()))
+        .unwrap_or_else(|| "local".into())
+}
+
+/// `GET /api/v1/models`.
+pub async fn list_v1(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let models: Vec<Value> = listed(&state)
+        .await?
+        .into_iter()
+        .map(|m| {
+            let instances: Vec<Value> = m
+                .loaded
+                .map(|ctx| json!({"id": m.disk.id, "config": {"context_length": ctx}}))
+                .into_iter()
+                .collect();
+            json!({
+                "type": "llm",
+                "publisher": publisher(&m.disk),
+                "key": m.disk.id,
+                "display_name": m.disk.id,
+                "architecture": m.architecture,
+                "quantization": {"name": m.quantization, "bits_per_weight": Value::Null},
+                "size_bytes": m.disk.size_bytes,
+                "params_string": Value::Null,
+                "loaded_instances": instances,
+                "max_context_length": m.max_context,
+                "format": m.disk.format,
+                "capabilities": {"vision": false, "trained_for_tool_use": m.tools},
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "models": models })))
+}
+
+/// `GET /api/v0/models`.
+pub async fn list_v0(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let data: Vec<Value> = listed(&state)
+        .await?
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.disk.id,
+                "object": "model",
+                "type": "llm",
+                "publisher": publisher(&m.disk),
+                "arch": m.architecture,
+                "compatibility_type": m.disk.format,
+                "quantization": m.quantization,
+                "state": if m.loaded.is_some() { "loaded" } else { "not-loaded" },
+                "max_context_length": m.max_context,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `POST /api/v1/models/load` body (LM Studio's llama.cpp knobs that mean nothing here are
+/// accepted and ignored, so a client's preload never fails on them).
+#[derive(Debug, Deserialize)]
+pub struct LoadBody {
+    pub model: String,
+    pub context_length: Option<u32>,
+    #[serde(flatten)]
+    pub _other: serde_json::Map<String, Value>,
+}
+
+/// `POST /api/v1/models/load`.
+pub async fn load(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LoadBody>,
+) -> Result<Json<Value>, ApiError> {
+    let overrides = LoadOverrides {
+        context: body.context_length,
+        ..LoadOverrides::default()
+    };
+    let report = state.registry.load(&body.model, &overrides).await?;
+    Ok(Json(json!({
+        "type": "llm",
+        "instance_id": report.model_id,
+        "load_time_seconds": report.load_seconds,
+        "status": "loaded",
+    })))
+}
+
+/// `POST /api/v1/models/unload` body.
+#[derive(Debug, Deserialize)]
+pub struct UnloadBody {
+    #[serde(alias = "model")]
+    pub instance_id: String,
+}
+
+/// `POST /api/v1/models/unload`.
+pub async fn unload(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<UnloadBody>,
+) -> Result<Json<Value>, ApiError> {
+    let report = state.registry.unload(&body.instance_id).await?;
+    Ok(Json(json!({ "instance_id": report.model_id })))
+}
