@@ -3,12 +3,13 @@
 //! chunks (content, reasoning, tool calls, logprobs) for one or more choices.
 
 use axum::extract::{Request, State};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
 use super::generate::*;
-use super::sse::{stream_response, Piece};
+use super::sse::{data, stream_response, Piece, OPENAI};
 use super::types::*;
 use super::AppState;
 use crate::chat::answer::{finish_reason, AnswerSpec, AnswerStream};
@@ -68,7 +69,7 @@ pub async fn chat_completions(
     }
     let mut encoder = ChunkEncoder::new(head, spec, v.n, v.logprobs.is_some(), v.include_usage);
     let format = Box::new(move |index, piece| encoder.encode(index, piece));
-    Ok(stream_response(rxs, v.include_usage, format, &state).into_response())
+    Ok(stream_response(rxs, v.include_usage, format, OPENAI, &state).into_response())
 }
 
 /// Decides the plan and builds the prompt for a chat request: the part every chat dialect
@@ -120,7 +121,7 @@ impl ChunkEncoder {
         }
     }
 
-    fn encode(&mut self, index: u32, piece: Piece) -> Vec<String> {
+    fn encode(&mut self, index: u32, piece: Piece) -> Vec<SseEvent> {
         let i = index as usize;
         let finished = match &piece {
             Piece::Finish(r) => Some(*r),
@@ -174,7 +175,7 @@ impl ChunkEncoder {
         &self,
         choices: Vec<ChatChunkChoice>,
         usage: Option<Option<UsageBody>>,
-    ) -> Vec<String> {
+    ) -> Vec<SseEvent> {
         serde_json::to_string(&ChatChunk {
             id: self.head.id.clone(),
             object: "chat.completion.chunk",
@@ -185,6 +186,7 @@ impl ChunkEncoder {
             usage: usage.or(self.include_usage.then_some(None)),
         })
         .ok()
+        .map(data)
         .into_iter()
         .collect()
     }

@@ -6,7 +6,7 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::generate::*;
-use super::sse::{stream_response, Formatter, Piece};
+use super::sse::{data, stream_response, Formatter, Piece, OPENAI};
 use super::types::*;
 use super::AppState;
 use crate::chat::prompt::PromptError;
@@ -124,7 +124,11 @@ async fn finish_completion(
             ),
             Piece::Usage(u) => body(Vec::new(), Some(Some(u.into()))),
         };
-        serde_json::to_string(&chunk).ok().into_iter().collect()
+        serde_json::to_string(&chunk)
+            .ok()
+            .map(data)
+            .into_iter()
+            .collect()
     });
-    Ok(stream_response(rxs, include_usage, format, state).into_response())
+    Ok(stream_response(rxs, include_usage, format, OPENAI, state).into_response())
 }

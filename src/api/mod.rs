@@ -2,6 +2,7 @@
 //! response OpenAI-shaped. Handlers live in [`chat`], [`completions`], [`models`] and [`admin`].
 
 pub mod admin;
+pub mod anthropic;
 pub mod chat;
 pub mod completions;
 pub mod downloads;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod lmstudio;
 pub mod models;
+pub mod responses;
 pub mod sse;
 pub mod types;
 
@@ -52,6 +54,8 @@ pub struct AppState {
     pub cpu: Arc<Semaphore>,
     /// A random secret of this server run (confirmation tokens are derived from it).
     pub secret: String,
+    /// Responses kept for `previous_response_id` (`store: true`).
+    pub responses: Arc<responses::ResponseStore>,
 }
 
 impl AppState {
@@ -66,6 +70,7 @@ impl AppState {
             started: Instant::now(),
             cpu: Arc::new(Semaphore::new(cores)),
             secret: uuid::Uuid::new_v4().simple().to_string(),
+            responses: Arc::default(),
         }
     }
 
@@ -349,6 +354,8 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::get))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/api/v1/models", get(lmstudio::list_v1))
@@ -359,6 +366,15 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_api_key,
         ));
+    // Anthropic's Messages: its own error shape around everything, the key check included.
+    let anthropic_routes = Router::new()
+        .route("/v1/messages", post(anthropic::create))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .route_layer(middleware::from_fn(anthropic::anthropic_errors));
     let admin_routes = Router::new()
         .route("/admin/model/load", post(admin::load))
         .route("/admin/models/load", post(admin::load))
@@ -407,6 +423,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(admin::ready));
     Router::new()
         .merge(v1)
+        .merge(anthropic_routes)
         .merge(admin_routes)
         .merge(open)
         .fallback(|req: Request| async move {

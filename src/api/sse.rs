@@ -1,6 +1,7 @@
-//! Server-sent events in OpenAI's framing: `data: {json}\n\n` per chunk, `data: [DONE]\n\n` at
-//! the end, a structured `{"error":{...}}` event if generation fails mid-stream, and comment
-//! keep-alives so proxies and SDK timeouts do not cut a stream that is waiting on a long prefill.
+//! Server-sent events for a running generation: each dialect's formatter turns engine pieces
+//! into events, and its [`Framing`] says how a stream ends (OpenAI's `data: [DONE]`) and how a
+//! mid-stream failure is told. Comment keep-alives stop proxies and SDK timeouts from cutting
+//! a stream that is waiting on a long prefill.
 //!
 //! The stream reads the engine's channel directly: when the client hangs up, axum drops the
 //! stream, the channel closes, and the scheduler frees the sequence on its next step.
@@ -28,10 +29,29 @@ pub enum Piece {
     Usage(Usage),
 }
 
-/// Formats one response's pieces into chunk JSON, zero or more chunks a piece, for the
-/// choice with the given index. Stateful: a chat answer's tool calls are parsed as its text
-/// streams.
-pub type Formatter = Box<dyn FnMut(u32, Piece) -> Vec<String> + Send>;
+/// Formats one response's pieces into events, zero or more a piece, for the choice with the
+/// given index. Stateful: a chat answer's tool calls are parsed as its text streams.
+pub type Formatter = Box<dyn FnMut(u32, Piece) -> Vec<SseEvent> + Send>;
+
+/// How a dialect's stream ends and fails.
+#[derive(Clone, Copy)]
+pub struct Framing {
+    /// OpenAI's chat and completions end with `data: [DONE]`.
+    pub done_marker: bool,
+    /// The event that tells the client the generation failed.
+    pub error: fn(ApiError) -> SseEvent,
+}
+
+/// OpenAI chat and completions: `[DONE]` at the end, `data: {"error": {...}}` on failure.
+pub const OPENAI: Framing = Framing {
+    done_marker: true,
+    error: error_event,
+};
+
+/// A `data:`-only event.
+pub fn data(json: String) -> SseEvent {
+    SseEvent::default().data(json)
+}
 
 /// Every choice's events, tagged with the choice's index. Dropping it drops every receiver,
 /// which cancels every choice's sequence.
@@ -55,10 +75,10 @@ pub(super) fn stream_response(
     choices: Vec<ChoiceEvents>,
     include_usage: bool,
     format: Formatter,
+    framing: Framing,
     state: &AppState,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
-    let data = |s: String| SseEvent::default().data(s);
     let count = choices.len() as u32;
     let merged: Merged = stream::select_all(
         choices
@@ -69,10 +89,7 @@ pub(super) fn stream_response(
     let s = stream::unfold(State::Start(merged, format), move |state| async move {
         match state {
             State::Start(events, mut format) => {
-                let out: Vec<_> = (0..count)
-                    .flat_map(|i| format(i, Piece::Start))
-                    .map(data)
-                    .collect();
+                let out: Vec<_> = (0..count).flat_map(|i| format(i, Piece::Start)).collect();
                 let next = State::Running {
                     events,
                     format,
@@ -93,7 +110,7 @@ pub(super) fn stream_response(
                         Event::Logprob(lp) => Piece::Logprob(lp),
                         _ => unreachable!("matched above"),
                     };
-                    let out = format(i, piece).into_iter().map(data).collect();
+                    let out = format(i, piece);
                     Some((
                         out,
                         State::Running {
@@ -119,10 +136,7 @@ pub(super) fn stream_response(
                             ..sum
                         },
                     });
-                    let mut out: Vec<_> = format(i, Piece::Finish(finish_reason))
-                        .into_iter()
-                        .map(data)
-                        .collect();
+                    let mut out = format(i, Piece::Finish(finish_reason));
                     if left > 1 {
                         return Some((
                             out,
@@ -135,16 +149,18 @@ pub(super) fn stream_response(
                         ));
                     }
                     if let (true, Some(u)) = (include_usage, usage) {
-                        out.extend(format(0, Piece::Usage(u)).into_iter().map(data));
+                        out.extend(format(0, Piece::Usage(u)));
                     }
-                    out.push(data("[DONE]".into()));
+                    if framing.done_marker {
+                        out.push(data("[DONE]".into()));
+                    }
                     Some((out, State::Ended))
                 }
                 Some((_, Event::Error(e))) => {
-                    Some((vec![error_event(ApiError::from(e))], State::Ended))
+                    Some((vec![(framing.error)(ApiError::from(e))], State::Ended))
                 }
                 None => Some((
-                    vec![error_event(ApiError::Internal(
+                    vec![(framing.error)(ApiError::Internal(
                         "generation ended unexpectedly".into(),
                     ))],
                     State::Ended,

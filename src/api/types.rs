@@ -423,7 +423,7 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
 }
 
 /// `tools`: function tools, each with a name.
-fn parse_tools(tools: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
+pub fn parse_tools(tools: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
     let Some(tools) = tools.filter(|t| !t.is_null()) else {
         return Ok(Vec::new());
     };
@@ -474,7 +474,7 @@ fn parse_tools(tools: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
 }
 
 /// `tool_choice`: `none`, `auto`, `required`, or `{"type":"function","function":{"name":…}}`.
-fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError> {
+pub fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError> {
     let invalid = |m: String| ApiError::invalid("tool_choice", m);
     match choice {
         None | Some(Value::Null) => Ok(ToolChoice::Auto),

@@ -1,0 +1,653 @@
+//! `POST /v1/responses` and `GET /v1/responses/{id}`: OpenAI's Responses dialect, for bots
+//! configured with `api: "openai-responses"`. The input items become the chat layer's
+//! [`ChatRequest`]; the answer goes out as output items (reasoning, message, function calls),
+//! whole or as Responses events. `store` keeps the conversation so `previous_response_id`
+//! can continue it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use axum::extract::{Request, State};
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chat::prepare_chat;
+use super::error::ApiError;
+use super::generate::*;
+use super::sse::{stream_response, Framing, Piece};
+use super::types::{parse_tool_choice, parse_tools, SamplingFields};
+use super::{from_value, parse_json, read_body, ApiPath, AppState};
+use crate::chat::answer::{AnswerStream, WholeAnswer};
+use crate::chat::request::{ChatRequest, Message, Role, ToolCall};
+use crate::chat::tools::Delta;
+use crate::engine::{FinishReason, Usage};
+
+/// Stored responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest
+/// go first past this many.
+const STORE_CAPACITY: usize = 512;
+
+/// A stored response and the conversation up to and including its answer.
+#[derive(Clone)]
+struct Stored {
+    response: Value,
+    conversation: Vec<Message>,
+}
+
+/// The bounded in-memory store behind `store: true`.
+#[derive(Default)]
+pub struct ResponseStore {
+    inner: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+}
+
+impl ResponseStore {
+    fn put(&self, id: String, stored: Stored) {
+        let mut guard = self.inner.lock().expect("response store lock");
+        let (map, order) = &mut *guard;
+        if map.insert(id.clone(), stored).is_none() {
+            order.push_back(id);
+        }
+        while order.len() > STORE_CAPACITY {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Stored> {
+        self.inner
+            .lock()
+            .expect("response store lock")
+            .0
+            .get(id)
+            .cloned()
+    }
+}
+
+/// The request fields this dialect reads (others, such as `reasoning`, `prompt_cache_key`,
+/// `metadata` or `truncation`, are accepted and ignored).
+#[derive(Debug, Deserialize)]
+struct ResponsesRequest {
+    model: Option<String>,
+    input: Value,
+    instructions: Option<String>,
+    max_output_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    text: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    store: Option<bool>,
+    previous_response_id: Option<String>,
+    seed: Option<i64>,
+    stop: Option<super::types::StopSpec>,
+}
+
+fn kind(v: &Value) -> &str {
+    v.get("type").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Text of a content given as a string or as parts (`input_text`, `output_text`, `text`).
+fn content_text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::new();
+            for (j, p) in parts.iter().enumerate() {
+                match kind(p) {
+                    "input_text" | "output_text" | "text" | "reasoning_text" => {
+                        out.push(p.get("text").and_then(Value::as_str).unwrap_or_default())
+                    }
+                    other => {
+                        return Err(ApiError::invalid(
+                            format!("{at}.content[{j}]"),
+                            format!("content part type `{other}` is not supported here (input_text); no model served here can see images or read files"),
+                        ))
+                    }
+                }
+            }
+            Ok(out.join("\n"))
+        }
+        Some(_) => Err(ApiError::invalid(
+            format!("{at}.content"),
+            "content must be a string or a list of parts",
+        )),
+    }
+}
+
+/// `input` (a string, or message / function_call / function_call_output items) as turns.
+fn input_messages(input: &Value) -> Result<Vec<Message>, ApiError> {
+    let items = match input {
+        Value::String(s) => return Ok(vec![Message::text(Role::User, s.clone())]),
+        Value::Array(items) => items,
+        _ => {
+            return Err(ApiError::invalid(
+                "input",
+                "input must be a string or a list of items",
+            ))
+        }
+    };
+    let mut out: Vec<Message> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let text_field = |k: &str| item.get(k).and_then(Value::as_str).map(String::from);
+        match kind(item) {
+            "message" | "" if item.get("role").is_some() => {
+                let role = match item["role"].as_str().unwrap_or_default() {
+                    "system" | "developer" => Role::System,
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    other => {
+                        return Err(ApiError::invalid(
+                            format!("{at}.role"),
+                            format!("role `{other}` is not one of system, developer, user, assistant"),
+                        ))
+                    }
+                };
+                out.push(Message::text(role, content_text(item.get("content"), &at)?));
+            }
+            "function_call" => {
+                let call = ToolCall {
+                    id: text_field("call_id").unwrap_or_default(),
+                    name: text_field("name").ok_or_else(|| {
+                        ApiError::invalid(&at, format!("{at}.name is required"))
+                    })?,
+                    arguments: text_field("arguments").unwrap_or_else(|| "{}".into()),
+                };
+                // Calls in a row belong to one assistant turn.
+                match out.last_mut() {
+                    Some(m) if m.role == Role::Assistant && !m.tool_calls.is_empty() => {
+                        m.tool_calls.push(call)
+                    }
+                    _ => {
+                        let mut m = Message::text(Role::Assistant, "");
+                        m.tool_calls.push(call);
+                        out.push(m);
+                    }
+                }
+            }
+            "function_call_output" => {
+                let output = match item.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    other => content_text(other, &at)?,
+                };
+                let mut m = Message::text(Role::Tool, output);
+                m.tool_call_id = text_field("call_id");
+                out.push(m);
+            }
+            // Earlier reasoning is not shown to the model again (as chat templates do).
+            "reasoning" => {}
+            other => {
+                return Err(ApiError::invalid(
+                    format!("{at}.type"),
+                    format!("input item type `{other}` is not supported (message, function_call, function_call_output)"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `text.format` in chat's `response_format` shape.
+fn response_format(text: Option<&Value>) -> Option<Value> {
+    let format = text?.get("format")?;
+    Some(match kind(format) {
+        "json_schema" => json!({"type": "json_schema", "json_schema": {
+            "name": format.get("name"), "schema": format.get("schema"), "strict": format.get("strict")}}),
+        _ => format.clone(),
+    })
+}
+
+/// Everything a Responses request turns into before the engine.
+struct Parsed {
+    req: ResponsesRequest,
+    chat: ChatRequest,
+    /// The conversation before this turn's answer (previous turns included), for the store.
+    conversation: Vec<Message>,
+    sampling: SamplingFields,
+}
+
+fn parse(body: &Value, store: &ResponseStore) -> Result<Parsed, ApiError> {
+    let req: ResponsesRequest = from_value(body)?;
+    let mut conversation = match &req.previous_response_id {
+        None => Vec::new(),
+        Some(id) => {
+            store
+                .get(id)
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "previous response `{id}` is not stored here (responses are kept only with store: true, and only the latest {STORE_CAPACITY})"
+                    ))
+                })?
+                .conversation
+        }
+    };
+    conversation.extend(input_messages(&req.input)?);
+    let mut messages = conversation.clone();
+    if let Some(instructions) = &req.instructions {
+        messages.insert(0, Message::text(Role::System, instructions.clone()));
+    }
+    if messages.is_empty() {
+        return Err(ApiError::invalid("input", "input must not be empty"));
+    }
+    let chat = ChatRequest {
+        messages,
+        tools: parse_tools(req.tools.as_ref())?,
+        tool_choice: parse_tool_choice(req.tool_choice.as_ref())?,
+        parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
+    };
+    let sampling = SamplingFields {
+        max_tokens: req.max_output_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stop.clone(),
+        stream: req.stream,
+        response_format: response_format(req.text.as_ref()),
+        ..SamplingFields::default()
+    };
+    Ok(Parsed {
+        req,
+        chat,
+        conversation,
+        sampling,
+    })
+}
+
+/// `POST /v1/responses`.
+pub async fn create(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let bytes = read_body(request, &state).await?;
+    let store = state.responses.clone();
+    let parsed = state
+        .off_runtime(move |_| {
+            let body: Value = parse_json(&bytes)?;
+            parse(&body, &store)
+        })
+        .await??;
+    let v = parsed.sampling.validate().map_err(rename_param)?;
+    let model = state.registry.resolve(parsed.req.model.as_deref()).await?;
+    let (plan, prompt) = prepare_chat(&state, &model, parsed.chat, v.constraint.clone()).await?;
+    let mut gen = generation_request(&model, prompt, &v)?;
+    gen.constraint = plan.constraint;
+    model.touch();
+    let rxs = submit_choices(&state, &model, gen, 1)?;
+    let base = json!({
+        "id": format!("resp_{}", uuid::Uuid::new_v4().simple()),
+        "object": "response",
+        "created_at": now_secs(),
+        "model": model.id,
+        "instructions": parsed.req.instructions,
+        "max_output_tokens": parsed.req.max_output_tokens,
+        "temperature": parsed.req.temperature,
+        "top_p": parsed.req.top_p,
+        "tools": parsed.req.tools.clone().unwrap_or(json!([])),
+        "tool_choice": parsed.req.tool_choice.clone().unwrap_or(json!("auto")),
+        "parallel_tool_calls": parsed.req.parallel_tool_calls.unwrap_or(true),
+        "previous_response_id": parsed.req.previous_response_id,
+        "store": parsed.req.store.unwrap_or(true),
+        "text": parsed.req.text.clone().unwrap_or(json!({"format": {"type": "text"}})),
+        "truncation": "disabled",
+        "metadata": {},
+        "error": null,
+        "incomplete_details": null,
+    });
+    let keep = parsed.req.store.unwrap_or(true).then(|| KeepTurn {
+        store: state.responses.clone(),
+        conversation: parsed.conversation,
+    });
+
+    if !v.stream {
+        let (mut outs, usage) = collect_choices(rxs).await?;
+        let out = outs.remove(0);
+        let answer = plan.answer.whole(&out.text);
+        let mut response = base;
+        let assistant = assistant_turn(&answer);
+        finish_response(
+            &mut response,
+            output_items(&answer),
+            out.finish_reason,
+            usage,
+        );
+        if let Some(k) = keep {
+            k.save(&response, assistant);
+        }
+        return Ok(Json(response).into_response());
+    }
+    let mut encoder = EventEncoder {
+        response: base,
+        answer: plan.answer.stream(),
+        seq: 0,
+        output: Vec::new(),
+        open: None,
+        finish: FinishReason::Stop,
+        whole: WholeAnswer::default(),
+        keep,
+    };
+    let format = Box::new(move |_: u32, piece| encoder.encode(piece));
+    Ok(stream_response(rxs, true, format, RESPONSES, &state).into_response())
+}
+
+/// Sampling errors name the Responses field, not chat's.
+fn rename_param(e: ApiError) -> ApiError {
+    match e {
+        ApiError::InvalidRequest {
+            message,
+            param: Some(p),
+            code,
+        } if p == "max_tokens" || p == "response_format" => ApiError::InvalidRequest {
+            message: message.replace("max_tokens", "max_output_tokens"),
+            param: Some(if p == "max_tokens" {
+                "max_output_tokens".into()
+            } else {
+                "text.format".into()
+            }),
+            code,
+        },
+        other => other,
+    }
+}
+
+/// `GET /v1/responses/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    state
+        .responses
+        .get(&id)
+        .map(|s| Json(s.response))
+        .ok_or_else(|| ApiError::NotFound(format!("no stored response `{id}`")))
+}
+
+/// What `store: true` keeps once the answer is complete.
+struct KeepTurn {
+    store: std::sync::Arc<ResponseStore>,
+    conversation: Vec<Message>,
+}
+
+impl KeepTurn {
+    fn save(mut self, response: &Value, assistant: Message) {
+        self.conversation.push(assistant);
+        let id = response["id"].as_str().unwrap_or_default().to_string();
+        self.store.put(
+            id,
+            Stored {
+                response: response.clone(),
+                conversation: self.conversation,
+            },
+        );
+    }
+}
+
+/// The answer as the assistant turn a later `previous_response_id` continues from.
+fn assistant_turn(a: &WholeAnswer) -> Message {
+    let mut m = Message::text(Role::Assistant, a.content.clone());
+    m.tool_calls = a.calls.clone();
+    m
+}
+
+fn item_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"id": id, "type": "message", "status": status, "role": "assistant",
+           "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+}
+
+fn reasoning_item(id: &str, text: &str) -> Value {
+    json!({"id": id, "type": "reasoning", "summary": [],
+           "content": [{"type": "reasoning_text", "text": text}]})
+}
+
+fn call_item(id: &str, call: &ToolCall, status: &str) -> Value {
+    json!({"id": id, "type": "function_call", "status": status, "call_id": call.id,
+           "name": call.name, "arguments": call.arguments})
+}
+
+/// A whole answer's output items: reasoning, the message (when there is text or nothing
+/// else), then the calls.
+fn output_items(a: &WholeAnswer) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !a.reasoning.is_empty() {
+        out.push(reasoning_item(&item_id("rs"), &a.reasoning));
+    }
+    if !a.content.is_empty() || a.calls.is_empty() {
+        out.push(message_item(&item_id("msg"), &a.content, "completed"));
+    }
+    for c in &a.calls {
+        out.push(call_item(&item_id("fc"), c, "completed"));
+    }
+    out
+}
+
+/// Fills in status, output and usage; `length` makes the response `incomplete`.
+fn finish_response(response: &mut Value, output: Vec<Value>, finish: FinishReason, u: Usage) {
+    let incomplete = finish == FinishReason::Length;
+    response["status"] = json!(if incomplete {
+        "incomplete"
+    } else {
+        "completed"
+    });
+    if incomplete {
+        response["incomplete_details"] = json!({"reason": "max_output_tokens"});
+    }
+    response["output"] = Value::Array(output);
+    response["usage"] = json!({
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    });
+}
+
+/// Responses streams name every event and have no `[DONE]`; a failure is an `error` event.
+const RESPONSES: Framing = Framing {
+    done_marker: false,
+    error: |e| {
+        let d = e.detail();
+        let body = json!({"type": "error", "code": d.code, "message": d.message, "param": d.param});
+        SseEvent::default().event("error").data(body.to_string())
+    },
+};
+
+/// The output item being streamed.
+enum Open {
+    Message { id: String, text: String },
+    Reasoning { id: String, text: String },
+    Call { id: String, call: ToolCall },
+}
+
+/// Turns one answer's pieces into OpenAI's Responses events: items open and close around
+/// their deltas, each with its output index, and `response.completed` carries usage.
+struct EventEncoder {
+    response: Value,
+    answer: AnswerStream,
+    seq: u64,
+    /// Finished output items.
+    output: Vec<Value>,
+    open: Option<Open>,
+    finish: FinishReason,
+    /// The answer so far, for the store.
+    whole: WholeAnswer,
+    keep: Option<KeepTurn>,
+}
+
+impl EventEncoder {
+    fn event(&mut self, name: &str, mut body: Value) -> SseEvent {
+        body["type"] = json!(name);
+        body["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        SseEvent::default().event(name).data(body.to_string())
+    }
+
+    fn encode(&mut self, piece: Piece) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        match piece {
+            Piece::Start => {
+                let mut r = self.response.clone();
+                r["status"] = json!("in_progress");
+                r["output"] = json!([]);
+                r["usage"] = Value::Null;
+                out.push(self.event("response.created", json!({"response": r})));
+                out.push(self.event("response.in_progress", json!({"response": r})));
+            }
+            Piece::Logprob(_) => {}
+            Piece::Text(t) => {
+                let deltas = self.answer.push(&t);
+                self.deltas(deltas, &mut out);
+            }
+            Piece::Finish(reason) => {
+                let deltas = self.answer.finish();
+                self.deltas(deltas, &mut out);
+                if self.output.is_empty() && self.open.is_none() {
+                    self.open_message(&mut out);
+                }
+                self.close(&mut out);
+                self.finish = reason;
+            }
+            Piece::Usage(u) => {
+                let mut r = self.response.clone();
+                finish_response(&mut r, self.output.clone(), self.finish, u);
+                let name = if self.finish == FinishReason::Length {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                out.push(self.event(name, json!({"response": r})));
+                if let Some(k) = self.keep.take() {
+                    k.save(&r, assistant_turn(&self.whole));
+                }
+            }
+        }
+        out
+    }
+
+    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Vec<SseEvent>) {
+        for d in deltas {
+            let index = self.output.len();
+            match d {
+                Delta::Content(t) => {
+                    if !matches!(self.open, Some(Open::Message { .. })) {
+                        self.close(out);
+                        self.open_message(out);
+                    }
+                    self.whole.content.push_str(&t);
+                    if let Some(Open::Message { id, text }) = &mut self.open {
+                        text.push_str(&t);
+                        let body = json!({"item_id": id, "output_index": index, "content_index": 0,
+                                          "delta": t, "logprobs": []});
+                        out.push(self.event("response.output_text.delta", body));
+                    }
+                }
+                Delta::Reasoning(t) => {
+                    if !matches!(self.open, Some(Open::Reasoning { .. })) {
+                        self.close(out);
+                        let id = item_id("rs");
+                        let item =
+                            json!({"id": id, "type": "reasoning", "summary": [], "content": []});
+                        out.push(self.event(
+                            "response.output_item.added",
+                            json!({"output_index": index, "item": item}),
+                        ));
+                        self.open = Some(Open::Reasoning {
+                            id,
+                            text: String::new(),
+                        });
+                    }
+                    self.whole.reasoning.push_str(&t);
+                    if let Some(Open::Reasoning { id, text }) = &mut self.open {
+                        text.push_str(&t);
+                        let body = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t});
+                        out.push(self.event("response.reasoning_text.delta", body));
+                    }
+                }
+                Delta::CallStart { id, name, .. } => {
+                    self.close(out);
+                    let call = ToolCall {
+                        id,
+                        name,
+                        arguments: String::new(),
+                    };
+                    let fc = item_id("fc");
+                    let item = call_item(&fc, &call, "in_progress");
+                    out.push(self.event(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": item}),
+                    ));
+                    self.open = Some(Open::Call { id: fc, call });
+                }
+                Delta::CallArgs { fragment, .. } => {
+                    if let Some(Open::Call { id, call }) = &mut self.open {
+                        call.arguments.push_str(&fragment);
+                        let body = json!({"item_id": id, "output_index": index, "delta": fragment});
+                        out.push(self.event("response.function_call_arguments.delta", body));
+                    }
+                }
+            }
+        }
+    }
+
+    fn open_message(&mut self, out: &mut Vec<SseEvent>) {
+        let index = self.output.len();
+        let id = item_id("msg");
+        let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+        out.push(self.event(
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        ));
+        let part = json!({"type": "output_text", "text": "", "annotations": []});
+        out.push(self.event(
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+        ));
+        self.open = Some(Open::Message {
+            id,
+            text: String::new(),
+        });
+    }
+
+    /// Ends the open item with its `.done` events (the full text or arguments included).
+    fn close(&mut self, out: &mut Vec<SseEvent>) {
+        let index = self.output.len();
+        let item = match self.open.take() {
+            None => return,
+            Some(Open::Message { id, text }) => {
+                let at = json!({"item_id": id, "output_index": index, "content_index": 0});
+                let mut done = at.clone();
+                done["text"] = json!(text);
+                done["logprobs"] = json!([]);
+                out.push(self.event("response.output_text.done", done));
+                let mut part = at;
+                part["part"] = json!({"type": "output_text", "text": text, "annotations": []});
+                out.push(self.event("response.content_part.done", part));
+                message_item(&id, &text, "completed")
+            }
+            Some(Open::Reasoning { id, text }) => {
+                let body =
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text});
+                out.push(self.event("response.reasoning_text.done", body));
+                reasoning_item(&id, &text)
+            }
+            Some(Open::Call { id, call }) => {
+                let body = json!({"item_id": id, "output_index": index, "name": call.name,
+                                  "arguments": call.arguments});
+                out.push(self.event("response.function_call_arguments.done", body));
+                self.whole.calls.push(call.clone());
+                call_item(&id, &call, "completed")
+            }
+        };
+        out.push(self.event(
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        ));
+        self.output.push(item);
+    }
+}
