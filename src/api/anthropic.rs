@@ -428,13 +428,24 @@ struct EventEncoder {
     stop: &'static str,
 }
 
-fn event(name: &str, mut body: Value) -> SseEvent {
+/// An event's name and body.
+type Named = (&'static str, Value);
+
+fn event(name: &'static str, mut body: Value) -> Named {
     body["type"] = json!(name);
-    SseEvent::default().event(name).data(body.to_string())
+    (name, body)
 }
 
 impl EventEncoder {
     fn encode(&mut self, piece: Piece) -> Vec<SseEvent> {
+        self.events(piece)
+            .into_iter()
+            .map(|(name, body)| SseEvent::default().event(name).data(body.to_string()))
+            .collect()
+    }
+
+    /// The events for one piece, named.
+    fn events(&mut self, piece: Piece) -> Vec<Named> {
         let mut out = Vec::new();
         match piece {
             Piece::Start => {
@@ -467,7 +478,7 @@ impl EventEncoder {
         out
     }
 
-    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Vec<SseEvent>) {
+    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Vec<Named>) {
         for d in deltas {
             let delta = match d {
                 Delta::Content(t) => {
@@ -504,7 +515,7 @@ impl EventEncoder {
         }
     }
 
-    fn start(&mut self, open: Open, block: Value, out: &mut Vec<SseEvent>) {
+    fn start(&mut self, open: Open, block: Value, out: &mut Vec<Named>) {
         self.stop_block(out);
         out.push(event(
             "content_block_start",
@@ -514,12 +525,139 @@ impl EventEncoder {
         self.open = Some(open);
     }
 
-    fn stop_block(&mut self, out: &mut Vec<SseEvent>) {
+    fn stop_block(&mut self, out: &mut Vec<Named>) {
         if self.open.take().is_some() {
             out.push(event(
                 "content_block_stop",
                 json!({"index": self.blocks - 1}),
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::answer::AnswerSpec;
+
+    fn request(body: Value) -> MessagesRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn blocks_become_turns_with_tool_results_before_text() {
+        let req = request(
+            json!({"max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "read a"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"},
+                    {"type": "text", "text": "Reading."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "read_file", "input": {"path": "a"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "A"}]},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "boom", "is_error": true},
+                    {"type": "text", "text": "Summarise."}]}]}),
+        );
+        let t = turns(&req).unwrap();
+        let roles: Vec<Role> = t.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [
+                Role::System,
+                Role::User,
+                Role::Assistant,
+                Role::Tool,
+                Role::Tool,
+                Role::User
+            ]
+        );
+        assert_eq!(t[2].content, "Reading.");
+        assert_eq!(t[2].tool_calls[0].arguments, r#"{"path":"a"}"#);
+        assert_eq!(t[4].content, "Error: boom");
+        assert_eq!(t[4].tool_call_id.as_deref(), Some("toolu_2"));
+        let image =
+            request(json!({"messages": [{"role": "user", "content": [{"type": "image"}]}]}));
+        assert!(turns(&image).unwrap_err().to_string().contains("`image`"));
+        let server_tool = request(
+            json!({"messages": [], "tools": [{"type": "web_search_20250305", "name": "w"}]}),
+        );
+        assert!(tools(&server_tool).is_err());
+        let any = request(
+            json!({"messages": [], "tool_choice": {"type": "any", "disable_parallel_tool_use": true}}),
+        );
+        assert_eq!(tool_choice(&any).unwrap(), (ToolChoice::Required, false));
+    }
+
+    #[test]
+    fn a_thinking_answer_streams_thinking_then_tool_use_blocks() {
+        let mut e = EventEncoder {
+            message: json!({"id": "msg_1"}),
+            answer: AnswerSpec {
+                parse_calls: true,
+                ..AnswerSpec::default()
+            }
+            .stream(),
+            blocks: 0,
+            open: None,
+            stop: "end_turn",
+        };
+        let mut names = Vec::new();
+        let mut bodies = Vec::new();
+        let mut take = |evs: Vec<(&'static str, Value)>| {
+            for (n, b) in evs {
+                names.push(n);
+                bodies.push(b);
+            }
+        };
+        take(e.events(Piece::Start));
+        take(e.events(Piece::Text("<think>plan</think>Sure.<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}</tool_call>".into())));
+        take(e.events(Piece::Finish(FinishReason::Stop)));
+        take(e.events(Piece::Usage(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cached_tokens: 0,
+        })));
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        assert_eq!(
+            bodies[3]["delta"],
+            json!({"type": "thinking_delta", "thinking": "plan"})
+        );
+        assert_eq!(
+            bodies[6]["delta"],
+            json!({"type": "text_delta", "text": "Sure."})
+        );
+        assert_eq!(bodies[8]["content_block"]["type"], "tool_use");
+        assert_eq!(bodies[8]["index"], 2);
+        assert_eq!(bodies[9]["delta"]["partial_json"], r#"{"x": 1}"#);
+        assert_eq!(bodies[11]["delta"]["stop_reason"], "tool_use");
+        assert_eq!(bodies[11]["usage"]["output_tokens"], 4);
+    }
+
+    #[test]
+    fn errors_take_anthropics_names() {
+        assert_eq!(error_body(404, "x")["error"]["type"], "not_found_error");
+        assert_eq!(error_body(429, "x")["error"]["type"], "rate_limit_error");
+        assert_eq!(error_body(500, "x")["error"]["type"], "api_error");
+        assert_eq!(
+            error_body(400, "m"),
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "m"}})
+        );
     }
 }

@@ -26,8 +26,11 @@ use crate::chat::tools::Delta;
 use crate::engine::{FinishReason, Usage};
 
 /// Stored responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest
-/// go first past this many.
+/// go first past this many, or past [`STORE_BYTES`] of text.
 const STORE_CAPACITY: usize = 512;
+
+/// Text the store may hold in all (a conversation can be as large as a request body).
+const STORE_BYTES: usize = 64 << 20;
 
 /// A stored response and the conversation up to and including its answer.
 #[derive(Clone)]
@@ -36,33 +39,56 @@ struct Stored {
     conversation: Vec<Message>,
 }
 
-/// The bounded in-memory store behind `store: true`.
+impl Stored {
+    /// About what it takes in memory: its text.
+    fn bytes(&self) -> usize {
+        let text = |m: &Message| {
+            m.content.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.arguments.len() + c.name.len())
+                    .sum::<usize>()
+        };
+        self.response.to_string().len() + self.conversation.iter().map(text).sum::<usize>()
+    }
+}
+
+/// The bounded in-memory store behind `store: true`: the latest responses, oldest out first.
 #[derive(Default)]
 pub struct ResponseStore {
-    inner: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Default)]
+struct StoreInner {
+    map: HashMap<String, (Stored, usize)>,
+    order: VecDeque<String>,
+    bytes: usize,
 }
 
 impl ResponseStore {
     fn put(&self, id: String, stored: Stored) {
-        let mut guard = self.inner.lock().expect("response store lock");
-        let (map, order) = &mut *guard;
-        if map.insert(id.clone(), stored).is_none() {
-            order.push_back(id);
+        let size = stored.bytes();
+        let mut s = self.inner.lock().expect("response store lock");
+        if let Some((_, old)) = s.map.insert(id.clone(), (stored, size)) {
+            s.bytes -= old;
+        } else {
+            s.order.push_back(id);
         }
-        while order.len() > STORE_CAPACITY {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
+        s.bytes += size;
+        while s.order.len() > STORE_CAPACITY || (s.bytes > STORE_BYTES && s.order.len() > 1) {
+            let Some(old) = s.order.pop_front() else {
+                break;
+            };
+            if let Some((_, n)) = s.map.remove(&old) {
+                s.bytes -= n;
             }
         }
     }
 
     fn get(&self, id: &str) -> Option<Stored> {
-        self.inner
-            .lock()
-            .expect("response store lock")
-            .0
-            .get(id)
-            .cloned()
+        let s = self.inner.lock().expect("response store lock");
+        s.map.get(id).map(|(stored, _)| stored.clone())
     }
 }
 
@@ -458,6 +484,9 @@ const RESPONSES: Framing = Framing {
     },
 };
 
+/// An event's name and body.
+type Named = (&'static str, Value);
+
 /// The output item being streamed.
 enum Open {
     Message { id: String, text: String },
@@ -481,14 +510,22 @@ struct EventEncoder {
 }
 
 impl EventEncoder {
-    fn event(&mut self, name: &str, mut body: Value) -> SseEvent {
+    fn event(&mut self, name: &'static str, mut body: Value) -> Named {
         body["type"] = json!(name);
         body["sequence_number"] = json!(self.seq);
         self.seq += 1;
-        SseEvent::default().event(name).data(body.to_string())
+        (name, body)
     }
 
     fn encode(&mut self, piece: Piece) -> Vec<SseEvent> {
+        self.events(piece)
+            .into_iter()
+            .map(|(name, body)| SseEvent::default().event(name).data(body.to_string()))
+            .collect()
+    }
+
+    /// The events for one piece, named.
+    fn events(&mut self, piece: Piece) -> Vec<Named> {
         let mut out = Vec::new();
         match piece {
             Piece::Start => {
@@ -530,9 +567,10 @@ impl EventEncoder {
         out
     }
 
-    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Vec<SseEvent>) {
+    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Vec<Named>) {
+        // The open item's output index is the count of finished items, taken after any
+        // item a delta closes.
         for d in deltas {
-            let index = self.output.len();
             match d {
                 Delta::Content(t) => {
                     if !matches!(self.open, Some(Open::Message { .. })) {
@@ -540,6 +578,7 @@ impl EventEncoder {
                         self.open_message(out);
                     }
                     self.whole.content.push_str(&t);
+                    let index = self.output.len();
                     if let Some(Open::Message { id, text }) = &mut self.open {
                         text.push_str(&t);
                         let body = json!({"item_id": id, "output_index": index, "content_index": 0,
@@ -550,6 +589,7 @@ impl EventEncoder {
                 Delta::Reasoning(t) => {
                     if !matches!(self.open, Some(Open::Reasoning { .. })) {
                         self.close(out);
+                        let index = self.output.len();
                         let id = item_id("rs");
                         let item =
                             json!({"id": id, "type": "reasoning", "summary": [], "content": []});
@@ -563,6 +603,7 @@ impl EventEncoder {
                         });
                     }
                     self.whole.reasoning.push_str(&t);
+                    let index = self.output.len();
                     if let Some(Open::Reasoning { id, text }) = &mut self.open {
                         text.push_str(&t);
                         let body = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t});
@@ -571,6 +612,7 @@ impl EventEncoder {
                 }
                 Delta::CallStart { id, name, .. } => {
                     self.close(out);
+                    let index = self.output.len();
                     let call = ToolCall {
                         id,
                         name,
@@ -585,6 +627,7 @@ impl EventEncoder {
                     self.open = Some(Open::Call { id: fc, call });
                 }
                 Delta::CallArgs { fragment, .. } => {
+                    let index = self.output.len();
                     if let Some(Open::Call { id, call }) = &mut self.open {
                         call.arguments.push_str(&fragment);
                         let body = json!({"item_id": id, "output_index": index, "delta": fragment});
@@ -595,7 +638,7 @@ impl EventEncoder {
         }
     }
 
-    fn open_message(&mut self, out: &mut Vec<SseEvent>) {
+    fn open_message(&mut self, out: &mut Vec<Named>) {
         let index = self.output.len();
         let id = item_id("msg");
         let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
@@ -615,7 +658,7 @@ impl EventEncoder {
     }
 
     /// Ends the open item with its `.done` events (the full text or arguments included).
-    fn close(&mut self, out: &mut Vec<SseEvent>) {
+    fn close(&mut self, out: &mut Vec<Named>) {
         let index = self.output.len();
         let item = match self.open.take() {
             None => return,
@@ -649,5 +692,156 @@ impl EventEncoder {
             json!({"output_index": index, "item": item}),
         ));
         self.output.push(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::answer::AnswerSpec;
+
+    fn encoder(spec: AnswerSpec) -> EventEncoder {
+        EventEncoder {
+            response: json!({"id": "resp_1", "object": "response"}),
+            answer: spec.stream(),
+            seq: 0,
+            output: Vec::new(),
+            open: None,
+            finish: FinishReason::Stop,
+            whole: WholeAnswer::default(),
+            keep: None,
+        }
+    }
+
+    fn run(spec: AnswerSpec, pieces: &[&str]) -> Vec<Named> {
+        let mut e = encoder(spec);
+        let mut out = e.events(Piece::Start);
+        for p in pieces {
+            out.extend(e.events(Piece::Text(p.to_string())));
+        }
+        out.extend(e.events(Piece::Finish(FinishReason::Stop)));
+        out.extend(e.events(Piece::Usage(Usage {
+            prompt_tokens: 7,
+            completion_tokens: 5,
+            cached_tokens: 2,
+        })));
+        out
+    }
+
+    #[test]
+    fn a_thinking_model_streams_a_reasoning_item_then_a_call_in_order() {
+        let spec = AnswerSpec {
+            parse_calls: true,
+            ..AnswerSpec::default()
+        };
+        let events = run(
+            spec,
+            &[
+                "<think>Need the",
+                " file.</think>\n<tool_call>{\"name\": \"read_file\", ",
+                "\"arguments\": {\"path\": \"a\"}}</tool_call>",
+            ],
+        );
+        let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        // Sequence numbers count every event; output indexes follow the items.
+        for (i, (_, body)) in events.iter().enumerate() {
+            assert_eq!(body["sequence_number"], i);
+        }
+        assert_eq!(events[5].1["text"], "Need the file.");
+        assert_eq!(events[7].1["output_index"], 1);
+        assert_eq!(events[9].1["arguments"], r#"{"path": "a"}"#);
+        let done = &events[11].1["response"];
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["output"][0]["type"], "reasoning");
+        assert_eq!(done["output"][1]["call_id"], events[7].1["item"]["call_id"]);
+        assert_eq!(done["usage"]["input_tokens_details"]["cached_tokens"], 2);
+        assert_eq!(done["usage"]["total_tokens"], 12);
+    }
+
+    #[test]
+    fn text_comes_after_its_item_and_part_and_an_empty_answer_is_an_empty_message() {
+        let events = run(AnswerSpec::default(), &["Hel", "lo"]);
+        let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            &names[2..9],
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+            ]
+        );
+        assert_eq!(events[6].1["text"], "Hello");
+        let empty = run(AnswerSpec::default(), &[]);
+        let last = &empty.last().unwrap().1["response"];
+        assert_eq!(last["output"][0]["content"][0]["text"], "");
+    }
+
+    #[test]
+    fn the_store_keeps_the_latest_within_its_bounds() {
+        let store = ResponseStore::default();
+        let stored = |n: usize| Stored {
+            response: json!({}),
+            conversation: vec![Message::text(Role::User, "x".repeat(n))],
+        };
+        for i in 0..(STORE_CAPACITY + 10) {
+            store.put(format!("r{i}"), stored(10));
+        }
+        assert!(store.get("r0").is_none() && store.get("r9").is_none());
+        assert!(store.get("r10").is_some());
+        // Big conversations push out the oldest by size.
+        store.put("big1".into(), stored(STORE_BYTES / 3));
+        store.put("big2".into(), stored(STORE_BYTES / 3));
+        // (each put past the count pushed out one small one)
+        assert!(
+            store.get("r12").is_some(),
+            "two thirds fit beside the small ones"
+        );
+        store.put("big3".into(), stored(STORE_BYTES / 3));
+        assert!(store.get("r521").is_none() && store.get("big1").is_none());
+        assert!(store.get("big2").is_some() && store.get("big3").is_some());
+        assert!(store.inner.lock().unwrap().bytes <= STORE_BYTES);
+    }
+
+    #[test]
+    fn input_items_become_turns() {
+        let input = json!([
+            {"role": "developer", "content": "Be brief."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "read a"}]},
+            {"type": "reasoning", "summary": []},
+            {"type": "function_call", "call_id": "call_1", "name": "read_file", "arguments": "{\"path\":\"a\"}"},
+            {"type": "function_call", "call_id": "call_2", "name": "read_file", "arguments": "{\"path\":\"b\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "A"},
+            {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "B"}]},
+        ]);
+        let turns = input_messages(&input).unwrap();
+        assert_eq!(turns.len(), 5);
+        assert_eq!(turns[0].role, Role::System);
+        assert_eq!(turns[1].content, "read a");
+        assert_eq!(turns[2].tool_calls.len(), 2, "calls in a row are one turn");
+        assert_eq!(turns[4].tool_call_id.as_deref(), Some("call_2"));
+        assert_eq!(turns[4].content, "B");
+        assert!(input_messages(&json!([{"type": "computer_call"}])).is_err());
+        assert!(input_messages(&json!(5)).is_err());
     }
 }
