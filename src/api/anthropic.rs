@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use super::chat::prepare_chat;
 use super::error::ApiError;
 use super::generate::*;
-use super::sse::{stream_response, Framing, Piece};
-use super::types::{SamplingFields, StopSpec};
+use super::sse::{named, stream_response, Framing, Named, Piece};
+use super::types::{text_of, type_of, SamplingFields, StopSpec};
 use super::{from_value, parse_json, read_body, AppState};
 use crate::chat::answer::{finish_reason, AnswerStream, WholeAnswer};
 use crate::chat::request::{ChatRequest, Message, Role, Tool, ToolCall, ToolChoice};
@@ -42,30 +42,9 @@ struct MessagesRequest {
     stream: bool,
 }
 
-fn kind(v: &Value) -> &str {
-    v.get("type").and_then(Value::as_str).unwrap_or("")
-}
-
 /// Text of a string or of `text` blocks (tool results, system prompts).
 fn blocks_text(v: Option<&Value>, at: &str) -> Result<String, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(blocks)) => {
-            let mut out = Vec::new();
-            for (j, b) in blocks.iter().enumerate() {
-                match kind(b) {
-                    "text" => out.push(b.get("text").and_then(Value::as_str).unwrap_or_default()),
-                    other => return Err(unsupported_block(&format!("{at}[{j}]"), other)),
-                }
-            }
-            Ok(out.join("\n"))
-        }
-        Some(_) => Err(ApiError::invalid(
-            at,
-            "must be a string or a list of content blocks",
-        )),
-    }
+    text_of(v, &["text"], at, |at, other| unsupported_block(&at, other))
 }
 
 fn unsupported_block(at: &str, kind: &str) -> ApiError {
@@ -115,7 +94,7 @@ fn turns(req: &MessagesRequest) -> Result<Vec<Message>, ApiError> {
         let mut message = Message::text(role, "");
         for (j, b) in blocks.iter().enumerate() {
             let bat = format!("{at}.content.{j}");
-            match (kind(b), role) {
+            match (type_of(b), role) {
                 ("text", _) => text.push(
                     b.get("text")
                         .and_then(Value::as_str)
@@ -167,10 +146,10 @@ fn tools(req: &MessagesRequest) -> Result<Vec<Tool>, ApiError> {
         .enumerate()
         .map(|(i, t)| {
             let at = format!("tools.{i}");
-            if !matches!(kind(t), "" | "custom") {
+            if !matches!(type_of(t), "" | "custom") {
                 return Err(ApiError::invalid(
                     &at,
-                    format!("tool type `{}` is a server tool of Anthropic's; only custom tools (name, input_schema) run here", kind(t)),
+                    format!("tool type `{}` is a server tool of Anthropic's; only custom tools (name, input_schema) run here", type_of(t)),
                 ));
             }
             let name = t.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
@@ -193,7 +172,7 @@ fn tool_choice(req: &MessagesRequest) -> Result<(ToolChoice, bool), ApiError> {
         return Ok((ToolChoice::Auto, true));
     };
     let parallel = c.get("disable_parallel_tool_use").and_then(Value::as_bool) != Some(true);
-    let choice = match kind(c) {
+    let choice = match type_of(c) {
         "auto" => ToolChoice::Auto,
         "any" => ToolChoice::Required,
         "none" => ToolChoice::None,
@@ -428,9 +407,6 @@ struct EventEncoder {
     stop: &'static str,
 }
 
-/// An event's name and body.
-type Named = (&'static str, Value);
-
 fn event(name: &'static str, mut body: Value) -> Named {
     body["type"] = json!(name);
     (name, body)
@@ -438,10 +414,7 @@ fn event(name: &'static str, mut body: Value) -> Named {
 
 impl EventEncoder {
     fn encode(&mut self, piece: Piece) -> Vec<SseEvent> {
-        self.events(piece)
-            .into_iter()
-            .map(|(name, body)| SseEvent::default().event(name).data(body.to_string()))
-            .collect()
+        named(self.events(piece))
     }
 
     /// The events for one piece, named.

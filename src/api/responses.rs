@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use super::chat::prepare_chat;
 use super::error::ApiError;
 use super::generate::*;
-use super::sse::{stream_response, Framing, Piece};
-use super::types::{parse_tool_choice, parse_tools, SamplingFields};
+use super::sse::{named, stream_response, Framing, Named, Piece};
+use super::types::{parse_tool_choice, parse_tools, text_of, type_of, SamplingFields};
 use super::{from_value, parse_json, read_body, ApiPath, AppState};
 use crate::chat::answer::{AnswerStream, WholeAnswer};
 use crate::chat::request::{ChatRequest, Message, Role, ToolCall};
@@ -114,37 +114,20 @@ struct ResponsesRequest {
     stop: Option<super::types::StopSpec>,
 }
 
-fn kind(v: &Value) -> &str {
-    v.get("type").and_then(Value::as_str).unwrap_or("")
-}
-
 /// Text of a content given as a string or as parts (`input_text`, `output_text`, `text`).
 fn content_text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
-    match content {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => {
-            let mut out = Vec::new();
-            for (j, p) in parts.iter().enumerate() {
-                match kind(p) {
-                    "input_text" | "output_text" | "text" | "reasoning_text" => {
-                        out.push(p.get("text").and_then(Value::as_str).unwrap_or_default())
-                    }
-                    other => {
-                        return Err(ApiError::invalid(
-                            format!("{at}.content[{j}]"),
-                            format!("content part type `{other}` is not supported here (input_text); no model served here can see images or read files"),
-                        ))
-                    }
-                }
-            }
-            Ok(out.join("\n"))
-        }
-        Some(_) => Err(ApiError::invalid(
-            format!("{at}.content"),
-            "content must be a string or a list of parts",
-        )),
-    }
+    let refuse = |at: String, other: &str| {
+        ApiError::invalid(
+            at,
+            format!("content part type `{other}` is not supported here (input_text); no model served here can see images or read files"),
+        )
+    };
+    text_of(
+        content,
+        &["input_text", "output_text", "text", "reasoning_text"],
+        &format!("{at}.content"),
+        refuse,
+    )
 }
 
 /// `input` (a string, or message / function_call / function_call_output items) as turns.
@@ -163,7 +146,7 @@ fn input_messages(input: &Value) -> Result<Vec<Message>, ApiError> {
     for (i, item) in items.iter().enumerate() {
         let at = format!("input[{i}]");
         let text_field = |k: &str| item.get(k).and_then(Value::as_str).map(String::from);
-        match kind(item) {
+        match type_of(item) {
             "message" | "" if item.get("role").is_some() => {
                 let role = match item["role"].as_str().unwrap_or_default() {
                     "system" | "developer" => Role::System,
@@ -223,7 +206,7 @@ fn input_messages(input: &Value) -> Result<Vec<Message>, ApiError> {
 /// `text.format` in chat's `response_format` shape.
 fn response_format(text: Option<&Value>) -> Option<Value> {
     let format = text?.get("format")?;
-    Some(match kind(format) {
+    Some(match type_of(format) {
         "json_schema" => json!({"type": "json_schema", "json_schema": {
             "name": format.get("name"), "schema": format.get("schema"), "strict": format.get("strict")}}),
         _ => format.clone(),
@@ -484,9 +467,6 @@ const RESPONSES: Framing = Framing {
     },
 };
 
-/// An event's name and body.
-type Named = (&'static str, Value);
-
 /// The output item being streamed.
 enum Open {
     Message { id: String, text: String },
@@ -518,10 +498,7 @@ impl EventEncoder {
     }
 
     fn encode(&mut self, piece: Piece) -> Vec<SseEvent> {
-        self.events(piece)
-            .into_iter()
-            .map(|(name, body)| SseEvent::default().event(name).data(body.to_string()))
-            .collect()
+        named(self.events(piece))
     }
 
     /// The events for one piece, named.

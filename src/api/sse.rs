@@ -48,6 +48,17 @@ pub const OPENAI: Framing = Framing {
     error: error_event,
 };
 
+/// A named event's name and JSON body (Responses and Anthropic name every event).
+pub type Named = (&'static str, serde_json::Value);
+
+/// Named events as `event: NAME` / `data: JSON` pairs.
+pub fn named(events: Vec<Named>) -> Vec<SseEvent> {
+    events
+        .into_iter()
+        .map(|(name, body)| SseEvent::default().event(name).data(body.to_string()))
+        .collect()
+}
+
 /// A `data:`-only event.
 pub fn data(json: String) -> SseEvent {
     SseEvent::default().data(json)

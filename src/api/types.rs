@@ -302,6 +302,42 @@ impl ChatCompletionRequest {
     }
 }
 
+/// A JSON object's `type` field, or `""`.
+pub fn type_of(v: &Value) -> &str {
+    v.get("type").and_then(Value::as_str).unwrap_or("")
+}
+
+/// The text of a content given as a string or as a list of typed parts (Responses' items,
+/// Anthropic's blocks): parts whose type is in `text_types` are joined by newlines, any other
+/// is refused by `refuse(where, its type)`; `null` is empty.
+pub fn text_of(
+    content: Option<&Value>,
+    text_types: &[&str],
+    at: &str,
+    refuse: fn(String, &str) -> ApiError,
+) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for (j, p) in parts.iter().enumerate() {
+                match type_of(p) {
+                    t if text_types.contains(&t) => {
+                        out.push(p.get("text").and_then(Value::as_str).unwrap_or_default())
+                    }
+                    other => return Err(refuse(format!("{at}[{j}]"), other)),
+                }
+            }
+            Ok(out.join("\n"))
+        }
+        Some(_) => Err(ApiError::invalid(
+            at,
+            format!("{at} must be a string or a list of content parts"),
+        )),
+    }
+}
+
 fn kind_of(v: Option<&Value>) -> String {
     v.and_then(Value::as_str)
         .map_or("(missing)".into(), |t| format!("`{t}`"))

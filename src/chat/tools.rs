@@ -493,6 +493,33 @@ fn held_back(buf: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// A function name written before `marker` (`<function=NAME>`, `[TOOL_CALLS]NAME[ARGS]`): the
+/// name and the bytes up to the marker's end; or, as the error, how far the call has got
+/// (still open while the marker may come, not a call once a character in `not_in_name` shows
+/// or the name is empty or spaced).
+fn name_before(
+    text: &str,
+    marker: &str,
+    not_in_name: &[char],
+) -> Result<(String, usize), Progress> {
+    let Some(end) = text.find(marker) else {
+        return Err(if text.contains(not_in_name) {
+            Progress::NotACall
+        } else {
+            Progress::Open {
+                name: None,
+                args: None,
+                args_done: false,
+            }
+        });
+    };
+    let name = text[..end].trim();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(Progress::NotACall);
+    }
+    Ok((name.to_string(), end + marker.len()))
+}
+
 /// Parses the text after an opener as far as it goes.
 fn parse_call(text: &str, opener: Opener) -> Progress {
     let mut s = Scanner { text, pos: 0 };
@@ -516,45 +543,23 @@ fn parse_call(text: &str, opener: Opener) -> Progress {
             Some(b'{') => {}
             Some(_) => {
                 // The newer form: `name[ARGS]{…}`.
-                let rest = &text[s.pos..];
-                let Some(end) = rest.find("[ARGS]") else {
-                    return if rest.contains(['\n', '{', '"', ' ']) {
-                        Progress::NotACall
-                    } else {
-                        Progress::Open {
-                            name: None,
-                            args: None,
-                            args_done: false,
-                        }
+                let (name, used) =
+                    match name_before(&text[s.pos..], "[ARGS]", &['\n', '{', '"', ' ']) {
+                        Ok(found) => found,
+                        Err(progress) => return progress,
                     };
-                };
-                let name = rest[..end].trim();
-                if name.is_empty() || name.contains(char::is_whitespace) {
-                    return Progress::NotACall;
-                }
-                fixed_name = Some(name.to_string());
-                s.pos += end + "[ARGS]".len();
+                fixed_name = Some(name);
+                s.pos += used;
             }
         }
     }
     if opener == Opener::Function {
-        let Some(end) = text.find('>') else {
-            return if text.contains(['\n', '{', '<']) {
-                Progress::NotACall
-            } else {
-                Progress::Open {
-                    name: None,
-                    args: None,
-                    args_done: false,
-                }
-            };
+        let (name, used) = match name_before(text, ">", &['\n', '{', '<']) {
+            Ok(found) => found,
+            Err(progress) => return progress,
         };
-        let name = text[..end].trim();
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Progress::NotACall;
-        }
-        fixed_name = Some(name.to_string());
-        s.pos = end + 1;
+        fixed_name = Some(name);
+        s.pos = used;
     }
     s.skip_ws();
     if s.at_end() {
