@@ -118,6 +118,28 @@ pub struct ModelsConfig {
     /// Most models in memory at once; a load past it evicts the least recently used idle,
     /// unpinned one (or is refused). `None`: only memory limits it.
     pub max_loaded_models: Option<u32>,
+    /// The MLX worker processes.
+    pub mlx: MlxConfig,
+}
+
+/// How MLX models are served: one supervised Python worker per model, running `mlx-lm`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MlxConfig {
+    /// The Python that has `mlx` and `mlx-lm` installed (a virtualenv's `bin/python`).
+    pub python: PathBuf,
+    /// A worker that does not answer a heartbeat within this many seconds is killed; its
+    /// requests end with an error and the model is reloaded on the next request.
+    pub heartbeat_seconds: f64,
+}
+
+impl Default for MlxConfig {
+    fn default() -> Self {
+        Self {
+            python: PathBuf::from("python3"),
+            heartbeat_seconds: 60.0,
+        }
+    }
 }
 
 /// Per-load engine settings, used when a load request leaves them out.
@@ -273,6 +295,7 @@ impl Default for ModelsConfig {
             defaults: LoadDefaults::default(),
             per_model: BTreeMap::new(),
             max_loaded_models: None,
+            mlx: MlxConfig::default(),
         }
     }
 }
@@ -452,6 +475,8 @@ impl Config {
             "THREADS" => self.models.defaults.threads = Some(parse(v)?),
             "BATCH_INVARIANT" => self.models.defaults.batch_invariant = parse(v)?,
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
+            "MLX_PYTHON" => self.models.mlx.python = PathBuf::from(v),
+            "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
             "LOG_FORMAT" => {
                 self.logging.format = match v {
                     "text" => LogFormat::Text,

@@ -3,6 +3,7 @@
 //! and the backends (llama.cpp now, MLX later) can change without touching the API.
 
 pub mod llama;
+pub mod mlx;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
@@ -13,6 +14,23 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use sampling::SamplingParams;
+
+/// What the memory estimate and the inventory need from a model on disk, whatever its
+/// format (a GGUF header, an MLX folder's `config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    pub architecture: String,
+    pub layers: u32,
+    /// KV heads summed over all layers (some architectures vary them per layer).
+    pub kv_heads_all_layers: u64,
+    pub key_length: u32,
+    pub value_length: u32,
+    pub embedding_length: u32,
+    pub context_train: u32,
+    pub vocab_size: u32,
+    /// Quantisation the model declares (`Q4_K_M`, `F16`, `4bit`, ...).
+    pub file_type: Option<String>,
+}
 
 /// A token id in the model's vocabulary.
 pub type TokenId = i32;
@@ -216,6 +234,15 @@ pub trait Backend: Send + Sync {
         -> Result<mpsc::UnboundedReceiver<Event>, EngineError>;
     /// Scheduler counters.
     fn stats(&self) -> SchedulerStats;
+    /// Why this engine can no longer serve (its worker died), if it cannot: the registry
+    /// then replaces it with a fresh load instead of routing requests to it.
+    fn failed(&self) -> Option<String> {
+        None
+    }
+    /// A worker process's id and resident memory in bytes, for engines that run one.
+    fn worker(&self) -> Option<(u32, u64)> {
+        None
+    }
     /// Stops the scheduler: queued and running requests end with [`EngineError::Unloaded`].
     /// Blocks until the model's memory is released.
     fn shutdown(&self);

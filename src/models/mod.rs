@@ -4,5 +4,6 @@
 pub mod downloads;
 pub mod guard;
 pub mod hub;
+pub mod loader;
 pub mod registry;
 pub mod store;

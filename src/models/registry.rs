@@ -14,9 +14,10 @@ use super::store::{DeleteError, DiskModel, InvalidModelId, ModelStore};
 use crate::chat::prompt::ControlText;
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
-use crate::engine::llama::gguf::GgufFacts;
-use crate::engine::llama::{footprint, gguf, LlamaEngine, LoadOptions};
+use crate::engine::llama::LoadOptions;
+use crate::engine::ModelFacts;
 use crate::engine::{Backend, EngineError, MemoryEstimate};
+use crate::models::loader::{GgufLoader, Loader, MlxLoader};
 use crate::system::{gpu_memory, process_anon_bytes, process_rss_bytes, MemorySnapshot};
 
 /// Why a model could not be found, loaded or unloaded.
@@ -92,6 +93,8 @@ enum Unload {
     Ttl,
     /// The server is stopping.
     Shutdown,
+    /// Its engine failed (a worker died): replaced by a fresh load.
+    Failed,
 }
 
 impl Unload {
@@ -101,6 +104,7 @@ impl Unload {
             Self::Evicted => "evicted",
             Self::Ttl => "ttl",
             Self::Shutdown => "shutdown",
+            Self::Failed => "failed",
         }
     }
 
@@ -274,12 +278,12 @@ pub struct UsageRecord {
 }
 
 /// Header facts cached by file identity, so the inventory does not reread headers.
-type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Result<GgufFacts, String>)>;
+type FactsCache = HashMap<PathBuf, (u64, Option<SystemTime>, Result<ModelFacts, String>)>;
 
 /// What loading a model on disk would be, worked out from its header alone: the guard
 /// decides on `estimate`, the engine loads with `opts`, the inventory shows both.
 pub struct LoadPlan {
-    pub facts: GgufFacts,
+    pub facts: ModelFacts,
     /// The request's settings over the model's configured ones.
     pub settings: ModelSettings,
     pub opts: LoadOptions,
@@ -299,6 +303,9 @@ pub struct Registry {
     /// Requests and last use of models unloaded since start.
     history: Mutex<HashMap<String, UsageRecord>>,
     facts: Mutex<FactsCache>,
+    /// Loaders by format.
+    gguf: Arc<dyn Loader>,
+    mlx: Arc<dyn Loader>,
 }
 
 impl Registry {
@@ -306,11 +313,26 @@ impl Registry {
     pub fn new(config: Arc<Config>) -> Self {
         Self {
             store: ModelStore::new(&config.models.directory),
-            config,
             loaded: RwLock::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             history: Mutex::new(HashMap::new()),
             facts: Mutex::new(HashMap::new()),
+            gguf: Arc::new(GgufLoader {
+                gpu: gpu_memory().is_some(),
+            }),
+            mlx: Arc::new(MlxLoader {
+                python: config.models.mlx.python.clone(),
+                heartbeat: Duration::from_secs_f64(config.models.mlx.heartbeat_seconds.max(0.5)),
+            }),
+            config,
+        }
+    }
+
+    /// The loader for a model's format.
+    fn loader(&self, disk: &DiskModel) -> Arc<dyn Loader> {
+        match disk.format {
+            "mlx" => Arc::clone(&self.mlx),
+            _ => Arc::clone(&self.gguf),
         }
     }
 
@@ -380,7 +402,14 @@ impl Registry {
             },
         };
         if let Some(l) = self.lease(&name) {
-            return Ok(l);
+            if l.engine.failed().is_none() {
+                return Ok(l);
+            }
+            // A failed engine (its worker died) is replaced on the next request for it.
+            let id = l.id.clone();
+            drop(l);
+            self.load(&id, &LoadOverrides::default()).await?;
+            return self.lease(&id).ok_or(RegistryError::NotLoaded(name));
         }
         let target = self.config.resolve_alias(&name).to_string();
         let disk = self
@@ -406,8 +435,18 @@ impl Registry {
         let _guard = self.load_lock.lock().await;
         let target = self.config.resolve_alias(id);
         if let Some(m) = self.get(target) {
-            m.apply(overrides);
-            return Ok(report(&m, "already_loaded", Vec::new()));
+            match m.engine.failed() {
+                None => {
+                    m.apply(overrides);
+                    return Ok(report(&m, "already_loaded", Vec::new()));
+                }
+                Some(why) => {
+                    tracing::warn!(event = "model_reload_after_failure", model = %m.id, error = %why);
+                    let id = m.id.clone();
+                    drop(m);
+                    self.unload_reason(&id, Unload::Failed).await?;
+                }
+            }
         }
         let disk = self
             .store
@@ -422,20 +461,23 @@ impl Registry {
         } = self.plan(&disk, overrides).map_err(EngineError::Load)?;
         let evicted = self.make_room(&disk.id, &estimate).await?;
 
-        let path = disk.path.clone();
         let started = Instant::now();
         tracing::info!(event = "model_load_started", model = %disk.id, context = opts.context, parallel = opts.parallel, max_queue = opts.max_queue, estimated_bytes = estimate.total_bytes);
         // The control-token finder is built here too: thousands of patterns, CPU work.
-        let engine = tokio::task::spawn_blocking(move || {
-            LlamaEngine::load(&path, &opts).map(|e| {
-                let control = ControlText::new(e.control_texts());
-                (e, control)
+        let engine = {
+            let loader = self.loader(&disk);
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || {
+                loader.load(&disk, &opts).map(|e| {
+                    let control = ControlText::new(e.control_texts());
+                    (e, control)
+                })
             })
-        })
-        .await
-        .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?;
+            .await
+            .map_err(|e| EngineError::Load(format!("loader crashed: {e}")))?
+        };
         let (engine, control): (Arc<dyn Backend>, ControlText) = match engine {
-            Ok((e, c)) => (Arc::new(e), c),
+            Ok((e, c)) => (e, c),
             Err(e) => {
                 tracing::warn!(event = "model_load_failed", model = %disk.id, error = %e);
                 return Err(e.into());
@@ -626,7 +668,7 @@ impl Registry {
     }
 
     /// Header facts of a model file, read once per file version.
-    fn facts(&self, disk: &DiskModel) -> Result<GgufFacts, String> {
+    fn facts(&self, disk: &DiskModel) -> Result<ModelFacts, String> {
         let meta =
             std::fs::metadata(&disk.path).map_err(|e| format!("{}: {e}", disk.path.display()))?;
         let key = (meta.len(), meta.modified().ok());
@@ -635,7 +677,7 @@ impl Registry {
                 return f.clone();
             }
         }
-        let f = gguf::read(&disk.path);
+        let f = self.loader(disk).facts(disk);
         self.facts
             .lock()
             .expect("facts lock")
@@ -648,10 +690,11 @@ impl Registry {
         let facts = self.facts(disk)?;
         let settings = overrides.over(&self.config.settings_for(&disk.id));
         let opts = load_options(&settings);
+        let (context, estimate) = self.loader(disk).size(&facts, disk, &opts);
         Ok(LoadPlan {
             settings,
-            context: footprint::context_per_sequence(&facts, &opts),
-            estimate: footprint::estimate(&facts, disk.size_bytes, &opts, gpu_memory().is_some()),
+            context,
+            estimate,
             facts,
             opts,
         })

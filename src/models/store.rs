@@ -106,6 +106,12 @@ impl ModelStore {
         let mut found: Vec<DiskModel> = Vec::new();
         let mut stack = vec![(self.root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
+            // An MLX model is a whole folder (`name/` or `org/repo/`): listed as one model under
+            // its folder's path, and not looked into further.
+            if depth >= 1 && crate::engine::mlx::config::is_model_dir(&dir) {
+                found.push(self.mlx_model(&dir));
+                continue;
+            }
             let mut files: Vec<DiskModel> = Vec::new();
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
@@ -174,6 +180,30 @@ impl ModelStore {
         Ok(found)
     }
 
+    /// An MLX model folder as a model: id from its path, size of every file in it.
+    fn mlx_model(&self, dir: &Path) -> DiskModel {
+        let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
+        let id = rel.to_string_lossy().replace('\\', "/");
+        let size_bytes = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::metadata(e.path()).ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        DiskModel {
+            quantization: None,
+            id,
+            alternate_ids: Vec::new(),
+            path: dir.to_path_buf(),
+            size_bytes,
+            format: "mlx",
+        }
+    }
+
     /// Finds a model by id or alternate id, case-insensitively (clients lower-case ids).
     pub fn find(&self, id: &str) -> Result<Option<DiskModel>, InvalidModelId> {
         validate_id(id)?;
@@ -214,6 +244,20 @@ pub enum DeleteError {
 }
 
 impl ModelStore {
+    /// Deletes an MLX model's folder (only the link, when the folder is a link).
+    fn delete_folder(&self, model: &DiskModel) -> Result<Vec<PathBuf>, DeleteError> {
+        let dir = &model.path;
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(dir)?;
+            return Ok(vec![dir.clone()]);
+        }
+        if !self.resolves_inside(dir)? || self.linked_folder(dir).is_some() {
+            return Err(DeleteError::Outside(model.id.clone()));
+        }
+        std::fs::remove_dir_all(dir)?;
+        Ok(vec![dir.clone()])
+    }
+
     /// Whether `path` (or, when it does not exist yet, its nearest existing ancestor) is
     /// inside the models directory once every link is resolved.
     pub fn resolves_inside(&self, path: &Path) -> std::io::Result<bool> {
@@ -249,6 +293,9 @@ impl ModelStore {
     /// a linked model file loses its link, and a model inside a linked folder loses that
     /// folder link (refused when other models are listed under the same link).
     pub fn delete(&self, model: &DiskModel) -> Result<Vec<PathBuf>, DeleteError> {
+        if model.format == "mlx" {
+            return self.delete_folder(model);
+        }
         let dir = model.path.parent().unwrap_or(&self.root).to_path_buf();
         let shown = |p: &Path| {
             p.strip_prefix(&self.root)

@@ -3,21 +3,21 @@
 //! cache per sequence, the output buffer and the compute graph, whose worst case holds logits
 //! for a whole micro-batch and attention scores over a sequence's whole context.
 
-use super::gguf::GgufFacts;
 use super::worker::BATCH_TOKENS;
 use super::LoadOptions;
 use crate::engine::MemoryEstimate;
+use crate::engine::ModelFacts;
 
 /// Fixed allowance for llama.cpp's own bookkeeping and the scheduler thread.
 const FIXED_OVERHEAD: u64 = 16 << 20;
 
 /// Context tokens each sequence gets: what was asked, capped by what the model was trained for.
-pub fn context_per_sequence(f: &GgufFacts, opts: &LoadOptions) -> u32 {
+pub fn context_per_sequence(f: &ModelFacts, opts: &LoadOptions) -> u32 {
     opts.context.min(f.context_train.max(16))
 }
 
 /// The estimate from header facts; `gpu` says whether `gpu_layers` will really offload.
-pub fn estimate(f: &GgufFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
+pub fn estimate(f: &ModelFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
     let per_seq = u64::from(context_per_sequence(f, opts));
     let parallel = u64::from(opts.parallel.max(1));
     let kv =
@@ -51,8 +51,8 @@ pub fn estimate(f: &GgufFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> M
 mod tests {
     use super::*;
 
-    fn gemma() -> GgufFacts {
-        GgufFacts {
+    fn gemma() -> ModelFacts {
+        ModelFacts {
             architecture: "gemma3".into(),
             layers: 18,
             kv_heads_all_layers: 18,

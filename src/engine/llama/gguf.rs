@@ -7,21 +7,7 @@ use std::path::Path;
 
 use llama_cpp_sys_2 as sys;
 
-/// What the memory estimate and the inventory need from a model file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GgufFacts {
-    pub architecture: String,
-    pub layers: u32,
-    /// KV heads summed over all layers (some architectures vary them per layer).
-    pub kv_heads_all_layers: u64,
-    pub key_length: u32,
-    pub value_length: u32,
-    pub embedding_length: u32,
-    pub context_train: u32,
-    pub vocab_size: u32,
-    /// Quantisation the file declares (`Q4_K_M`, `F16`, ...).
-    pub file_type: Option<String>,
-}
+use crate::engine::ModelFacts;
 
 /// An open header; freed on drop.
 struct Header(*mut sys::gguf_context);
@@ -101,7 +87,7 @@ impl Header {
 }
 
 /// Reads the header of `path` (metadata only; tensors are not touched).
-pub fn read(path: &Path) -> Result<GgufFacts, String> {
+pub fn read(path: &Path) -> Result<ModelFacts, String> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| format!("{}: path contains a NUL byte", path.display()))?;
     let params = sys::gguf_init_params {
@@ -127,7 +113,7 @@ pub fn read(path: &Path) -> Result<GgufFacts, String> {
         .or_else(|| h.per_layer_sum(&k("attention.head_count"), layers))
         .unwrap_or(0);
     let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(GgufFacts {
+    Ok(ModelFacts {
         layers: clamp(layers),
         kv_heads_all_layers: kv_heads,
         key_length: clamp(h.uint(&k("attention.key_length")).unwrap_or(head_dim)),

@@ -1,0 +1,567 @@
+//! MLX models (safetensors folders from `mlx-community`), served by one supervised Python
+//! worker process per model running `mlx-lm`'s batch generator. Rust keeps everything else:
+//! template, tokenizing, detokenizing and stop strings (this module), parsing, SSE, errors.
+//!
+//! The worker speaks a small versioned protocol over its stdin/stdout (see `worker.py`). A
+//! reader thread turns its messages into each request's [`Event`]s; a heartbeat thread pings
+//! it and kills it when it stops answering. A worker that dies ends every in-flight request
+//! with an error and marks the engine failed, so the registry reloads the model on the next
+//! request. The worker exits when its stdin closes, so it never outlives the server.
+
+pub mod config;
+pub mod tokenizer;
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::text::TextAssembler;
+use super::{
+    Backend, EngineError, Event, FinishReason, GenerationRequest, ModelInfo, SchedulerStats,
+    TokenId, Usage,
+};
+use tokenizer::MlxTokenizer;
+
+/// The protocol version this server speaks; a worker announcing another is refused.
+const PROTOCOL: u64 = 1;
+const WORKER_SOURCE: &str = include_str!("worker.py");
+
+/// How to start and watch an MLX worker.
+#[derive(Debug, Clone)]
+pub struct MlxOptions {
+    /// Python with `mlx` and `mlx-lm`.
+    pub python: PathBuf,
+    /// A worker silent for this long is killed.
+    pub heartbeat: Duration,
+    pub context: u32,
+    pub parallel: u32,
+    pub max_queue: u32,
+    /// Marker texts shown in output even when they are special tokens.
+    pub rendered_markers: Vec<String>,
+}
+
+/// One request in flight.
+struct Request {
+    events: mpsc::UnboundedSender<Event>,
+    text: TextAssembler,
+    prompt_tokens: u32,
+    generated: u32,
+    submitted: Instant,
+    first_token: Option<Instant>,
+}
+
+/// What the engine, its reader and its heartbeat share.
+struct Shared {
+    stdin: Mutex<Option<ChildStdin>>,
+    child: Mutex<Child>,
+    requests: Mutex<HashMap<u64, Request>>,
+    tok: MlxTokenizer,
+    next_id: AtomicU64,
+    /// Why the worker is gone, once it is.
+    failed: Mutex<Option<String>>,
+    shutdown: AtomicBool,
+    last_pong: Mutex<Instant>,
+    rss_bytes: AtomicU64,
+    requests_total: AtomicU64,
+    cancelled: AtomicU64,
+    rejected: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+/// A loaded MLX model and its worker.
+pub struct MlxEngine {
+    info: ModelInfo,
+    shared: Arc<Shared>,
+    max_queue: u32,
+    pid: u32,
+}
+
+fn write_msg(w: &mut impl Write, msg: &Value) -> std::io::Result<()> {
+    let data = msg.to_string().into_bytes();
+    w.write_all(&(data.len() as u32).to_be_bytes())?;
+    w.write_all(&data)?;
+    w.flush()
+}
+
+fn read_msg(r: &mut impl Read) -> std::io::Result<Value> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head)?;
+    let n = u32::from_be_bytes(head) as usize;
+    if n > 64 << 20 {
+        return Err(std::io::Error::other("message too large"));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+/// The worker script, written once per version where Python can run it.
+fn worker_script() -> Result<PathBuf, EngineError> {
+    use sha2::{Digest, Sha256};
+    let hash = hex::encode(&Sha256::digest(WORKER_SOURCE.as_bytes())[..6]);
+    let path = std::env::temp_dir().join(format!("opta-lmx-mlx-worker-{hash}.py"));
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(WORKER_SOURCE) {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, WORKER_SOURCE)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| EngineError::Load(format!("writing the MLX worker script: {e}")))?;
+    }
+    Ok(path)
+}
+
+impl MlxEngine {
+    /// Starts the worker for the model folder `dir` and waits until it has loaded the
+    /// model. Blocking: call from a blocking task.
+    pub fn load(dir: &Path, opts: &MlxOptions) -> Result<Self, EngineError> {
+        let facts = config::read(dir).map_err(EngineError::Load)?;
+        let tok = MlxTokenizer::load(dir, &opts.rendered_markers)?;
+        let script = worker_script()?;
+        let mut child = Command::new(&opts.python)
+            .arg(&script)
+            .arg(dir)
+            .arg(opts.parallel.max(1).to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                EngineError::Load(format!(
+                    "could not start the MLX worker with `{}` (set models.mlx.python or OPTA_LMX_MLX_PYTHON to a Python with mlx and mlx-lm): {e}",
+                    opts.python.display()
+                ))
+            })?;
+        let pid = child.id();
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let ready = match read_msg(&mut stdout) {
+            Ok(v) if v["type"] == "ready" => v,
+            Ok(v) => {
+                let _ = child.kill();
+                return Err(EngineError::Load(format!(
+                    "the MLX worker answered {v} instead of ready"
+                )));
+            }
+            Err(_) => {
+                let status = child.wait().ok();
+                return Err(EngineError::Load(format!(
+                    "the MLX worker exited while loading {} ({}); its log is on the server's stderr",
+                    dir.display(),
+                    status.map_or("unknown status".into(), |s| s.to_string())
+                )));
+            }
+        };
+        if ready["version"].as_u64() != Some(PROTOCOL) {
+            let _ = child.kill();
+            return Err(EngineError::Load(format!(
+                "the MLX worker speaks protocol {}, this server {PROTOCOL}",
+                ready["version"]
+            )));
+        }
+        let context = opts.context.min(facts.context_train.max(16));
+        let info = ModelInfo {
+            architecture: facts.architecture.clone(),
+            context_per_sequence: context,
+            parallel: opts.parallel.max(1),
+            context_train: facts.context_train,
+            parameters: 0,
+            gpu_layers: 0,
+            threads: 0,
+            vocab_size: tok.vocab_size(),
+            batch_invariant: false,
+        };
+        let shared = Arc::new(Shared {
+            stdin: Mutex::new(Some(stdin)),
+            child: Mutex::new(child),
+            requests: Mutex::new(HashMap::new()),
+            tok,
+            next_id: AtomicU64::new(1),
+            failed: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            last_pong: Mutex::new(Instant::now()),
+            rss_bytes: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+        });
+        {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("mlx-reader".into())
+                .spawn(move || read_loop(&shared, stdout))
+                .map_err(|e| EngineError::Load(format!("reader thread: {e}")))?;
+        }
+        {
+            let shared = Arc::clone(&shared);
+            let every = opts.heartbeat;
+            std::thread::Builder::new()
+                .name("mlx-heartbeat".into())
+                .spawn(move || heartbeat(&shared, every))
+                .map_err(|e| EngineError::Load(format!("heartbeat thread: {e}")))?;
+        }
+        tracing::info!(event = "mlx_worker_started", pid, model = %dir.display());
+        Ok(Self {
+            info,
+            shared,
+            max_queue: opts.max_queue,
+            pid,
+        })
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+impl Shared {
+    fn send(&self, msg: &Value) -> Result<(), EngineError> {
+        let mut stdin = self.stdin.lock().expect("stdin lock");
+        let w = stdin.as_mut().ok_or(EngineError::Unloaded)?;
+        write_msg(w, msg).map_err(|e| EngineError::Decode(format!("the MLX worker is gone: {e}")))
+    }
+
+    /// Ends a request whose client left, in the worker too.
+    fn cancel(&self, id: u64) {
+        if self
+            .requests
+            .lock()
+            .expect("requests lock")
+            .remove(&id)
+            .is_some()
+        {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+            let _ = self.send(&json!({"type": "cancel", "id": id}));
+        }
+    }
+
+    /// The worker is gone: every request ends with an error, and the engine is failed.
+    fn fail(&self, why: String) {
+        if !self.shutdown.load(Ordering::SeqCst) {
+            tracing::error!(event = "mlx_worker_failed", error = %why);
+        }
+        self.failed
+            .lock()
+            .expect("failed lock")
+            .get_or_insert(why.clone());
+        self.stdin.lock().expect("stdin lock").take();
+        let unloaded = self.shutdown.load(Ordering::SeqCst);
+        for (_, r) in self.requests.lock().expect("requests lock").drain() {
+            let e = if unloaded {
+                EngineError::Unloaded
+            } else {
+                EngineError::Decode(why.clone())
+            };
+            let _ = r.events.send(Event::Error(e));
+        }
+    }
+}
+
+fn finish(shared: &Shared, mut r: Request, reason: FinishReason) {
+    let rest = r.text.finish();
+    if !rest.is_empty() {
+        let _ = r.events.send(Event::Text(rest));
+    }
+    shared
+        .completion_tokens
+        .fetch_add(u64::from(r.generated), Ordering::Relaxed);
+    let total = r.submitted.elapsed();
+    let _ = r.events.send(Event::Done {
+        finish_reason: reason,
+        usage: Usage {
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.generated,
+            cached_tokens: 0,
+        },
+        time_to_first_token: r.first_token.unwrap_or(r.submitted) - r.submitted,
+        total_time: total,
+    });
+}
+
+/// Turns the worker's messages into request events until it goes away.
+fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
+    loop {
+        let msg = match read_msg(&mut out) {
+            Ok(m) => m,
+            Err(_) => {
+                let status = shared.child.lock().expect("child lock").wait().ok();
+                shared.fail(format!(
+                    "the MLX worker stopped ({})",
+                    status.map_or("unknown status".into(), |s| s.to_string())
+                ));
+                return;
+            }
+        };
+        let id = msg["id"].as_u64().unwrap_or(0);
+        match msg["type"].as_str() {
+            Some("tokens") => {
+                let mut requests = shared.requests.lock().expect("requests lock");
+                let Some(r) = requests.get_mut(&id) else {
+                    continue;
+                };
+                let mut stopped = false;
+                let mut gone = false;
+                for t in msg["tokens"].as_array().into_iter().flatten() {
+                    let tok = t.as_i64().unwrap_or(-1) as TokenId;
+                    r.generated += 1;
+                    r.first_token.get_or_insert_with(Instant::now);
+                    let out = r.text.push(shared.tok.piece(tok));
+                    if !out.text.is_empty() && r.events.send(Event::Text(out.text)).is_err() {
+                        gone = true;
+                        break;
+                    }
+                    if out.stopped {
+                        stopped = true;
+                        break;
+                    }
+                }
+                if gone {
+                    drop(requests);
+                    shared.cancel(id);
+                } else if stopped {
+                    let r = requests.remove(&id).expect("present");
+                    drop(requests);
+                    let _ = shared.send(&json!({"type": "cancel", "id": id}));
+                    finish(shared, r, FinishReason::Stop);
+                }
+            }
+            Some("done") => {
+                let r = shared.requests.lock().expect("requests lock").remove(&id);
+                if let Some(mut r) = r {
+                    r.generated = msg["generated"].as_u64().map_or(r.generated, |g| g as u32);
+                    let reason = match msg["reason"].as_str() {
+                        Some("length") => FinishReason::Length,
+                        _ => FinishReason::Stop,
+                    };
+                    finish(shared, r, reason);
+                }
+            }
+            Some("pong") => {
+                *shared.last_pong.lock().expect("pong lock") = Instant::now();
+                shared
+                    .rss_bytes
+                    .store(msg["rss_bytes"].as_u64().unwrap_or(0), Ordering::Relaxed);
+            }
+            Some("error") => {
+                let message = msg["message"]
+                    .as_str()
+                    .unwrap_or("worker error")
+                    .to_string();
+                tracing::warn!(event = "mlx_request_failed", error = %message);
+                let r = shared.requests.lock().expect("requests lock").remove(&id);
+                if let Some(r) = r {
+                    let _ = r.events.send(Event::Error(EngineError::Decode(message)));
+                }
+            }
+            _ => tracing::warn!(event = "mlx_unknown_message", message = %msg),
+        }
+    }
+}
+
+/// Pings the worker; kills it when it has not answered within `limit`. Also notices clients
+/// that left while their request was still prefilling (no token yet to fail on).
+fn heartbeat(shared: &Shared, limit: Duration) {
+    let every = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut seq = 0u64;
+    while !shared.shutdown.load(Ordering::SeqCst) && shared.failed.lock().expect("lock").is_none() {
+        std::thread::sleep(every);
+        seq += 1;
+        let _ = shared.send(&json!({"type": "ping", "seq": seq}));
+        let gone: Vec<u64> = shared
+            .requests
+            .lock()
+            .expect("requests lock")
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            shared.cancel(id);
+        }
+        let silent = shared.last_pong.lock().expect("pong lock").elapsed();
+        if silent > limit {
+            tracing::error!(
+                event = "mlx_worker_unresponsive",
+                silent_ms = silent.as_millis() as u64
+            );
+            let _ = shared.child.lock().expect("child lock").kill();
+            return;
+        }
+    }
+}
+
+impl Backend for MlxEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn chat_template_source(&self) -> Option<&str> {
+        self.shared.tok.template.as_deref()
+    }
+
+    fn special_tokens(&self) -> (String, String) {
+        (self.shared.tok.bos.clone(), self.shared.tok.eos.clone())
+    }
+
+    fn has_special_token(&self, text: &str) -> bool {
+        self.shared.tok.has_token(text)
+    }
+
+    fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Vec<TokenId> {
+        self.shared.tok.encode(text, add_bos, special)
+    }
+
+    fn control_texts(&self) -> &[String] {
+        &self.shared.tok.control_texts
+    }
+
+    fn submit(
+        &self,
+        mut req: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        // A lazy grammar (tools under `auto`) is a safety net the client did not ask for: MLX
+        // goes without it. What a client asked for and MLX cannot give is refused by name.
+        if req
+            .constraint
+            .as_ref()
+            .is_some_and(|c| !c.triggers.is_empty())
+        {
+            req.constraint = None;
+        }
+        if req.constraint.is_some() || req.sampling.grammar.is_some() {
+            let param = req
+                .constraint
+                .as_ref()
+                .map_or("response_format", |c| c.param);
+            return Err(EngineError::InvalidParam {
+                param,
+                message: format!("{param}: grammar-constrained output is not available for MLX models; load the GGUF copy of this model for it"),
+            });
+        }
+        if req.logprobs.is_some() {
+            return Err(EngineError::InvalidParam {
+                param: "logprobs",
+                message: "logprobs are not available for MLX models yet".into(),
+            });
+        }
+        if let Some(why) = self.shared.failed.lock().expect("failed lock").clone() {
+            return Err(EngineError::Decode(why));
+        }
+        let vocab = self.info.vocab_size as TokenId;
+        if let Some((pos, &t)) = req
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t >= vocab)
+        {
+            return Err(EngineError::InvalidParam {
+                param: "prompt",
+                message: format!(
+                    "prompt token id {t} at position {pos} is outside the vocabulary (0..{vocab})"
+                ),
+            });
+        }
+        let limit = (self.info.parallel + self.max_queue) as usize;
+        let mut requests = self.shared.requests.lock().expect("requests lock");
+        if requests.len() >= limit {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(EngineError::QueueFull {
+                queue: self.max_queue,
+                retry_after_secs: 5,
+            });
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let s = &req.sampling;
+        let bias: serde_json::Map<String, Value> = s
+            .logit_bias
+            .iter()
+            .map(|(t, b)| (t.to_string(), json!(b)))
+            .collect();
+        let msg = json!({
+            "type": "submit", "id": id, "prompt": req.prompt, "max_tokens": req.max_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
+            "repeat_penalty": s.repeat_penalty, "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty, "logit_bias": bias,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        requests.insert(
+            id,
+            Request {
+                events: tx,
+                text: TextAssembler::new(req.stop.clone()),
+                prompt_tokens: req.prompt.len() as u32,
+                generated: 0,
+                submitted: Instant::now(),
+                first_token: None,
+            },
+        );
+        drop(requests);
+        if let Err(e) = self.shared.send(&msg) {
+            self.shared
+                .requests
+                .lock()
+                .expect("requests lock")
+                .remove(&id);
+            return Err(e);
+        }
+        self.shared.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .prompt_tokens
+            .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    fn stats(&self) -> SchedulerStats {
+        let s = &self.shared;
+        let active = s.requests.lock().expect("requests lock").len() as u32;
+        SchedulerStats {
+            active_sequences: active.min(self.info.parallel),
+            queued_requests: active.saturating_sub(self.info.parallel),
+            max_queue: self.max_queue,
+            requests_total: s.requests_total.load(Ordering::Relaxed),
+            cancelled_total: s.cancelled.load(Ordering::Relaxed),
+            rejected_total: s.rejected.load(Ordering::Relaxed),
+            prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_prompt_tokens_total: 0,
+            completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
+            prompt_tokens_per_second: 0.0,
+            decode_tokens_per_second: 0.0,
+        }
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.shared.failed.lock().expect("failed lock").clone()
+    }
+
+    fn worker(&self) -> Option<(u32, u64)> {
+        Some((self.pid, self.shared.rss_bytes.load(Ordering::Relaxed)))
+    }
+
+    fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        let _ = self.shared.send(&json!({"type": "shutdown"}));
+        self.shared.stdin.lock().expect("stdin lock").take();
+        let mut child = self.shared.child.lock().expect("child lock");
+        // A clean exit within a few seconds, else a kill: it must not outlive the model.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(child);
+        self.shared.fail("the model was unloaded".into());
+    }
+}
