@@ -1,0 +1,353 @@
+//! MLX models through the same API, with the real `mlx-lm` worker on Linux's CPU backend and
+//! an MLX copy of the Qwen2.5-Coder 0.5B test model (float32, made by scripts/fetch-mlx.sh).
+//! MLX's CPU backend is slow (a few tokens a second here), so generations stay short.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{qwen_file, sse_data, Opts, Server, QWEN};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const MLX: &str = "qwen-mlx";
+
+/// One test at a time: each runs a 2.5 GB float32 model on the CPU, and two at once would
+/// only make both crawl.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn mlx_dir() -> PathBuf {
+    let p = root().join("target/test-model/qwen2.5-coder-0.5b-instruct-mlx");
+    assert!(
+        p.join("config.json").exists(),
+        "MLX test model missing at {}: run scripts/fetch-mlx.sh",
+        p.display()
+    );
+    p
+}
+
+/// A server with the MLX folder and the GGUF copy of the same model on disk, nothing loaded.
+fn server(parallel: u32, extra_env: &[(&str, &str)]) -> Server {
+    let mut env = vec![(
+        "OPTA_LMX_MLX_PYTHON".to_string(),
+        root()
+            .join("target/mlx-venv/bin/python")
+            .display()
+            .to_string(),
+    )];
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let s = Server::start(Opts {
+        load_model: false,
+        context: 1024,
+        parallel,
+        env,
+        ..Opts::default()
+    });
+    std::os::unix::fs::symlink(mlx_dir(), s.models_dir.join(MLX)).unwrap();
+    std::os::unix::fs::symlink(qwen_file(), s.models_dir.join(format!("{QWEN}.gguf"))).unwrap();
+    s
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.split(' ').nth(2).is_none_or(|state| state != "Z"))
+}
+
+async fn worker_pid(s: &Server) -> u64 {
+    let (_, v) = s.get("/admin/status").await;
+    v["loaded_models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == MLX)
+        .and_then(|m| m["worker_pid"].as_u64())
+        .unwrap_or_else(|| panic!("no MLX worker in {v}"))
+}
+
+fn ask(model: &str, content: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "temperature": 0, "max_tokens": max_tokens,
+           "messages": [{"role": "user", "content": content}]})
+}
+
+#[tokio::test]
+async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[]);
+    let (_, v) = s.get("/admin/models").await;
+    let entry = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == MLX)
+        .unwrap_or_else(|| panic!("MLX folder not listed: {v}"))
+        .clone();
+    assert_eq!(entry["format"], "mlx");
+    assert_eq!(entry["architecture"], "qwen2");
+    assert_eq!(entry["quantization"], "float32");
+    assert!(entry["size_bytes"].as_u64().unwrap() > 2_000_000_000);
+    assert!(entry["estimated_memory"]["total_bytes"].as_u64().unwrap() > 2_000_000_000);
+
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let pid = worker_pid(&s).await;
+    assert!(alive(pid));
+
+    // Whole, then streamed: the same greedy answer, with usage.
+    let (code, v) = s
+        .post(
+            "/v1/chat/completions",
+            &ask(MLX, "What is the capital of France? One word.", 4),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 20);
+    let mut body = ask(MLX, "What is the capital of France? One word.", 4);
+    body["stream"] = json!(true);
+    let streamed: String = sse_data(
+        &s.send("/v1/chat/completions", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    )
+    .iter()
+    .filter(|d| *d != "[DONE]")
+    .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    .filter_map(|v| {
+        v["choices"][0]["delta"]["content"]
+            .as_str()
+            .map(String::from)
+    })
+    .collect();
+    assert_eq!(streamed, text);
+
+    // Tools: the chat layer parses what the MLX worker generates, as for GGUF.
+    let mut tools = ask(MLX, "read the file README.md", 40);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "read_file",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]);
+    let (code, v) = s.post("/v1/chat/completions", &tools).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap(),
+        json!({"path": "README.md"})
+    );
+
+    // What MLX cannot give is a 400 naming it, never silently dropped.
+    let mut fmt = ask(MLX, "hi", 4);
+    fmt["response_format"] = json!({"type": "json_object"});
+    let (code, v) = s.post("/v1/chat/completions", &fmt).await;
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("response_format")),
+        "{v}"
+    );
+    let mut lp = ask(MLX, "hi", 4);
+    lp["logprobs"] = json!(true);
+    let (code, v) = s.post("/v1/chat/completions", &lp).await;
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("logprobs")),
+        "{v}"
+    );
+
+    // Unloading stops the worker.
+    let (code, _) = s
+        .post("/admin/models/unload", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "worker {pid} outlived its model");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn mlx_and_gguf_copies_agree_and_lru_evicts_across_formats() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[("OPTA_LMX_MAX_LOADED_MODELS", "1")]);
+    let prompts = [
+        "What is the capital of France? One word.",
+        "Write the number after 41.",
+        "Name a colour.",
+    ];
+    let mut first = Vec::new();
+    for model in [QWEN, MLX] {
+        let (code, v) = s
+            .post("/admin/models/load", &json!({"model_id": model}))
+            .await;
+        assert_eq!(code, 200, "{v}");
+        if model == MLX {
+            // One model at a time: loading the MLX one evicted the GGUF one.
+            assert_eq!(v["evicted"], json!([QWEN]), "{v}");
+        }
+        let mut words = Vec::new();
+        for p in prompts {
+            let (code, v) = s.post("/v1/chat/completions", &ask(model, p, 1)).await;
+            assert_eq!(code, 200, "{v}");
+            words.push(
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        first.push(words);
+    }
+    // The same weights through different arithmetic: the first token agrees for most.
+    let agree = first[0]
+        .iter()
+        .zip(&first[1])
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(agree >= 2, "GGUF {:?} vs MLX {:?}", first[0], first[1]);
+}
+
+#[tokio::test]
+async fn six_streams_at_once_and_a_cancel_frees_its_sequence() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(6, &[]);
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let streams = (0..6).map(|i| {
+        let mut body = ask(MLX, &format!("Count from {i} upwards."), 3);
+        body["stream"] = json!(true);
+        let s = &s;
+        async move {
+            s.send("/v1/chat/completions", &body)
+                .await
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    for text in futures_util::future::join_all(streams).await {
+        let data = sse_data(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+        assert!(!text.contains("\"error\""), "{text}");
+    }
+    // A client that hangs up mid-stream: its sequence is freed.
+    let mut body = ask(MLX, "Tell me a long story about the sea.", 200);
+    body["stream"] = json!(true);
+    let mut resp = s.send("/v1/chat/completions", &body).await.bytes_stream();
+    let _ = resp.next().await;
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = s.get("/admin/status").await;
+        let m = &v["loaded_models"][0];
+        if m["active_sequences"] == 0 && m["scheduler"]["cancelled_total"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sequence not freed: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_worker_fails_its_stream_the_server_goes_on_and_the_model_reloads() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[]);
+    for model in [QWEN, MLX] {
+        let (code, v) = s
+            .post("/admin/models/load", &json!({"model_id": model}))
+            .await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let pid = worker_pid(&s).await;
+    let mut body = ask(MLX, "Tell me a long story about the sea.", 200);
+    body["stream"] = json!(true);
+    let resp = s.send("/v1/chat/completions", &body).await;
+    let mut chunks = resp.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut rest = String::from_utf8_lossy(&first).into_owned();
+    while let Some(Ok(c)) = chunks.next().await {
+        rest.push_str(&String::from_utf8_lossy(&c));
+    }
+    let last = sse_data(&rest).last().cloned().unwrap();
+    let err: Value = serde_json::from_str(&last).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MLX worker"),
+        "{last}"
+    );
+
+    // Everyone else is served: health, and the GGUF model.
+    let (code, _) = s.get("/healthz").await;
+    assert_eq!(code, 200);
+    let (code, v) = s
+        .post("/v1/chat/completions", &ask(QWEN, "Say hi.", 3))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    // The next MLX request reloads the model with a fresh worker.
+    let (code, v) = s
+        .post("/v1/chat/completions", &ask(MLX, "Say hi.", 2))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let new_pid = worker_pid(&s).await;
+    assert_ne!(new_pid, pid);
+    assert!(alive(new_pid));
+}
+
+#[tokio::test]
+async fn no_worker_outlives_the_server_and_the_guard_sizes_mlx_loads() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // SIGTERM and SIGKILL of the server both take the worker down with it.
+    for signal in ["-TERM", "-KILL"] {
+        let mut s = server(2, &[]);
+        let (code, v) = s
+            .post("/admin/models/load", &json!({"model_id": MLX}))
+            .await;
+        assert_eq!(code, 200, "{v}");
+        let pid = worker_pid(&s).await;
+        std::process::Command::new("kill")
+            .args([signal, &s.pid().to_string()])
+            .status()
+            .unwrap();
+        s.wait_exit(Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived the server ({signal})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The memory guard refuses an MLX load it cannot fit, with the numbers.
+    let s = server(2, &[("OPTA_LMX_MEMORY_THRESHOLD", "1")]);
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 503, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("MB") && msg.contains(MLX), "{msg}");
+}
