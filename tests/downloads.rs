@@ -754,3 +754,100 @@ async fn the_coding_cli_loads_a_hub_model_by_downloading_it_and_watches_the_prog
     let (code, _) = s.get("/admin/models/download/nope/progress").await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn an_mlx_repository_downloads_whole_and_verified_and_is_listed_as_mlx() {
+    let config = br#"{"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+        "vocab_size": 100, "quantization": {"group_size": 64, "bits": 4}}"#;
+    let files = |tokenizer: FakeFile| {
+        vec![
+            FakeFile::git("README.md", b"an MLX model"),
+            FakeFile::git("config.json", config),
+            tokenizer,
+            FakeFile::git("tokenizer_config.json", b"{}"),
+            FakeFile::lfs("model.safetensors", noise(300_000, 7)),
+        ]
+    };
+    let mut tampered = FakeFile::git("tokenizer.json", b"{\"model\": {}}");
+    tampered.advertised_oid = Some("0".repeat(40));
+    let hub = FakeHub::start(
+        vec![
+            FakeRepo::new(
+                "mlx-community/tiny-4bit",
+                files(FakeFile::git("tokenizer.json", b"{\"model\": {}}")),
+            ),
+            FakeRepo::new("mlx-community/bad-4bit", files(tampered)),
+        ],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let (code, v) = s
+        .post(
+            "/admin/models/download",
+            &json!({"repo_id": "mlx-community/tiny-4bit"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let mut paths: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    let done = wait_job(
+        &s,
+        v["download_id"].as_str().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(done["models"], json!(["mlx-community/tiny-4bit"]));
+    let (_, inv) = s.get("/admin/models").await;
+    let m = inv["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "mlx-community/tiny-4bit")
+        .unwrap_or_else(|| panic!("{inv}"))
+        .clone();
+    assert_eq!(
+        (m["format"].as_str(), m["quantization"].as_str()),
+        (Some("mlx"), Some("4bit"))
+    );
+    assert_eq!(m["architecture"], "qwen2");
+    assert!(!s
+        .models_dir
+        .join("mlx-community/tiny-4bit/README.md")
+        .exists());
+
+    // A small file whose git blob id does not match: nothing of the model is installed.
+    let (code, v) = s
+        .post(
+            "/admin/models/download",
+            &json!({"repo_id": "mlx-community/bad-4bit"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let done = wait_job(
+        &s,
+        v["download_id"].as_str().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done["state"], "verification_failed", "{done}");
+    assert_eq!(done["verification"]["algorithm"], "git-sha1");
+    assert_eq!(done["verification"]["file"], "tokenizer.json");
+    assert!(!s.models_dir.join("mlx-community/bad-4bit").exists());
+    assert!(!model_ids(&s).await.iter().any(|m| m.contains("bad-4bit")));
+}

@@ -622,7 +622,26 @@ impl Downloads {
             )));
         }
         let mut placed = Vec::new();
-        for f in &files {
+        // An MLX model is a folder: it is assembled under a hidden name (never scanned) and
+        // renamed into place whole, so it is never seen half there.
+        let is_mlx_folder = files.iter().any(|f| f.path == "config.json")
+            && files.iter().any(|f| f.path.ends_with(".safetensors"));
+        if is_mlx_folder && !dest_root.exists() {
+            let name = dest_root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let building = dest_root.with_file_name(format!(".{name}.installing"));
+            let _ = tokio::fs::remove_dir_all(&building).await;
+            tokio::fs::create_dir_all(&building).await?;
+            for f in &files {
+                move_file(&dir.join(&f.path), &building.join(&f.path)).await?;
+            }
+            tokio::fs::rename(&building, &dest_root).await?;
+            placed.push(dest_root.clone());
+        }
+        let one_by_one = if placed.is_empty() { &files[..] } else { &[] };
+        for f in one_by_one {
             let dest = dest_root.join(&f.path);
             if let Some(p) = dest.parent() {
                 tokio::fs::create_dir_all(p).await?;
@@ -972,6 +991,37 @@ fn parse_model_id(id: &str) -> Result<(String, Option<Implied>), DownloadError> 
     Ok((repo, implied))
 }
 
+/// Whether a repository listing is an MLX / safetensors model: a top-level `config.json` and
+/// weights.
+fn is_mlx_listing(files: &[RepoFile]) -> bool {
+    files.iter().any(|f| f.path == "config.json")
+        && files
+            .iter()
+            .any(|f| !f.path.contains('/') && f.path.ends_with(".safetensors"))
+}
+
+/// Every file an MLX model folder needs: weights, configs, tokenizer and template files (top
+/// level only; no READMEs, images or custom code).
+fn mlx_files(files: &[RepoFile]) -> Vec<RepoFile> {
+    files
+        .iter()
+        .filter(|f| !f.path.contains('/'))
+        .filter(|f| {
+            [
+                ".safetensors",
+                ".json",
+                ".jinja",
+                ".model",
+                ".txt",
+                ".tiktoken",
+            ]
+            .iter()
+            .any(|ext| f.path.ends_with(ext))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Picks the files a request means. Without a selection, a repository with exactly one
 /// model GGUF gets that one; one with several must be narrowed (weights are many GB each).
 fn select(
@@ -1064,6 +1114,7 @@ fn select(
                     .cloned()
                     .collect()
             }
+            None if ggufs().next().is_none() && is_mlx_listing(files) => mlx_files(files),
             None => {
                 let all: Vec<RepoFile> = ggufs().cloned().collect();
                 let models: std::collections::BTreeSet<String> =
@@ -1199,6 +1250,40 @@ mod tests {
         let s = select(&single, &req("a/b"), None).unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].path, "only-Q4_K_M.gguf");
+    }
+
+    #[test]
+    fn an_mlx_repository_gets_every_file_its_folder_needs() {
+        let mlx = [
+            file("README.md"),
+            file(".gitattributes"),
+            file("config.json"),
+            file("model-00001-of-00002.safetensors"),
+            file("model-00002-of-00002.safetensors"),
+            file("model.safetensors.index.json"),
+            file("tokenizer.json"),
+            file("tokenizer_config.json"),
+            file("chat_template.jinja"),
+            file("figures/plot.png"),
+        ];
+        let mut picked: Vec<String> = select(&mlx, &req("mlx-community/x-4bit"), None)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        picked.sort();
+        assert_eq!(
+            picked,
+            [
+                "chat_template.jinja",
+                "config.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json",
+                "tokenizer.json",
+                "tokenizer_config.json"
+            ]
+        );
     }
 
     #[tokio::test]

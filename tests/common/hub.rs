@@ -33,6 +33,8 @@ pub struct FakeFile {
     pub advertised_sha256: Option<String>,
     /// Advertise this size instead of the real one.
     pub advertised_size: Option<u64>,
+    /// Advertise this git blob id instead of the real one (a tampered small file).
+    pub advertised_oid: Option<String>,
 }
 
 impl FakeFile {
@@ -45,6 +47,7 @@ impl FakeFile {
             lfs: true,
             advertised_sha256: None,
             advertised_size: None,
+            advertised_oid: None,
         }
     }
 
@@ -63,6 +66,9 @@ impl FakeFile {
     }
 
     fn git_oid(&self) -> String {
+        if let Some(oid) = &self.advertised_oid {
+            return oid.clone();
+        }
         let mut h = Sha1::new();
         h.update(format!("blob {}\0", self.data.len()));
         h.update(&self.data);
