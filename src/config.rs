@@ -120,6 +120,36 @@ pub struct ModelsConfig {
     pub max_loaded_models: Option<u32>,
     /// The MLX worker processes.
     pub mlx: MlxConfig,
+    /// Which format a name means when a folder holds a model in both: `mlx` on macOS (the
+    /// seed's primary engine there), `gguf` elsewhere.
+    pub prefer: Format,
+}
+
+/// A model format on disk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Gguf,
+    Mlx,
+}
+
+impl Format {
+    /// The store's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gguf => "gguf",
+            Self::Mlx => "mlx",
+        }
+    }
+
+    /// This platform's default preference.
+    fn platform_default() -> Self {
+        if cfg!(target_os = "macos") {
+            Self::Mlx
+        } else {
+            Self::Gguf
+        }
+    }
 }
 
 /// How MLX models are served: one supervised Python worker per model, running `mlx-lm`.
@@ -296,6 +326,7 @@ impl Default for ModelsConfig {
             per_model: BTreeMap::new(),
             max_loaded_models: None,
             mlx: MlxConfig::default(),
+            prefer: Format::platform_default(),
         }
     }
 }
@@ -477,6 +508,13 @@ impl Config {
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
             "MLX_PYTHON" => self.models.mlx.python = PathBuf::from(v),
             "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
+            "PREFER" => {
+                self.models.prefer = match v {
+                    "gguf" => Format::Gguf,
+                    "mlx" => Format::Mlx,
+                    _ => return Err(format!("`{v}` is not one of gguf, mlx")),
+                }
+            }
             "LOG_FORMAT" => {
                 self.logging.format = match v {
                     "text" => LogFormat::Text,

@@ -28,7 +28,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(Arc::clone(&config)));
     registry.spawn_reaper();
     let downloads = Downloads::new(
-        ModelStore::new(&config.models.directory),
+        ModelStore::new(&config.models.directory).preferring(config.models.prefer.as_str()),
         HubClient::new(&config.hub),
     );
     let store_root = registry.store().root().to_path_buf();

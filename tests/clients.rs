@@ -258,10 +258,18 @@ async fn loads_of_hub_models_that_are_not_on_disk_ask_first() {
     let (code, v) = s
         .post(
             "/admin/models/load",
-            &json!({"model_id": QWEN, "backend": "mlx"}),
+            &json!({"model_id": QWEN, "backend": "tensorrt"}),
         )
         .await;
     assert_eq!((code, v["error"]["param"].as_str()), (400, Some("backend")));
+    // A backend that exists, but no copy of the model in its format.
+    let (code, _) = s
+        .post(
+            "/admin/models/load",
+            &json!({"model_id": QWEN, "backend": "mlx"}),
+        )
+        .await;
+    assert_eq!(code, 404);
 }
 
 #[tokio::test]

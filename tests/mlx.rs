@@ -351,3 +351,50 @@ async fn no_worker_outlives_the_server_and_the_guard_sizes_mlx_loads() {
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("MB") && msg.contains(MLX), "{msg}");
 }
+
+#[tokio::test]
+async fn config_says_which_format_a_name_means_and_a_load_can_name_the_backend() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[("OPTA_LMX_PREFER", "mlx")]);
+    // One folder holding the model in both formats.
+    let both = s.models_dir.join("qwen-both");
+    std::fs::create_dir(&both).unwrap();
+    for e in std::fs::read_dir(mlx_dir()).unwrap().flatten() {
+        std::os::unix::fs::symlink(e.path(), both.join(e.file_name())).unwrap();
+    }
+    std::os::unix::fs::symlink(qwen_file(), both.join("qwen-q4_k_m.gguf")).unwrap();
+    let format_of = |v: &Value, id: &str| {
+        v["loaded_models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["format"].as_str().unwrap().to_string())
+    };
+    // `prefer: mlx`: the folder's name means the MLX copy.
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": "qwen-both"}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let (_, st) = s.get("/admin/status").await;
+    assert_eq!(format_of(&st, "qwen-both").as_deref(), Some("mlx"), "{st}");
+    // Naming the backend loads the other copy.
+    let (code, v) = s
+        .post(
+            "/admin/models/load",
+            &json!({"model_id": "qwen-both", "backend": "llama.cpp"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model_id"], "qwen-both/qwen-q4_k_m");
+    let (_, st) = s.get("/admin/status").await;
+    assert_eq!(
+        format_of(&st, "qwen-both/qwen-q4_k_m").as_deref(),
+        Some("gguf")
+    );
+    // Both answer, each under its own id.
+    for id in ["qwen-both", "qwen-both/qwen-q4_k_m"] {
+        let (code, v) = s.post("/v1/chat/completions", &ask(id, "Say hi.", 1)).await;
+        assert_eq!((code, v["model"].as_str()), (200, Some(id)), "{v}");
+    }
+}

@@ -65,17 +65,23 @@ pub async fn load(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<LoadBody>,
 ) -> Result<Response, ApiError> {
-    if let Some(b) = body.backend.as_deref() {
-        if !matches!(
-            b.to_ascii_lowercase().as_str(),
-            "" | "auto" | "llama" | "llama.cpp" | "llamacpp" | "gguf"
-        ) {
+    // The engine a load names picks that format's copy of a model on disk in both.
+    let format = match body
+        .backend
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("" | "auto") => None,
+        Some("llama" | "llama.cpp" | "llamacpp" | "gguf") => Some("gguf"),
+        Some("mlx" | "mlx-lm" | "mlx_lm") => Some("mlx"),
+        Some(other) => {
             return Err(ApiError::invalid(
                 "backend",
-                format!("backend `{b}` is not available here; this server loads GGUF models with llama.cpp (auto, llama, gguf)"),
-            ));
+                format!("backend `{other}` is not one of auto, gguf (llama.cpp), mlx"),
+            ))
         }
-    }
+    };
     let options = LoadOverrides {
         context: body.context,
         parallel: body.parallel,
@@ -93,7 +99,11 @@ pub async fn load(
             format!("{param}: {reason}"),
         ));
     }
-    match state.registry.load(&body.model_id, &options).await {
+    match state
+        .registry
+        .load_as(&body.model_id, &options, format)
+        .await
+    {
         Ok(report) => Ok(Json(report).into_response()),
         Err(RegistryError::NotFound(id)) if id.contains('/') => {
             download_then_load(&state, &body, options).await

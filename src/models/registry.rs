@@ -312,7 +312,8 @@ impl Registry {
     /// An empty registry over the configured models directory.
     pub fn new(config: Arc<Config>) -> Self {
         Self {
-            store: ModelStore::new(&config.models.directory),
+            store: ModelStore::new(&config.models.directory)
+                .preferring(config.models.prefer.as_str()),
             loaded: RwLock::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             history: Mutex::new(HashMap::new()),
@@ -362,11 +363,10 @@ impl Registry {
     /// A loaded model by id, alternate id or alias.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
         let name = self.config.resolve_alias(name);
-        self.loaded
-            .read()
-            .expect("registry lock")
-            .values()
-            .find(|m| m.answers_to(name))
+        let map = self.loaded.read().expect("registry lock");
+        // A model's own id before another's alternate name (one folder, both formats).
+        map.get(name)
+            .or_else(|| map.values().find(|m| m.answers_to(name)))
             .cloned()
     }
 
@@ -432,9 +432,23 @@ impl Registry {
         id: &str,
         overrides: &LoadOverrides,
     ) -> Result<LoadReport, RegistryError> {
+        self.load_as(id, overrides, None).await
+    }
+
+    /// [`Self::load`] of the copy in one format (`gguf`, `mlx`) when `format` names one, for
+    /// a model on disk in both.
+    pub async fn load_as(
+        &self,
+        id: &str,
+        overrides: &LoadOverrides,
+        format: Option<&str>,
+    ) -> Result<LoadReport, RegistryError> {
         let _guard = self.load_lock.lock().await;
         let target = self.config.resolve_alias(id);
-        if let Some(m) = self.get(target) {
+        let loaded = self
+            .get(target)
+            .filter(|m| format.is_none_or(|f| m.disk.format == f));
+        if let Some(m) = loaded {
             match m.engine.failed() {
                 None => {
                     m.apply(overrides);
@@ -450,7 +464,7 @@ impl Registry {
         }
         let disk = self
             .store
-            .find(target)?
+            .find_as(target, format)?
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
 
         let LoadPlan {

@@ -84,12 +84,23 @@ pub fn shard_of(stem: &str) -> Option<(&str, u32)> {
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     root: PathBuf,
+    /// The format a name means when models of both formats answer to it.
+    prefer: &'static str,
 }
 
 impl ModelStore {
     /// A store over `root`; the folder is created on first scan if missing.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            prefer: "gguf",
+        }
+    }
+
+    /// The format (`gguf` or `mlx`) a name means when a folder holds the model in both.
+    pub fn preferring(mut self, format: &'static str) -> Self {
+        self.prefer = format;
+        self
     }
 
     /// The directory this store reads.
@@ -108,9 +119,11 @@ impl ModelStore {
         while let Some((dir, depth)) = stack.pop() {
             // An MLX model is a whole folder (`name/` or `org/repo/`): listed as one model under
             // its folder's path, and not looked into further.
-            if depth >= 1 && crate::engine::mlx::config::is_model_dir(&dir) {
+            // GGUF files beside it are listed too (the same model in both formats; the
+            // folder's name then means the preferred one).
+            let mlx_folder = depth >= 1 && crate::engine::mlx::config::is_model_dir(&dir);
+            if mlx_folder {
                 found.push(self.mlx_model(&dir));
-                continue;
             }
             let mut files: Vec<DiskModel> = Vec::new();
             for entry in std::fs::read_dir(&dir)? {
@@ -125,7 +138,7 @@ impl ModelStore {
                     continue;
                 };
                 if meta.is_dir() {
-                    if depth < 4 {
+                    if depth < 4 && !mlx_folder {
                         stack.push((entry.path(), depth + 1));
                     }
                     continue;
@@ -204,10 +217,23 @@ impl ModelStore {
         }
     }
 
-    /// Finds a model by id or alternate id, case-insensitively (clients lower-case ids).
+    /// Finds a model by id or alternate id, case-insensitively (clients lower-case ids); when
+    /// both formats answer, the preferred one.
     pub fn find(&self, id: &str) -> Result<Option<DiskModel>, InvalidModelId> {
+        self.find_as(id, None)
+    }
+
+    /// [`Self::find`] limited to one format (`gguf`, `mlx`) when `format` names one.
+    pub fn find_as(
+        &self,
+        id: &str,
+        format: Option<&str>,
+    ) -> Result<Option<DiskModel>, InvalidModelId> {
         validate_id(id)?;
-        let models = self.scan().unwrap_or_default();
+        let mut models = self.scan().unwrap_or_default();
+        models.retain(|m| format.is_none_or(|f| m.format == f));
+        // The preferred format first, so it wins a name both answer to.
+        models.sort_by_key(|m| m.format != self.prefer);
         let matches = |m: &DiskModel, exact: bool| {
             let eq = |a: &str| {
                 if exact {
@@ -384,6 +410,38 @@ mod tests {
         for good in ["gemma-3-270m-q4_k_m", "org/repo", "org/repo/model.Q4"] {
             assert!(validate_id(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn a_folder_with_both_formats_answers_with_the_preferred_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        touch(&r.join("qwen/config.json"), 2);
+        touch(&r.join("qwen/tokenizer.json"), 2);
+        touch(&r.join("qwen/model.safetensors"), 100);
+        touch(&r.join("qwen/qwen-Q4_K_M.gguf"), 50);
+        let ids: Vec<(String, &str)> = ModelStore::new(r)
+            .scan()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id, m.format))
+            .collect();
+        assert_eq!(
+            ids,
+            [("qwen".into(), "mlx"), ("qwen/qwen-Q4_K_M".into(), "gguf")]
+        );
+        let gguf = ModelStore::new(r);
+        assert_eq!(gguf.find("qwen").unwrap().unwrap().format, "gguf");
+        let mlx = ModelStore::new(r).preferring("mlx");
+        assert_eq!(mlx.find("qwen").unwrap().unwrap().format, "mlx");
+        assert_eq!(
+            gguf.find_as("qwen", Some("mlx")).unwrap().unwrap().id,
+            "qwen"
+        );
+        assert!(gguf
+            .find_as("qwen/qwen-Q4_K_M", Some("mlx"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
