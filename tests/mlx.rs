@@ -150,6 +150,17 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap(),
         json!({"path": "README.md"})
     );
+    // Its speed shows in /admin/status like any model's.
+    let (_, st) = s.get("/admin/status").await;
+    let sched = &st["loaded_models"][0]["scheduler"];
+    assert!(
+        sched["decode_tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{st}"
+    );
+    assert!(
+        sched["completion_tokens_total"].as_u64().unwrap() > 30,
+        "{st}"
+    );
 
     // What MLX cannot give is a 400 naming it, never silently dropped.
     let mut fmt = ask(MLX, "hi", 4);
@@ -307,14 +318,28 @@ async fn a_killed_worker_fails_its_stream_the_server_goes_on_and_the_model_reloa
         .post("/v1/chat/completions", &ask(QWEN, "Say hi.", 3))
         .await;
     assert_eq!(code, 200, "{v}");
-    // The next MLX request reloads the model with a fresh worker.
+    // The dead worker is restarted without waiting for a request, and the model answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let new_pid = loop {
+        let (_, v) = s.get("/admin/status").await;
+        let pid_now = v["loaded_models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == MLX)
+            .and_then(|m| m["worker_pid"].as_u64());
+        if let Some(p) = pid_now.filter(|p| *p != pid) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no restart: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(alive(new_pid));
     let (code, v) = s
         .post("/v1/chat/completions", &ask(MLX, "Say hi.", 2))
         .await;
     assert_eq!(code, 200, "{v}");
-    let new_pid = worker_pid(&s).await;
-    assert_ne!(new_pid, pid);
-    assert!(alive(new_pid));
+    assert_eq!(worker_pid(&s).await, new_pid);
 }
 
 #[tokio::test]
@@ -397,4 +422,32 @@ async fn config_says_which_format_a_name_means_and_a_load_can_name_the_backend()
         let (code, v) = s.post("/v1/chat/completions", &ask(id, "Say hi.", 1)).await;
         assert_eq!((code, v["model"].as_str()), (200, Some(id)), "{v}");
     }
+}
+
+#[tokio::test]
+async fn a_hung_worker_misses_its_heartbeat_and_is_replaced() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[("OPTA_LMX_MLX_HEARTBEAT", "3")]);
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let pid = worker_pid(&s).await;
+    // Frozen, not dead: only the missed heartbeats can tell.
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = s.get("/admin/status").await;
+        let now = v["loaded_models"][0]["worker_pid"].as_u64();
+        if now.is_some_and(|p| p != pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hung worker not replaced: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!alive(pid), "the hung worker was killed");
+    assert!(s.log_text().contains("mlx_worker_unresponsive"));
 }

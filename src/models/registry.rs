@@ -772,8 +772,8 @@ impl Registry {
             .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))
     }
 
-    /// Unloads models idle past their TTL, checking every half second until the registry is
-    /// dropped. A model seen busy counts as used at that moment, so a long request does not
+    /// Unloads models idle past their TTL and restarts failed ones, checking every half
+    /// second until the registry is dropped. A model seen busy counts as used at that moment, so a long request does not
     /// leave it looking idle since its start.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(self);
@@ -783,6 +783,20 @@ impl Registry {
                 tick.tick().await;
                 let Some(reg) = weak.upgrade() else { return };
                 for m in reg.loaded() {
+                    // A failed engine (its worker died or stopped answering) is restarted.
+                    if let Some(why) = m.engine.failed() {
+                        tracing::warn!(event = "model_restart", model = %m.id, error = %why);
+                        let format = m.disk.format;
+                        let id = m.id.clone();
+                        drop(m);
+                        if let Err(e) = reg
+                            .load_as(&id, &LoadOverrides::default(), Some(format))
+                            .await
+                        {
+                            tracing::error!(event = "model_restart_failed", model = %id, error = %e);
+                        }
+                        continue;
+                    }
                     if m.busy() {
                         m.mark_used();
                         continue;

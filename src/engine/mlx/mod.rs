@@ -74,6 +74,8 @@ struct Shared {
     rejected: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// Prompt and generated tokens per second, as `/admin/status` shows for every model.
+    rates: Mutex<crate::metrics::RateWindow>,
 }
 
 /// A loaded MLX model and its worker.
@@ -192,6 +194,7 @@ impl MlxEngine {
             rejected: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
+            rates: Mutex::new(crate::metrics::RateWindow::default()),
         });
         {
             let shared = Arc::clone(&shared);
@@ -308,6 +311,19 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 let Some(r) = requests.get_mut(&id) else {
                     continue;
                 };
+                let now = Instant::now();
+                let tokens = msg["tokens"].as_array().map_or(0, Vec::len) as u64;
+                // The first tokens mean the prompt was prefilled.
+                let prompt = if r.first_token.is_none() {
+                    u64::from(r.prompt_tokens)
+                } else {
+                    0
+                };
+                shared
+                    .rates
+                    .lock()
+                    .expect("rates lock")
+                    .record(now, prompt, tokens);
                 let mut stopped = false;
                 let mut gone = false;
                 for t in msg["tokens"].as_array().into_iter().flatten() {
@@ -523,6 +539,7 @@ impl Backend for MlxEngine {
     fn stats(&self) -> SchedulerStats {
         let s = &self.shared;
         let active = s.requests.lock().expect("requests lock").len() as u32;
+        let (prompt_rate, decode_rate) = s.rates.lock().expect("rates lock").rates(Instant::now());
         SchedulerStats {
             active_sequences: active.min(self.info.parallel),
             queued_requests: active.saturating_sub(self.info.parallel),
@@ -533,8 +550,8 @@ impl Backend for MlxEngine {
             prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
             cached_prompt_tokens_total: 0,
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
-            prompt_tokens_per_second: 0.0,
-            decode_tokens_per_second: 0.0,
+            prompt_tokens_per_second: prompt_rate,
+            decode_tokens_per_second: decode_rate,
         }
     }
 
