@@ -150,6 +150,17 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap(),
         json!({"path": "README.md"})
     );
+    // Counted from the safetensors headers: Qwen2.5-0.5B's 494 million plus the output
+    // matrix, which this copy (made from the GGUF) stores apart from the embeddings.
+    let (_, inv) = s.get("/admin/models").await;
+    let rt = &inv["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == MLX)
+        .unwrap()["runtime"];
+    let params = rt["parameters"].as_u64().unwrap();
+    assert_eq!(params, 630_167_424);
     // Its speed shows in /admin/status like any model's.
     let (_, st) = s.get("/admin/status").await;
     let sched = &st["loaded_models"][0]["scheduler"];

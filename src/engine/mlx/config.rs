@@ -63,6 +63,58 @@ pub fn read(dir: &Path) -> Result<ModelFacts, String> {
     })
 }
 
+/// Parameters counted from the safetensors headers (the JSON each file starts with; no weights
+/// read). Quantised weights are packed several to a `U32`, so they count `32 / bits` each;
+/// quantisation scales and biases are not parameters.
+pub fn parameters(dir: &Path) -> u64 {
+    use std::io::Read;
+    let bits = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| c.pointer("/quantization/bits").and_then(|b| b.as_u64()));
+    let mut total = 0u64;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".safetensors") {
+            continue;
+        }
+        let Ok(mut f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        let mut len = [0u8; 8];
+        if f.read_exact(&mut len).is_err() {
+            continue;
+        }
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            continue;
+        }
+        let mut header = vec![0u8; n as usize];
+        if f.read_exact(&mut header).is_err() {
+            continue;
+        }
+        let Ok(serde_json::Value::Object(tensors)) = serde_json::from_slice(&header) else {
+            continue;
+        };
+        for (name, t) in &tensors {
+            if name == "__metadata__" || name.ends_with(".scales") || name.ends_with(".biases") {
+                continue;
+            }
+            let elements: u64 = t["shape"]
+                .as_array()
+                .map_or(0, |s| s.iter().filter_map(|d| d.as_u64()).product());
+            let packed = match (t["dtype"].as_str(), bits) {
+                (Some("U32"), Some(b)) if b > 0 => 32 / b,
+                _ => 1,
+            };
+            total += elements * packed;
+        }
+    }
+    total
+}
+
 /// What loading takes: the weights (the folder's size), a KV cache in the weights' dtype
 /// (float32 when unquantised-float32, else 16-bit), logits for each sequence, and the worker
 /// process's Python and MLX runtime.

@@ -173,7 +173,7 @@ impl MlxEngine {
             context_per_sequence: context,
             parallel: opts.parallel.max(1),
             context_train: facts.context_train,
-            parameters: 0,
+            parameters: config::parameters(dir),
             gpu_layers: 0,
             threads: 0,
             vocab_size: tok.vocab_size(),
