@@ -290,6 +290,30 @@ fn finish(shared: &Shared, mut r: Request, reason: FinishReason) {
     });
 }
 
+/// A `[logprob, [[id, logprob], …]]` entry of a `tokens` message as an event payload.
+fn token_logprob(tok: &MlxTokenizer, id: TokenId, entry: &Value) -> super::TokenLogprob {
+    let text = |id: TokenId| {
+        let bytes = tok.piece(id).to_vec();
+        super::TokenText {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+        }
+    };
+    super::TokenLogprob {
+        token: text(id),
+        logprob: entry[0].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+        top: entry[1]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let alt = p[0].as_i64().unwrap_or(0) as TokenId;
+                (text(alt), p[1].as_f64().unwrap_or(f64::NEG_INFINITY) as f32)
+            })
+            .collect(),
+    }
+}
+
 /// Turns the worker's messages into request events until it goes away.
 fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
     loop {
@@ -326,8 +350,15 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                     .record(now, prompt, tokens);
                 let mut stopped = false;
                 let mut gone = false;
-                for t in msg["tokens"].as_array().into_iter().flatten() {
+                let logprobs = msg["logprobs"].as_array();
+                for (i, t) in msg["tokens"].as_array().into_iter().flatten().enumerate() {
                     let tok = t.as_i64().unwrap_or(-1) as TokenId;
+                    // A token's log-probability goes out before its text, as llama.cpp's do.
+                    if let Some(lp) = logprobs.and_then(|l| l.get(i)) {
+                        let _ = r
+                            .events
+                            .send(Event::Logprob(token_logprob(&shared.tok, tok, lp)));
+                    }
                     r.generated += 1;
                     r.first_token.get_or_insert_with(Instant::now);
                     let out = r.text.push(shared.tok.piece(tok));
@@ -463,12 +494,6 @@ impl Backend for MlxEngine {
                 message: format!("{param}: grammar-constrained output is not available for MLX models; load the GGUF copy of this model for it"),
             });
         }
-        if req.logprobs.is_some() {
-            return Err(EngineError::InvalidParam {
-                param: "logprobs",
-                message: "logprobs are not available for MLX models yet".into(),
-            });
-        }
         if let Some(why) = self.shared.failed.lock().expect("failed lock").clone() {
             return Err(EngineError::Decode(why));
         }
@@ -507,6 +532,7 @@ impl Backend for MlxEngine {
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
             "repeat_penalty": s.repeat_penalty, "presence_penalty": s.presence_penalty,
             "frequency_penalty": s.frequency_penalty, "logit_bias": bias,
+            "logprobs": req.logprobs,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         requests.insert(

@@ -7,10 +7,12 @@ Protocol (version 1): messages are JSON objects, each framed by a 4-byte big-end
 on stdin (server -> worker) and stdout (worker -> server). stderr is the worker's log.
 
   server -> worker: submit {id, prompt, max_tokens, temperature, top_p, top_k, min_p,
-                            repeat_penalty, presence_penalty, frequency_penalty, logit_bias}
+                            repeat_penalty, presence_penalty, frequency_penalty, logit_bias,
+                            logprobs (null, or how many alternatives)}
                     cancel {id}    ping {seq}    shutdown {}
   worker -> server: ready {version, pid, eos}
-                    tokens {id, tokens}          (one step's tokens for one request)
+                    tokens {id, tokens, logprobs?} (one step's tokens for one request;
+                                                  logprobs: [[logprob, [[id, logprob]...]]...])
                     done {id, reason, generated} (reason: stop | length)
                     pong {seq, active, rss_bytes}
                     error {id?, message}
@@ -28,6 +30,23 @@ import threading
 import traceback
 
 VERSION = 1
+
+
+def rss_bytes():
+    """Resident memory now (Linux), else the peak (macOS reports it in bytes)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def tokens_msg(rid, tokens, logprobs):
+    msg = {"type": "tokens", "id": rid, "tokens": tokens}
+    if logprobs is not None:
+        msg["logprobs"] = logprobs
+    return msg
 
 
 def main():
@@ -52,20 +71,38 @@ def main():
                          completion_batch_size=parallel, prefill_batch_size=parallel)
     inbox = queue.Queue()
 
+    by_uid = {}
+
     def read_stdin():
+        # Pings are answered here, not between generation steps: a long prefill on a slow CPU
+        # must not look like a hang; a frozen or dead process still misses them.
         inp = sys.stdin.buffer
         while True:
             head = inp.read(4)
             if len(head) < 4:
                 break
             (n,) = struct.unpack(">I", head)
-            inbox.put(json.loads(inp.read(n)))
+            msg = json.loads(inp.read(n))
+            if msg.get("type") == "ping":
+                send({"type": "pong", "seq": msg["seq"], "active": len(by_uid),
+                      "rss_bytes": rss_bytes()})
+            else:
+                inbox.put(msg)
         inbox.put({"type": "shutdown"})
 
     threading.Thread(target=read_stdin, daemon=True).start()
     send({"type": "ready", "version": VERSION, "pid": os.getpid(), "eos": eos})
 
-    by_uid, generated = {}, {}
+    generated, want_logprobs = {}, {}
+
+    def logprobs_of(r, k):
+        lp = r.logprobs.astype(mx.float32)
+        top = []
+        if k:
+            idx = mx.argpartition(-lp, kth=k - 1)[:k]
+            vals = lp[idx]
+            top = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
+        return [float(lp[r.token].item()), [[int(i), float(v)] for i, v in top]]
 
     def handle(msg):
         kind = msg.get("type")
@@ -83,14 +120,14 @@ def main():
                                samplers=[sampler], logits_processors=[processors])
             by_uid[uid] = msg["id"]
             generated[uid] = 0
+            if msg.get("logprobs") is not None:
+                want_logprobs[uid] = int(msg["logprobs"])
         elif kind == "cancel":
             for uid, rid in list(by_uid.items()):
                 if rid == msg["id"]:
                     gen.remove([uid])
                     del by_uid[uid], generated[uid]
-        elif kind == "ping":
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            send({"type": "pong", "seq": msg["seq"], "active": len(by_uid), "rss_bytes": rss})
+                    want_logprobs.pop(uid, None)
         elif kind == "shutdown":
             return False
         return True
@@ -112,7 +149,7 @@ def main():
             continue
         if not by_uid:
             continue
-        steps = {}
+        steps, step_logprobs = {}, {}
         for r in gen.next_generated():
             rid = by_uid.get(r.uid)
             if rid is None:
@@ -120,14 +157,17 @@ def main():
             generated[r.uid] += 1
             if not (r.finish_reason == "stop" and r.token in eos):
                 steps.setdefault(rid, []).append(int(r.token))
+                if r.uid in want_logprobs:
+                    step_logprobs.setdefault(rid, []).append(logprobs_of(r, want_logprobs[r.uid]))
             if r.finish_reason is not None:
                 if rid in steps:
-                    send({"type": "tokens", "id": rid, "tokens": steps.pop(rid)})
+                    send(tokens_msg(rid, steps.pop(rid), step_logprobs.pop(rid, None)))
+                want_logprobs.pop(r.uid, None)
                 send({"type": "done", "id": rid, "reason": r.finish_reason,
                       "generated": generated.pop(r.uid)})
                 del by_uid[r.uid]
         for rid, toks in steps.items():
-            send({"type": "tokens", "id": rid, "tokens": toks})
+            send(tokens_msg(rid, toks, step_logprobs.get(rid)))
 
 
 if __name__ == "__main__":
