@@ -375,8 +375,9 @@ impl Registry {
     fn lease(&self, name: &str) -> Option<ModelLease> {
         let name = self.config.resolve_alias(name);
         let map = self.loaded.read().expect("registry lock");
-        map.values()
-            .find(|m| m.answers_to(name))
+        // A model's own id before another's alternate name (one folder, both formats).
+        map.get(name)
+            .or_else(|| map.values().find(|m| m.answers_to(name)))
             .map(|m| ModelLease::new(Arc::clone(m)))
     }
 
@@ -627,10 +628,14 @@ impl Registry {
         let model = {
             let mut map = self.loaded.write().expect("registry lock");
             let target = self.config.resolve_alias(id);
-            let key = map
-                .values()
-                .find(|m| m.answers_to(target))
-                .map(|m| m.id.clone());
+            // A model's own id before another's alternate name, as in `get`.
+            let key = if map.contains_key(target) {
+                Some(target.to_string())
+            } else {
+                map.values()
+                    .find(|m| m.answers_to(target))
+                    .map(|m| m.id.clone())
+            };
             match key {
                 Some(k) if reason.yields_to_requests() && map[&k].busy() => {
                     // An eviction or TTL expiry lost a race with a new request: keep it.
