@@ -40,6 +40,34 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub hub: HubConfig,
     pub requests: RequestsConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit log of admin actions (see `crate::audit`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// Where the JSON lines go; default `audit.jsonl` beside the log file, or
+    /// `~/.opta-lmx/logs/audit.jsonl` when logs go to standard error.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            file: None,
+        }
+    }
+}
+
+/// HTTPS: a certificate chain and its private key, both PEM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Bounds on what one request may make the server read, render and tokenize, so one client
@@ -95,6 +123,11 @@ pub struct ServerConfig {
     /// Most open connections. At the limit a new one closes the longest-idle connection, or
     /// is answered 503 when every connection is busy.
     pub max_connections: usize,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Let anyone who reaches the port scrape `/metrics` (a Prometheus without the admin
+    /// key); otherwise it is guarded like `/admin`.
+    pub metrics_open: bool,
 }
 
 /// Where models live and how they are served.
@@ -310,6 +343,8 @@ impl Default for ServerConfig {
             admin_open: false,
             header_timeout_seconds: 10.0,
             max_connections: 512,
+            tls: None,
+            metrics_open: false,
         }
     }
 }
@@ -368,6 +403,20 @@ fn home_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl Config {
+    /// Where audit lines go, or `None` when the audit is off.
+    pub fn audit_path(&self) -> Option<PathBuf> {
+        if !self.audit.enabled {
+            return None;
+        }
+        Some(match (&self.audit.file, &self.logging.file) {
+            (Some(f), _) => f.clone(),
+            (None, Some(log)) => log.parent().unwrap_or(Path::new(".")).join("audit.jsonl"),
+            (None, None) => home_dir().join(".opta-lmx/logs/audit.jsonl"),
+        })
+    }
 }
 
 /// `~/.opta-lmx/config.yaml`.
@@ -524,6 +573,20 @@ impl Config {
             }
             "LOG_LEVEL" => self.logging.level = v.to_string(),
             "LOG_FILE" => self.logging.file = opt(v).map(PathBuf::from),
+            "AUDIT" => self.audit.enabled = parse(v)?,
+            "AUDIT_FILE" => self.audit.file = opt(v).map(PathBuf::from),
+            "METRICS_OPEN" => self.server.metrics_open = parse(v)?,
+            "TLS_CERT" | "TLS_KEY" => {
+                let tls = self.server.tls.get_or_insert_with(|| TlsConfig {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                });
+                if key == "TLS_CERT" {
+                    tls.cert = PathBuf::from(v);
+                } else {
+                    tls.key = PathBuf::from(v);
+                }
+            }
             _ => return Err(format!("unknown setting OPTA_LMX_{key}")),
         }
         Ok(())
@@ -534,6 +597,19 @@ impl Config {
         self.models.directory = expand_tilde(&self.models.directory);
         if let Some(f) = &self.logging.file {
             self.logging.file = Some(expand_tilde(f));
+        }
+        if let Some(f) = &self.audit.file {
+            self.audit.file = Some(expand_tilde(f));
+        }
+        if let Some(tls) = &mut self.server.tls {
+            tls.cert = expand_tilde(&tls.cert);
+            tls.key = expand_tilde(&tls.key);
+            if tls.cert.as_os_str().is_empty() || tls.key.as_os_str().is_empty() {
+                return Err((
+                    "server.tls".into(),
+                    "needs both `cert` and `key` (PEM files)".into(),
+                ));
+            }
         }
         let t = self.memory.threshold_percent;
         if !(t > 0.0 && t <= 100.0) {

@@ -5,6 +5,7 @@
 //! [`system`] and [`metrics`] support them all. [`server`] wires them together.
 
 pub mod api;
+pub mod audit;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -6,7 +6,7 @@ use clap::Parser;
 use reqwest::Method;
 use serde_json::json;
 
-use cli::{client, Cli, Command};
+use cli::{client, Cli, Command, ListArgs};
 use opta_lmx::config::Config;
 
 fn main() -> std::process::ExitCode {
@@ -35,8 +35,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             opta_lmx::logging::init(&cfg.logging)?;
             opta_lmx::server::run(cfg).await
         }
-        Command::Status(c) => client::call(&c, Method::GET, "/admin/status", None).await,
-        Command::Models(c) => client::call(&c, Method::GET, "/admin/models", None).await,
+        Command::Status(a) => list(&a, "/admin/status", |v| Ok(cli::tables::status(v))).await,
+        Command::Models(a) => list(&a, "/admin/models", |v| Ok(cli::tables::models(v))).await,
+        Command::Chat(a) => cli::chat::run(a).await,
+        Command::Service { action } => cli::service::dispatch(action),
         Command::Load {
             model_id,
             context,
@@ -58,8 +60,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let body = json!({"model_id": model_id, "pattern": pattern, "revision": revision});
             client::download(&c, body).await
         }
-        Command::Downloads(c) => {
-            client::call(&c, Method::GET, "/admin/model/downloads", None).await
+        Command::Downloads(a) => {
+            list(&a, "/admin/model/downloads", |v| {
+                let jobs = v
+                    .as_array()
+                    .or_else(|| v["data"].as_array())
+                    .cloned()
+                    .unwrap_or_default();
+                Ok(cli::tables::downloads_table(&jobs))
+            })
+            .await
         }
         Command::Delete {
             model_id,
@@ -79,4 +89,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             client::call(&c, Method::POST, "/admin/model/unload", Some(body)).await
         }
     }
+}
+
+/// A listing: the JSON with `--json`, else the table `table` makes of it.
+async fn list(
+    args: &ListArgs,
+    path: &str,
+    table: impl FnOnce(&serde_json::Value) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let v = client::request(&args.client, Method::GET, path, None).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", table(&v)?);
+    }
+    Ok(())
 }

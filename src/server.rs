@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::api::{router, AppState};
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::models::downloads::Downloads;
 use crate::models::hub::HubClient;
@@ -25,11 +26,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     })?;
 
+    let tls = match &config.server.tls {
+        Some(t) => Some(crate::api::tls::acceptor(t)?),
+        None => None,
+    };
+    warn_if_exposed(&config);
+    let audit = Arc::new(match config.audit_path() {
+        Some(path) => Audit::open(&path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))?,
+        None => Audit::disabled(),
+    });
     let registry = Arc::new(Registry::new(Arc::clone(&config)));
     registry.spawn_reaper();
     let downloads = Downloads::new(
         ModelStore::new(&config.models.directory).preferring(config.models.prefer.as_str()),
         HubClient::new(&config.hub),
+        registry.metrics().clone(),
+        Arc::clone(&audit),
     );
     let store_root = registry.store().root().to_path_buf();
     registry
@@ -45,20 +58,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let state = AppState::new(Arc::clone(&config), Arc::clone(&registry), downloads);
+    let state = AppState::new(
+        Arc::clone(&config),
+        Arc::clone(&registry),
+        downloads,
+        Arc::clone(&audit),
+    );
     tracing::info!(
         address = %listener.local_addr()?,
+        scheme = if tls.is_some() { "https" } else { "http" },
         models_directory = %store_root.display(),
+        audit_log = %audit.path().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
         version = env!("CARGO_PKG_VERSION"),
         "opta-lmx listening"
     );
     if let Some(n) = crate::system::raise_open_files_limit() {
         tracing::debug!(open_files = n, "open-files limit");
     }
-    crate::api::serve::serve(listener, router(state), &config.server, shutdown_signal()).await?;
+    // systemd's Type=notify: ready once the port is bound and the start-up models are in.
+    // Outside systemd (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd the server is ready");
+    }
+    crate::api::serve::serve(
+        listener,
+        router(state),
+        &config.server,
+        tls,
+        shutdown_signal(),
+    )
+    .await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;
     Ok(())
+}
+
+/// A server reachable from other machines with no admin key lets anyone on the network use
+/// it; loopback-only admin still holds, but say so loudly at every start.
+fn warn_if_exposed(config: &Config) {
+    let s = &config.server;
+    if !s.host.is_loopback() && s.admin_key.is_none() {
+        tracing::warn!(
+            host = %s.host,
+            api_key_set = s.api_key.is_some(),
+            "SECURITY: listening on a non-loopback address without an admin key; anyone who can reach this port can use the models{}. Set server.admin_key (OPTA_LMX_ADMIN_KEY) or bind 127.0.0.1.",
+            if s.api_key.is_none() { " without any key" } else { "" }
+        );
+    }
 }
 
 async fn shutdown_signal() {

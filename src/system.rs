@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 /// One reading of system memory, in bytes.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct MemorySnapshot {
     pub total_bytes: u64,
     pub available_bytes: u64,

@@ -19,7 +19,7 @@ use crate::models::registry::{
 use crate::system::{process_rss_bytes, MemorySnapshot};
 
 /// `POST /admin/model/load` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadBody {
     #[serde(alias = "model")]
@@ -50,7 +50,7 @@ pub struct LoadBody {
 }
 
 /// `POST /admin/model/unload` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UnloadBody {
     #[serde(alias = "model")]
@@ -205,7 +205,7 @@ fn unix_seconds(t: std::time::SystemTime) -> u64 {
 }
 
 /// `DELETE /admin/model/{id}` confirmation, as query parameters or a JSON body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteBody {
     #[serde(default)]
@@ -415,7 +415,7 @@ pub async fn available(
 }
 
 /// `GET /admin/status` memory section.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MemoryStatus {
     #[serde(flatten)]
     pub snapshot: MemorySnapshot,
@@ -429,7 +429,7 @@ pub struct MemoryStatus {
 }
 
 /// `GET /admin/status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Status {
     pub version: &'static str,
     pub uptime_seconds: u64,
@@ -438,11 +438,13 @@ pub struct Status {
     pub models: Vec<String>,
     pub loaded_models: Vec<serde_json::Value>,
     pub performance: PerformanceStatus,
+    /// Download jobs still running.
+    pub downloads: Vec<crate::models::downloads::JobView>,
 }
 
 /// Performance section: rolling per-request figures plus the schedulers' live numbers,
 /// summed over loaded models.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PerformanceStatus {
     #[serde(flatten)]
     pub rolling: PerformanceReport,
@@ -458,6 +460,8 @@ pub struct PerformanceStatus {
     pub cache_hit_ratio: f64,
     pub cancelled_requests_total: u64,
     pub rejected_requests_total: u64,
+    /// Throughput and time to first token per 10 s over the last 15 minutes.
+    pub history: Vec<crate::metrics::HistoryPoint>,
 }
 
 /// Cached prompt tokens over all prompt tokens; 0 before any request.
@@ -532,7 +536,14 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             cache_hit_ratio: hit_ratio(total.cached_prompt_tokens_total, total.prompt_tokens_total),
             cancelled_requests_total: total.cancelled_total,
             rejected_requests_total: total.rejected_total,
+            history: state.metrics.history(),
         },
+        downloads: state
+            .downloads
+            .list()
+            .into_iter()
+            .filter(|j| j.status == crate::models::downloads::JobState::Downloading)
+            .collect(),
     })
 }
 

@@ -238,7 +238,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
         ..SamplingFields::default()
     }
     .validate()?;
-    let model = state.registry.resolve(req.model.as_deref()).await?;
+    let model = state.resolve(req.model.as_deref()).await?;
     let (plan, prompt) = prepare_chat(&state, &model, chat, None).await?;
     let prompt_tokens = prompt.len();
     let mut gen = generation_request(&model, prompt, &v)?;
@@ -283,7 +283,7 @@ pub async fn count_tokens(
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
     let (req, chat) = parse(&state, request).await?;
-    let model = state.registry.resolve(req.model.as_deref()).await?;
+    let model = state.resolve(req.model.as_deref()).await?;
     let (_, prompt) = prepare_chat(&state, &model, chat, None).await?;
     Ok(Json(json!({ "input_tokens": prompt.len() })))
 }

@@ -27,7 +27,7 @@ pub async fn chat_completions(
         Ok((r.model.clone(), r.to_chat()?))
     })
     .await?;
-    let model = state.registry.resolve(model_name.as_deref()).await?;
+    let model = state.resolve(model_name.as_deref()).await?;
     let (plan, prompt) = prepare_chat(&state, &model, chat, v.constraint.clone()).await?;
     let mut gen = generation_request(&model, prompt, &v)?;
     gen.constraint = plan.constraint;

@@ -26,7 +26,7 @@ pub async fn completions(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    let model = state.registry.resolve(req.model.as_deref()).await?;
+    let model = state.resolve(req.model.as_deref()).await?;
     let text = match req.prompt {
         PromptSpec::Text(t) => t,
         PromptSpec::Texts(mut ts) if ts.len() == 1 => ts.pop().unwrap_or_default(),

@@ -60,7 +60,7 @@ struct ErrorBody<'a> {
 }
 
 /// The `error` object of OpenAI's error responses (also sent as an SSE event mid-stream).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail<'a> {
     pub message: String,
     #[serde(rename = "type")]

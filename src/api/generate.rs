@@ -137,10 +137,17 @@ pub(super) fn submit_choices(
         .map(|i| {
             let mut g = gen.clone();
             g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
-            let rx = model.engine.submit(g).map_err(ApiError::from)?;
+            let rx = model.engine.submit(g).map_err(|e| {
+                if matches!(e, EngineError::QueueFull { .. }) {
+                    state.metrics.prometheus().record_rejected(&model.id);
+                }
+                ApiError::from(e)
+            })?;
             Ok(ChoiceEvents {
                 rx,
                 metrics: state.metrics.clone(),
+                model: model.id.clone(),
+                ended: false,
             })
         })
         .collect()
@@ -148,10 +155,22 @@ pub(super) fn submit_choices(
 
 /// One choice's engine events. Every finished generation passes through here, streamed or
 /// not, so this is the one place completions are counted in the metrics. Dropping it closes
-/// the channel, which cancels the choice's sequence.
+/// the channel, which cancels the choice's sequence (counted as a cancellation unless the
+/// generation had ended).
 pub(super) struct ChoiceEvents {
     rx: UnboundedReceiver<Event>,
     metrics: crate::metrics::Metrics,
+    model: String,
+    /// A `Done` or `Error` was seen: dropping now cancels nothing.
+    ended: bool,
+}
+
+impl Drop for ChoiceEvents {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.prometheus().record_cancelled(&self.model);
+        }
+    }
 }
 
 impl futures_util::Stream for ChoiceEvents {
@@ -162,15 +181,24 @@ impl futures_util::Stream for ChoiceEvents {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Event>> {
         let polled = self.rx.poll_recv(cx);
-        if let std::task::Poll::Ready(Some(Event::Done {
-            usage,
-            time_to_first_token,
-            total_time,
-            ..
-        })) = &polled
-        {
-            self.metrics
-                .record_completion(usage, *time_to_first_token, *total_time);
+        match &polled {
+            std::task::Poll::Ready(Some(Event::Done {
+                usage,
+                time_to_first_token,
+                total_time,
+                finish_reason,
+            })) => {
+                self.metrics.record_completion(
+                    &self.model,
+                    finish_reason.as_str(),
+                    usage,
+                    *time_to_first_token,
+                    *total_time,
+                );
+                self.ended = true;
+            }
+            std::task::Poll::Ready(Some(Event::Error(_)) | None) => self.ended = true,
+            _ => {}
         }
         polled
     }

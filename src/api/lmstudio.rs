@@ -120,7 +120,7 @@ pub async fn list_v0(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
 
 /// `POST /api/v1/models/load` body (LM Studio's llama.cpp knobs that mean nothing here are
 /// accepted and ignored, so a client's preload never fails on them).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LoadBody {
     pub model: String,
     pub context_length: Option<u32>,
@@ -147,7 +147,7 @@ pub async fn load(
 }
 
 /// `POST /api/v1/models/unload` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct UnloadBody {
     #[serde(alias = "model")]
     pub instance_id: String,

@@ -10,8 +10,12 @@ pub mod error;
 pub mod generate;
 pub mod lmstudio;
 pub mod models;
+pub mod observe;
+pub mod openapi;
+pub mod page;
 pub mod responses;
 pub mod sse;
+pub mod tls;
 pub mod types;
 
 pub mod serve;
@@ -35,6 +39,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::audit::Audit;
 use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::models::downloads::Downloads;
@@ -56,22 +61,40 @@ pub struct AppState {
     pub secret: String,
     /// Responses kept for `previous_response_id` (`store: true`).
     pub responses: Arc<responses::ResponseStore>,
+    /// Where admin actions are recorded.
+    pub audit: Arc<Audit>,
 }
 
 impl AppState {
-    /// State over a registry and downloads, with fresh metrics.
-    pub fn new(config: Arc<Config>, registry: Arc<Registry>, downloads: Arc<Downloads>) -> Self {
+    /// State over a registry and downloads, sharing the registry's metrics.
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        downloads: Arc<Downloads>,
+        audit: Arc<Audit>,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
+            metrics: registry.metrics().clone(),
             config,
             registry,
             downloads,
-            metrics: Metrics::default(),
+            audit,
             started: Instant::now(),
             cpu: Arc::new(Semaphore::new(cores)),
             secret: uuid::Uuid::new_v4().simple().to_string(),
             responses: Arc::default(),
         }
+    }
+
+    /// The model a request names (see [`Registry::resolve`]), noted as the one serving it.
+    pub async fn resolve(
+        &self,
+        name: Option<&str>,
+    ) -> Result<crate::models::registry::ModelLease, ApiError> {
+        let lease = self.registry.resolve(name).await?;
+        observe::note_model(&lease.id);
+        Ok(lease)
     }
 
     /// Runs CPU-heavy work on request data on the blocking pool, at most one job per core.
@@ -140,10 +163,15 @@ impl<T: DeserializeOwned + Send + 'static> FromRequest<AppState> for ApiJson<T> 
 
 /// The whole body, within the configured size and time.
 pub async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    read_body_of(req.into_body(), state).await
+}
+
+/// [`read_body`] of a body already taken from its request.
+pub async fn read_body_of(body: axum::body::Body, state: &AppState) -> Result<Bytes, ApiError> {
     let limits = &state.config.requests;
     let timeout = Duration::from_secs_f64(limits.body_timeout_seconds);
     let limit = limits.max_body_bytes;
-    let body = axum::body::to_bytes(req.into_body(), limit);
+    let body = axum::body::to_bytes(body, limit);
     match tokio::time::timeout(timeout, body).await {
         Err(_) => Err(ApiError::Other {
             status: StatusCode::REQUEST_TIMEOUT,
@@ -276,6 +304,7 @@ fn keys_match(a: &str, b: &str) -> bool {
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match &state.config.server.api_key {
         Some(key) if !presented_key(req.headers(), false).is_some_and(|k| keys_match(k, key)) => {
+            observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
             ApiError::Unauthorized("missing or invalid API key".into()).into_response()
         }
         _ => next.run(req).await,
@@ -325,24 +354,23 @@ async fn require_admin_key(State(state): State<AppState>, req: Request, next: Ne
         .map(|c| c.0.ip());
     match admin_access(&state.config.server, peer, req.headers()) {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            observe::auth_failed(&state, &req, "admin", e.status());
+            e.into_response()
+        }
     }
 }
 
-/// Logs method, path, status and time; never bodies or headers (they carry prompts and keys).
-async fn log_requests(req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    tracing::info!(
-        target: "opta_lmx::http",
-        %method,
-        path,
-        status = resp.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
-    );
-    resp
+/// `/metrics`: open when configured for a scraper, else guarded like `/admin`.
+async fn require_metrics_access(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.config.server.metrics_open {
+        return next.run(req).await;
+    }
+    require_admin_key(State(state), req, next).await
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -351,6 +379,8 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
+    let audited = || middleware::from_fn_with_state(state.clone(), observe::audit_admin);
+    let api_key = || middleware::from_fn_with_state(state.clone(), require_api_key);
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -359,21 +389,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/api/v1/models", get(lmstudio::list_v1))
+        .route("/api/v0/models", get(lmstudio::list_v0))
+        .route_layer(api_key());
+    // LM Studio's load and unload change what is in memory: audited like /admin's.
+    let lmstudio_admin = Router::new()
         .route("/api/v1/models/load", post(lmstudio::load))
         .route("/api/v1/models/unload", post(lmstudio::unload))
-        .route("/api/v0/models", get(lmstudio::list_v0))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
+        .route_layer(audited())
+        .route_layer(api_key());
     // Anthropic's Messages: its own error shape around everything, the key check included.
     let anthropic_routes = Router::new()
         .route("/v1/messages", post(anthropic::create))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ))
+        .route_layer(api_key())
         .route_layer(middleware::from_fn(anthropic::anthropic_errors));
     let admin_routes = Router::new()
         .route("/admin/model/load", post(admin::load))
@@ -413,19 +441,33 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/model/{*id}", delete(admin::delete_model))
         .route("/admin/models/{*id}", delete(admin::delete_model))
         .route("/admin/status", get(admin::status))
+        .route_layer(audited())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_admin_key,
         ));
+    let scrape = Router::new()
+        .route("/metrics", get(observe::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_metrics_access,
+        ));
     let open = Router::new()
         .route("/admin/health", get(admin::health))
         .route("/healthz", get(admin::health))
-        .route("/readyz", get(admin::ready));
+        .route("/readyz", get(admin::ready))
+        .route("/openapi.json", get(openapi::json))
+        .route("/docs", get(openapi::docs))
+        .route("/", get(page::status_page))
+        .route("/ui", get(page::status_page));
     Router::new()
         .merge(v1)
+        .merge(lmstudio_admin)
         .merge(anthropic_routes)
         .merge(admin_routes)
+        .merge(scrape)
         .merge(open)
+        .route_layer(middleware::from_fn(observe::note_route))
         .fallback(|req: Request| async move {
             ApiError::NotFound(format!(
                 "no route for {} {}",
@@ -442,7 +484,10 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(state.config.requests.max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::from_fn(log_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::log_requests,
+        ))
         .with_state(state)
 }
 

@@ -280,7 +280,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
         })
         .await??;
     let v = parsed.sampling.validate().map_err(rename_param)?;
-    let model = state.registry.resolve(parsed.req.model.as_deref()).await?;
+    let model = state.resolve(parsed.req.model.as_deref()).await?;
     let (plan, prompt) = prepare_chat(&state, &model, parsed.chat, v.constraint.clone()).await?;
     let mut gen = generation_request(&model, prompt, &v)?;
     gen.constraint = plan.constraint;

@@ -22,6 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::error::ApiError;
@@ -128,6 +129,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     cfg: &ServerConfig,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -191,6 +193,7 @@ pub async fn serve(
             stop_rx.clone(),
         );
         let first_byte = Duration::from_secs_f64(cfg.header_timeout_seconds);
+        let tls = tls.clone();
         tasks.spawn(async move {
             // The protocol sniffing below waits for the first bytes before HTTP/1's header
             // timer starts, so a socket that never sends anything is timed here.
@@ -217,21 +220,14 @@ pub async fn serve(
                     }))
                 }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    _ = conn.as_mut() => break,
-                    _ = close.notified(), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = stop.changed(), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+            match tls {
+                None => drive(stream, &builder, service, &close, &mut stop).await,
+                // The handshake gets the same deadline as a request's headers.
+                Some(acceptor) => match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => drive(tls_stream, &builder, service, &close, &mut stop).await,
+                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                },
             }
             conns.map.lock().expect("connections lock").remove(&id);
         });
@@ -250,6 +246,44 @@ pub async fn serve(
         tasks.abort_all();
     }
     Ok(())
+}
+
+/// Serves HTTP on one accepted connection (plain or TLS) until it ends, closing it
+/// gracefully when the cap or a shutdown asks.
+async fn drive<I, S, B>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    service: S,
+    close: &Notify,
+    stop: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = close.notified(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 impl Conns {

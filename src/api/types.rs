@@ -11,7 +11,7 @@ use crate::chat::request::{ChatRequest, Message, Role, Tool, ToolCall, ToolChoic
 use crate::engine::{Constraint, FinishReason, SamplingParams, TokenLogprob, Usage};
 
 /// `stop` may be one string or a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
@@ -19,7 +19,7 @@ pub enum StopSpec {
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -27,7 +27,7 @@ pub struct StreamOptions {
 
 /// Sampling fields shared by chat and text completions, parsed from the same body as the
 /// endpoint's own fields (not flattened into them, so errors can name the bad field).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
@@ -51,7 +51,7 @@ pub struct SamplingFields {
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ChatCompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -63,7 +63,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// `prompt` of a text completion: text or token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum PromptSpec {
     Text(String),
@@ -72,7 +72,7 @@ pub enum PromptSpec {
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -532,14 +532,14 @@ pub fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError>
 }
 
 /// `choices[].logprobs` of a chat completion (whole, or the tokens of one chunk).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChoiceLogprobs {
     pub content: Vec<LogprobEntry>,
     pub refusal: Option<Vec<LogprobEntry>>,
 }
 
 /// One token's entry in `logprobs.content`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LogprobEntry {
     pub token: String,
     pub logprob: f32,
@@ -548,7 +548,7 @@ pub struct LogprobEntry {
 }
 
 /// One alternative in `top_logprobs`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
@@ -585,7 +585,7 @@ impl ChoiceLogprobs {
 
 /// `choices[].logprobs` of a legacy text completion: parallel lists per token, and each
 /// token's offset in the choice's text.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct TextLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
@@ -610,7 +610,7 @@ impl TextLogprobs {
 }
 
 /// OpenAI's `usage` object.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct UsageBody {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -619,7 +619,7 @@ pub struct UsageBody {
 }
 
 /// `usage.prompt_tokens_details`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: u32,
 }
@@ -638,7 +638,7 @@ impl From<Usage> for UsageBody {
 }
 
 /// The assistant message of a chat completion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
     /// `null` when the answer is only tool calls, as OpenAI sends it.
@@ -683,7 +683,7 @@ impl AssistantMessage {
 }
 
 /// One tool call of a whole answer.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ToolCallOut {
     pub id: String,
     #[serde(rename = "type")]
@@ -692,7 +692,7 @@ pub struct ToolCallOut {
 }
 
 /// A called function: its name and its arguments as JSON text.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FunctionCall {
     pub name: String,
     pub arguments: String,
@@ -700,7 +700,7 @@ pub struct FunctionCall {
 
 /// One tool call's part in a streamed chunk: the first carries id, type and name; later ones
 /// only argument fragments, under the same index.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ToolCallDelta {
     pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -711,7 +711,7 @@ pub struct ToolCallDelta {
 }
 
 /// The function part of a [`ToolCallDelta`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FunctionDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -719,7 +719,7 @@ pub struct FunctionDelta {
 }
 
 /// One choice of a non-streaming chat completion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
@@ -728,7 +728,7 @@ pub struct ChatChoice {
 }
 
 /// Non-streaming chat completion response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: &'static str,
@@ -740,7 +740,7 @@ pub struct ChatCompletion {
 }
 
 /// `delta` of a streamed chat chunk.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -756,7 +756,7 @@ pub struct ChatDelta {
 }
 
 /// One choice of a streamed chat chunk.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
@@ -765,7 +765,7 @@ pub struct ChatChunkChoice {
 }
 
 /// One `chat.completion.chunk` event.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatChunk {
     pub id: String,
     pub object: &'static str,
@@ -779,7 +779,7 @@ pub struct ChatChunk {
 }
 
 /// One choice of a text completion (whole or streamed).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TextChoice {
     pub text: String,
     pub index: u32,
@@ -788,7 +788,7 @@ pub struct TextChoice {
 }
 
 /// `text_completion` response or stream chunk.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TextCompletion {
     pub id: String,
     pub object: &'static str,
@@ -801,7 +801,7 @@ pub struct TextCompletion {
 }
 
 /// One entry of `/v1/models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelObject {
     pub id: String,
     pub object: &'static str,
@@ -816,7 +816,7 @@ pub struct ModelObject {
 }
 
 /// `/v1/models` response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelObject>,

@@ -61,18 +61,39 @@ pub async fn download(args: &ClientArgs, body: Value) -> anyhow::Result<()> {
     }
 }
 
-/// Sends one admin request; the answer's JSON, or the server's error message.
-async fn request(
+/// An HTTP client that trusts `--ca-cert` besides the system's roots.
+pub fn http(args: &ClientArgs) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", path.display()))?;
+        b = b.add_root_certificate(cert);
+    }
+    Ok(b.build()?)
+}
+
+/// The server's base URL joined with `path`.
+pub fn url(args: &ClientArgs, path: &str) -> String {
+    format!("{}{}", args.url.trim_end_matches('/'), path)
+}
+
+/// Sends one admin request; the answer's JSON, or the server's error message. The admin key
+/// is sent when given, else the API key (which opens /admin when no admin key is set).
+pub async fn request(
     args: &ClientArgs,
     method: reqwest::Method,
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<Value> {
-    let url = format!("{}{}", args.url.trim_end_matches('/'), path);
-    let client = reqwest::Client::new();
+    let url = url(args, path);
+    let client = http(args)?;
     let mut req = client.request(method, &url);
     if let Some(key) = &args.admin_key {
         req = req.header("X-Admin-Key", key);
+    } else if let Some(key) = &args.api_key {
+        req = req.bearer_auth(key);
     }
     if let Some(b) = body {
         req = req.json(&b);
@@ -85,12 +106,15 @@ async fn request(
     let text = resp.text().await?;
     let json: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if !status.is_success() {
-        let msg = json
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| json.to_string());
-        anyhow::bail!("{status}: {msg}");
+        anyhow::bail!("{status}: {}", error_message(&json));
     }
     Ok(json)
+}
+
+/// The message of an OpenAI error body, or the body itself.
+pub fn error_message(json: &Value) -> String {
+    json.pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| json.to_string())
 }

@@ -1,7 +1,10 @@
 //! Command-line interface: `serve` runs the server; the other subcommands are a thin client
 //! of a running server's admin API.
 
+pub mod chat;
 pub mod client;
+pub mod service;
+pub mod tables;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -23,10 +26,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (config file, then OPTA_LMX_* variables, then these flags).
     Serve(Box<ServeArgs>),
-    /// Show memory, loaded models and performance of a running server.
-    Status(ClientArgs),
+    /// Show memory, loaded models, performance and downloads of a running server.
+    Status(ListArgs),
     /// List models on disk and their loaded state.
-    Models(ClientArgs),
+    Models(ListArgs),
+    /// Chat with a model: one answer streamed for a prompt, or a conversation without one.
+    Chat(ChatArgs),
+    /// Run the server as a launchd (macOS) or systemd (Linux) service.
+    Service {
+        #[command(subcommand)]
+        action: service::ServiceCommand,
+    },
     /// Load a model into a running server.
     Load {
         /// Model id as listed by `opta-lmx models`.
@@ -60,7 +70,7 @@ pub enum Command {
         client: ClientArgs,
     },
     /// List download jobs.
-    Downloads(ClientArgs),
+    Downloads(ListArgs),
     /// Delete a model's files from disk.
     Delete {
         model_id: String,
@@ -140,6 +150,18 @@ pub struct ServeArgs {
     pub log_level: Option<String>,
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Append the audit log of admin actions here.
+    #[arg(long)]
+    pub audit_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Let a scraper read /metrics without the admin key.
+    #[arg(long)]
+    pub metrics_open: bool,
 }
 
 impl ServeArgs {
@@ -211,6 +233,15 @@ impl ServeArgs {
         if let Some(v) = self.log_file {
             cfg.logging.file = Some(v);
         }
+        if let Some(v) = self.audit_file {
+            cfg.audit.file = Some(v);
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            cfg.server.tls = Some(opta_lmx::config::TlsConfig { cert, key });
+        }
+        if self.metrics_open {
+            cfg.server.metrics_open = true;
+        }
         cfg.finish().map_err(|(key, reason)| {
             format!(
                 "--{}: {reason}",
@@ -229,4 +260,45 @@ pub struct ClientArgs {
     /// Admin key, if the server requires one.
     #[arg(long, env = "OPTA_LMX_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// API key for /v1 (chat), if the server requires one.
+    #[arg(long, env = "OPTA_LMX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// PEM file of the CA that signed an HTTPS server's certificate.
+    #[arg(long, env = "OPTA_LMX_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Flags of the listing subcommands.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// The server's JSON answer instead of a table (for scripts).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `chat`.
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    /// Model id (default: the server's default model).
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// The prompt; without one, an interactive conversation reads lines from standard input
+    /// (`/reset` forgets the history, `/exit` or end of input leaves).
+    pub prompt: Option<String>,
+    /// A system message put before the conversation.
+    #[arg(short, long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// After each answer, print its token counts and speed to standard error.
+    #[arg(short, long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }

@@ -113,13 +113,24 @@ pub struct Constraint {
 }
 
 /// Why a generation ended, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Stop,
     Length,
     /// The answer ended in tool calls (decided by the chat layer, never by the engine).
     ToolCalls,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it (also the metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+        }
+    }
 }
 
 /// Token counts for one request.

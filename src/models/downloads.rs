@@ -19,6 +19,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::hub::{valid_repo_id, HubClient, HubError, RepoFile};
 use super::store::{shard_of, ModelStore};
+use crate::audit::{Audit, AuditEvent};
+use crate::metrics::Metrics;
 
 /// Attempts per file before a job fails (each resumes where the last one stopped).
 const ATTEMPTS: u32 = 5;
@@ -26,7 +28,7 @@ const ATTEMPTS: u32 = 5;
 const DISK_MARGIN: u64 = 64 << 20;
 
 /// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Downloading,
@@ -52,7 +54,7 @@ impl JobState {
 }
 
 /// One file of a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileRecord {
     pub path: String,
     pub size_bytes: u64,
@@ -66,7 +68,7 @@ pub struct FileRecord {
 }
 
 /// A hash that did not match.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Mismatch {
     pub file: String,
     /// `sha256` or `git-sha1`.
@@ -76,7 +78,7 @@ pub struct Mismatch {
 }
 
 /// A job as stored in `job.json` and shown by the API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub job_id: String,
     /// The repository, `org/name`.
@@ -95,7 +97,7 @@ pub struct JobRecord {
 }
 
 /// A job with its live progress figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     #[serde(flatten)]
     pub record: JobRecord,
@@ -137,7 +139,7 @@ pub enum DownloadError {
 }
 
 /// `POST /admin/model/download` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DownloadRequest {
     /// `org/repo`, `org/repo:QUANT` or `org/repo/path/file.gguf`.
@@ -259,6 +261,10 @@ pub struct Downloads {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     /// One start at a time, so two identical requests cannot both create a job.
     start_lock: tokio::sync::Mutex<()>,
+    /// Bytes, verification failures and job outcomes are counted here.
+    metrics: Metrics,
+    /// Each job's end is an audited action.
+    audit: Arc<Audit>,
 }
 
 /// How one file's transfer ended, short of success.
@@ -270,12 +276,19 @@ enum FileFailure {
 
 impl Downloads {
     /// The jobs of `store`, with unfinished ones from before a restart marked `interrupted`.
-    pub fn new(store: ModelStore, hub: HubClient) -> Arc<Self> {
+    pub fn new(
+        store: ModelStore,
+        hub: HubClient,
+        metrics: Metrics,
+        audit: Arc<Audit>,
+    ) -> Arc<Self> {
         let me = Arc::new(Self {
             store,
             hub,
             jobs: Mutex::new(BTreeMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
+            metrics,
+            audit,
         });
         me.restore();
         me
@@ -526,6 +539,7 @@ impl Downloads {
         tokio::spawn(async move {
             me.run(&job).await;
             job.running.store(false, Ordering::SeqCst);
+            me.ended(&job);
         });
     }
 
@@ -552,6 +566,7 @@ impl Downloads {
                 }
                 Err(FileFailure::Cancelled) => return self.finish_cancelled(job),
                 Err(FileFailure::Mismatch(m)) => {
+                    self.metrics.prometheus().record_verification_failure();
                     tracing::warn!(event = "download_verification_failed", job = %id, file = %m.file, expected = %m.expected, actual = %m.actual);
                     {
                         let mut r = job.record.lock().expect("job lock");
@@ -589,6 +604,26 @@ impl Downloads {
             }
         }
         self.persist(job);
+    }
+
+    /// The repository a job downloads, for the audit of calls that name only the job.
+    pub fn repo_of(&self, job_id: &str) -> Option<String> {
+        let jobs = self.jobs.lock().expect("jobs lock");
+        let job = jobs.get(job_id)?;
+        let repo = job.record.lock().expect("job lock").repo.clone();
+        Some(repo)
+    }
+
+    /// Counts and audits how a job's run ended.
+    fn ended(&self, job: &Job) {
+        let (state, repo) = {
+            let r = job.record.lock().expect("job lock");
+            (state_name(r.state), r.repo.clone())
+        };
+        self.metrics.prometheus().record_download(state);
+        let mut e = AuditEvent::now("download_finish", state);
+        e.model = Some(repo);
+        self.audit.record(&e);
     }
 
     fn finish_cancelled(&self, job: &Job) {
@@ -822,6 +857,9 @@ impl Downloads {
                 )));
             }
             out.write_all(&chunk).await.map_err(io)?;
+            self.metrics
+                .prometheus()
+                .record_download_bytes(chunk.len() as u64);
             hasher.update(&chunk);
             *offset += chunk.len() as u64;
             let done = job.set_file_done(index, *offset);

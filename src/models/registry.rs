@@ -17,6 +17,7 @@ use crate::config::{Config, ModelSettings};
 use crate::engine::llama::LoadOptions;
 use crate::engine::ModelFacts;
 use crate::engine::{Backend, EngineError, MemoryEstimate};
+use crate::metrics::Metrics;
 use crate::models::loader::{GgufLoader, Loader, MlxLoader};
 use crate::system::{gpu_memory, process_anon_bytes, process_rss_bytes, MemorySnapshot};
 
@@ -306,6 +307,8 @@ pub struct Registry {
     /// Loaders by format.
     gguf: Arc<dyn Loader>,
     mlx: Arc<dyn Loader>,
+    /// Loads, unloads and evictions are counted here (the server shares this handle).
+    metrics: Metrics,
 }
 
 impl Registry {
@@ -326,7 +329,13 @@ impl Registry {
                 heartbeat: Duration::from_secs_f64(config.models.mlx.heartbeat_seconds.max(0.5)),
             }),
             config,
+            metrics: Metrics::default(),
         }
+    }
+
+    /// The server's metrics, which the registry feeds with loads, unloads and evictions.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The loader for a model's format.
@@ -495,6 +504,7 @@ impl Registry {
             Ok((e, c)) => (e, c),
             Err(e) => {
                 tracing::warn!(event = "model_load_failed", model = %disk.id, error = %e);
+                self.metrics.prometheus().record_load(&disk.id, "failed");
                 return Err(e.into());
             }
         };
@@ -534,6 +544,7 @@ impl Registry {
             .write()
             .expect("registry lock")
             .insert(model.id.clone(), Arc::clone(&model));
+        self.metrics.prometheus().record_load(&model.id, "loaded");
         Ok(report(&model, "loaded", evicted))
     }
 
@@ -582,7 +593,10 @@ impl Registry {
                 Step::Evict { id: victim, reason } => {
                     tracing::info!(event = "model_evicted", model = %victim, reason, for_model = %id, needed_bytes = need.ram_bytes, headroom_bytes = room.ram_headroom);
                     match self.unload_reason(&victim, Unload::Evicted).await {
-                        Ok(_) => evicted.push(victim),
+                        Ok(_) => {
+                            self.metrics.prometheus().record_eviction(&victim, reason);
+                            evicted.push(victim)
+                        }
                         Err(RegistryError::Busy(_)) => continue,
                         Err(e) => return Err(e),
                     }
@@ -612,6 +626,7 @@ impl Registry {
                         },
                     };
                     tracing::warn!(event = "model_load_refused", model = %id, reason = %err);
+                    self.metrics.prometheus().record_load(id, "refused");
                     return Err(err);
                 }
             }
@@ -661,6 +676,9 @@ impl Registry {
             },
         );
         tracing::info!(event = "model_unloaded", model = %model.id, reason = reason.as_str(), memory_freed_bytes = freed);
+        self.metrics
+            .prometheus()
+            .record_unload(&model.id, reason.as_str());
         Ok(UnloadReport {
             model_id: model.id.clone(),
             status: "unloaded",
@@ -809,7 +827,9 @@ impl Registry {
                     let Some(ttl) = m.ttl_seconds() else { continue };
                     if m.last_used_instant().elapsed() >= Duration::from_secs(ttl) {
                         tracing::info!(event = "model_evicted", model = %m.id, reason = "ttl", ttl_seconds = ttl);
-                        let _ = reg.unload_reason(&m.id, Unload::Ttl).await;
+                        if reg.unload_reason(&m.id, Unload::Ttl).await.is_ok() {
+                            reg.metrics.prometheus().record_eviction(&m.id, "ttl");
+                        }
                     }
                 }
             }
