@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing opta-lmx needs and is missing: Debian's cmake, clang
 # and libclang-dev (llama.cpp and its bindgen), Python with venv/pip (model fetch and SDK
-# tests), and a Rust toolchain through rustup when cargo is absent. Safe to run repeatedly.
+# tests), Chromium and systemd-analyze (operations tests), and a Rust toolchain through rustup when cargo is absent. Safe to run repeatedly.
 set -euo pipefail
 
 SUDO=""
@@ -18,6 +18,10 @@ command -v curl >/dev/null || missing+=(curl)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v cc >/dev/null || missing+=(build-essential)
+# Tests of the operations surface: the status page in headless Chromium, and the systemd unit
+# checked by systemd-analyze (installing the package boots nothing).
+command -v chromium >/dev/null || missing+=(chromium)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"

@@ -18,11 +18,13 @@ cargo test --release
 if [ ! -x target/venv/bin/python ]; then
   python3 -m venv target/venv
 fi
-target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai anthropic pytest jsonschema
+target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai anthropic pytest jsonschema trustme openapi-spec-validator
 target/venv/bin/python -m pytest -q tests/python
 
-# The official TypeScript SDK, as the coding CLI and the bots use it.
+# The official TypeScript SDK, as the coding CLI and the bots use it, and the status page in
+# headless Chromium.
 mkdir -p target/node
 [ -f target/node/package.json ] || echo '{"private": true}' > target/node/package.json
-(cd target/node && npm install --silent --no-audit --no-fund openai@4)
+# playwright-core drives Debian's Chromium for the status-page test.
+(cd target/node && npm install --silent --no-audit --no-fund openai@4 playwright-core@1)
 node --test tests/ts/

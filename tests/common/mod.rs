@@ -154,6 +154,10 @@ impl Server {
         if opts.load_model {
             cmd.arg("--model").arg(MODEL);
         }
+        // The audit log beside the test's models, never in the user's home.
+        if !opts.extra_args.iter().any(|a| a == "--audit-file") {
+            cmd.arg("--audit-file").arg(dir.join(".audit.jsonl"));
+        }
         let child = cmd.spawn().expect("start opta-lmx");
         let mut server = Server {
             child,
@@ -224,6 +228,15 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The audit log's lines so far, parsed.
+    pub fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.models_dir.join(".audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
     }
 
     /// What the server logged so far.

@@ -22,15 +22,17 @@ const freePort = () =>
     });
   });
 
-/** Starts a server; `load` false leaves Qwen on disk, not loaded. */
-export async function startServer({ load = true } = {}) {
+/** Starts a server; `load` false leaves Qwen on disk, not loaded; `aliases` links Qwen under
+ * more names (more models on disk); `env` adds variables. */
+export async function startServer({ load = true, aliases = [], env: extra = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "opta-lmx-ts-"));
   symlinkSync(join(ROOT, `target/test-model/${QWEN}.gguf`), join(dir, `${QWEN}.gguf`));
+  for (const a of aliases) symlinkSync(join(ROOT, `target/test-model/${QWEN}.gguf`), join(dir, `${a}.gguf`));
   writeFileSync(join(dir, "c.yaml"), "");
   const port = await freePort();
-  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("OPTA_LMX_")));
+  const env = { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("OPTA_LMX_"))), ...extra };
   const args = ["serve", "--config", join(dir, "c.yaml"), "--port", String(port), "--models-dir", dir,
-    "--context", "4096", "--parallel", "2"];
+    "--context", "4096", "--parallel", "2", "--audit-file", join(dir, ".audit.jsonl")];
   if (load) args.push("--model", QWEN);
   const proc = spawn(join(ROOT, "target/release/opta-lmx"), args, { env, stdio: "ignore" });
   const base = `http://127.0.0.1:${port}`;
