@@ -388,6 +388,38 @@ async fn a_file_that_does_not_match_its_hash_leaves_nothing_behind() {
         "{v}"
     );
     assert!(s.log_text().contains("download_verification_failed"));
+    // Counted in the metrics (every byte of both files arrived) and in the audit log, once
+    // the job's task has wrapped up (just after the state the client saw).
+    let want = [
+        "opta_lmx_download_verification_failures_total 1",
+        "opta_lmx_download_bytes_total 900000",
+        "opta_lmx_downloads_total{outcome=\"verification_failed\"} 1",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::get(s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let finish: Vec<Value> = s
+            .audit_lines()
+            .into_iter()
+            .filter(|l| l["action"] == "download_finish")
+            .collect();
+        let counted = want.iter().all(|w| metrics.lines().any(|l| l == *w));
+        if counted && finish.len() == 1 {
+            assert_eq!(finish[0]["outcome"], "verification_failed");
+            assert_eq!(finish[0]["model"], "acme/tampered-GGUF");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want:?} and one download_finish: {finish:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A finished job cannot be resumed or cancelled.
     let (code, v) = s

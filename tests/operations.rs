@@ -67,6 +67,56 @@ impl Scrape {
     }
 }
 
+/// Starts `opta-lmx serve` outside the common fixture, for tests that need the process to
+/// themselves: an empty config, the audit file and a models folder holding Gemma, all under
+/// `dir`, then `args`. Returns the child and its port.
+fn serve_in(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> (std::process::Child, u16) {
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let link = models.join(format!("{MODEL}.gguf"));
+    if !link.exists() {
+        std::os::unix::fs::symlink(model_file(), link).unwrap();
+    }
+    std::fs::write(dir.join("c.yaml"), "").unwrap();
+    let port = free_port();
+    let child = command()
+        .args(["serve", "--port", &port.to_string()])
+        .arg("--config")
+        .arg(dir.join("c.yaml"))
+        .arg("--models-dir")
+        .arg(&models)
+        .arg("--audit-file")
+        .arg(dir.join("audit.jsonl"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// Waits until the file at `path` contains `needle`.
+fn wait_for_text(path: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "`{needle}` never appeared in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 async fn scrape(s: &Server, key: Option<&str>) -> (u16, String) {
     let mut req = reqwest::Client::new().get(s.url("/metrics"));
     if let Some(k) = key {
@@ -557,24 +607,13 @@ async fn systemd_readiness_comes_after_the_port_and_the_models() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(model_file(), models.join(format!("{MODEL}.gguf"))).unwrap();
-    let port = free_port();
-    let mut child = command()
-        .args(["serve", "--port", &port.to_string(), "--model", MODEL])
-        .arg("--models-dir")
-        .arg(&models)
-        .arg("--config")
-        .arg(dir.path().join("none.yaml"))
-        .arg("--audit-file")
-        .arg(dir.path().join("audit.jsonl"))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::fs::write(dir.path().join("none.yaml"), "").unwrap();
+    let sock_env = sock_path.display().to_string();
+    let (mut child, port) = serve_in(
+        dir.path(),
+        &["--model", MODEL],
+        &[("NOTIFY_SOCKET", &sock_env)],
+        Stdio::null(),
+    );
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 from the server");
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -878,35 +917,25 @@ async fn https_with_a_private_ca() {
     std::fs::write(&cert_pem, cert.pem()).unwrap();
     std::fs::write(&key_pem, key.serialize_pem()).unwrap();
 
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(model_file(), models.join(format!("{MODEL}.gguf"))).unwrap();
-    std::fs::write(dir.path().join("c.yaml"), "").unwrap();
-    let port = free_port();
-    let mut child = command()
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
+    let (cert_arg, key_arg) = (
+        cert_pem.display().to_string(),
+        key_pem.display().to_string(),
+    );
+    let (mut child, port) = serve_in(
+        dir.path(),
+        &[
             "--model",
             MODEL,
             "--context",
             "512",
-        ])
-        .arg("--config")
-        .arg(dir.path().join("c.yaml"))
-        .arg("--models-dir")
-        .arg(&models)
-        .arg("--audit-file")
-        .arg(dir.path().join("audit.jsonl"))
-        .arg("--tls-cert")
-        .arg(&cert_pem)
-        .arg("--tls-key")
-        .arg(&key_pem)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+            "--tls-cert",
+            &cert_arg,
+            "--tls-key",
+            &key_arg,
+        ],
+        &[],
+        Stdio::null(),
+    );
     let client = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(&std::fs::read(&ca_pem).unwrap()).unwrap(),
@@ -960,63 +989,22 @@ async fn https_with_a_private_ca() {
 #[test]
 fn a_non_loopback_address_without_an_admin_key_is_warned_about_loudly() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.yaml"), "").unwrap();
-    let port = free_port();
     let log = dir.path().join("stderr.log");
-    let mut child = command()
-        .args(["serve", "--host", "0.0.0.0", "--port", &port.to_string()])
-        .arg("--config")
-        .arg(dir.path().join("c.yaml"))
-        .arg("--models-dir")
-        .arg(dir.path())
-        .arg("--audit-file")
-        .arg(dir.path().join("audit.jsonl"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("opta-lmx listening")
-    {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let started = |env: &[(&str, &str)]| {
+        let stderr = std::fs::File::create(&log).unwrap();
+        let (mut child, _) = serve_in(dir.path(), &["--host", "0.0.0.0"], env, stderr.into());
+        wait_for_text(&log, "opta-lmx listening");
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let text = started(&[]);
     let warning = text
         .lines()
         .find(|l| l.contains("SECURITY"))
         .unwrap_or_else(|| panic!("no warning: {text}"));
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("without an admin key"), "{warning}");
-
     // With an admin key there is nothing to warn about.
-    let port = free_port();
-    let mut child = command()
-        .args(["serve", "--host", "0.0.0.0", "--port", &port.to_string()])
-        .arg("--config")
-        .arg(dir.path().join("c.yaml"))
-        .arg("--models-dir")
-        .arg(dir.path())
-        .arg("--audit-file")
-        .arg(dir.path().join("audit.jsonl"))
-        .env("OPTA_LMX_ADMIN_KEY", "k")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("opta-lmx listening")
-    {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(!std::fs::read_to_string(&log).unwrap().contains("SECURITY"));
+    assert!(!started(&[("OPTA_LMX_ADMIN_KEY", "k")]).contains("SECURITY"));
 }
