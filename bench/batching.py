@@ -60,7 +60,9 @@ async def one(client, args, prompt):
 async def client_loop(client, args, idx, shared, results, errors):
     for r in range(args.requests):
         q = QUESTIONS[(idx * args.requests + r) % len(QUESTIONS)]
-        prompt = f"{shared}Client {idx}, request {r}. Question: {q}\nAnswer:"
+        # A distinct preamble per request: nothing for a prefix cache to share.
+        own = system_prompt(f"client{idx}-request{r}", args.distinct_words) if args.distinct_words else ""
+        prompt = f"{shared}{own}Client {idx}, request {r}. Question: {q}\nAnswer:"
         try:
             results.append(await one(client, args, prompt))
         except Exception as e:  # counted, not fatal: the point is to see them
@@ -107,6 +109,8 @@ async def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--shared-words", type=int, default=0,
                     help="length of the shared system prompt in words (0: none)")
+    ap.add_argument("--distinct-words", type=int, default=0,
+                    help="a preamble of this many words of its own for every request (0: none)")
     ap.add_argument("--probe", action="store_true", help="also measure cold vs cached TTFT")
     ap.add_argument("--ban", default="1,106", help="token ids kept from ending generation")
     args = ap.parse_args()

@@ -156,6 +156,44 @@ pub struct ModelsConfig {
     /// Which format a name means when a folder holds a model in both: `mlx` on macOS (the
     /// seed's primary engine there), `gguf` elsewhere.
     pub prefer: Format,
+    /// The disk tier of the prefix cache.
+    pub prompt_cache: PromptCacheConfig,
+}
+
+/// Prefixes (an agent's system prompt and tools) kept on disk across evictions, unloads and
+/// restarts, so a returning conversation skips recomputing them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptCacheConfig {
+    pub enabled: bool,
+    pub directory: PathBuf,
+    /// Bound on the directory, all models together; least recently used files go first.
+    pub max_gb: f64,
+    /// Shorter prefixes are not written.
+    pub min_tokens: usize,
+}
+
+impl Default for PromptCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            directory: home_dir().join(".opta-lmx").join("prompt-cache"),
+            max_gb: 8.0,
+            min_tokens: 256,
+        }
+    }
+}
+
+impl PromptCacheConfig {
+    /// The engine's settings, or `None` when disabled.
+    pub fn disk_config(&self) -> Option<crate::engine::llama::prompt_cache::DiskCacheConfig> {
+        self.enabled
+            .then(|| crate::engine::llama::prompt_cache::DiskCacheConfig {
+                root: self.directory.clone(),
+                max_bytes: (self.max_gb * 1e9) as u64,
+                min_tokens: self.min_tokens.max(1),
+            })
+    }
 }
 
 /// A model format on disk.
@@ -362,6 +400,7 @@ impl Default for ModelsConfig {
             max_loaded_models: None,
             mlx: MlxConfig::default(),
             prefer: Format::platform_default(),
+            prompt_cache: PromptCacheConfig::default(),
         }
     }
 }
@@ -573,6 +612,10 @@ impl Config {
             }
             "LOG_LEVEL" => self.logging.level = v.to_string(),
             "LOG_FILE" => self.logging.file = opt(v).map(PathBuf::from),
+            "PROMPT_CACHE" => self.models.prompt_cache.enabled = parse(v)?,
+            "PROMPT_CACHE_DIR" => self.models.prompt_cache.directory = PathBuf::from(v),
+            "PROMPT_CACHE_MAX_GB" => self.models.prompt_cache.max_gb = parse(v)?,
+            "PROMPT_CACHE_MIN_TOKENS" => self.models.prompt_cache.min_tokens = parse(v)?,
             "AUDIT" => self.audit.enabled = parse(v)?,
             "AUDIT_FILE" => self.audit.file = opt(v).map(PathBuf::from),
             "METRICS_OPEN" => self.server.metrics_open = parse(v)?,
@@ -597,6 +640,14 @@ impl Config {
         self.models.directory = expand_tilde(&self.models.directory);
         if let Some(f) = &self.logging.file {
             self.logging.file = Some(expand_tilde(f));
+        }
+        self.models.prompt_cache.directory = expand_tilde(&self.models.prompt_cache.directory);
+        let g = self.models.prompt_cache.max_gb;
+        if !(g >= 0.0 && g.is_finite()) {
+            return Err((
+                "models.prompt_cache.max_gb".into(),
+                format!("{g} is not a size in GB"),
+            ));
         }
         if let Some(f) = &self.audit.file {
             self.audit.file = Some(expand_tilde(f));

@@ -92,6 +92,8 @@ fn serve_in(
         .arg(&models)
         .arg("--audit-file")
         .arg(dir.join("audit.jsonl"))
+        .arg("--prompt-cache-dir")
+        .arg(dir.join("prompt-cache"))
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::null())

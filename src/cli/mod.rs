@@ -162,6 +162,15 @@ pub struct ServeArgs {
     /// Let a scraper read /metrics without the admin key.
     #[arg(long)]
     pub metrics_open: bool,
+    /// Directory of the prompt cache's disk tier.
+    #[arg(long)]
+    pub prompt_cache_dir: Option<PathBuf>,
+    /// Bound on the prompt cache's directory, in GB.
+    #[arg(long)]
+    pub prompt_cache_max_gb: Option<f64>,
+    /// Keep prefixes in memory only.
+    #[arg(long)]
+    pub no_prompt_cache: bool,
 }
 
 impl ServeArgs {
@@ -241,6 +250,15 @@ impl ServeArgs {
         }
         if self.metrics_open {
             cfg.server.metrics_open = true;
+        }
+        if let Some(v) = self.prompt_cache_dir {
+            cfg.models.prompt_cache.directory = v;
+        }
+        if let Some(v) = self.prompt_cache_max_gb {
+            cfg.models.prompt_cache.max_gb = v;
+        }
+        if self.no_prompt_cache {
+            cfg.models.prompt_cache.enabled = false;
         }
         cfg.finish().map_err(|(key, reason)| {
             format!(

@@ -219,6 +219,9 @@ pub struct SchedulerStats {
     pub prompt_tokens_per_second: f64,
     /// Tokens generated per second across all sequences, over the last few seconds.
     pub decode_tokens_per_second: f64,
+    /// Prefixes in the prompt cache's disk tier for this model; `None` while it opens, or
+    /// when there is none.
+    pub prompt_cache_files: Option<u32>,
 }
 
 /// A loaded model that can generate. Implementations own their threads and memory; dropping

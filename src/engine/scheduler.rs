@@ -61,6 +61,9 @@ pub struct SlotTable {
     /// Whether new requests may reuse cached prefixes. Off in batch-invariant mode: a reused
     /// prefix was computed in other chunk sizes than a cold prompt, so its last bits differ.
     reuse: bool,
+    /// The cache the last assignment cut short or dropped, with its slot: the disk tier may
+    /// keep it before the slot's KV is overwritten.
+    dropped: Option<(usize, Vec<TokenId>)>,
 }
 
 /// Length of the common prefix of two token lists.
@@ -82,6 +85,7 @@ impl SlotTable {
                 })
                 .collect(),
             reuse: true,
+            dropped: None,
         }
     }
 
@@ -161,12 +165,21 @@ impl SlotTable {
             Reuse::None
         };
         let s = &mut self.slots[slot];
-        s.cached.clear();
-        s.cached
-            .extend_from_slice(&prompt[..Assignment { slot, reuse }.reused()]);
+        let kept = Assignment { slot, reuse }.reused();
+        let old = std::mem::take(&mut s.cached);
+        self.dropped = (old.len() > kept || matches!(reuse, Reuse::Copy { .. }) && !old.is_empty())
+            .then_some((slot, old));
+        let s = &mut self.slots[slot];
+        s.cached.extend_from_slice(&prompt[..kept]);
         s.busy = true;
         s.last_used = now;
         Some(Assignment { slot, reuse })
+    }
+
+    /// The cache the last [`Self::assign`] cut short or replaced (its slot and full token
+    /// list), once: the slot's KV still holds it until the caller applies the reuse.
+    pub fn take_dropped(&mut self) -> Option<(usize, Vec<TokenId>)> {
+        self.dropped.take()
     }
 
     /// Frees a slot; its cache stays for later prefix reuse.
@@ -229,6 +242,22 @@ mod tests {
         let a = t.assign(&[1, 2, 3, 4, 5]).unwrap();
         assert_eq!(a.reuse, Reuse::None);
         assert!(t.get(a.slot).cached.is_empty());
+    }
+
+    #[test]
+    fn the_cache_an_assignment_drops_is_handed_over_once() {
+        let mut t = SlotTable::new(1);
+        t.get_mut(0).cached = vec![1, 2, 3, 4, 5, 6];
+        // Extending the whole cache drops nothing.
+        let a = t.assign(&[1, 2, 3, 4, 5, 6, 7]).unwrap();
+        assert_eq!(a.reuse, Reuse::Own { len: 6 });
+        assert_eq!(t.take_dropped(), None);
+        t.release(0);
+        // A prompt that shares only part of it cuts the rest: the full old list is handed over.
+        let a = t.assign(&[1, 2, 9, 9]).unwrap();
+        assert_eq!(a.reuse, Reuse::Own { len: 2 });
+        assert_eq!(t.take_dropped(), Some((0, vec![1, 2, 3, 4, 5, 6])));
+        assert_eq!(t.take_dropped(), None);
     }
 
     /// Idle slots holding a cache, least recently used first: the eviction order.

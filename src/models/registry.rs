@@ -726,7 +726,8 @@ impl Registry {
     pub fn plan(&self, disk: &DiskModel, overrides: &LoadOverrides) -> Result<LoadPlan, String> {
         let facts = self.facts(disk)?;
         let settings = overrides.over(&self.config.settings_for(&disk.id));
-        let opts = load_options(&settings);
+        let mut opts = load_options(&settings);
+        opts.prompt_cache = self.config.models.prompt_cache.disk_config();
         let (context, estimate) = self.loader(disk).size(&facts, disk, &opts);
         Ok(LoadPlan {
             settings,
@@ -850,6 +851,7 @@ fn load_options(s: &ModelSettings) -> LoadOptions {
         threads: s.threads.unwrap_or(cores).clamp(1, cores),
         batch_invariant: s.batch_invariant.unwrap_or(false),
         rendered_markers: crate::chat::dialect::MARKERS.map(String::from).to_vec(),
+        prompt_cache: None,
     }
 }
 

@@ -154,9 +154,12 @@ impl Server {
         if opts.load_model {
             cmd.arg("--model").arg(MODEL);
         }
-        // The audit log beside the test's models, never in the user's home.
+        // The audit log and the prompt cache beside the test's models, never in the home.
         if !opts.extra_args.iter().any(|a| a == "--audit-file") {
             cmd.arg("--audit-file").arg(dir.join(".audit.jsonl"));
+        }
+        if !opts.extra_args.iter().any(|a| a == "--prompt-cache-dir") {
+            cmd.arg("--prompt-cache-dir").arg(dir.join(".prompt-cache"));
         }
         let child = cmd.spawn().expect("start opta-lmx");
         let mut server = Server {

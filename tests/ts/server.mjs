@@ -32,7 +32,8 @@ export async function startServer({ load = true, aliases = [], env: extra = {} }
   const port = await freePort();
   const env = { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("OPTA_LMX_"))), ...extra };
   const args = ["serve", "--config", join(dir, "c.yaml"), "--port", String(port), "--models-dir", dir,
-    "--context", "4096", "--parallel", "2", "--audit-file", join(dir, ".audit.jsonl")];
+    "--context", "4096", "--parallel", "2", "--audit-file", join(dir, ".audit.jsonl"),
+    "--prompt-cache-dir", join(dir, ".prompt-cache")];
   if (load) args.push("--model", QWEN);
   const proc = spawn(join(ROOT, "target/release/opta-lmx"), args, { env, stdio: "ignore" });
   const base = `http://127.0.0.1:${port}`;

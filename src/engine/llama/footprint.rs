@@ -74,6 +74,7 @@ mod tests {
             threads: 1,
             batch_invariant: false,
             rendered_markers: Vec::new(),
+            prompt_cache: None,
         }
     }
 

@@ -5,11 +5,12 @@
 
 pub mod footprint;
 pub mod gguf;
+pub mod prompt_cache;
 mod worker;
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -54,6 +55,8 @@ pub struct LoadOptions {
     /// Control tokens whose text an answer carries: the tool-call and thinking markers the
     /// chat layer parses. Other control tokens render as nothing, as in llama-server.
     pub rendered_markers: Vec<String>,
+    /// The disk tier of the prefix cache; `None` keeps prefixes in memory only.
+    pub prompt_cache: Option<prompt_cache::DiskCacheConfig>,
 }
 
 /// A loaded GGUF model with its scheduler thread.
@@ -66,6 +69,8 @@ pub struct LlamaEngine {
     jobs: Mutex<Option<std_mpsc::Sender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    /// The prefix cache's disk tier, shared with the worker.
+    disk: worker::DiskTier,
 }
 
 /// State shared between the worker and the API: counters for the status page and the
@@ -99,6 +104,40 @@ impl Drop for Ticket {
     }
 }
 
+/// Hashes the model file and opens its disk tier in the background: a large model serves at
+/// once, and its prefixes start reaching the disk once the hash is known.
+fn open_disk_tier(
+    disk: worker::DiskTier,
+    cfg: prompt_cache::DiskCacheConfig,
+    path: PathBuf,
+    n_ctx_seq: u32,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("prompt-cache-open".into())
+        .spawn(move || {
+            let opened = prompt_cache::model_sha256(&cfg.root, &path).and_then(|sha| {
+                let layout = prompt_cache::Layout {
+                    model_sha256: sha,
+                    context_per_sequence: n_ctx_seq,
+                    type_k: "f16".into(),
+                    type_v: "f16".into(),
+                };
+                prompt_cache::DiskCache::open(cfg, &layout)
+            });
+            match opened {
+                Ok(c) => {
+                    let _ = disk.set(Mutex::new(c));
+                }
+                Err(e) => {
+                    tracing::warn!(model = %path.display(), error = %e, "prompt cache: disk tier unavailable; prefixes stay in memory")
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "prompt cache: could not start its thread");
+    }
+}
+
 /// A request on its way to, or waiting in, the worker's queue.
 struct Job {
     req: GenerationRequest,
@@ -129,6 +168,7 @@ impl LlamaEngine {
 
         let rendered = rendered_tokens(&model, &opts.rendered_markers);
         let shared = Arc::new(Shared::default());
+        let disk: worker::DiskTier = Arc::default();
         let (job_tx, job_rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<u32, EngineError>>();
         let worker = {
@@ -136,6 +176,7 @@ impl LlamaEngine {
             let shared = Arc::clone(&shared);
             let threads = opts.threads.clamp(1, 1024) as i32;
             let invariant = opts.batch_invariant;
+            let disk = Arc::clone(&disk);
             std::thread::Builder::new()
                 .name("llama-scheduler".into())
                 .spawn(move || {
@@ -170,8 +211,14 @@ impl LlamaEngine {
                     } else {
                         slots
                     };
-                    Worker::new(&model, ctx, &shared, n_ctx_seq, slots, invariant, rendered)
-                        .run(job_rx);
+                    let setup = worker::Setup {
+                        n_ctx_seq,
+                        slots,
+                        invariant,
+                        rendered,
+                        disk,
+                    };
+                    Worker::new(&model, ctx, &shared, setup).run(job_rx);
                 })
                 .map_err(|e| EngineError::Load(format!("could not start scheduler thread: {e}")))?
         };
@@ -188,6 +235,10 @@ impl LlamaEngine {
                 ));
             }
         };
+
+        if let (Some(cfg), false) = (opts.prompt_cache.clone(), opts.batch_invariant) {
+            open_disk_tier(Arc::clone(&disk), cfg, path.to_path_buf(), n_ctx_seq);
+        }
 
         let info = ModelInfo {
             architecture,
@@ -210,6 +261,7 @@ impl LlamaEngine {
             jobs: Mutex::new(Some(job_tx)),
             worker: Mutex::new(Some(worker)),
             shared,
+            disk,
         })
     }
 }
@@ -356,6 +408,10 @@ impl Backend for LlamaEngine {
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
+            prompt_cache_files: self
+                .disk
+                .get()
+                .map(|d| d.lock().expect("prompt cache lock").len() as u32),
         }
     }
 

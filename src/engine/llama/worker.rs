@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -15,6 +16,7 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+use super::prompt_cache::DiskCache;
 use super::{Job, Shared, Ticket};
 use crate::engine::sampling::{argmax, logprobs};
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
@@ -33,6 +35,13 @@ const PREFILL_WHILE_GENERATING: usize = 128;
 /// A new request waits for a running prefill that shares at least this many more prompt
 /// tokens than the cache already holds, then copies them instead of computing them again.
 const MIN_SHARED_TO_WAIT: usize = 32;
+
+/// A prefix is restored from disk only when it gives this many more tokens than memory does.
+const MIN_DISK_GAIN: usize = 32;
+
+/// The disk tier of the prefix cache, once the model file's hash is known (it is computed in
+/// the background at load, so a large model starts serving before it is done).
+pub(super) type DiskTier = std::sync::Arc<std::sync::OnceLock<std::sync::Mutex<DiskCache>>>;
 
 /// How a request chooses its next token.
 enum Picker {
@@ -162,6 +171,7 @@ pub(super) struct Worker<'m> {
     next_id: u64,
     /// Control tokens rendered as their text (markers the chat layer parses).
     rendered: HashSet<i32>,
+    disk: DiskTier,
 }
 
 impl Active {
@@ -170,16 +180,29 @@ impl Active {
     }
 }
 
+/// What a worker is set up with besides the model, its context and the shared counters.
+pub(super) struct Setup {
+    pub n_ctx_seq: u32,
+    pub slots: SlotTable,
+    pub invariant: bool,
+    pub rendered: HashSet<i32>,
+    pub disk: DiskTier,
+}
+
 impl<'m> Worker<'m> {
     pub(super) fn new(
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         shared: &'m Shared,
-        n_ctx_seq: u32,
-        slots: SlotTable,
-        invariant: bool,
-        rendered: HashSet<i32>,
+        setup: Setup,
     ) -> Self {
+        let Setup {
+            n_ctx_seq,
+            slots,
+            invariant,
+            rendered,
+            disk,
+        } = setup;
         Self {
             model,
             ctx,
@@ -191,6 +214,7 @@ impl<'m> Worker<'m> {
             active: Vec::new(),
             next_id: 0,
             rendered,
+            disk,
         }
     }
 
@@ -233,9 +257,103 @@ impl<'m> Worker<'m> {
         }
         for a in self.active.drain(..) {
             let _ = a.events.send(Event::Error(EngineError::Unloaded));
+            self.slots.release(a.slot);
         }
         self.shared.queued.store(0, Ordering::SeqCst);
         self.shared.active.store(0, Ordering::SeqCst);
+        // Unload or shutdown: the prefixes worth keeping go to disk before the KV is freed.
+        let writes: Vec<_> = (0..self.slots.len())
+            .filter_map(|i| {
+                let slot = self.slots.get(i);
+                let (seq, tokens) = (slot.seq, slot.cached.clone());
+                self.save_to_disk(seq, tokens)
+            })
+            .collect();
+        for w in writes {
+            let _ = w.join();
+        }
+    }
+
+    /// Writes a sequence's KV for `tokens` (what it holds) to the disk tier, if the tier is
+    /// ready, the prefix is long enough and not already there. Returns the writer thread.
+    fn save_to_disk(&self, seq: i32, tokens: Vec<TokenId>) -> Option<std::thread::JoinHandle<()>> {
+        if self.invariant {
+            return None;
+        }
+        let mut disk = self.disk.get()?.lock().expect("prompt cache lock");
+        if tokens.len() < disk.min_tokens() || disk.holds(&tokens) {
+            return None;
+        }
+        if self.ctx.kv_cache_seq_pos_max(seq) != tokens.len() as i32 - 1 {
+            return None; // the KV is not what the bookkeeping says; keep nothing
+        }
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        let mut state = vec![0u8; size];
+        // SAFETY: the buffer holds the size llama.cpp just reported for this sequence.
+        let n = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(state.as_mut_ptr(), seq, flags)
+        };
+        if n != size {
+            tracing::warn!(
+                expected = size,
+                written = n,
+                "prompt cache: state size changed while saving"
+            );
+            return None;
+        }
+        tracing::debug!(
+            tokens = tokens.len(),
+            bytes = size,
+            "prompt cache: saving a prefix"
+        );
+        Some(disk.save(tokens, state))
+    }
+
+    /// Restores a longer prefix of `prompt` from the disk tier than the memory tiers gave
+    /// (`reused` tokens), into the slot's sequence. Returns the tokens now reused.
+    fn restore_from_disk(&mut self, slot: usize, prompt: &[TokenId], reused: usize) -> usize {
+        if self.invariant {
+            return reused;
+        }
+        let Some(disk) = self.disk.get() else {
+            return reused;
+        };
+        let mut disk = disk.lock().expect("prompt cache lock");
+        let cap = prompt.len().saturating_sub(1);
+        let Some((entry, len)) = disk.best(prompt, cap) else {
+            return reused;
+        };
+        if len < reused + MIN_DISK_GAIN {
+            return reused;
+        }
+        let Some(state) = disk.load(&entry) else {
+            return reused;
+        };
+        let seq = self.slots.get(slot).seq;
+        let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+        // SAFETY: the state was written by `state_seq_get_data_ext` under the same layout
+        // (model file hash, context per sequence, cache types), and its SHA-256 checked.
+        let loaded = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty())
+        };
+        if loaded {
+            let _ = self.ctx.kv_cache_seq_rm(seq, Some(len as u32), None);
+        }
+        if !loaded || self.ctx.kv_cache_seq_pos_max(seq) != len as i32 - 1 {
+            // llama.cpp refused it: this sequence starts afresh and the file goes.
+            let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+            self.slots.forget(slot);
+            disk.drop_entry(&entry.path, "llama.cpp refused the state");
+            return 0;
+        }
+        let s = self.slots.get_mut(slot);
+        s.cached.clear();
+        s.cached.extend_from_slice(&prompt[..len]);
+        tracing::debug!(tokens = len, "prompt cache: restored a prefix from disk");
+        len
     }
 
     fn publish_counts(&self) {
@@ -286,7 +404,14 @@ impl<'m> Worker<'m> {
                 }
             };
             let assignment = self.slots.assign(&job.req.prompt).expect("a slot is free");
+            // The cache this assignment replaces may be worth keeping on disk; the KV still
+            // holds it until the reuse is applied.
+            if let Some((slot, old)) = self.slots.take_dropped() {
+                let seq = self.slots.get(slot).seq;
+                drop(self.save_to_disk(seq, old));
+            }
             let reused = self.apply_reuse(assignment.slot, assignment.reuse);
+            let reused = self.restore_from_disk(assignment.slot, &job.req.prompt, reused);
             let req = job.req;
             let wait = self.running_prefill_to_share(&req.prompt, reused);
             let s = self.shared;

@@ -578,6 +578,7 @@ impl Backend for MlxEngine {
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
+            prompt_cache_files: None,
         }
     }
 
