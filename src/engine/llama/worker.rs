@@ -28,9 +28,54 @@ use crate::engine::{
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
 pub(super) const BATCH_TOKENS: usize = 512;
 
-/// Prompt tokens prefilled per step while other sequences are generating: bounds the pause a
-/// newcomer's long prompt puts into everyone else's stream (about a quarter second here).
-const PREFILL_WHILE_GENERATING: usize = 128;
+/// While other sequences are generating, a step's prompt tokens are sized so the step takes
+/// about this long: long enough that prefill under load runs near the single-prompt rate
+/// (each step also pays for one pass of the generating tokens), short enough that running
+/// streams keep flowing. On fast hardware the cap is [`BATCH_TOKENS`].
+const PREFILL_STEP_TARGET_MS: f64 = 1200.0;
+
+/// Fewest prompt tokens a step carries while others generate, whatever the timing says.
+const MIN_PREFILL_WHILE_GENERATING: usize = 128;
+
+/// Measured step costs that size prefill under load.
+#[derive(Debug, Clone, Copy)]
+struct StepCosts {
+    /// A step of generating tokens only, in ms (moving average).
+    decode_ms: f64,
+    /// Each prompt token on top of that, in ms (moving average).
+    prefill_ms_per_token: f64,
+}
+
+impl Default for StepCosts {
+    fn default() -> Self {
+        // Guesses for a small model on two cores, replaced after the first steps.
+        Self {
+            decode_ms: 100.0,
+            prefill_ms_per_token: 5.0,
+        }
+    }
+}
+
+impl StepCosts {
+    /// Folds in one decode of `prompt` prompt tokens and `generating` generated ones.
+    fn observe(&mut self, prompt: usize, generating: usize, ms: f64) {
+        const KEEP: f64 = 0.8;
+        if prompt == 0 && generating > 0 {
+            self.decode_ms = KEEP * self.decode_ms + (1.0 - KEEP) * ms;
+        } else if prompt >= 32 {
+            let base = if generating > 0 { self.decode_ms } else { 0.0 };
+            let per = ((ms - base) / prompt as f64).max(0.001);
+            self.prefill_ms_per_token = KEEP * self.prefill_ms_per_token + (1.0 - KEEP) * per;
+        }
+    }
+
+    /// Prompt tokens for a step that also carries generating tokens.
+    fn prefill_budget(&self) -> usize {
+        let room = (PREFILL_STEP_TARGET_MS - self.decode_ms).max(0.0);
+        ((room / self.prefill_ms_per_token) as usize)
+            .clamp(MIN_PREFILL_WHILE_GENERATING, BATCH_TOKENS)
+    }
+}
 
 /// A new request waits for a running prefill that shares at least this many more prompt
 /// tokens than the cache already holds, then copies them instead of computing them again.
@@ -172,6 +217,8 @@ pub(super) struct Worker<'m> {
     /// Control tokens rendered as their text (markers the chat layer parses).
     rendered: HashSet<i32>,
     disk: DiskTier,
+    /// What steps have cost, to size prefill while others generate.
+    costs: StepCosts,
 }
 
 impl Active {
@@ -215,6 +262,7 @@ impl<'m> Worker<'m> {
             next_id: 0,
             rendered,
             disk,
+            costs: StepCosts::default(),
         }
     }
 
@@ -585,7 +633,7 @@ impl<'m> Worker<'m> {
             }
         }
         let prefill_room = if generating > 0 {
-            PREFILL_WHILE_GENERATING
+            self.costs.prefill_budget()
         } else {
             BATCH_TOKENS
         };
@@ -644,7 +692,13 @@ impl<'m> Worker<'m> {
         if used == 0 {
             return Ok(());
         }
+        let started = Instant::now();
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
+        if !self.invariant {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.costs
+                .observe(used - generating as usize, generating as usize, ms);
+        }
         let sampled = self
             .active
             .iter()
@@ -768,5 +822,34 @@ impl<'m> Worker<'m> {
             total_time: total,
         });
         self.slots.release(a.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_under_load_is_sized_by_measured_step_costs() {
+        let mut c = StepCosts::default();
+        // A slow machine: decode steps of 100 ms, 5 ms per prompt token.
+        for _ in 0..50 {
+            c.observe(0, 6, 100.0);
+            c.observe(200, 6, 1100.0);
+        }
+        assert!((c.prefill_ms_per_token - 5.0).abs() < 0.01, "{c:?}");
+        assert_eq!(c.prefill_budget(), 220);
+        // A fast one: everything fits, up to the batch.
+        for _ in 0..50 {
+            c.observe(0, 6, 5.0);
+            c.observe(500, 6, 55.0);
+        }
+        assert_eq!(c.prefill_budget(), BATCH_TOKENS);
+        // A very slow one still moves prompts forward.
+        for _ in 0..50 {
+            c.observe(0, 6, 1000.0);
+            c.observe(100, 6, 3000.0);
+        }
+        assert_eq!(c.prefill_budget(), MIN_PREFILL_WHILE_GENERATING);
     }
 }
