@@ -36,7 +36,7 @@ serve_opta() {
   PORT=$(free_port)
   target/release/opta-lmx serve --config "$DIR/config.yaml" --models-dir "$DIR" --port "$PORT" \
     --model gemma-3-270m-q4_k_m --parallel "$1" --max-queue 64 --context "$CONTEXT" \
-    --threads "$THREADS" --log-level warn $EXTRA &
+    --threads "$THREADS" --log-level warn --no-prompt-cache $EXTRA &
   PID=$!; wait_up "$PORT"
 }
 

@@ -11,6 +11,10 @@ TOOLS=$(bench/build-llama-tools.sh)
 [ -x target/venv/bin/python ] || python3 -m venv target/venv
 target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai
 
+# Measurements start cold: no prefix restored from an earlier run's disk cache (benches that
+# measure the disk tier turn it back on for their own server).
+export OPTA_LMX_PROMPT_CACHE=false
+
 DIR=$(mktemp -d)
 ln -s "$PWD/$MODEL" "$DIR/gemma-3-270m-q4_k_m.gguf"
 : > "$DIR/config.yaml"

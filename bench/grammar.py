@@ -58,7 +58,7 @@ def main():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
     proc = subprocess.Popen([binary, "serve", "--config", os.path.join(d, "c.yaml"), "--port",
                              str(port), "--models-dir", d, "--model", ID, "--parallel", "1",
-                             "--context", "4096", "--log-level", "warn"],
+                             "--context", "4096", "--log-level", "warn", "--no-prompt-cache"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

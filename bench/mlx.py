@@ -58,7 +58,7 @@ def main():
     env = {**os.environ, "OPTA_LMX_MLX_PYTHON": python}
     proc = subprocess.Popen([binary, "serve", "--config", os.path.join(d, "c.yaml"), "--port",
                              str(port), "--models-dir", d, "--parallel", "6", "--context", "1024",
-                             "--log-level", "warn"], env=env,
+                             "--log-level", "warn", "--no-prompt-cache"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

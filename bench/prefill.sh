@@ -33,7 +33,7 @@ echo "== $CLIENTS clients x $REQUESTS distinct ~$WORDS-word prompts x $TOKENS to
 PORT=$(free_port)
 target/release/opta-lmx serve --config "$DIR/config.yaml" --models-dir "$DIR" --port "$PORT" \
   --model qwen --parallel "$CLIENTS" --max-queue 64 --context "$CONTEXT" --threads "$THREADS" \
-  --log-level warn $EXTRA &
+  --log-level warn --no-prompt-cache $EXTRA &
 PID=$!; wait_up "$PORT"; measure opta-lmx
 PORT=$(free_port)
 "$TOOLS/llama-server" -m "$QWEN" --alias qwen --port "$PORT" -t "$THREADS" --parallel "$CLIENTS" \
