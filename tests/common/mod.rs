@@ -154,12 +154,14 @@ impl Server {
         if opts.load_model {
             cmd.arg("--model").arg(MODEL);
         }
-        // The audit log and the prompt cache beside the test's models, never in the home.
+        // The audit log beside the test's models, never in the home.
         if !opts.extra_args.iter().any(|a| a == "--audit-file") {
             cmd.arg("--audit-file").arg(dir.join(".audit.jsonl"));
         }
+        // The prefix cache's disk tier only where a test asks for it (with a directory of
+        // its own): elsewhere a prefix restored from disk would change what a test measures.
         if !opts.extra_args.iter().any(|a| a == "--prompt-cache-dir") {
-            cmd.arg("--prompt-cache-dir").arg(dir.join(".prompt-cache"));
+            cmd.arg("--no-prompt-cache");
         }
         let child = cmd.spawn().expect("start opta-lmx");
         let mut server = Server {

@@ -43,7 +43,7 @@ def _start(extra_args, model_id=MODEL, context="1024"):
         [str(binary), "serve", "--config", str(config), "--port", str(port),
          "--models-dir", str(models_dir), "--model", model_id, "--context", context,
          "--audit-file", str(models_dir / ".audit.jsonl"),
-         "--prompt-cache-dir", str(models_dir / ".prompt-cache"), *extra_args],
+         "--no-prompt-cache", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
     base = f"http://127.0.0.1:{port}"

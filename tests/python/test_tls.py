@@ -39,7 +39,7 @@ def https_server():
     proc = subprocess.Popen(
         [str(ROOT / "target/release/opta-lmx"), "serve", "--config", str(tmp / "c.yaml"),
          "--port", str(port), "--models-dir", str(tmp), "--model", MODEL, "--context", "512",
-         "--audit-file", str(tmp / ".audit.jsonl"),
+         "--audit-file", str(tmp / ".audit.jsonl"), "--no-prompt-cache",
          "--tls-cert", str(cert_pem), "--tls-key", str(key_pem)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -33,7 +33,7 @@ export async function startServer({ load = true, aliases = [], env: extra = {} }
   const env = { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("OPTA_LMX_"))), ...extra };
   const args = ["serve", "--config", join(dir, "c.yaml"), "--port", String(port), "--models-dir", dir,
     "--context", "4096", "--parallel", "2", "--audit-file", join(dir, ".audit.jsonl"),
-    "--prompt-cache-dir", join(dir, ".prompt-cache")];
+    "--no-prompt-cache"];
   if (load) args.push("--model", QWEN);
   const proc = spawn(join(ROOT, "target/release/opta-lmx"), args, { env, stdio: "ignore" });
   const base = `http://127.0.0.1:${port}`;
