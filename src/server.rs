@@ -26,6 +26,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     })?;
 
+    let shutdown = shutdown_signal()?;
     let tls = match &config.server.tls {
         Some(t) => Some(crate::api::tls::acceptor(t)?),
         None => None,
@@ -80,14 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "could not tell systemd the server is ready");
     }
-    crate::api::serve::serve(
-        listener,
-        router(state),
-        &config.server,
-        tls,
-        shutdown_signal(),
-    )
-    .await?;
+    crate::api::serve::serve(listener, router(state), &config.server, tls, shutdown).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;
@@ -108,24 +102,28 @@ fn warn_if_exposed(config: &Config) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listeners for SIGTERM and SIGINT, installed when this is called: a signal that arrives
+/// between the readiness notice and the serve loop's first poll must drain the server, not
+/// kill it (systemd may send SIGTERM right after READY). The future completes on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+            tracing::info!("shutdown requested; finishing in-flight requests");
+        })
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested; finishing in-flight requests");
+        })
+    }
 }
