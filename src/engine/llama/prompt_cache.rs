@@ -230,8 +230,11 @@ impl DiskCache {
             .map(|(e, n)| (e.clone(), n))
     }
 
-    /// Whether `tokens` is already held (by a file with these tokens or more).
-    pub fn holds(&self, tokens: &[TokenId]) -> bool {
+    /// Whether `tokens` is already held (by a file with these tokens or more). Entries whose
+    /// file the size bound removed (any model's save trims the whole root) are forgotten
+    /// first, so a trimmed prefix is written again rather than taken as held.
+    pub fn holds(&mut self, tokens: &[TokenId]) -> bool {
+        self.prune_missing();
         self.entries
             .iter()
             .any(|e| e.tokens.len() >= tokens.len() && e.tokens[..tokens.len()] == *tokens)
@@ -306,8 +309,8 @@ impl DiskCache {
         })
     }
 
-    /// Forgets index entries whose files another model's trimming removed.
-    pub fn prune_missing(&mut self) {
+    /// Forgets index entries whose files trimming removed.
+    fn prune_missing(&mut self) {
         self.entries.retain(|e| e.path.exists());
     }
 }
@@ -476,8 +479,7 @@ mod tests {
             .map(|e| e.metadata().unwrap().len())
             .sum();
         assert!(total <= 2500, "{total}");
-        c.prune_missing();
-        // The newest survive.
+        // The newest survive; the trimmed ones are no longer taken as held.
         assert!(c.holds(&[4; 8]));
         assert!(!c.holds(&[0; 8]));
     }
