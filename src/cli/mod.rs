@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use opta_lmx::config::{Config, LogFormat};
+use opta_lmx::engine::options::{FlashAttention, KvType, Speculation};
 
 /// opta-lmx: OpenAI-compatible inference server for local models.
 #[derive(Debug, Parser)]
@@ -132,6 +133,27 @@ pub struct ServeArgs {
     pub batch_invariant: bool,
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+    /// KV cache type for keys: f16, q8_0, q4_0.
+    #[arg(long, value_parser = setting::<KvType>)]
+    pub cache_type_k: Option<KvType>,
+    /// KV cache type for values: f16, q8_0, q4_0 (quantised needs flash attention).
+    #[arg(long, value_parser = setting::<KvType>)]
+    pub cache_type_v: Option<KvType>,
+    /// Fused attention: auto, on, off.
+    #[arg(long, value_parser = setting::<FlashAttention>)]
+    pub flash_attention: Option<FlashAttention>,
+    /// Speculative decoding for loads that do not say: off, ngram, draft.
+    #[arg(long, value_parser = setting::<Speculation>)]
+    pub speculation: Option<Speculation>,
+    /// Draft model id for `--speculation draft` (same vocabulary as the target).
+    #[arg(long)]
+    pub draft_model: Option<String>,
+    /// Most tokens proposed per sequence per step.
+    #[arg(long)]
+    pub draft_max: Option<u32>,
+    /// Verify every proposal, even where measurements say it does not pay (benchmarks).
+    #[arg(long)]
+    pub speculation_always: bool,
     /// Most models loaded at once (least recently used idle ones are evicted).
     #[arg(long)]
     pub max_loaded_models: Option<u32>,
@@ -173,6 +195,11 @@ pub struct ServeArgs {
     pub no_prompt_cache: bool,
 }
 
+/// Parses a flag spelled as in the YAML file (`q8_0`, `auto`, `ngram`).
+fn setting<T: serde::de::DeserializeOwned>(v: &str) -> Result<T, String> {
+    serde_yaml_ng::from_str(v.trim()).map_err(|e| format!("`{v}`: {e}"))
+}
+
 impl ServeArgs {
     /// Applies the flags on top of file and environment, re-checking the result.
     pub fn apply(self, cfg: &mut Config) -> Result<(), String> {
@@ -197,13 +224,13 @@ impl ServeArgs {
             m.load_on_demand = true;
         }
         if let Some(v) = self.context {
-            m.defaults.context = v;
+            m.defaults.context = Some(v);
         }
         if let Some(v) = self.parallel {
-            m.defaults.parallel = v;
+            m.defaults.parallel = Some(v);
         }
         if let Some(v) = self.max_queue {
-            m.defaults.max_queue = v;
+            m.defaults.max_queue = Some(v);
         }
         if let Some(v) = self.sse_keepalive_seconds {
             s.sse_keepalive_seconds = v;
@@ -212,10 +239,20 @@ impl ServeArgs {
             m.defaults.threads = Some(v);
         }
         if self.batch_invariant {
-            m.defaults.batch_invariant = true;
+            m.defaults.batch_invariant = Some(true);
+        }
+        let d = &mut m.defaults;
+        d.cache_type_k = self.cache_type_k.or(d.cache_type_k);
+        d.cache_type_v = self.cache_type_v.or(d.cache_type_v);
+        d.flash_attention = self.flash_attention.or(d.flash_attention);
+        d.speculation = self.speculation.or(d.speculation);
+        d.draft_model = self.draft_model.or(d.draft_model.take());
+        d.draft_max = self.draft_max.or(d.draft_max);
+        if self.speculation_always {
+            d.speculation_adaptive = Some(false);
         }
         if let Some(v) = self.gpu_layers {
-            m.defaults.gpu_layers = v;
+            m.defaults.gpu_layers = Some(v);
         }
         if let Some(v) = self.max_loaded_models {
             m.max_loaded_models = Some(v);

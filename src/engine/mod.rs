@@ -4,8 +4,10 @@
 
 pub mod llama;
 pub mod mlx;
+pub mod options;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculation;
 pub mod text;
 
 use std::time::Duration;
@@ -30,6 +32,12 @@ pub struct ModelFacts {
     pub vocab_size: u32,
     /// Quantisation the model declares (`Q4_K_M`, `F16`, `4bit`, ...).
     pub file_type: Option<String>,
+    /// Attention (query) heads per layer.
+    pub head_count: u32,
+    /// Whether some layers attend over a sliding window (llama.cpp then builds a second mask).
+    pub sliding_window: bool,
+    /// Weight bytes llama.cpp copies into a repacked CPU layout on top of the mapped file.
+    pub repacked_bytes: u64,
 }
 
 /// A token id in the model's vocabulary.
@@ -78,6 +86,8 @@ pub struct GenerationRequest {
     pub constraint: Option<Constraint>,
     /// Report each generated token's log-probability and this many alternatives (0..=20).
     pub logprobs: Option<u8>,
+    /// This request's speculation instead of the model's; `None` uses the model's.
+    pub speculation: Option<options::Speculation>,
 }
 
 /// One generated token's log-probability, and the most likely alternatives at its place.
@@ -196,6 +206,20 @@ pub struct MemoryEstimate {
     pub ram_bytes: u64,
 }
 
+impl MemoryEstimate {
+    /// Two loads' worth, for a model that brings a second (a draft) with it.
+    pub fn plus(&self, o: &MemoryEstimate) -> MemoryEstimate {
+        MemoryEstimate {
+            weights_bytes: self.weights_bytes + o.weights_bytes,
+            kv_cache_bytes: self.kv_cache_bytes + o.kv_cache_bytes,
+            overhead_bytes: self.overhead_bytes + o.overhead_bytes,
+            total_bytes: self.total_bytes + o.total_bytes,
+            gpu_bytes: self.gpu_bytes + o.gpu_bytes,
+            ram_bytes: self.ram_bytes + o.ram_bytes,
+        }
+    }
+}
+
 /// Live counters of one model's scheduler.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct SchedulerStats {
@@ -222,6 +246,20 @@ pub struct SchedulerStats {
     /// Prefixes in the prompt cache's disk tier for this model; `None` while it opens, or
     /// when there is none.
     pub prompt_cache_files: Option<u32>,
+    pub speculation: SpeculationStats,
+}
+
+/// What speculation did for one model: acceptance is `accepted / proposed`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SpeculationStats {
+    /// The mode requests get unless they name one.
+    pub mode: options::Speculation,
+    /// Proposed tokens verified by the target.
+    pub proposed_tokens_total: u64,
+    /// Of those, the ones the target kept.
+    pub accepted_tokens_total: u64,
+    /// Steps in which a sequence verified a proposal.
+    pub speculative_steps_total: u64,
 }
 
 /// A loaded model that can generate. Implementations own their threads and memory; dropping

@@ -15,6 +15,7 @@ use crate::chat::prompt::ControlText;
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
 use crate::engine::llama::LoadOptions;
+use crate::engine::options::{check_cache_types, Speculation};
 use crate::engine::ModelFacts;
 use crate::engine::{Backend, EngineError, MemoryEstimate};
 use crate::metrics::Metrics;
@@ -63,6 +64,13 @@ pub enum RegistryError {
     /// Deleting a loaded model needs `force`.
     #[error("`{0}` is loaded; unload it first or pass \"force\": true")]
     Loaded(String),
+    /// Load settings that cannot work together (a quantised V cache without flash
+    /// attention, a draft that is not on disk or does not share the target's vocabulary).
+    #[error("{param}: {message}")]
+    Settings {
+        param: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("models directory: {0}")]
@@ -482,7 +490,7 @@ impl Registry {
             opts,
             estimate,
             ..
-        } = self.plan(&disk, overrides).map_err(EngineError::Load)?;
+        } = self.plan(&disk, overrides)?;
         let evicted = self.make_room(&disk.id, &estimate).await?;
 
         let started = Instant::now();
@@ -722,13 +730,31 @@ impl Registry {
         f
     }
 
-    /// What loading a model on disk with `overrides` over its configured settings would be.
-    pub fn plan(&self, disk: &DiskModel, overrides: &LoadOverrides) -> Result<LoadPlan, String> {
-        let facts = self.facts(disk)?;
+    /// What loading a model on disk with `overrides` over its configured settings would be,
+    /// its draft model (for draft speculation) included.
+    pub fn plan(
+        &self,
+        disk: &DiskModel,
+        overrides: &LoadOverrides,
+    ) -> Result<LoadPlan, RegistryError> {
+        let facts = self.facts(disk).map_err(EngineError::Load)?;
         let settings = overrides.over(&self.config.settings_for(&disk.id));
         let mut opts = load_options(&settings);
+        check_cache_types(opts.cache_type_v, opts.flash_attention).map_err(|message| {
+            RegistryError::Settings {
+                param: "cache_type_v",
+                message,
+            }
+        })?;
         opts.prompt_cache = self.config.models.prompt_cache.disk_config();
-        let (context, estimate) = self.loader(disk).size(&facts, disk, &opts);
+        let (context, mut estimate) = self.loader(disk).size(&facts, disk, &opts);
+        if opts.speculation == Speculation::Draft {
+            let draft = self.draft_for(disk, &facts, settings.draft_model.as_deref())?;
+            let draft_facts = self.facts(&draft).map_err(EngineError::Load)?;
+            let (_, d) = self.loader(&draft).size(&draft_facts, &draft, &opts);
+            estimate = estimate.plus(&d);
+            opts.draft = Some(draft.path);
+        }
         Ok(LoadPlan {
             settings,
             context,
@@ -736,6 +762,47 @@ impl Registry {
             facts,
             opts,
         })
+    }
+
+    /// The draft model named for `target`: a GGUF on disk whose vocabulary is the target's
+    /// (same size; the tokens themselves are compared when both are loaded).
+    fn draft_for(
+        &self,
+        target: &DiskModel,
+        target_facts: &ModelFacts,
+        draft_id: Option<&str>,
+    ) -> Result<DiskModel, RegistryError> {
+        let bad = |message: String| RegistryError::Settings {
+            param: "draft_model",
+            message,
+        };
+        let Some(id) = draft_id.filter(|id| !id.is_empty()) else {
+            return Err(RegistryError::Settings {
+                param: "speculation",
+                message: "`draft` speculation needs a `draft_model`".into(),
+            });
+        };
+        if target.format != "gguf" {
+            return Err(bad(format!(
+                "draft speculation runs on GGUF models; `{}` is {}",
+                target.id, target.format
+            )));
+        }
+        let draft = self
+            .store
+            .find_as(self.config.resolve_alias(id), Some("gguf"))?
+            .ok_or_else(|| bad(format!("draft model `{id}` is not on disk as a GGUF file")))?;
+        if draft.id == target.id {
+            return Err(bad(format!("`{id}` cannot be its own draft")));
+        }
+        let facts = self.facts(&draft).map_err(EngineError::Load)?;
+        if facts.vocab_size != target_facts.vocab_size {
+            return Err(bad(format!(
+                "draft model `{}` has a vocabulary of {} tokens and `{}` one of {}: a draft must share the target's vocabulary",
+                draft.id, facts.vocab_size, target.id, target_facts.vocab_size
+            )));
+        }
+        Ok(draft)
     }
 
     /// Removes a model's files from disk. A loaded model is refused unless `force`, which
@@ -838,20 +905,27 @@ impl Registry {
     }
 }
 
-/// Engine options from layered settings (which carry every configured default).
+/// Engine options from layered settings; what no layer set is [`ModelSettings::builtin`].
 fn load_options(s: &ModelSettings) -> LoadOptions {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
-    let d = crate::config::LoadDefaults::default();
+    let s = s.over(&ModelSettings::builtin());
     LoadOptions {
-        context: s.context.unwrap_or(d.context).max(16),
-        parallel: s.parallel.unwrap_or(d.parallel).clamp(1, 256),
-        max_queue: s.max_queue.unwrap_or(d.max_queue),
-        gpu_layers: s.gpu_layers.unwrap_or(d.gpu_layers),
+        context: s.context.unwrap_or(4096).max(16),
+        parallel: s.parallel.unwrap_or(8).clamp(1, 256),
+        max_queue: s.max_queue.unwrap_or(32),
+        gpu_layers: s.gpu_layers.unwrap_or(0),
         // More threads than cores only makes them wait for each other.
         threads: s.threads.unwrap_or(cores).clamp(1, cores),
         batch_invariant: s.batch_invariant.unwrap_or(false),
         rendered_markers: crate::chat::dialect::MARKERS.map(String::from).to_vec(),
         prompt_cache: None,
+        cache_type_k: s.cache_type_k.unwrap_or_default(),
+        cache_type_v: s.cache_type_v.unwrap_or_default(),
+        flash_attention: s.flash_attention.unwrap_or_default(),
+        speculation: s.speculation.unwrap_or_default(),
+        draft: None,
+        draft_max: s.draft_max.unwrap_or(8),
+        speculation_adaptive: s.speculation_adaptive.unwrap_or(true),
     }
 }
 

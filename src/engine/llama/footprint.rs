@@ -1,7 +1,8 @@
 //! How much memory a load will take, worked out from the GGUF header before anything is
-//! allocated. The parts mirror what llama.cpp allocates: the weights (the file), an f16 KV
-//! cache per sequence, the output buffer and the compute graph, whose worst case holds logits
-//! for a whole micro-batch and attention scores over a sequence's whole context.
+//! allocated. The parts mirror what llama.cpp allocates: the weights (the file), a KV cache
+//! per sequence of the chosen types, the output buffer and the compute graph, whose worst case
+//! holds logits for a whole micro-batch and (without flash attention) attention scores over a
+//! sequence's whole context.
 
 use super::worker::BATCH_TOKENS;
 use super::LoadOptions;
@@ -10,6 +11,20 @@ use crate::engine::ModelFacts;
 
 /// Fixed allowance for llama.cpp's own bookkeeping and the scheduler thread.
 const FIXED_OVERHEAD: u64 = 16 << 20;
+
+/// Most bytes the compute graph may reserve for one micro-batch's logits. llama.cpp reserves
+/// logits for every token of a micro-batch; over Gemma 3's 262k-token vocabulary, 512 tokens
+/// take 512 MiB, more than the weights. Smaller micro-batches cost no prefill speed here
+/// (llama-bench pp512 on Gemma 3 270M: 594 / 645 / 617 tok/s at 128 / 256 / 512).
+const LOGITS_BUDGET: u64 = 256 << 20;
+
+/// Tokens per llama.cpp micro-batch for a vocabulary: the largest power of two from 64 to
+/// [`BATCH_TOKENS`] whose logits fit [`LOGITS_BUDGET`].
+pub fn micro_batch(vocab: u32) -> u32 {
+    let fit = LOGITS_BUDGET / (u64::from(vocab.max(1)) * 4);
+    let fit = fit.clamp(64, BATCH_TOKENS as u64);
+    1 << (63 - fit.leading_zeros())
+}
 
 /// Context tokens each sequence gets: what was asked, capped by what the model was trained for.
 pub fn context_per_sequence(f: &ModelFacts, opts: &LoadOptions) -> u32 {
@@ -20,14 +35,28 @@ pub fn context_per_sequence(f: &ModelFacts, opts: &LoadOptions) -> u32 {
 pub fn estimate(f: &ModelFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
     let per_seq = u64::from(context_per_sequence(f, opts));
     let parallel = u64::from(opts.parallel.max(1));
-    let kv =
-        f.kv_heads_all_layers * u64::from(f.key_length + f.value_length) * 2 * per_seq * parallel;
+    let cells = f.kv_heads_all_layers * per_seq * parallel;
+    let kv = opts.cache_type_k.bytes(cells * u64::from(f.key_length))
+        + opts.cache_type_v.bytes(cells * u64::from(f.value_length));
     let vocab = u64::from(f.vocab_size);
-    let ubatch = BATCH_TOKENS as u64;
-    // Logits for a whole micro-batch, attention scores over one sequence's context, and
-    // activations (fitted to llama.cpp's logged compute buffers: 521.5 MiB at 1024 tokens,
-    // 582.3 MiB at 32768 for Gemma 3 270M).
-    let compute = ubatch * (vocab + per_seq + 8 * u64::from(f.embedding_length)) * 4;
+    let ubatch = u64::from(micro_batch(f.vocab_size));
+    // Logits for a whole micro-batch, activations, and attention over one sequence's
+    // context: with flash attention only the f16 mask (two with sliding-window layers);
+    // without, the scores of every head (an upper bound: llama.cpp reuses some of it). Fitted
+    // to llama.cpp's logged compute buffers for Gemma 3 270M and Qwen2.5 0.5B.
+    let attention = if opts.flash_attention.enabled() {
+        per_seq * 2 * if f.sliding_window { 2 } else { 1 }
+    } else {
+        per_seq * 4 * u64::from(f.head_count.max(1))
+    };
+    let compute = ubatch * ((vocab + 8 * u64::from(f.embedding_length)) * 4 + attention);
+    // Offloaded layers are not repacked for the CPU.
+    let weights = weights
+        + if gpu && opts.gpu_layers > 0 {
+            0
+        } else {
+            f.repacked_bytes
+        };
     let output = parallel * vocab * 4;
     let overhead = compute + output + FIXED_OVERHEAD;
     let total = weights + kv + overhead;
@@ -50,6 +79,7 @@ pub fn estimate(f: &ModelFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::options::{FlashAttention, KvType};
 
     fn gemma() -> ModelFacts {
         ModelFacts {
@@ -62,6 +92,9 @@ mod tests {
             context_train: 32768,
             vocab_size: 262_144,
             file_type: Some("Q4_K_M".into()),
+            head_count: 4,
+            sliding_window: true,
+            repacked_bytes: 13_271_040,
         }
     }
 
@@ -75,22 +108,81 @@ mod tests {
             batch_invariant: false,
             rendered_markers: Vec::new(),
             prompt_cache: None,
+            cache_type_k: Default::default(),
+            cache_type_v: Default::default(),
+            flash_attention: Default::default(),
+            speculation: Default::default(),
+            draft: None,
+            draft_max: 8,
+            speculation_adaptive: true,
+        }
+    }
+
+    /// Buffers llama.cpp logged loading Gemma 3 270M at 4096 x 8 (MiB): model (mapped +
+    /// repacked), KV, output, compute.
+    const LOGGED: [(KvType, KvType, FlashAttention, f64, f64, f64); 4] = [
+        (
+            KvType::F16,
+            KvType::F16,
+            FlashAttention::Auto,
+            576.0,
+            8.0,
+            263.14,
+        ),
+        (
+            KvType::F16,
+            KvType::F16,
+            FlashAttention::Off,
+            576.0,
+            8.0,
+            268.1,
+        ),
+        (
+            KvType::Q8_0,
+            KvType::Q8_0,
+            FlashAttention::On,
+            306.0,
+            8.0,
+            263.7,
+        ),
+        (
+            KvType::Q4_0,
+            KvType::Q4_0,
+            FlashAttention::On,
+            162.0,
+            8.0,
+            263.7,
+        ),
+    ];
+
+    #[test]
+    fn matches_what_llama_cpp_reports_for_gemma() {
+        for (k, v, fa, kv_mib, output_mib, compute_mib) in LOGGED {
+            let mut o = opts(4096, 8, 0);
+            (o.cache_type_k, o.cache_type_v, o.flash_attention) = (k, v, fa);
+            let e = estimate(&gemma(), 253_113_024, &o, false);
+            assert_eq!(e.kv_cache_bytes as f64 / 1048576.0, kv_mib, "{k:?}/{v:?}");
+            let llama = (235.16 + 12.66 + kv_mib + output_mib + compute_mib) * 1048576.0;
+            let ours = (e.total_bytes - FIXED_OVERHEAD) as f64;
+            assert!(
+                (ours / llama - 1.0).abs() < 0.02,
+                "{k:?}/{v:?}/{fa:?}: {ours} vs {llama}"
+            );
+            assert_eq!(
+                e.total_bytes,
+                e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+            );
+            assert_eq!((e.gpu_bytes, e.ram_bytes), (0, e.total_bytes));
         }
     }
 
     #[test]
-    fn matches_what_llama_cpp_reports_for_gemma() {
-        // llama.cpp logged for context 4096 x 8: KV 96 + 480 MiB, output 8 MiB,
-        // compute 526.28 MiB.
-        let e = estimate(&gemma(), 253_113_024, &opts(4096, 8, 0), false);
-        assert_eq!(e.kv_cache_bytes, 576 << 20);
-        let compute_mib = (e.overhead_bytes - FIXED_OVERHEAD - (8 << 20)) as f64 / 1048576.0;
-        assert!((526.0..540.0).contains(&compute_mib), "{compute_mib}");
-        assert_eq!(
-            e.total_bytes,
-            e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
-        );
-        assert_eq!((e.gpu_bytes, e.ram_bytes), (0, e.total_bytes));
+    fn micro_batches_keep_logits_in_budget() {
+        assert_eq!(micro_batch(262_144), 256); // Gemma 3
+        assert_eq!(micro_batch(151_936), 256); // Qwen2.5
+        assert_eq!(micro_batch(128_256), 512); // Llama 3
+        assert_eq!(micro_batch(32_000), 512);
+        assert_eq!(micro_batch(4_000_000), 64);
     }
 
     #[test]

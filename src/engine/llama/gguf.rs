@@ -76,6 +76,32 @@ impl Header {
         }
     }
 
+    /// Bytes of the layer weights llama.cpp's CPU backend copies into its repacked layout
+    /// (Q4_0, Q4_K and IQ4_NL matrices, on x86-64 with AVX2): that copy is allocated on top
+    /// of the mapped file.
+    fn repacked_bytes(&self) -> u64 {
+        if !cfg!(target_arch = "x86_64") {
+            return 0;
+        }
+        // SAFETY: indices come from gguf_get_n_tensors on the same live context.
+        unsafe {
+            (0..sys::gguf_get_n_tensors(self.0))
+                .filter(|&i| {
+                    let name = std::ffi::CStr::from_ptr(sys::gguf_get_tensor_name(self.0, i));
+                    let t = sys::gguf_get_tensor_type(self.0, i);
+                    name.to_bytes().starts_with(b"blk.")
+                        && [
+                            sys::GGML_TYPE_Q4_0,
+                            sys::GGML_TYPE_Q4_K,
+                            sys::GGML_TYPE_IQ4_NL,
+                        ]
+                        .contains(&t)
+                })
+                .map(|i| sys::gguf_get_tensor_size(self.0, i) as u64)
+                .sum()
+        }
+    }
+
     fn array_len(&self, name: &str) -> Option<u64> {
         let id = self.key(name)?;
         // SAFETY: length of an array-typed key.
@@ -122,6 +148,9 @@ pub fn read(path: &Path) -> Result<ModelFacts, String> {
         context_train: clamp(h.uint(&k("context_length")).unwrap_or(4096)),
         vocab_size: clamp(h.array_len("tokenizer.ggml.tokens").unwrap_or(32_000)),
         file_type: h.uint("general.file_type").and_then(file_type_name),
+        head_count: clamp(heads),
+        sliding_window: h.key(&k("attention.sliding_window")).is_some(),
+        repacked_bytes: h.repacked_bytes(),
         architecture: arch,
     })
 }

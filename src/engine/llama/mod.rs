@@ -17,15 +17,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+use super::options::{FlashAttention, KvType, Speculation};
 use super::scheduler::SlotTable;
-use super::{Backend, EngineError, Event, GenerationRequest, ModelInfo, SchedulerStats, TokenId};
+use super::{
+    Backend, EngineError, Event, GenerationRequest, ModelInfo, SchedulerStats, SpeculationStats,
+    TokenId,
+};
 use crate::metrics::RateWindow;
 use worker::{Worker, BATCH_TOKENS};
 
@@ -57,6 +61,36 @@ pub struct LoadOptions {
     pub rendered_markers: Vec<String>,
     /// The disk tier of the prefix cache; `None` keeps prefixes in memory only.
     pub prompt_cache: Option<prompt_cache::DiskCacheConfig>,
+    pub cache_type_k: KvType,
+    pub cache_type_v: KvType,
+    pub flash_attention: FlashAttention,
+    /// The speculation mode sequences use unless a request says otherwise.
+    pub speculation: Speculation,
+    /// The draft model's file for [`Speculation::Draft`].
+    pub draft: Option<PathBuf>,
+    /// Most tokens proposed per sequence per step.
+    pub draft_max: u32,
+    /// Verify proposals only where they pay; `false` verifies all of them.
+    pub speculation_adaptive: bool,
+}
+
+/// llama.cpp's cache type for ours.
+fn ggml_type(t: KvType) -> KvCacheType {
+    match t {
+        KvType::F16 => KvCacheType::F16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+        KvType::Q4_0 => KvCacheType::Q4_0,
+    }
+}
+
+/// llama.cpp's flash-attention policy for ours.
+fn flash_policy(f: FlashAttention) -> llama_cpp_sys_2::llama_flash_attn_type {
+    use llama_cpp_sys_2 as sys;
+    match f {
+        FlashAttention::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        FlashAttention::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttention::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }
 }
 
 /// A loaded GGUF model with its scheduler thread.
@@ -66,6 +100,8 @@ pub struct LlamaEngine {
     template: Option<String>,
     control_texts: Vec<String>,
     max_queue: u32,
+    /// The speculation mode requests get unless they name one.
+    speculation: Speculation,
     jobs: Mutex<Option<std_mpsc::Sender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -89,6 +125,10 @@ struct Shared {
     completion_tokens: AtomicU64,
     cancelled: AtomicU64,
     rejected: AtomicU64,
+    /// Speculation: tokens proposed and verified, those accepted, steps that verified any.
+    proposed_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
+    speculative_steps: AtomicU64,
     /// Moving average of a request's time in the scheduler, for `Retry-After`.
     avg_request_ms: AtomicU64,
     rates: Mutex<RateWindow>,
@@ -111,7 +151,15 @@ fn open_disk_tier(
     cfg: prompt_cache::DiskCacheConfig,
     path: PathBuf,
     n_ctx_seq: u32,
+    opts: &LoadOptions,
 ) {
+    // A V cache without flash attention is stored transposed: a different state layout.
+    let type_k = opts.cache_type_k.name().to_string();
+    let type_v = if opts.flash_attention.enabled() {
+        opts.cache_type_v.name().to_string()
+    } else {
+        format!("{}/transposed", opts.cache_type_v.name())
+    };
     let spawned = std::thread::Builder::new()
         .name("prompt-cache-open".into())
         .spawn(move || {
@@ -119,8 +167,8 @@ fn open_disk_tier(
                 let layout = prompt_cache::Layout {
                     model_sha256: sha,
                     context_per_sequence: n_ctx_seq,
-                    type_k: "f16".into(),
-                    type_v: "f16".into(),
+                    type_k,
+                    type_v,
                 };
                 prompt_cache::DiskCache::open(cfg, &layout)
             });
@@ -177,13 +225,21 @@ impl LlamaEngine {
             let threads = opts.threads.clamp(1, 1024) as i32;
             let invariant = opts.batch_invariant;
             let disk = Arc::clone(&disk);
+            let ubatch = footprint::micro_batch(model.n_vocab().max(0) as u32);
+            let (type_k, type_v, flash) =
+                (opts.cache_type_k, opts.cache_type_v, opts.flash_attention);
+            let (speculation, draft_max) = (opts.speculation, opts.draft_max.max(1) as usize);
+            let adaptive = opts.speculation_adaptive;
             std::thread::Builder::new()
                 .name("llama-scheduler".into())
                 .spawn(move || {
                     let ctx_params = LlamaContextParams::default()
                         .with_n_ctx(NonZeroU32::new(per_seq * parallel))
                         .with_n_batch(BATCH_TOKENS as u32)
-                        .with_n_ubatch(BATCH_TOKENS as u32)
+                        .with_n_ubatch(ubatch)
+                        .with_type_k(ggml_type(type_k))
+                        .with_type_v(ggml_type(type_v))
+                        .with_flash_attention_policy(flash_policy(flash))
                         .with_n_seq_max(parallel)
                         .with_n_threads(threads)
                         .with_n_threads_batch(threads)
@@ -217,6 +273,9 @@ impl LlamaEngine {
                         invariant,
                         rendered,
                         disk,
+                        speculation,
+                        draft_max,
+                        adaptive,
                     };
                     Worker::new(&model, ctx, &shared, setup).run(job_rx);
                 })
@@ -237,7 +296,7 @@ impl LlamaEngine {
         };
 
         if let (Some(cfg), false) = (opts.prompt_cache.clone(), opts.batch_invariant) {
-            open_disk_tier(Arc::clone(&disk), cfg, path.to_path_buf(), n_ctx_seq);
+            open_disk_tier(Arc::clone(&disk), cfg, path.to_path_buf(), n_ctx_seq, opts);
         }
 
         let info = ModelInfo {
@@ -258,6 +317,7 @@ impl LlamaEngine {
             template,
             control_texts,
             max_queue: opts.max_queue,
+            speculation: opts.speculation,
             jobs: Mutex::new(Some(job_tx)),
             worker: Mutex::new(Some(worker)),
             shared,
@@ -332,6 +392,12 @@ impl Backend for LlamaEngine {
                 Err(e) if lazy => tracing::debug!(error = %e, "tool-call grammar skipped"),
                 Err(e) => return Err(e),
             }
+        }
+        if req.speculation == Some(Speculation::Draft) && self.speculation != Speculation::Draft {
+            return Err(EngineError::InvalidParam {
+                param: "speculation",
+                message: "this model was loaded without a draft model; load it with `speculation: draft` and a `draft_model`, or ask for `ngram` or `off`".into(),
+            });
         }
         let n_vocab = self.model.n_vocab();
         // A token id llama.cpp does not know fails the whole batch it is decoded in, so it is
@@ -412,6 +478,12 @@ impl Backend for LlamaEngine {
                 .disk
                 .get()
                 .map(|d| d.lock().expect("prompt cache lock").len() as u32),
+            speculation: SpeculationStats {
+                mode: self.speculation,
+                proposed_tokens_total: s.proposed_tokens.load(Ordering::Relaxed),
+                accepted_tokens_total: s.accepted_tokens.load(Ordering::Relaxed),
+                speculative_steps_total: s.speculative_steps.load(Ordering::Relaxed),
+            },
         }
     }
 

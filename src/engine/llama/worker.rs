@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 
 use super::prompt_cache::DiskCache;
 use super::{Job, Shared, Ticket};
+use crate::engine::options::Speculation;
 use crate::engine::sampling::{argmax, logprobs};
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
+use crate::engine::speculation::{ngram_proposal, Acceptance, SpecCosts};
 use crate::engine::text::TextAssembler;
 use crate::engine::{
     EngineError, Event, FinishReason, SamplingParams, TokenId, TokenLogprob, TokenText, Usage,
@@ -198,6 +200,16 @@ struct Active {
     logits_at: Option<i32>,
     /// Tokens added to the batch for this request this step.
     fed: Vec<TokenId>,
+    /// How this request proposes tokens (off unless the model or the request says).
+    speculation: Speculation,
+    /// Proposed tokens at the end of `fed`, verified this step.
+    proposal: Vec<TokenId>,
+    /// How often this request's proposals are accepted.
+    acceptance: Acceptance,
+    /// A proposal not verified (it did not pay), checked against the tokens that follow, so
+    /// acceptance is still measured while speculation is off. With how many matched so far.
+    shadow: Vec<TokenId>,
+    shadow_matched: usize,
     _ticket: Ticket,
 }
 
@@ -219,6 +231,13 @@ pub(super) struct Worker<'m> {
     disk: DiskTier,
     /// What steps have cost, to size prefill while others generate.
     costs: StepCosts,
+    /// What verifying proposals costs, to decide when speculation pays.
+    spec_costs: SpecCosts,
+    /// The model's speculation mode and proposal bound.
+    speculation: Speculation,
+    draft_max: usize,
+    /// Acceptance over the model's recent requests: a new request's starting estimate.
+    model_acceptance: Acceptance,
 }
 
 impl Active {
@@ -234,6 +253,9 @@ pub(super) struct Setup {
     pub invariant: bool,
     pub rendered: HashSet<i32>,
     pub disk: DiskTier,
+    pub speculation: Speculation,
+    pub draft_max: usize,
+    pub adaptive: bool,
 }
 
 impl<'m> Worker<'m> {
@@ -249,7 +271,11 @@ impl<'m> Worker<'m> {
             invariant,
             rendered,
             disk,
+            speculation,
+            draft_max,
+            adaptive,
         } = setup;
+        let parallel = slots.len();
         Self {
             model,
             ctx,
@@ -263,6 +289,10 @@ impl<'m> Worker<'m> {
             rendered,
             disk,
             costs: StepCosts::default(),
+            spec_costs: SpecCosts::new(parallel, adaptive),
+            speculation,
+            draft_max,
+            model_acceptance: Acceptance::with_prior(0.5),
         }
     }
 
@@ -486,6 +516,16 @@ impl<'m> Worker<'m> {
                 first_token: None,
                 logits_at: None,
                 fed: Vec::new(),
+                // Batch-invariant mode decodes one token per pass by definition.
+                speculation: if self.invariant {
+                    Speculation::Off
+                } else {
+                    req.speculation.unwrap_or(self.speculation)
+                },
+                proposal: Vec::new(),
+                acceptance: self.model_acceptance,
+                shadow: Vec::new(),
+                shadow_matched: 0,
                 _ticket: job.ticket,
             });
         }
@@ -627,16 +667,19 @@ impl<'m> Worker<'m> {
         for a in &mut self.active {
             a.logits_at = None;
             a.fed.clear();
+            a.proposal.clear();
             if let Some(tok) = a.next {
                 a.fed.push(tok);
                 generating += 1;
             }
         }
+        let proposed = self.plan_proposals(generating);
         let prefill_room = if generating > 0 {
             self.costs.prefill_budget()
         } else {
             BATCH_TOKENS
         };
+        let generating = generating + proposed;
         // (Batch-invariant mode: every sequence decodes alone, in chunks of the same size
         // whatever else is running, so it takes no share of this room.)
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
@@ -659,31 +702,78 @@ impl<'m> Worker<'m> {
         }
     }
 
+    /// Appends to each generating sequence's feed the proposed tokens worth verifying this
+    /// step (see [`crate::engine::speculation`]); returns how many in all. A proposal that
+    /// does not pay is kept as a shadow, to measure acceptance without paying for it.
+    fn plan_proposals(&mut self, generating: usize) -> usize {
+        // Proposals never take more than half a batch, whatever `parallel x draft_max` is.
+        let mut room = BATCH_TOKENS / 2;
+        let mut total = 0;
+        for a in &mut self.active {
+            let Some(next) = a.next else { continue };
+            if a.speculation != Speculation::Ngram || room == 0 {
+                continue;
+            }
+            let cached = &self.slots.get(a.slot).cached;
+            // Room in the answer and the context after `next` and the token the step samples.
+            let answer_left = a.max_tokens.saturating_sub(a.generated + 1) as usize;
+            let context_left = (self.n_ctx_seq as usize).saturating_sub(cached.len() + 2);
+            let bound = self.draft_max.min(answer_left).min(context_left).min(room);
+            if bound == 0 {
+                continue;
+            }
+            let mut history = Vec::with_capacity(cached.len() + 1);
+            history.extend_from_slice(cached);
+            history.push(next);
+            let proposal = ngram_proposal(&history, bound);
+            let k = self
+                .spec_costs
+                .choose(generating, proposal.len(), a.acceptance.rate());
+            if k == 0 {
+                if a.shadow.is_empty() && !proposal.is_empty() {
+                    a.shadow = proposal;
+                    a.shadow_matched = 0;
+                }
+                continue;
+            }
+            a.shadow.clear();
+            a.proposal.extend_from_slice(&proposal[..k]);
+            a.fed.extend_from_slice(&proposal[..k]);
+            room -= k;
+            total += k;
+        }
+        total
+    }
+
     /// One decode of the tokens `members` planned, then their sampling (logits are only valid
     /// until the next decode). On failure nothing is sampled; the caller retries or fails them.
     fn decode_and_sample(&mut self, batch: &mut LlamaBatch, members: &[u64]) -> Result<(), String> {
         batch.clear();
         let mut used = 0usize;
-        let mut generating = 0u64;
+        let mut generating = 0usize;
+        let mut proposed = 0usize;
         for &id in members {
             let Some(a) = self.active.iter_mut().find(|a| a.id == id) else {
                 continue;
             };
             let slot = self.slots.get(a.slot);
             let wants_logits = a.next.is_some() || !a.prefilling();
-            generating += u64::from(a.next.is_some());
+            generating += usize::from(a.next.is_some());
+            proposed += a.proposal.len();
+            // Logits at the last token, and at every proposed token's predecessor.
+            let first_logits = a.fed.len().saturating_sub(1 + a.proposal.len());
             a.logits_at = None;
             for (k, &tok) in a.fed.iter().enumerate() {
-                let last = k + 1 == a.fed.len();
+                let logits = wants_logits && k >= first_logits;
                 batch
                     .add(
                         LlamaToken(tok),
                         (slot.cached.len() + k) as i32,
                         &[slot.seq],
-                        last && wants_logits,
+                        logits,
                     )
                     .map_err(|e| e.to_string())?;
-                if last && wants_logits {
+                if logits && a.logits_at.is_none() {
                     a.logits_at = Some(used as i32);
                 }
                 used += 1;
@@ -694,10 +784,14 @@ impl<'m> Worker<'m> {
         }
         let started = Instant::now();
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
+        let prompt = used - generating - proposed;
         if !self.invariant {
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.costs
-                .observe(used - generating as usize, generating as usize, ms);
+            // Proposed tokens cost what prompt tokens do: extra rows in the same pass.
+            self.costs.observe(prompt + proposed, generating, ms);
+            if prompt == 0 {
+                self.spec_costs.observe(generating, proposed, ms);
+            }
         }
         let sampled = self
             .active
@@ -706,7 +800,7 @@ impl<'m> Worker<'m> {
             .count() as u64;
         self.shared.rates.lock().expect("rates lock").record(
             Instant::now(),
-            used as u64 - generating,
+            prompt as u64,
             sampled,
         );
         self.sample_and_emit(members);
@@ -729,7 +823,9 @@ impl<'m> Worker<'m> {
     }
 
     /// Picks the next token of each of `members` that has logits, streams its text, and
-    /// retires finished requests.
+    /// retires finished requests. A sequence that verified a proposal samples each position
+    /// in turn and keeps going while the sampled token is the proposed one; the rejected rest
+    /// of the proposal leaves its KV.
     fn sample_and_emit(&mut self, members: &[u64]) {
         let vocab = self.model.vocab();
         let rendered = &self.rendered;
@@ -738,53 +834,66 @@ impl<'m> Worker<'m> {
             if !members.contains(&a.id) {
                 continue;
             }
-            self.slots.get_mut(a.slot).cached.extend_from_slice(&a.fed);
-            a.fed.clear();
-            let Some(idx) = a.logits_at.take() else {
+            let proposal = std::mem::take(&mut a.proposal);
+            let fed = std::mem::take(&mut a.fed);
+            let slot = self.slots.get_mut(a.slot);
+            let before = slot.cached.len();
+            // What the KV now holds for sure: everything fed but the proposal.
+            let mut kept = fed.len() - proposal.len();
+            slot.cached.extend_from_slice(&fed[..kept]);
+            let Some(first) = a.logits_at.take() else {
                 continue;
             };
-            let tok = a.picker.pick(&self.ctx, idx);
-            if let Some(k) = a.logprobs.filter(|_| !vocab.is_eog(tok)) {
-                let (logprob, top) =
-                    logprobs(self.ctx.get_logits_ith(idx), tok.0 as usize, k.into());
-                let text = |t: LlamaToken| {
-                    let bytes = vocab.token_to_piece(t, rendered.contains(&t.0), None);
-                    TokenText {
-                        text: String::from_utf8_lossy(&bytes).into_owned(),
-                        bytes,
-                    }
-                };
-                let _ = a.events.send(Event::Logprob(TokenLogprob {
-                    token: text(tok),
-                    logprob,
-                    top: top
-                        .into_iter()
-                        .map(|(t, l)| (text(LlamaToken(t)), l))
-                        .collect(),
-                }));
-            }
-            a.generated += 1;
-            a.first_token.get_or_insert_with(Instant::now);
             let mut finish = None;
-            if vocab.is_eog(tok) {
-                finish = Some(FinishReason::Stop);
-                a.next = None;
-            } else {
-                let piece = vocab.token_to_piece(tok, rendered.contains(&tok.0), None);
-                let out = a.text.push(&piece);
-                if !out.text.is_empty() {
-                    let _ = a.events.send(Event::Text(out.text));
+            let mut accepted = 0;
+            for j in 0..=proposal.len() {
+                let idx = first + j as i32;
+                let tok = a.picker.pick(&self.ctx, idx);
+                let position = before + kept;
+                finish = emit(
+                    a,
+                    &self.ctx,
+                    idx,
+                    tok,
+                    position,
+                    self.n_ctx_seq,
+                    &vocab,
+                    rendered,
+                );
+                if finish.is_some() {
+                    break;
                 }
-                a.next = Some(tok.0);
-                if out.stopped {
-                    finish = Some(FinishReason::Stop);
-                } else if a.generated >= a.max_tokens
-                    || self.slots.get(a.slot).cached.len() as u32 >= self.n_ctx_seq
-                {
-                    finish = Some(FinishReason::Length);
+                match proposal.get(j) {
+                    Some(&p) if p == tok.0 => {
+                        // Accepted: the proposed token's KV is the right one; go on from it.
+                        accepted += 1;
+                        kept += 1;
+                        slot.cached.push(p);
+                        a.next = None;
+                    }
+                    _ => {
+                        a.next = Some(tok.0);
+                        break;
+                    }
+                }
+            }
+            if !proposal.is_empty() {
+                a.acceptance.observe(accepted, proposal.len());
+                self.model_acceptance.observe(accepted, proposal.len());
+                let s = self.shared;
+                s.proposed_tokens
+                    .fetch_add(proposal.len() as u64, Ordering::Relaxed);
+                s.accepted_tokens
+                    .fetch_add(accepted as u64, Ordering::Relaxed);
+                s.speculative_steps.fetch_add(1, Ordering::Relaxed);
+                if accepted < proposal.len() {
+                    let _ =
+                        self.ctx
+                            .kv_cache_seq_rm(slot.seq, Some(slot.cached.len() as u32), None);
                 }
             }
             if let Some(reason) = finish {
+                a.next = None;
                 finished.push((i, reason));
             }
         }
@@ -823,6 +932,74 @@ impl<'m> Worker<'m> {
         });
         self.slots.release(a.slot);
     }
+}
+
+/// Streams one sampled token of `a` (its log-probabilities first, when asked), with `position`
+/// the place it would take in the sequence; says why the request ends here, if it does.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    a: &mut Active,
+    ctx: &LlamaContext<'_>,
+    idx: i32,
+    tok: LlamaToken,
+    position: usize,
+    n_ctx_seq: u32,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    rendered: &HashSet<i32>,
+) -> Option<FinishReason> {
+    if let Some(k) = a.logprobs.filter(|_| !vocab.is_eog(tok)) {
+        let (logprob, top) = logprobs(ctx.get_logits_ith(idx), tok.0 as usize, k.into());
+        let text = |t: LlamaToken| {
+            let bytes = vocab.token_to_piece(t, rendered.contains(&t.0), None);
+            TokenText {
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+            }
+        };
+        let _ = a.events.send(Event::Logprob(TokenLogprob {
+            token: text(tok),
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(t, l)| (text(LlamaToken(t)), l))
+                .collect(),
+        }));
+    }
+    a.generated += 1;
+    a.first_token.get_or_insert_with(Instant::now);
+    check_shadow(a, tok.0);
+    if vocab.is_eog(tok) {
+        return Some(FinishReason::Stop);
+    }
+    let piece = vocab.token_to_piece(tok, rendered.contains(&tok.0), None);
+    let out = a.text.push(&piece);
+    if !out.text.is_empty() {
+        let _ = a.events.send(Event::Text(out.text));
+    }
+    if out.stopped {
+        Some(FinishReason::Stop)
+    } else if a.generated >= a.max_tokens || position as u32 >= n_ctx_seq {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+/// Compares a generated token with the unverified proposal waiting for it, and records the
+/// proposal's acceptance once it is decided.
+fn check_shadow(a: &mut Active, tok: TokenId) {
+    if a.shadow.is_empty() {
+        return;
+    }
+    if a.shadow[a.shadow_matched] == tok {
+        a.shadow_matched += 1;
+        if a.shadow_matched < a.shadow.len() {
+            return;
+        }
+    }
+    a.acceptance.observe(a.shadow_matched, a.shadow.len());
+    a.shadow.clear();
+    a.shadow_matched = 0;
 }
 
 #[cfg(test)]

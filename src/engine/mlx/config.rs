@@ -60,6 +60,9 @@ pub fn read(dir: &Path) -> Result<ModelFacts, String> {
         context_train: clamp(num("max_position_embeddings").unwrap_or(4096)),
         vocab_size: clamp(num("vocab_size").unwrap_or(32_000)),
         file_type: quant,
+        head_count: clamp(num("num_attention_heads").unwrap_or(1)),
+        sliding_window: false,
+        repacked_bytes: 0,
     })
 }
 

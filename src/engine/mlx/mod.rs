@@ -579,6 +579,7 @@ impl Backend for MlxEngine {
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
             prompt_cache_files: None,
+            speculation: Default::default(),
         }
     }
 
