@@ -125,6 +125,11 @@ impl SpecCosts {
         }
     }
 
+    /// Whether proposals are verified only where they pay.
+    pub fn adaptive(&self) -> bool {
+        self.adaptive
+    }
+
     fn plain(&self, generating: usize) -> Option<f64> {
         let g = generating.min(self.plain_ms.len() - 1);
         // Nearest measured batch size at or below, else above.
@@ -160,6 +165,19 @@ impl SpecCosts {
     /// How many of `available` proposed tokens a sequence should have verified this step,
     /// with `generating` sequences in the step and acceptance `p` (0: none).
     pub fn choose(&mut self, generating: usize, available: usize, p: f64) -> usize {
+        self.choose_with(generating, available, p, 0.0, 0.0)
+    }
+
+    /// [`Self::choose`] for proposals that cost something to make: `per_token_ms` for each
+    /// proposed token and `fixed_ms` for the step (a draft model's passes and catching up).
+    pub fn choose_with(
+        &mut self,
+        generating: usize,
+        available: usize,
+        p: f64,
+        per_token_ms: f64,
+        fixed_ms: f64,
+    ) -> usize {
         if available == 0 || generating == 0 {
             return 0;
         }
@@ -176,7 +194,10 @@ impl SpecCosts {
             return available.min(2);
         };
         let per_token = plain / generating as f64;
-        let gain = |k: usize| expected_accepted(p, k) * per_token - MARGIN * k as f64 * cost;
+        let gain = |k: usize| {
+            expected_accepted(p, k) * per_token
+                - MARGIN * (k as f64 * (cost + per_token_ms) + fixed_ms)
+        };
         let best = (1..=available)
             .map(|k| (k, gain(k)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
@@ -260,5 +281,9 @@ mod tests {
         assert_eq!(cpu.choose(1, 4, 0.9), 0);
         // Not adaptive: everything is verified.
         assert_eq!(SpecCosts::new(8, false).choose(6, 4, 0.0), 4);
+        // What proposals cost to make counts: a draft pass of 5 ms a token on fast hardware
+        // still pays at high acceptance; a long catch-up on the draft does not.
+        assert_eq!(gpu.choose_with(1, 4, 0.9, 1.0, 0.0), 4);
+        assert_eq!(gpu.choose_with(1, 4, 0.9, 1.0, 500.0), 0);
     }
 }

@@ -3,6 +3,7 @@
 //! chunk of any waiting prompt in a single batch, so concurrent requests share each forward
 //! pass. This module loads the model, starts the worker and is the [`Backend`] the API sees.
 
+mod draft;
 pub mod footprint;
 pub mod gguf;
 pub mod prompt_cache;
@@ -72,6 +73,38 @@ pub struct LoadOptions {
     pub draft_max: u32,
     /// Verify proposals only where they pay; `false` verifies all of them.
     pub speculation_adaptive: bool,
+}
+
+/// What a context's KV looks like; the target and its draft share it.
+#[derive(Clone, Copy)]
+struct KvLayout {
+    per_seq: u32,
+    parallel: u32,
+    threads: i32,
+    type_k: KvType,
+    type_v: KvType,
+    flash: FlashAttention,
+}
+
+impl KvLayout {
+    fn params(&self, ubatch: u32) -> LlamaContextParams {
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.per_seq * self.parallel))
+            .with_n_batch(BATCH_TOKENS as u32)
+            .with_n_ubatch(ubatch)
+            .with_type_k(ggml_type(self.type_k))
+            .with_type_v(ggml_type(self.type_v))
+            .with_flash_attention_policy(flash_policy(self.flash))
+            .with_n_seq_max(self.parallel)
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads)
+            // Sliding-window layers keep the full context so cached prefixes stay reusable.
+            // Not a unified pool: a stream of cells per sequence keeps each sequence's cells
+            // in position order, which is what makes greedy output independent of what else
+            // shares the batch.
+            .with_swa_full(true)
+            .with_kv_unified(false)
+    }
 }
 
 /// llama.cpp's cache type for ours.
@@ -202,6 +235,24 @@ impl LlamaEngine {
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         let model = Arc::new(model);
+        let draft_model = match &opts.draft {
+            None => None,
+            Some(p) => {
+                let d = LlamaModel::load_from_file(backend, p, &params)
+                    .map_err(|e| EngineError::Load(format!("draft {}: {e}", p.display())))?;
+                if let Some(why) = draft::vocabulary_mismatch(&model, &d) {
+                    return Err(EngineError::InvalidParam {
+                        param: "draft_model",
+                        message: format!(
+                            "{} cannot draft for {}: {why}",
+                            p.display(),
+                            path.display()
+                        ),
+                    });
+                }
+                Some(Arc::new(d))
+            }
+        };
 
         let architecture = model
             .meta_val_str("general.architecture")
@@ -226,29 +277,21 @@ impl LlamaEngine {
             let invariant = opts.batch_invariant;
             let disk = Arc::clone(&disk);
             let ubatch = footprint::micro_batch(model.n_vocab().max(0) as u32);
-            let (type_k, type_v, flash) =
-                (opts.cache_type_k, opts.cache_type_v, opts.flash_attention);
+            let kv = KvLayout {
+                per_seq,
+                parallel,
+                threads,
+                type_k: opts.cache_type_k,
+                type_v: opts.cache_type_v,
+                flash: opts.flash_attention,
+            };
+            let draft_model = draft_model.clone();
             let (speculation, draft_max) = (opts.speculation, opts.draft_max.max(1) as usize);
             let adaptive = opts.speculation_adaptive;
             std::thread::Builder::new()
                 .name("llama-scheduler".into())
                 .spawn(move || {
-                    let ctx_params = LlamaContextParams::default()
-                        .with_n_ctx(NonZeroU32::new(per_seq * parallel))
-                        .with_n_batch(BATCH_TOKENS as u32)
-                        .with_n_ubatch(ubatch)
-                        .with_type_k(ggml_type(type_k))
-                        .with_type_v(ggml_type(type_v))
-                        .with_flash_attention_policy(flash_policy(flash))
-                        .with_n_seq_max(parallel)
-                        .with_n_threads(threads)
-                        .with_n_threads_batch(threads)
-                        // Sliding-window layers keep the full context so cached prefixes stay
-                        // reusable. Not a unified pool: a stream of cells per sequence keeps
-                        // each sequence's cells in position order, which is what makes greedy
-                        // output independent of what else shares the batch.
-                        .with_swa_full(true)
-                        .with_kv_unified(false);
+                    let ctx_params = kv.params(ubatch);
                     let ctx = match model.new_context(backend, ctx_params) {
                         Ok(ctx) => ctx,
                         Err(e) => {
@@ -260,6 +303,21 @@ impl LlamaEngine {
                         }
                     };
                     let n_ctx_seq = ctx.n_ctx() / parallel;
+                    let drafter = match &draft_model {
+                        None => None,
+                        Some(d) => {
+                            let ub = footprint::micro_batch(d.n_vocab().max(0) as u32);
+                            match d.new_context(backend, kv.params(ub)) {
+                                Ok(dctx) => Some(draft::Drafter::new(d, dctx, parallel as usize)),
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(EngineError::Load(format!(
+                                        "could not create the draft model's context: {e}"
+                                    ))));
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     let _ = ready_tx.send(Ok(n_ctx_seq));
                     let slots = SlotTable::new(parallel as usize);
                     let slots = if invariant {
@@ -276,6 +334,7 @@ impl LlamaEngine {
                         speculation,
                         draft_max,
                         adaptive,
+                        drafter,
                     };
                     Worker::new(&model, ctx, &shared, setup).run(job_rx);
                 })

@@ -16,6 +16,7 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+use super::draft::{Drafter, Want};
 use super::prompt_cache::DiskCache;
 use super::{Job, Shared, Ticket};
 use crate::engine::options::Speculation;
@@ -238,6 +239,8 @@ pub(super) struct Worker<'m> {
     draft_max: usize,
     /// Acceptance over the model's recent requests: a new request's starting estimate.
     model_acceptance: Acceptance,
+    /// The draft model, when the model was loaded with one.
+    drafter: Option<Drafter<'m>>,
 }
 
 impl Active {
@@ -247,7 +250,7 @@ impl Active {
 }
 
 /// What a worker is set up with besides the model, its context and the shared counters.
-pub(super) struct Setup {
+pub(super) struct Setup<'m> {
     pub n_ctx_seq: u32,
     pub slots: SlotTable,
     pub invariant: bool,
@@ -256,6 +259,7 @@ pub(super) struct Setup {
     pub speculation: Speculation,
     pub draft_max: usize,
     pub adaptive: bool,
+    pub drafter: Option<Drafter<'m>>,
 }
 
 impl<'m> Worker<'m> {
@@ -263,7 +267,7 @@ impl<'m> Worker<'m> {
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         shared: &'m Shared,
-        setup: Setup,
+        setup: Setup<'m>,
     ) -> Self {
         let Setup {
             n_ctx_seq,
@@ -274,6 +278,7 @@ impl<'m> Worker<'m> {
             speculation,
             draft_max,
             adaptive,
+            drafter,
         } = setup;
         let parallel = slots.len();
         Self {
@@ -293,6 +298,7 @@ impl<'m> Worker<'m> {
             speculation,
             draft_max,
             model_acceptance: Acceptance::with_prior(0.5),
+            drafter,
         }
     }
 
@@ -703,15 +709,18 @@ impl<'m> Worker<'m> {
     }
 
     /// Appends to each generating sequence's feed the proposed tokens worth verifying this
-    /// step (see [`crate::engine::speculation`]); returns how many in all. A proposal that
-    /// does not pay is kept as a shadow, to measure acceptance without paying for it.
+    /// step (see [`crate::engine::speculation`]); returns how many in all. A prompt-lookup
+    /// proposal that does not pay is kept as a shadow, to measure acceptance without paying
+    /// for it; a draft model is asked only for the sequences where drafting pays.
     fn plan_proposals(&mut self, generating: usize) -> usize {
         // Proposals never take more than half a batch, whatever `parallel x draft_max` is.
         let mut room = BATCH_TOKENS / 2;
+        // Draft-model asks, and the index in `active` of the request each is for.
+        let (mut wants, mut owners): (Vec<Want>, Vec<usize>) = (Vec::new(), Vec::new());
         let mut total = 0;
-        for a in &mut self.active {
+        for (i, a) in self.active.iter_mut().enumerate() {
             let Some(next) = a.next else { continue };
-            if a.speculation != Speculation::Ngram || room == 0 {
+            if a.speculation == Speculation::Off || room == 0 {
                 continue;
             }
             let cached = &self.slots.get(a.slot).cached;
@@ -725,10 +734,36 @@ impl<'m> Worker<'m> {
             let mut history = Vec::with_capacity(cached.len() + 1);
             history.extend_from_slice(cached);
             history.push(next);
+            let p = a.acceptance.rate();
+            if a.speculation == Speculation::Draft {
+                let Some(d) = &self.drafter else { continue };
+                let seq = self.slots.get(a.slot).seq;
+                let behind = d.behind(seq, &history);
+                let k = match (d.ms_per_token, d.catch_up_ms_per_token) {
+                    // Unmeasured: a probe, but never one that catches up on a long prompt.
+                    (None, _) | (_, None) if behind > 512 && self.spec_costs.adaptive() => 0,
+                    (None, _) | (_, None) => self.spec_costs.choose(generating, bound, p),
+                    (Some(per), Some(catch_up)) => self.spec_costs.choose_with(
+                        generating,
+                        bound,
+                        p,
+                        per,
+                        catch_up * behind.saturating_sub(1) as f64,
+                    ),
+                };
+                if k > 0 {
+                    room -= k;
+                    owners.push(i);
+                    wants.push(Want {
+                        seq,
+                        history,
+                        max: k,
+                    });
+                }
+                continue;
+            }
             let proposal = ngram_proposal(&history, bound);
-            let k = self
-                .spec_costs
-                .choose(generating, proposal.len(), a.acceptance.rate());
+            let k = self.spec_costs.choose(generating, proposal.len(), p);
             if k == 0 {
                 if a.shadow.is_empty() && !proposal.is_empty() {
                     a.shadow = proposal;
@@ -741,6 +776,15 @@ impl<'m> Worker<'m> {
             a.fed.extend_from_slice(&proposal[..k]);
             room -= k;
             total += k;
+        }
+        if let (Some(d), false) = (self.drafter.as_mut(), wants.is_empty()) {
+            let proposals = d.propose(&wants);
+            for (i, proposal) in owners.into_iter().zip(proposals) {
+                let a = &mut self.active[i];
+                a.proposal.extend_from_slice(&proposal);
+                a.fed.extend_from_slice(&proposal);
+                total += proposal.len();
+            }
         }
         total
     }
