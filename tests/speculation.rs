@@ -201,6 +201,15 @@ async fn ngram_speculation_keeps_greedy_output_and_counts_what_it_accepts() {
     assert!(proposed >= 100, "{st}");
     assert!(accepted * 2 >= proposed, "{st}");
     assert!(st["speculative_steps_total"].as_u64().unwrap() > 0, "{st}");
+    // The same counts for Prometheus.
+    let text = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("opta_lmx_speculation_accepted_tokens{{model=\"{QWEN}\"}} {accepted}");
+    assert!(text.contains(&line), "{line} not in {text}");
 
     // A request may turn it off: nothing more is proposed for it.
     let before = speculation_stats(&s).await["proposed_tokens_total"].clone();

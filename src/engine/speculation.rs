@@ -104,10 +104,21 @@ pub struct SpecCosts {
     adaptive: bool,
     /// Whether `per_proposed_ms` is a measurement yet (not the probe's placeholder).
     measured: bool,
+    /// The outcome, by generating sequences: moving averages of ms per emitted token of
+    /// plain steps and of steps that verified proposals (their proposing included), and
+    /// steps seen. The cost model above can be wrong (a kernel that changes with the number
+    /// of rows, a busy machine); these say what really happened.
+    plain_per_token: Vec<Option<f64>>,
+    spec_per_token: Vec<Option<f64>>,
+    steps: Vec<u32>,
 }
 
 /// A step with proposals is taken only when it is expected to gain at least this share.
 const MARGIN: f64 = 1.15;
+/// Steps with proposals must emit tokens at least this much cheaper than plain ones.
+const OUTCOME_MARGIN: f64 = 0.97;
+/// One step in this many tries the arm that is not winning, so both stay measured.
+const EXPLORE_EVERY: u32 = 32;
 /// After this many steps without verifying, a short proposal is verified anyway so that a
 /// cost measured under other conditions (another batch size, a busier machine) is refreshed.
 const REMEASURE_EVERY: u32 = 64;
@@ -122,6 +133,51 @@ impl SpecCosts {
             since_measured: 0,
             adaptive,
             measured: false,
+            plain_per_token: vec![None; parallel.max(1) + 1],
+            spec_per_token: vec![None; parallel.max(1) + 1],
+            steps: vec![0; parallel.max(1) + 1],
+        }
+    }
+
+    /// Folds in what a generate-only step of `generating` sequences emitted: `emitted`
+    /// tokens in `ms` (proposing included), with or without proposals.
+    pub fn observe_outcome(
+        &mut self,
+        generating: usize,
+        speculated: bool,
+        emitted: usize,
+        ms: f64,
+    ) {
+        if generating == 0 || emitted == 0 {
+            return;
+        }
+        let g = generating.min(self.steps.len() - 1);
+        let per = ms / emitted as f64;
+        let slot = if speculated {
+            &mut self.spec_per_token[g]
+        } else {
+            &mut self.plain_per_token[g]
+        };
+        *slot = Some(slot.map_or(per, |o| 0.8 * o + 0.2 * per));
+    }
+
+    /// Whether this step of `generating` sequences may verify proposals at all: once both
+    /// kinds of step are measured at this batch size, only if proposals have been emitting
+    /// tokens cheaper than plain steps, apart from one step in [`EXPLORE_EVERY`] that tries
+    /// the other kind.
+    pub fn step_allows(&mut self, generating: usize) -> bool {
+        if !self.adaptive || generating == 0 {
+            return true;
+        }
+        let g = generating.min(self.steps.len() - 1);
+        self.steps[g] = self.steps[g].wrapping_add(1);
+        let explore = self.steps[g] % EXPLORE_EVERY == 0;
+        match (self.plain_per_token[g], self.spec_per_token[g]) {
+            (Some(plain), Some(spec)) if spec < plain * OUTCOME_MARGIN => !explore,
+            (Some(_), Some(_)) => explore,
+            // Speculating without a plain measurement at this size: measure one now and then.
+            (None, Some(_)) => !explore,
+            _ => true,
         }
     }
 
@@ -279,6 +335,20 @@ mod tests {
         }
         assert_eq!(cpu.choose(1, 4, 0.9), 1);
         assert_eq!(cpu.choose(1, 4, 0.9), 0);
+        // What really happened overrules the model: proposals that emitted tokens dearer
+        // than plain steps stop, apart from one exploring step in 32.
+        let mut out = SpecCosts::new(8, true);
+        assert!(out.step_allows(1));
+        out.observe_outcome(1, false, 1, 60.0);
+        out.observe_outcome(1, true, 3, 240.0);
+        let allowed = (0..64).filter(|_| out.step_allows(1)).count();
+        assert_eq!(allowed, 2);
+        out.observe_outcome(1, true, 4, 120.0);
+        for _ in 0..10 {
+            out.observe_outcome(1, true, 4, 120.0);
+        }
+        let allowed = (0..64).filter(|_| out.step_allows(1)).count();
+        assert_eq!(allowed, 62);
         // Not adaptive: everything is verified.
         assert_eq!(SpecCosts::new(8, false).choose(6, 4, 0.0), 4);
         // What proposals cost to make counts: a draft pass of 5 ms a token on fast hardware

@@ -99,6 +99,8 @@ pub struct Prometheus {
     queue_depth: Family<ModelLabel, Gauge>,
     active_sequences: Family<ModelLabel, Gauge>,
     model_memory: Family<ModelLabel, Gauge>,
+    spec_proposed: Family<ModelLabel, Gauge>,
+    spec_accepted: Family<ModelLabel, Gauge>,
     loaded_models: Gauge,
     process_rss: Gauge,
     system_total: Gauge,
@@ -131,6 +133,8 @@ impl Default for Prometheus {
             queue_depth: Family::default(),
             active_sequences: Family::default(),
             model_memory: Family::default(),
+            spec_proposed: Family::default(),
+            spec_accepted: Family::default(),
             loaded_models: Gauge::default(),
             process_rss: Gauge::default(),
             system_total: Gauge::default(),
@@ -237,6 +241,16 @@ impl Default for Prometheus {
             "active_sequences",
             "Sequences prefilling or generating",
             me.active_sequences.clone(),
+        );
+        r.register(
+            "speculation_proposed_tokens",
+            "Proposed tokens the model verified since it was loaded (speculative decoding)",
+            me.spec_proposed.clone(),
+        );
+        r.register(
+            "speculation_accepted_tokens",
+            "Of those, the tokens the model kept",
+            me.spec_accepted.clone(),
         );
         r.register_with_unit(
             "model_memory",
@@ -400,6 +414,8 @@ impl Prometheus {
         self.queue_depth.clear();
         self.active_sequences.clear();
         self.model_memory.clear();
+        self.spec_proposed.clear();
+        self.spec_accepted.clear();
         let loaded = models.loaded();
         for m in &loaded {
             let stats = m.engine.stats();
@@ -413,6 +429,13 @@ impl Prometheus {
             self.model_memory
                 .get_or_create(&l)
                 .set(clamp_i64(m.estimate.total_bytes));
+            let spec = stats.speculation;
+            self.spec_proposed
+                .get_or_create(&l)
+                .set(clamp_i64(spec.proposed_tokens_total));
+            self.spec_accepted
+                .get_or_create(&l)
+                .set(clamp_i64(spec.accepted_tokens_total));
         }
         self.loaded_models.set(loaded.len() as i64);
         let mem = MemorySnapshot::read();

@@ -136,11 +136,12 @@ impl<'m> Drafter<'m> {
                 }
             }
         }
-        // Passes of a single token per sequence cost what decoding does, not what catching up
+        // Passes of a token or two per sequence cost what decoding does, not what catching up
         // on a prompt does: only longer catch-ups measure the latter.
+        let catch_up_ms = started.elapsed().as_secs_f64() * 1000.0;
         if behind > wants.len() * 8 {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.catch_up_ms_per_token = ema(self.catch_up_ms_per_token, ms / behind as f64);
+            self.catch_up_ms_per_token =
+                ema(self.catch_up_ms_per_token, catch_up_ms / behind as f64);
         }
         // Then one token per pass for every sequence still proposing.
         let started = Instant::now();
@@ -171,9 +172,12 @@ impl<'m> Drafter<'m> {
                 out[i].push(argmax(self.ctx.get_logits_ith(idx), &[]));
             }
         }
+        // Each first proposal rode a catch-up pass: its share of that pass counts (one token
+        // in `behind`, per sequence), the rest of the catch-up is priced separately.
         let proposed: usize = out.iter().map(Vec::len).sum();
-        if proposed > 0 {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if proposed > 0 && behind > 0 {
+            let first_share = catch_up_ms * wants.len() as f64 / behind as f64;
+            let ms = started.elapsed().as_secs_f64() * 1000.0 + first_share;
             self.ms_per_token = ema(self.ms_per_token, ms / proposed as f64);
         }
         Ok(out)

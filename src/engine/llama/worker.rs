@@ -241,6 +241,10 @@ pub(super) struct Worker<'m> {
     model_acceptance: Acceptance,
     /// The draft model, when the model was loaded with one.
     drafter: Option<Drafter<'m>>,
+    /// This step's time spent proposing (lookups, draft passes) and tokens emitted: with the
+    /// decode's time, what the step cost per token.
+    step_propose_ms: f64,
+    step_emitted: usize,
 }
 
 impl Active {
@@ -299,6 +303,8 @@ impl<'m> Worker<'m> {
             draft_max,
             model_acceptance: Acceptance::with_prior(0.5),
             drafter,
+            step_propose_ms: 0.0,
+            step_emitted: 0,
         }
     }
 
@@ -713,6 +719,15 @@ impl<'m> Worker<'m> {
     /// proposal that does not pay is kept as a shadow, to measure acceptance without paying
     /// for it; a draft model is asked only for the sequences where drafting pays.
     fn plan_proposals(&mut self, generating: usize) -> usize {
+        let started = Instant::now();
+        self.step_propose_ms = 0.0;
+        let speculating = self
+            .active
+            .iter()
+            .any(|a| a.next.is_some() && a.speculation != Speculation::Off);
+        if !speculating || !self.spec_costs.step_allows(generating) {
+            return 0;
+        }
         // Proposals never take more than half a batch, whatever `parallel x draft_max` is.
         let mut room = BATCH_TOKENS / 2;
         // Draft-model asks, and the index in `active` of the request each is for.
@@ -786,6 +801,7 @@ impl<'m> Worker<'m> {
                 total += proposal.len();
             }
         }
+        self.step_propose_ms = started.elapsed().as_secs_f64() * 1000.0;
         total
     }
 
@@ -829,8 +845,8 @@ impl<'m> Worker<'m> {
         let started = Instant::now();
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
         let prompt = used - generating - proposed;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
         if !self.invariant {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
             // Proposed tokens cost what prompt tokens do: extra rows in the same pass.
             self.costs.observe(prompt + proposed, generating, ms);
             if prompt == 0 {
@@ -847,7 +863,13 @@ impl<'m> Worker<'m> {
             prompt as u64,
             sampled,
         );
+        self.step_emitted = 0;
         self.sample_and_emit(members);
+        if !self.invariant && prompt == 0 {
+            let cost = ms + std::mem::take(&mut self.step_propose_ms);
+            self.spec_costs
+                .observe_outcome(generating, proposed > 0, self.step_emitted, cost);
+        }
         Ok(())
     }
 
@@ -893,6 +915,7 @@ impl<'m> Worker<'m> {
             for j in 0..=proposal.len() {
                 let idx = first + j as i32;
                 let tok = a.picker.pick(&self.ctx, idx);
+                self.step_emitted += 1;
                 let position = before + kept;
                 finish = emit(
                     a,
