@@ -522,7 +522,8 @@ async fn sigterm_drains_in_flight_streams() {
         .unwrap();
     assert!(killed.success());
     while let Some(chunk) = stream.next().await {
-        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        let chunk = chunk.unwrap_or_else(|e| panic!("{e}: {}", s.log_text()));
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     let events = common::sse_data(&text);
     assert_eq!(events.last().unwrap(), "[DONE]", "stream was cut: {text}");
@@ -553,7 +554,8 @@ async fn unload_mid_stream_ends_with_structured_error_event() {
         .await;
     assert_eq!(st, 200, "{v}");
     while let Some(chunk) = stream.next().await {
-        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        let chunk = chunk.unwrap_or_else(|e| panic!("{e}: {}", s.log_text()));
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     let events = common::sse_data(&text);
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();

@@ -25,14 +25,17 @@ async fn two_models_serve_together_and_the_inventory_tells_all() {
     assert_eq!(before["last_used"], Value::Null);
     let est = &before["estimated_memory"];
     let total = est["total_bytes"].as_u64().unwrap();
-    assert_eq!(est["weights_bytes"], 253_113_024);
+    // The file, plus the layer matrices llama.cpp copies into its repacked CPU layout.
+    let weights = est["weights_bytes"].as_u64().unwrap();
+    assert!(
+        (253_113_024..253_113_024 + 20_000_000).contains(&weights),
+        "{est}"
+    );
     // 18 layers x 1 KV head x (256 + 256) x f16 x 1024 tokens x 2 sequences.
     assert_eq!(est["kv_cache_bytes"], 18 * 512 * 2 * 1024 * 2);
     assert_eq!(
         total,
-        253_113_024
-            + est["kv_cache_bytes"].as_u64().unwrap()
-            + est["overhead_bytes"].as_u64().unwrap()
+        weights + est["kv_cache_bytes"].as_u64().unwrap() + est["overhead_bytes"].as_u64().unwrap()
     );
 
     let (code, a) = load(&s, json!({"model_id": "gemma-a"})).await;

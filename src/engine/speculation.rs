@@ -171,7 +171,7 @@ impl SpecCosts {
         }
         let g = generating.min(self.steps.len() - 1);
         self.steps[g] = self.steps[g].wrapping_add(1);
-        let explore = self.steps[g] % EXPLORE_EVERY == 0;
+        let explore = self.steps[g].is_multiple_of(EXPLORE_EVERY);
         match (self.plain_per_token[g], self.spec_per_token[g]) {
             (Some(plain), Some(spec)) if spec < plain * OUTCOME_MARGIN => !explore,
             (Some(_), Some(_)) => explore,
