@@ -198,6 +198,14 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         (400, Some("response_format")),
         "{v}"
     );
+    let mut draft = ask(MLX, "hi", 4);
+    draft["speculation"] = json!("draft");
+    let (code, v) = s.post("/v1/chat/completions", &draft).await;
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("speculation")),
+        "{v}"
+    );
     // Log-probabilities come from the worker: greedy takes the most likely token.
     let mut lp = ask(MLX, "What is the capital of France? One word.", 3);
     lp["logprobs"] = json!(true);

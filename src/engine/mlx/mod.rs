@@ -475,6 +475,14 @@ impl Backend for MlxEngine {
         &self,
         mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        // Speculation is a llama.cpp scheduler feature: `ngram` is a hint MLX may ignore (the
+        // output is the same), but a draft model it does not have is refused by name.
+        if req.speculation == Some(crate::engine::options::Speculation::Draft) {
+            return Err(EngineError::InvalidParam {
+                param: "speculation",
+                message: "MLX models decode without a draft model; ask for `off` or leave `speculation` out".into(),
+            });
+        }
         // A lazy grammar (tools under `auto`) is a safety net the client did not ask for: MLX
         // goes without it. What a client asked for and MLX cannot give is refused by name.
         if req
