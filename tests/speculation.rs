@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::fleet::spawn_post;
 use common::*;
 use serde_json::{json, Value};
@@ -82,18 +80,6 @@ async fn speculation_stats(s: &Server) -> Value {
     m["scheduler"]["speculation"].clone()
 }
 
-async fn completion(s: &Server, body: &Value) -> (String, Value) {
-    let (code, v) = s.post("/v1/chat/completions", body).await;
-    assert_eq!(code, 200, "{v}");
-    (
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-        v["usage"].clone(),
-    )
-}
-
 /// `got` is `plain`'s text, or departs from it only where the plain run's two likeliest
 /// tokens were nearly tied. llama.cpp computes a pass of several tokens with other matrix
 /// kernels than a pass of one (tinyBLAS tiles vs dot products, repacked gemm vs gemv), which
@@ -159,7 +145,7 @@ async fn assert_greedy_unchanged(s: &Server, requests: &[Value]) {
     }
     let mut exact = 0;
     for (r, want) in requests.iter().zip(&plain) {
-        let (got, _) = completion(s, r).await;
+        let got = s.chat_text(r.clone()).await;
         assert_same_or_near_tie(want, &got, "alone");
         exact += usize::from(got == want["choices"][0]["message"]["content"]);
     }
@@ -213,7 +199,8 @@ async fn ngram_speculation_keeps_greedy_output_and_counts_what_it_accepts() {
 
     // A request may turn it off: nothing more is proposed for it.
     let before = speculation_stats(&s).await["proposed_tokens_total"].clone();
-    completion(&s, &with(edit_request(4), "speculation", json!("off"))).await;
+    s.chat_text(with(edit_request(4), "speculation", json!("off")))
+        .await;
     assert_eq!(speculation_stats(&s).await["proposed_tokens_total"], before);
 
     // Seeded sampling: the same text with and without speculation, and run to run.
@@ -225,9 +212,11 @@ async fn ngram_speculation_keeps_greedy_output_and_counts_what_it_accepts() {
         "top_p": 0.95,
         "seed": 1234,
     });
-    let (a, _) = completion(&s, &sampled).await;
-    let (b, _) = completion(&s, &sampled).await;
-    let (off, _) = completion(&s, &with(sampled.clone(), "speculation", json!("off"))).await;
+    let a = s.chat_text(sampled.clone()).await;
+    let b = s.chat_text(sampled.clone()).await;
+    let off = s
+        .chat_text(with(sampled.clone(), "speculation", json!("off")))
+        .await;
     assert_eq!(a, b, "seeded sampling not reproducible with speculation");
     // The sampler draws the same numbers in the same order with and without speculation.
     assert_eq!(a, off, "seeded sampling changed by speculation");
@@ -341,5 +330,4 @@ async fn settings_that_cannot_work_are_refused_with_a_reason() {
         )
         .await;
     assert_eq!(code, 400, "{v}");
-    let _ = Path::new("");
 }
