@@ -846,6 +846,7 @@ impl<'m> Worker<'m> {
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
         let prompt = used - generating - proposed;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::trace!(prompt, generating, proposed, ms, "step");
         if !self.invariant {
             // Proposed tokens cost what prompt tokens do: extra rows in the same pass.
             self.costs.observe(prompt + proposed, generating, ms);
