@@ -110,15 +110,24 @@ pub struct SpecCosts {
     /// of rows, a busy machine); these say what really happened.
     plain_per_token: Vec<Option<f64>>,
     spec_per_token: Vec<Option<f64>>,
+    /// By generating sequences: steps since the losing kind was last tried, how many steps
+    /// apart it is tried, and, while a try's outcome is awaited, whether the try was of
+    /// proposals (the losing kind) or of plain steps.
     steps: Vec<u32>,
+    explore_every: Vec<u32>,
+    exploring: Vec<Option<bool>>,
 }
 
 /// A step with proposals is taken only when it is expected to gain at least this share.
 const MARGIN: f64 = 1.15;
 /// Steps with proposals must emit tokens at least this much cheaper than plain ones.
 const OUTCOME_MARGIN: f64 = 0.97;
-/// One step in this many tries the arm that is not winning, so both stay measured.
+/// One step in this many tries the arm that is not winning, so both stay measured...
 const EXPLORE_EVERY: u32 = 32;
+/// ...and each try that does not change the verdict doubles the distance, up to this: a try
+/// of a draft that loses costs its catch-up on everything since the last one, so trying
+/// every 32 steps for good cost a fifth of the decode rate in measurements.
+const EXPLORE_MAX: u32 = 1024;
 /// After this many steps without verifying, a short proposal is verified anyway so that a
 /// cost measured under other conditions (another batch size, a busier machine) is refreshed.
 const REMEASURE_EVERY: u32 = 64;
@@ -136,6 +145,8 @@ impl SpecCosts {
             plain_per_token: vec![None; parallel.max(1) + 1],
             spec_per_token: vec![None; parallel.max(1) + 1],
             steps: vec![0; parallel.max(1) + 1],
+            explore_every: vec![EXPLORE_EVERY; parallel.max(1) + 1],
+            exploring: vec![None; parallel.max(1) + 1],
         }
     }
 
@@ -153,32 +164,57 @@ impl SpecCosts {
         }
         let g = generating.min(self.steps.len() - 1);
         let per = ms / emitted as f64;
+        let before = self.verdict(g);
         let slot = if speculated {
             &mut self.spec_per_token[g]
         } else {
             &mut self.plain_per_token[g]
         };
         *slot = Some(slot.map_or(per, |o| 0.8 * o + 0.2 * per));
+        // A try of the losing kind that left the verdict as it was: try it less often. One
+        // that changed it: the conditions changed, so both kinds are watched closely again.
+        if self.exploring[g].take() == Some(speculated) {
+            let standing = before.is_some() && self.verdict(g) == before;
+            let every = &mut self.explore_every[g];
+            *every = if standing {
+                every.saturating_mul(2).min(EXPLORE_MAX)
+            } else {
+                EXPLORE_EVERY
+            };
+        }
+    }
+
+    /// Whether steps with proposals have been emitting tokens cheaper than plain steps at
+    /// batch size `g`, once both are measured.
+    fn verdict(&self, g: usize) -> Option<bool> {
+        match (self.plain_per_token[g], self.spec_per_token[g]) {
+            (Some(plain), Some(spec)) => Some(spec < plain * OUTCOME_MARGIN),
+            _ => None,
+        }
     }
 
     /// Whether this step of `generating` sequences may verify proposals at all: once both
     /// kinds of step are measured at this batch size, only if proposals have been emitting
-    /// tokens cheaper than plain steps, apart from one step in [`EXPLORE_EVERY`] that tries
-    /// the other kind.
+    /// tokens cheaper than plain steps, apart from a step now and then that tries the other
+    /// kind ([`EXPLORE_EVERY`] apart, further while the tries do not change the verdict).
     pub fn step_allows(&mut self, generating: usize) -> bool {
         if !self.adaptive || generating == 0 {
             return true;
         }
         let g = generating.min(self.steps.len() - 1);
-        self.steps[g] = self.steps[g].wrapping_add(1);
-        let explore = self.steps[g].is_multiple_of(EXPLORE_EVERY);
-        match (self.plain_per_token[g], self.spec_per_token[g]) {
-            (Some(plain), Some(spec)) if spec < plain * OUTCOME_MARGIN => !explore,
-            (Some(_), Some(_)) => explore,
+        self.steps[g] = self.steps[g].saturating_add(1);
+        let explore = self.steps[g] >= self.explore_every[g];
+        let allows = match (self.verdict(g), self.spec_per_token[g]) {
+            (Some(speculate), _) => speculate != explore,
             // Speculating without a plain measurement at this size: measure one now and then.
             (None, Some(_)) => !explore,
-            _ => true,
+            (None, None) => true,
+        };
+        if explore {
+            self.steps[g] = 0;
+            self.exploring[g] = Some(allows);
         }
+        allows
     }
 
     /// Whether proposals are verified only where they pay.
@@ -347,8 +383,40 @@ mod tests {
         for _ in 0..10 {
             out.observe_outcome(1, true, 4, 120.0);
         }
+        // (The first of these outcomes answered a try that left the verdict standing, so
+        // the next try of plain steps comes 64 steps after the last, not 32.)
         let allowed = (0..64).filter(|_| out.step_allows(1)).count();
-        assert_eq!(allowed, 62);
+        assert_eq!(allowed, 63);
+        // Tries that do not change the verdict come ever further apart, up to a limit, and
+        // one that changes it brings them back to every 32 steps.
+        let mut back = SpecCosts::new(8, true);
+        back.observe_outcome(2, false, 2, 100.0);
+        back.observe_outcome(2, true, 3, 300.0);
+        let mut gaps = Vec::new();
+        let mut last = 0;
+        for step in 1..=4000u32 {
+            if back.step_allows(2) {
+                gaps.push(step - last);
+                last = step;
+                back.observe_outcome(2, true, 3, 300.0);
+            } else {
+                back.observe_outcome(2, false, 2, 100.0);
+            }
+        }
+        assert_eq!(gaps[..6], [32, 64, 128, 256, 512, 1024], "{gaps:?}");
+        assert_eq!(gaps[6], 1024);
+        assert!(!back.step_allows(2));
+        back.observe_outcome(2, false, 2, 100.0);
+        for _ in 0..1100 {
+            if back.step_allows(2) {
+                break;
+            }
+        }
+        for _ in 0..20 {
+            // Proposals now pay (the tried step, then steps the new verdict allows).
+            back.observe_outcome(2, true, 6, 120.0);
+        }
+        assert!(back.step_allows(2), "the verdict follows what happens");
         // Not adaptive: everything is verified.
         assert_eq!(SpecCosts::new(8, false).choose(6, 4, 0.0), 4);
         // What proposals cost to make counts: a draft pass of 5 ms a token on fast hardware
