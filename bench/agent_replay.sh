@@ -6,13 +6,19 @@
 # cold. Prints the table and the ratios the design targets (warm turns and the after-restart
 # turn at most 0.2x a cold turn; after-restart at most 0.2x llama-server's).
 #
-#   bench/agent_replay.sh            # THREADS=<nproc> CONTEXT=8192
+#   bench/agent_replay.sh            # THREADS=<nproc> CONTEXT=8192 SIZE=0.5b
+#   SIZE=1.5b bench/agent_replay.sh  # the same on Qwen2.5-Coder 1.5B
 set -euo pipefail
 THREADS=${THREADS:-$(nproc)}
 CONTEXT=${CONTEXT:-8192}
+SIZE=${SIZE:-0.5b}
 source "$(dirname "$0")/common.sh"
-QWEN=target/test-model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-scripts/fetch-model.sh qwen "$QWEN" >/dev/null
+case "$SIZE" in
+  0.5b) QWEN=target/test-model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; scripts/fetch-model.sh qwen "$QWEN" >/dev/null ;;
+  1.5b) QWEN=target/test-model/qwen2.5-coder-1.5b-instruct.gguf; scripts/fetch-model.sh qwen15 "$QWEN" >/dev/null ;;
+  *) echo "SIZE is 0.5b or 1.5b" >&2; exit 2 ;;
+esac
+echo "== Qwen2.5-Coder $SIZE, threads $THREADS" >&2
 ln -s "$PWD/$QWEN" "$DIR/qwen.gguf"
 CACHE="$DIR/.prompt-cache"
 PY=target/venv/bin/python

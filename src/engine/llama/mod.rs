@@ -257,6 +257,10 @@ impl LlamaEngine {
         let architecture = model
             .meta_val_str("general.architecture")
             .unwrap_or_else(|_| "unknown".into());
+        // Sliding-window layers change what a saved prefix can be restored as (see the worker).
+        let sliding_window = model
+            .meta_val_str(&format!("{architecture}.attention.sliding_window"))
+            .is_ok();
         let context_train = model.n_ctx_train();
         let per_seq = opts.context.min(context_train.max(16));
         let parallel = opts.parallel.max(1);
@@ -335,6 +339,7 @@ impl LlamaEngine {
                         draft_max,
                         adaptive,
                         drafter,
+                        sliding_window,
                     };
                     Worker::new(&model, ctx, &shared, setup).run(job_rx);
                 })

@@ -230,6 +230,14 @@ pub(super) struct Worker<'m> {
     /// Control tokens rendered as their text (markers the chat layer parses).
     rendered: HashSet<i32>,
     disk: DiskTier,
+    /// Whether the model has sliding-window layers. llama.cpp saves a sequence's state with
+    /// only the cells its window still sees from the sequence's last position, so a state
+    /// saved at one length and cut shorter on restore would lack the window's oldest cells:
+    /// such a model saves a prefix cut at a prompt's end and restores it only whole.
+    sliding_window: bool,
+    /// By slot: the length of the prompt its last request brought, where a sliding-window
+    /// model's saved prefix ends (less the last token, which a request always recomputes).
+    prompt_len: Vec<usize>,
     /// What steps have cost, to size prefill while others generate.
     costs: StepCosts,
     /// What verifying proposals costs, to decide when speculation pays.
@@ -264,6 +272,7 @@ pub(super) struct Setup<'m> {
     pub draft_max: usize,
     pub adaptive: bool,
     pub drafter: Option<Drafter<'m>>,
+    pub sliding_window: bool,
 }
 
 impl<'m> Worker<'m> {
@@ -283,6 +292,7 @@ impl<'m> Worker<'m> {
             draft_max,
             adaptive,
             drafter,
+            sliding_window,
         } = setup;
         let parallel = slots.len();
         Self {
@@ -305,6 +315,8 @@ impl<'m> Worker<'m> {
             drafter,
             step_propose_ms: 0.0,
             step_emitted: 0,
+            sliding_window,
+            prompt_len: vec![0; parallel],
         }
     }
 
@@ -356,7 +368,7 @@ impl<'m> Worker<'m> {
             .filter_map(|i| {
                 let slot = self.slots.get(i);
                 let (seq, tokens) = (slot.seq, slot.cached.clone());
-                self.save_to_disk(seq, tokens)
+                self.save_to_disk(i, seq, tokens, 0)
             })
             .collect();
         for w in writes {
@@ -366,9 +378,28 @@ impl<'m> Worker<'m> {
 
     /// Writes a sequence's KV for `tokens` (what it holds) to the disk tier, if the tier is
     /// ready, the prefix is long enough and not already there. Returns the writer thread.
-    fn save_to_disk(&self, seq: i32, tokens: Vec<TokenId>) -> Option<std::thread::JoinHandle<()>> {
-        if self.invariant {
+    /// With sliding-window layers, what is written is the slot's last prompt less its last
+    /// token, the sequence cut there first: only when the slot keeps no more than that
+    /// (`kept` tokens) for its next request.
+    fn save_to_disk(
+        &mut self,
+        slot: usize,
+        seq: i32,
+        mut tokens: Vec<TokenId>,
+        kept: usize,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        if self.invariant || self.disk.get().is_none() {
             return None;
+        }
+        if self.sliding_window {
+            let cut = self.prompt_len[slot].saturating_sub(1).min(tokens.len());
+            if kept > cut {
+                return None;
+            }
+            if cut < tokens.len() {
+                self.ctx.kv_cache_seq_rm(seq, Some(cut as u32), None).ok()?;
+                tokens.truncate(cut);
+            }
         }
         let mut disk = self.disk.get()?.lock().expect("prompt cache lock");
         if tokens.len() < disk.min_tokens() || disk.holds(&tokens) {
@@ -415,7 +446,7 @@ impl<'m> Worker<'m> {
         let Some((entry, len)) = disk.best(prompt, cap) else {
             return reused;
         };
-        if len < reused + MIN_DISK_GAIN {
+        if len < reused + MIN_DISK_GAIN || self.sliding_window && len != entry.tokens.len() {
             return reused;
         }
         let Some(state) = disk.load(&entry) else {
@@ -498,8 +529,13 @@ impl<'m> Worker<'m> {
             // holds it until the reuse is applied.
             if let Some((slot, old)) = self.slots.take_dropped() {
                 let seq = self.slots.get(slot).seq;
-                drop(self.save_to_disk(seq, old));
+                let kept = match assignment.reuse {
+                    Reuse::Own { len } => len,
+                    _ => 0,
+                };
+                drop(self.save_to_disk(slot, seq, old, kept));
             }
+            self.prompt_len[assignment.slot] = job.req.prompt.len();
             let reused = self.apply_reuse(assignment.slot, assignment.reuse);
             let reused = self.restore_from_disk(assignment.slot, &job.req.prompt, reused);
             let req = job.req;
