@@ -279,13 +279,20 @@ impl SpecCosts {
         let Some(plain) = self.plain(generating) else {
             return 0; // nothing measured yet: decode plainly first
         };
+        let per_token = plain / generating as f64;
+        // A probe's making alone (verification free) must be worth what it could gain, or
+        // there is nothing to learn: a draft that has to catch up on a long prompt first.
+        let could_pay =
+            |k: usize| k as f64 * per_token > MARGIN * (k as f64 * per_token_ms + fixed_ms);
         let Some(cost) = self.per_proposed_ms else {
+            if !could_pay(available.min(2)) {
+                return 0;
+            }
             // Never measured: one short probe, once a plain step is known.
             self.since_measured = 0;
             self.per_proposed_ms = Some(plain); // pessimistic until the probe reports
             return available.min(2);
         };
-        let per_token = plain / generating as f64;
         let gain = |k: usize| {
             expected_accepted(p, k) * per_token
                 - MARGIN * (k as f64 * (cost + per_token_ms) + fixed_ms)
@@ -295,7 +302,7 @@ impl SpecCosts {
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .filter(|&(_, g)| g > 0.0)
             .map_or(0, |(k, _)| k);
-        if best == 0 && self.since_measured >= REMEASURE_EVERY && p > 0.5 {
+        if best == 0 && self.since_measured >= REMEASURE_EVERY && p > 0.5 && could_pay(1) {
             self.since_measured = 0;
             return 1;
         }
@@ -423,5 +430,20 @@ mod tests {
         // still pays at high acceptance; a long catch-up on the draft does not.
         assert_eq!(gpu.choose_with(1, 4, 0.9, 1.0, 0.0), 4);
         assert_eq!(gpu.choose_with(1, 4, 0.9, 1.0, 500.0), 0);
+        // Nor is a draft probed, or re-measured, when making its proposals alone costs more
+        // than they could gain (two CPU cores: the catch-up on a 250-token prompt).
+        let mut fresh = SpecCosts::new(8, true);
+        fresh.observe(1, 0, 63.0);
+        assert_eq!(fresh.choose_with(1, 8, 0.5, 43.0, 1000.0), 0);
+        assert_eq!(
+            fresh.choose_with(1, 8, 0.5, 60.0, 0.0),
+            0,
+            "60 ms a token against 63"
+        );
+        assert_eq!(
+            fresh.choose_with(1, 8, 0.5, 5.0, 10.0),
+            2,
+            "a cheap draft is probed"
+        );
     }
 }

@@ -53,6 +53,27 @@ impl<'m> Drafter<'m> {
         }
     }
 
+    /// Measures what catching up and proposing cost, on a throwaway run in sequence 0, so
+    /// that the first request's decision to draft (which would catch the draft up on its
+    /// whole prompt: a second of a small CPU model's time for a few hundred tokens) is
+    /// priced instead of paid for as a probe.
+    pub fn calibrate(&mut self) {
+        let vocab = self.model.n_vocab().max(2);
+        let history: Vec<TokenId> = (0..64).map(|i| (i * 7919 + 1) % vocab).collect();
+        let _ = self.run(&[Want {
+            seq: 0,
+            history,
+            max: 4,
+        }]);
+        let _ = self.ctx.clear_kv_cache_seq(Some(0), None, None);
+        self.cached[0].clear();
+        tracing::debug!(
+            ms_per_token = self.ms_per_token,
+            catch_up_ms_per_token = self.catch_up_ms_per_token,
+            "draft model calibrated"
+        );
+    }
+
     /// Tokens a sequence would have to catch up on before it can propose.
     pub fn behind(&self, seq: i32, history: &[TokenId]) -> usize {
         let have = &self.cached[seq as usize];

@@ -312,7 +312,14 @@ impl LlamaEngine {
                         Some(d) => {
                             let ub = footprint::micro_batch(d.n_vocab().max(0) as u32);
                             match d.new_context(backend, kv.params(ub)) {
-                                Ok(dctx) => Some(draft::Drafter::new(d, dctx, parallel as usize)),
+                                Ok(dctx) => {
+                                    let mut drafter =
+                                        draft::Drafter::new(d, dctx, parallel as usize);
+                                    if adaptive {
+                                        drafter.calibrate();
+                                    }
+                                    Some(drafter)
+                                }
                                 Err(e) => {
                                     let _ = ready_tx.send(Err(EngineError::Load(format!(
                                         "could not create the draft model's context: {e}"
