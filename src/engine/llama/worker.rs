@@ -388,9 +388,12 @@ impl<'m> Worker<'m> {
         mut tokens: Vec<TokenId>,
         kept: usize,
     ) -> Option<std::thread::JoinHandle<()>> {
-        if self.invariant || self.disk.get().is_none() {
+        if self.invariant {
             return None;
         }
+        // Its own handle on the tier: the sequence may be cut below while the tier is held.
+        let tier = std::sync::Arc::clone(&self.disk);
+        let tier = tier.get()?;
         if self.sliding_window {
             let cut = self.prompt_len[slot].saturating_sub(1).min(tokens.len());
             if kept > cut {
@@ -401,7 +404,7 @@ impl<'m> Worker<'m> {
                 tokens.truncate(cut);
             }
         }
-        let mut disk = self.disk.get()?.lock().expect("prompt cache lock");
+        let mut disk = tier.lock().expect("prompt cache lock");
         if tokens.len() < disk.min_tokens() || disk.holds(&tokens) {
             return None;
         }
