@@ -122,6 +122,10 @@ pub struct ServerConfig {
     /// opened or its previous response ended: drops idle keep-alive sockets and clients that
     /// send headers a byte at a time.
     pub header_timeout_seconds: f64,
+    /// Seconds a stop (SIGTERM, Ctrl-C) waits for in-flight responses to finish before it
+    /// closes them: long enough for a stream to end, short enough for a service manager's
+    /// stop timeout.
+    pub drain_seconds: f64,
     /// Most open connections. At the limit a new one closes the longest-idle connection, or
     /// is answered 503 when every connection is busy.
     pub max_connections: usize,
@@ -397,6 +401,7 @@ impl Default for ServerConfig {
             sse_keepalive_seconds: 10.0,
             admin_open: false,
             header_timeout_seconds: 10.0,
+            drain_seconds: 60.0,
             max_connections: 512,
             tls: None,
             metrics_open: false,
@@ -591,6 +596,7 @@ impl Config {
             "SSE_KEEPALIVE" => self.server.sse_keepalive_seconds = parse(v)?,
             "ADMIN_OPEN" => self.server.admin_open = parse(v)?,
             "HEADER_TIMEOUT" => self.server.header_timeout_seconds = parse(v)?,
+            "DRAIN_SECONDS" => self.server.drain_seconds = parse(v)?,
             "MAX_CONNECTIONS" => self.server.max_connections = parse(v)?,
             "BODY_TIMEOUT" => self.requests.body_timeout_seconds = parse(v)?,
             "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
@@ -712,6 +718,7 @@ impl Config {
                 "server.header_timeout_seconds",
                 self.server.header_timeout_seconds,
             ),
+            ("server.drain_seconds", self.server.drain_seconds),
             (
                 "requests.body_timeout_seconds",
                 self.requests.body_timeout_seconds,

@@ -509,7 +509,12 @@ async fn load_on_demand_when_enabled() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams() {
-    let mut s = Server::start(Opts::default());
+    // The drain limit far above the stream's length on any machine: this asserts that a
+    // stop waits for the stream, not how fast the machine decodes.
+    let mut s = Server::start(Opts {
+        env: vec![("OPTA_LMX_DRAIN_SECONDS".into(), "600".into())],
+        ..Opts::default()
+    });
     let body = json!({"model": MODEL, "prompt": "The history of the Roman Empire", "max_tokens": 60,
                       "temperature": 0, "stream": true, "logit_bias": no_eos()});
     let r = s.send("/v1/completions", &body).await;

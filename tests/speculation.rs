@@ -38,8 +38,14 @@ fn story_request() -> Value {
 }
 
 /// One Qwen server at a time: llama.cpp's threads spin while they wait, so two servers
-/// decoding on two cores take many times as long as one after the other.
+/// decoding on two cores take many times as long as one after the other. Alone, a server may
+/// use every core (the harness's default is one thread, for tests that run side by side).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn all_cores() -> Vec<String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    vec!["--threads".into(), cores.to_string()]
+}
 
 fn with(mut body: Value, key: &str, value: Value) -> Value {
     body[key] = value;
@@ -54,6 +60,7 @@ async fn qwen_server(load: Value) -> Server {
         load_model: false,
         context: 2048,
         parallel: 4,
+        extra_args: all_cores(),
         ..Opts::default()
     });
     for id in [QWEN, "qwen-draft"] {

@@ -28,9 +28,6 @@ use tower::ServiceExt;
 use super::error::ApiError;
 use crate::config::ServerConfig;
 
-/// How long a shutdown waits for in-flight responses before it gives up on them.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
-
 /// One open connection, as the cap sees it.
 struct Conn {
     /// Requests in flight, counting a response until its body has been sent.
@@ -124,7 +121,7 @@ impl http_body::Body for GuardedBody {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains in-flight responses
-/// (for at most [`DRAIN_LIMIT`]).
+/// (for at most `drain_seconds`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -234,14 +231,14 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+    let drained = tokio::time::timeout(Duration::from_secs_f64(cfg.drain_seconds), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             open = tasks.len(),
-            "responses still in flight after the drain limit; closing them"
+            "responses still in flight after server.drain_seconds; closing them"
         );
         tasks.abort_all();
     }

@@ -239,7 +239,8 @@ NotifyAccess=main
 ExecStart={bin} serve --config {config}
 Restart=on-failure
 RestartSec=2
-# Loading large models at start can take minutes; stopping drains requests for up to 60 s.
+# Loading large models at start can take minutes; stopping drains requests for up to
+# server.drain_seconds (60 s unless changed).
 TimeoutStartSec=900
 TimeoutStopSec=120
 LimitNOFILE={OPEN_FILES}

@@ -154,6 +154,13 @@ impl Server {
         if opts.load_model {
             cmd.arg("--model").arg(MODEL);
         }
+        // One compute thread per server unless a test says otherwise: tests run two at a
+        // time, and llama.cpp's threads spin at every barrier while they wait for each
+        // other, so two servers of two threads each on a two-core runner took whole seconds
+        // a token (a 60-token stream ran past the 60 s drain limit in CI).
+        if !opts.extra_args.iter().any(|a| a == "--threads") {
+            cmd.arg("--threads").arg("1");
+        }
         // The audit log beside the test's models, never in the home.
         if !opts.extra_args.iter().any(|a| a == "--audit-file") {
             cmd.arg("--audit-file").arg(dir.join(".audit.jsonl"));
