@@ -54,6 +54,7 @@ async def one(client, args, prompt):
     details = getattr(usage, "prompt_tokens_details", None) if usage else None
     return {"ttft": (first or time.perf_counter()) - sent,
             "completion_tokens": usage.completion_tokens if usage else 0,
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
             "cached": (details.cached_tokens or 0) if details else 0}
 
 
@@ -82,6 +83,7 @@ async def load(args, shared):
     return {"requests": len(results), "errors": len(errors), "error_samples": errors[:3],
             "wall_s": wall, "completion_tokens": tokens, "aggregate_tps": tokens / wall,
             "ttft_p50_ms": pct(ttfts, 0.50), "ttft_p95_ms": pct(ttfts, 0.95),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results),
             "cached_tokens": sum(r["cached"] for r in results)}
 
 

@@ -885,7 +885,18 @@ impl<'m> Worker<'m> {
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
         let prompt = used - generating - proposed;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::trace!(prompt, generating, proposed, ms, "step");
+        if tracing::enabled!(tracing::Level::TRACE) {
+            // Runs of consecutive sequence ids: each is a pass of its own in llama.cpp.
+            let mut seqs: Vec<i32> = self
+                .active
+                .iter()
+                .filter(|a| members.contains(&a.id) && !a.fed.is_empty())
+                .map(|a| self.slots.get(a.slot).seq)
+                .collect();
+            seqs.sort_unstable();
+            let runs = seqs.windows(2).filter(|w| w[1] != w[0] + 1).count() + 1;
+            tracing::trace!(prompt, generating, proposed, runs, ms, "step");
+        }
         if !self.invariant {
             // Proposed tokens cost what prompt tokens do: extra rows in the same pass.
             self.costs.observe(prompt + proposed, generating, ms);
