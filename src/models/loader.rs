@@ -23,8 +23,14 @@ pub trait Loader: Send + Sync {
         disk: &DiskModel,
         opts: &LoadOptions,
     ) -> (u32, MemoryEstimate);
-    /// Loads the model. Blocking: called on the blocking pool.
-    fn load(&self, disk: &DiskModel, opts: &LoadOptions) -> Result<Arc<dyn Backend>, EngineError>;
+    /// Loads the model, given the facts the plan read from it (the header is not read
+    /// again). Blocking: called on the blocking pool.
+    fn load(
+        &self,
+        disk: &DiskModel,
+        facts: &ModelFacts,
+        opts: &LoadOptions,
+    ) -> Result<Arc<dyn Backend>, EngineError>;
 }
 
 /// GGUF files through llama.cpp.
@@ -45,8 +51,13 @@ impl Loader for GgufLoader {
         )
     }
 
-    fn load(&self, disk: &DiskModel, opts: &LoadOptions) -> Result<Arc<dyn Backend>, EngineError> {
-        Ok(Arc::new(LlamaEngine::load(&disk.path, opts)?))
+    fn load(
+        &self,
+        disk: &DiskModel,
+        facts: &ModelFacts,
+        opts: &LoadOptions,
+    ) -> Result<Arc<dyn Backend>, EngineError> {
+        Ok(Arc::new(LlamaEngine::load(&disk.path, facts, opts)?))
     }
 }
 
@@ -69,7 +80,12 @@ impl Loader for MlxLoader {
         )
     }
 
-    fn load(&self, disk: &DiskModel, opts: &LoadOptions) -> Result<Arc<dyn Backend>, EngineError> {
+    fn load(
+        &self,
+        disk: &DiskModel,
+        _facts: &ModelFacts,
+        opts: &LoadOptions,
+    ) -> Result<Arc<dyn Backend>, EngineError> {
         let options = MlxOptions {
             python: self.python.clone(),
             heartbeat: self.heartbeat,

@@ -489,6 +489,7 @@ impl Registry {
             settings,
             opts,
             estimate,
+            facts,
             ..
         } = self.plan(&disk, overrides)?;
         let evicted = self.make_room(&disk.id, &estimate).await?;
@@ -500,7 +501,7 @@ impl Registry {
             let loader = self.loader(&disk);
             let disk = disk.clone();
             tokio::task::spawn_blocking(move || {
-                loader.load(&disk, &opts).map(|e| {
+                loader.load(&disk, &facts, &opts).map(|e| {
                     let control = ControlText::new(e.control_texts());
                     (e, control)
                 })

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use super::options::{FlashAttention, KvType, Speculation};
 use super::scheduler::SlotTable;
 use super::{
-    Backend, EngineError, Event, GenerationRequest, ModelInfo, SchedulerStats, SpeculationStats,
-    TokenId,
+    Backend, EngineError, Event, GenerationRequest, ModelFacts, ModelInfo, SchedulerStats,
+    SpeculationStats, TokenId,
 };
 use crate::metrics::RateWindow;
 use worker::{Worker, BATCH_TOKENS};
@@ -229,7 +229,8 @@ struct Job {
 
 impl LlamaEngine {
     /// Loads the file and starts the scheduler thread. Blocking: call from a blocking task.
-    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+    /// `facts` are what the registry's plan read from the file's header.
+    pub fn load(path: &Path, facts: &ModelFacts, opts: &LoadOptions) -> Result<Self, EngineError> {
         let backend = backend();
         let params = LlamaModelParams::default().with_n_gpu_layers(opts.gpu_layers);
         let model = LlamaModel::load_from_file(backend, path, &params)
@@ -254,13 +255,9 @@ impl LlamaEngine {
             }
         };
 
-        let architecture = model
-            .meta_val_str("general.architecture")
-            .unwrap_or_else(|_| "unknown".into());
         // Sliding-window layers change what a saved prefix can be restored as (see the worker).
-        let sliding_window = model
-            .meta_val_str(&format!("{architecture}.attention.sliding_window"))
-            .is_ok();
+        let sliding_window = facts.sliding_window;
+        let architecture = facts.architecture.clone();
         let context_train = model.n_ctx_train();
         let per_seq = opts.context.min(context_train.max(16));
         let parallel = opts.parallel.max(1);
