@@ -889,6 +889,16 @@ mod tests {
         let f = write("models:\n  per_model:\n    gemma:\n      threads: 0\n");
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(err.contains("models.per_model.gemma.threads"), "{err}");
+        // A drain of no time would cut every stream at a stop.
+        let f = write("server:\n  drain_seconds: 0\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("server.drain_seconds"), "{err}");
+        let cfg = Config::load(
+            Some(f.path()),
+            [("OPTA_LMX_DRAIN_SECONDS".to_string(), "600".to_string())],
+        )
+        .unwrap();
+        assert_eq!(cfg.server.drain_seconds, 600.0);
     }
 
     #[test]
