@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds llama-bench, llama-batched-bench and llama-server with the same native-minus-AMX flags
-# as opta-lmx, into target/llama-tools. The llama-cpp-sys-2 crate ships llama.cpp without its tools, so the tree
-# comes from the llama-cpp-python sdist on PyPI, which vendors all of it (a llama.cpp of
-# about the same date; the version is printed so results can say which).
+# as opta-lmx, into target/llama-tools. The llama-cpp-sys-2 crate ships llama.cpp without its
+# tools, so the tree comes from the llama-cpp-python sdist on PyPI, which vendors all of it (a
+# llama.cpp of about the same date; the version is printed so results can say which).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -258,8 +258,9 @@ impl LlamaEngine {
         // Sliding-window layers change what a saved prefix can be restored as (see the worker).
         let sliding_window = facts.sliding_window;
         let architecture = facts.architecture.clone();
-        let context_train = model.n_ctx_train();
-        let per_seq = opts.context.min(context_train.max(16));
+        let context_train = facts.context_train;
+        // The same context per sequence the load plan estimated memory for.
+        let per_seq = footprint::context_per_sequence(facts, opts);
         let parallel = opts.parallel.max(1);
         let template = model
             .meta_val_str("tokenizer.chat_template")
