@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Tries a server binary the way a hostile client would and prints, for each finding of the
-hardening issue, the status, the time it took and what the other clients saw meanwhile.
+hardening issues, the status, the time it took and what the other clients saw meanwhile.
 
-    bench/hostile.py BINARY MODEL_FILE [--label NAME]
+    bench/hostile.py BINARY MODEL_FILE [--label NAME] [--round 1|2|all]
+
+Round 1 is the first hardening issue's findings (rows 1-6), round 2 the second's (rows
+R1-R8, in bench/hostile2.py).
 
 Each scenario starts its own server (Gemma on loopback, 4 sequences, open-files limit 1,024
 as on a stock Linux account) so that an old and a new binary can be compared line by line:
@@ -32,13 +35,16 @@ def free_port():
 
 
 class Server:
-    def __init__(self, binary, model_file, env=None, load=True):
+    def __init__(self, binary, model_file, env=None, load=True, args=(), wrap=(), models=None):
         self.dir = tempfile.mkdtemp(prefix="hostile-")
+        self.models = models or self.dir
         os.symlink(os.path.abspath(model_file), os.path.join(self.dir, MODEL + ".gguf"))
         open(os.path.join(self.dir, "c.yaml"), "w").close()
         self.port = free_port()
-        args = [binary, "serve", "--config", os.path.join(self.dir, "c.yaml"), "--port",
-                str(self.port), "--models-dir", self.dir, "--context", "4096", "--parallel", "4"]
+        args = list(wrap) + [
+            binary, "serve", "--config", os.path.join(self.dir, "c.yaml"), "--port",
+            str(self.port), "--models-dir", self.models, "--context", "4096", "--parallel",
+            "4", "--no-prompt-cache"] + list(args)
         if load:
             args += ["--model", MODEL]
         e = {k: v for k, v in os.environ.items() if not k.startswith("OPTA_LMX_")}
@@ -297,12 +303,21 @@ def loose_edges(binary, model_file):
 
 
 def main():
-    binary, model_file = sys.argv[1], sys.argv[2]
-    label = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--label" else binary
-    print(f"== {label}")
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("model_file")
+    ap.add_argument("--label")
+    ap.add_argument("--round", default="all", choices=["1", "2", "all"],
+                    help="1: the first hardening issue's findings; 2: the second's")
+    a = ap.parse_args()
+    print(f"== {a.label or a.binary}")
     print(f"{'#':>3} | {'what':<44} | {'status':<36} | {'time':>10} | what others saw")
-    for scenario in (bad_token_ids, floods, admin_open, delete_through_link, sockets, loose_edges):
-        scenario(binary, model_file)
+    first = (bad_token_ids, floods, admin_open, delete_through_link, sockets, loose_edges)
+    import hostile2  # the second round's scenarios, built on the helpers above
+    second = hostile2.SCENARIOS
+    for scenario in (first if a.round == "1" else second if a.round == "2" else first + second):
+        scenario(a.binary, a.model_file)
 
 
 if __name__ == "__main__":

@@ -126,9 +126,16 @@ pub struct ServerConfig {
     /// closes them: long enough for a stream to end, short enough for a service manager's
     /// stop timeout.
     pub drain_seconds: f64,
-    /// Most open connections. At the limit a new one closes the longest-idle connection, or
-    /// is answered 503 when every connection is busy.
+    /// Most open connections. At the limit a new one closes the longest-idle connection (or
+    /// one stalled on a client that reads nothing), or is answered 503 when every connection
+    /// is busy.
     pub max_connections: usize,
+    /// Seconds a connection may hold a response its client does not take (a full socket, an
+    /// HTTP/2 window left at zero) before it is closed: a client that reads nothing cannot
+    /// hold a connection, its buffers or the cap for longer.
+    pub write_timeout_seconds: f64,
+    /// Most concurrent streams on one HTTP/2 connection.
+    pub h2_max_streams: u32,
     /// Serve HTTPS with this certificate and key instead of plain HTTP.
     pub tls: Option<TlsConfig>,
     /// Let anyone who reaches the port scrape `/metrics` (a Prometheus without the admin
@@ -403,6 +410,8 @@ impl Default for ServerConfig {
             header_timeout_seconds: 10.0,
             drain_seconds: 60.0,
             max_connections: 512,
+            write_timeout_seconds: 30.0,
+            h2_max_streams: 32,
             tls: None,
             metrics_open: false,
         }
@@ -598,6 +607,8 @@ impl Config {
             "HEADER_TIMEOUT" => self.server.header_timeout_seconds = parse(v)?,
             "DRAIN_SECONDS" => self.server.drain_seconds = parse(v)?,
             "MAX_CONNECTIONS" => self.server.max_connections = parse(v)?,
+            "WRITE_TIMEOUT" => self.server.write_timeout_seconds = parse(v)?,
+            "H2_MAX_STREAMS" => self.server.h2_max_streams = parse(v)?,
             "BODY_TIMEOUT" => self.requests.body_timeout_seconds = parse(v)?,
             "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
             "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
@@ -720,6 +731,10 @@ impl Config {
             ),
             ("server.drain_seconds", self.server.drain_seconds),
             (
+                "server.write_timeout_seconds",
+                self.server.write_timeout_seconds,
+            ),
+            (
                 "requests.body_timeout_seconds",
                 self.requests.body_timeout_seconds,
             ),
@@ -731,6 +746,7 @@ impl Config {
         let r = &self.requests;
         for (key, n) in [
             ("server.max_connections", self.server.max_connections),
+            ("server.h2_max_streams", self.server.h2_max_streams as usize),
             ("requests.max_body_bytes", r.max_body_bytes),
             ("requests.max_messages", r.max_messages),
             ("requests.max_prompt_chars", r.max_prompt_chars.unwrap_or(1)),

@@ -3,12 +3,14 @@
 //! `POST /api/v1/models/load`). Same registry as `/admin`; only the shapes are LM Studio's.
 
 use axum::extract::State;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::AlreadyLoaded;
 use super::error::ApiError;
 use super::{ApiJson, AppState};
+use crate::config::check_settings;
 use crate::models::registry::LoadOverrides;
 
 /// One model on disk with what LM Studio's lists say about it.
@@ -25,13 +27,15 @@ struct Listed {
 /// The models directory with header facts, read on the blocking pool (it touches the disk).
 async fn listed(state: &AppState) -> Result<Vec<Listed>, ApiError> {
     let registry = state.registry.clone();
+    let disk = registry
+        .store()
+        .indexed(crate::models::store::INDEX_MAX_AGE)
+        .await
+        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
     tokio::task::spawn_blocking(move || {
-        let disk = registry
-            .store()
-            .scan()
-            .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
         Ok(disk
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|d| {
                 let plan = registry.plan(&d, &LoadOverrides::default()).ok();
                 let loaded = registry.get(&d.id);
@@ -128,15 +132,37 @@ pub struct LoadBody {
     pub _other: serde_json::Map<String, Value>,
 }
 
-/// `POST /api/v1/models/load`.
+/// `POST /api/v1/models/load`: the same range checks as `/admin/model/load`. Let through
+/// without the admin key only for a model already loaded ([`AlreadyLoaded`]), and then it
+/// changes nothing.
 pub async fn load(
     State(state): State<AppState>,
+    already: Option<Extension<AlreadyLoaded>>,
     ApiJson(body): ApiJson<LoadBody>,
 ) -> Result<Json<Value>, ApiError> {
     let overrides = LoadOverrides {
         context: body.context_length,
         ..LoadOverrides::default()
     };
+    if let Err((_, reason)) = check_settings("", &overrides) {
+        return Err(ApiError::invalid(
+            "context_length",
+            format!("context_length: {reason}"),
+        ));
+    }
+    if already.is_some() {
+        let model = state.registry.get(&body.model).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing or invalid admin key (X-Admin-Key or Authorization: Bearer)".into(),
+            )
+        })?;
+        return Ok(Json(json!({
+            "type": "llm",
+            "instance_id": model.id,
+            "load_time_seconds": 0.0,
+            "status": "loaded",
+        })));
+    }
     let report = state.registry.load(&body.model, &overrides).await?;
     Ok(Json(json!({
         "type": "llm",

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod anthropic;
+pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod downloads;
@@ -20,18 +21,15 @@ pub mod types;
 
 pub mod serve;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
-};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -40,7 +38,7 @@ use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::audit::Audit;
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::models::downloads::Downloads;
 use crate::models::registry::Registry;
@@ -276,103 +274,6 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     }
 }
 
-/// The key a request presented, from `Authorization: Bearer` or `X-Admin-Key`.
-fn presented_key(headers: &HeaderMap, admin: bool) -> Option<&str> {
-    if admin {
-        if let Some(k) = headers.get("x-admin-key").and_then(|v| v.to_str().ok()) {
-            return Some(k);
-        }
-    }
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        // Anthropic's clients send their key as `x-api-key`.
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-}
-
-/// Constant-time comparison so keys cannot be guessed byte by byte from timings.
-fn keys_match(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match &state.config.server.api_key {
-        Some(key) if !presented_key(req.headers(), false).is_some_and(|k| keys_match(k, key)) => {
-            observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
-            ApiError::Unauthorized("missing or invalid API key".into()).into_response()
-        }
-        _ => next.run(req).await,
-    }
-}
-
-/// Who may use `/admin`: with an admin key, its holders; else with an API key, its holders;
-/// with no key at all, loopback clients only (unless `server.admin_open`), because loading,
-/// unloading and deleting models is not for anyone on the LAN.
-fn admin_access(
-    server: &ServerConfig,
-    peer: Option<IpAddr>,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let key = server.admin_key.as_ref().or(server.api_key.as_ref());
-    match key {
-        Some(key) if presented_key(headers, true).is_some_and(|k| keys_match(k, key)) => Ok(()),
-        Some(_) if server.admin_key.is_some() => Err(ApiError::Unauthorized(
-            "missing or invalid admin key (X-Admin-Key or Authorization: Bearer)".into(),
-        )),
-        Some(_) => Err(ApiError::Unauthorized(
-            "missing or invalid key: with no admin key configured, /admin needs the API key".into(),
-        )),
-        None if server.admin_open || peer.is_some_and(is_loopback) => Ok(()),
-        None => Err(ApiError::Other {
-            status: StatusCode::FORBIDDEN,
-            message: "the admin API answers only this machine when no key is configured; set an admin key (OPTA_LMX_ADMIN_KEY) or server.admin_open".into(),
-            code: "admin_forbidden",
-        }),
-    }
-}
-
-/// Loopback, including IPv4 loopback mapped into IPv6 (a dual-stack listener).
-fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-        IpAddr::V4(v4) => v4.is_loopback(),
-    }
-}
-
-async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    match admin_access(&state.config.server, peer, req.headers()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => {
-            observe::auth_failed(&state, &req, "admin", e.status());
-            e.into_response()
-        }
-    }
-}
-
-/// `/metrics`: open when configured for a scraper, else guarded like `/admin`.
-async fn require_metrics_access(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if state.config.server.metrics_open {
-        return next.run(req).await;
-    }
-    require_admin_key(State(state), req, next).await
-}
-
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal("internal error while handling the request".into()).into_response()
 }
@@ -380,7 +281,8 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let audited = || middleware::from_fn_with_state(state.clone(), observe::audit_admin);
-    let api_key = || middleware::from_fn_with_state(state.clone(), require_api_key);
+    let api_key = || middleware::from_fn_with_state(state.clone(), auth::require_api_key);
+    let admin_key = || middleware::from_fn_with_state(state.clone(), auth::require_admin_key);
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -391,12 +293,22 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models", get(lmstudio::list_v1))
         .route("/api/v0/models", get(lmstudio::list_v0))
         .route_layer(api_key());
-    // LM Studio's load and unload change what is in memory: audited like /admin's.
+    // LM Studio's load and unload change what is in memory, as /admin's do: the same key
+    // check and audit (a load of a model already loaded, which changes nothing, passes with
+    // the inference key: see auth::require_admin_unless_loaded).
     let lmstudio_admin = Router::new()
-        .route("/api/v1/models/load", post(lmstudio::load))
         .route("/api/v1/models/unload", post(lmstudio::unload))
         .route_layer(audited())
-        .route_layer(api_key());
+        .route_layer(admin_key())
+        .merge(
+            Router::new()
+                .route("/api/v1/models/load", post(lmstudio::load))
+                .route_layer(audited())
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    auth::require_admin_unless_loaded,
+                )),
+        );
     // Anthropic's Messages: its own error shape around everything, the key check included.
     let anthropic_routes = Router::new()
         .route("/v1/messages", post(anthropic::create))
@@ -442,15 +354,12 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/models/{*id}", delete(admin::delete_model))
         .route("/admin/status", get(admin::status))
         .route_layer(audited())
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_admin_key,
-        ));
+        .route_layer(admin_key());
     let scrape = Router::new()
         .route("/metrics", get(observe::metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            require_metrics_access,
+            auth::require_metrics_access,
         ));
     let open = Router::new()
         .route("/admin/health", get(admin::health))
@@ -471,15 +380,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(|req: Request| async move {
             ApiError::NotFound(format!(
                 "no route for {} {}",
-                req.method(),
-                req.uri().path()
+                observe::method_label(req.method()),
+                observe::bounded(req.uri().path(), observe::LOGGED_PATH_CHARS)
             ))
         })
         .method_not_allowed_fallback(|req: Request| async move {
             ApiError::MethodNotAllowed(format!(
                 "method {} is not allowed on {}",
-                req.method(),
-                req.uri().path()
+                observe::method_label(req.method()),
+                observe::bounded(req.uri().path(), observe::LOGGED_PATH_CHARS)
             ))
         })
         .layer(DefaultBodyLimit::max(state.config.requests.max_body_bytes))
@@ -494,67 +403,6 @@ pub fn router(state: AppState) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_checks() {
-        let mut h = HeaderMap::new();
-        assert_eq!(presented_key(&h, false), None);
-        h.insert(header::AUTHORIZATION, "Bearer sk-1".parse().unwrap());
-        assert_eq!(presented_key(&h, false), Some("sk-1"));
-        h.insert("x-admin-key", "adm".parse().unwrap());
-        assert_eq!(presented_key(&h, true), Some("adm"));
-        assert!(keys_match("abc", "abc"));
-        assert!(!keys_match("abc", "abd"));
-        assert!(!keys_match("abc", "abcd"));
-    }
-
-    fn server(api: Option<&str>, admin: Option<&str>, open: bool) -> ServerConfig {
-        ServerConfig {
-            api_key: api.map(String::from),
-            admin_key: admin.map(String::from),
-            admin_open: open,
-            ..ServerConfig::default()
-        }
-    }
-
-    #[test]
-    fn admin_needs_a_key_when_any_is_set_and_loopback_when_none() {
-        let lan: Option<IpAddr> = Some("192.0.2.7".parse().unwrap());
-        let local: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
-        let mapped: Option<IpAddr> = Some("::ffff:127.0.0.1".parse().unwrap());
-        let none = HeaderMap::new();
-        let bearer = |k: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                header::AUTHORIZATION,
-                format!("Bearer {k}").parse().unwrap(),
-            );
-            h
-        };
-        let (api_key, admin_key) = (bearer("api"), bearer("adm"));
-        let status = |r: Result<(), ApiError>| r.err().map(|e| e.status().as_u16());
-
-        // Only an API key: it opens /admin too; nothing else does, not even from loopback.
-        let c = server(Some("api"), None, false);
-        assert_eq!(status(admin_access(&c, local, &none)), Some(401));
-        assert_eq!(status(admin_access(&c, local, &admin_key)), Some(401));
-        assert_eq!(status(admin_access(&c, lan, &api_key)), None);
-        // An admin key: only it.
-        let c = server(Some("api"), Some("adm"), false);
-        assert_eq!(status(admin_access(&c, local, &api_key)), Some(401));
-        assert_eq!(status(admin_access(&c, lan, &admin_key)), None);
-        let mut x = HeaderMap::new();
-        x.insert("x-admin-key", "adm".parse().unwrap());
-        assert_eq!(status(admin_access(&c, lan, &x)), None);
-        // No keys: loopback only, unless configured open.
-        let c = server(None, None, false);
-        assert_eq!(status(admin_access(&c, lan, &none)), Some(403));
-        assert_eq!(status(admin_access(&c, None, &none)), Some(403));
-        assert_eq!(status(admin_access(&c, local, &none)), None);
-        assert_eq!(status(admin_access(&c, mapped, &none)), None);
-        let c = server(None, None, true);
-        assert_eq!(status(admin_access(&c, lan, &none)), None);
-    }
 
     #[test]
     fn json_bodies_must_end_after_their_value() {

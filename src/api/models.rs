@@ -27,12 +27,15 @@ fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> Mod
 }
 /// Every model the server can serve: loaded ones and the rest of the disk inventory.
 async fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
-    // A scan walks folders: blocking I/O, so not on the async runtime.
-    let store = state.registry.store().clone();
-    let mut disk = tokio::task::spawn_blocking(move || store.scan())
+    // The index: at most one walk of the folder a second, off the runtime, however many
+    // clients list (see ModelStore::indexed).
+    let mut disk: Vec<_> = state
+        .registry
+        .store()
+        .indexed(crate::models::store::INDEX_MAX_AGE)
         .await
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
+        .to_vec();
     // A loaded model whose file was removed since is still servable.
     for m in state.registry.loaded() {
         if !disk.iter().any(|d| d.id == m.id) {

@@ -16,7 +16,8 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::{presented_key, read_body_of, AppState};
+use super::auth::presented_key;
+use super::{read_body_of, AppState};
 use crate::audit::{fingerprint, AuditEvent};
 use crate::metrics::exporter::RequestLabels;
 
@@ -51,11 +52,41 @@ fn peer(req: &Request) -> Option<SocketAddr> {
         .map(|c| c.0)
 }
 
+/// Longest path a request log line carries; longer ones are cut (a client chooses them).
+pub(crate) const LOGGED_PATH_CHARS: usize = 256;
+
+/// A method as a metric label and in log lines: one of HTTP's own methods, or `other`.
+/// hyper accepts any token as a method (100 KB ones too), and every distinct label value is a
+/// series kept for good, so a client's invention must fold into one value.
+pub(crate) fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// `s` cut to at most `max` characters, marked when cut.
+pub(crate) fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// Logs method, route, path, status, model, client and time, and counts the request; never
-/// bodies or headers (they carry prompts and keys).
+/// bodies or headers (they carry prompts and keys). Every value a client chooses is bounded:
+/// the method folds into [`method_label`], the path is cut, the route is a pattern.
 pub async fn log_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let method = method_label(req.method());
+    let path = bounded(req.uri().path(), LOGGED_PATH_CHARS);
     let client = peer(&req).map(|p| p.ip().to_string()).unwrap_or_default();
     let started = Instant::now();
     let notes = Arc::new(Mutex::new(Notes::default()));
@@ -65,7 +96,7 @@ pub async fn log_requests(State(state): State<AppState>, req: Request, next: Nex
     let status = resp.status().as_u16();
     tracing::info!(
         target: "opta_lmx::http",
-        %method,
+        method,
         route,
         path,
         status,
@@ -100,7 +131,7 @@ fn action_of(method: &Method, route: &str) -> Option<&'static str> {
 /// The model a body names, under the names the admin APIs use for it.
 fn model_in_body(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    ["model_id", "model", "repo_id", "repo"]
+    ["model_id", "model", "instance_id", "repo_id", "repo"]
         .iter()
         .find_map(|k| v.get(k).and_then(|m| m.as_str()).map(String::from))
 }
@@ -183,7 +214,7 @@ pub fn auth_failed(state: &AppState, req: &Request, scope: &'static str, status:
     state.metrics.prometheus().record_auth_failure(scope);
     let mut e = AuditEvent::now("auth_failure", "refused");
     e.status = Some(status.as_u16());
-    e.route = Some(req.uri().path().chars().take(200).collect());
+    e.route = Some(bounded(req.uri().path(), LOGGED_PATH_CHARS));
     e.client = peer(req).map(|p| p.ip().to_string());
     e.key = presented_key(req.headers(), scope == "admin").map(fingerprint);
     state.audit.record(&e);

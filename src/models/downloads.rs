@@ -26,6 +26,14 @@ use crate::metrics::Metrics;
 const ATTEMPTS: u32 = 5;
 /// Free disk kept beyond what a download needs.
 const DISK_MARGIN: u64 = 64 << 20;
+/// Beside each unfinished job's record: bytes written ahead, deleted when the disk is full so
+/// the record can still be rewritten (with the job's error) instead of being left stale.
+const RESERVE_FILE: &str = "job.json.reserve";
+/// Size of [`RESERVE_FILE`] at least (twice the record's size when that is more).
+const RESERVE_BYTES: usize = 64 << 10;
+/// Records of finished jobs kept (newest first); older ones are deleted with their folders,
+/// so a client that starts and cancels downloads in a loop cannot grow the list for good.
+const FINISHED_KEPT: usize = 100;
 
 /// Where a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -123,11 +131,12 @@ pub enum DownloadError {
     },
     #[error(transparent)]
     Hub(#[from] HubError),
-    #[error("not enough disk space in {dir}: the download needs {needed_mb} MB (plus {margin_mb} MB kept free) but {available_mb} MB are available")]
+    #[error("not enough disk space in {dir}: the download needs {needed_mb} MB (plus {margin_mb} MB kept free) but {available_mb} MB are available ({reserved_mb} MB of the free space is held for downloads already running)")]
     InsufficientDisk {
         dir: String,
         needed_mb: u64,
         available_mb: u64,
+        reserved_mb: u64,
         margin_mb: u64,
     },
     #[error("no download job `{0}`")]
@@ -261,6 +270,9 @@ pub struct Downloads {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     /// One start at a time, so two identical requests cannot both create a job.
     start_lock: tokio::sync::Mutex<()>,
+    /// Held from a job's disk check until it is marked running, so two jobs (a start and a
+    /// resume) cannot both count the same free bytes.
+    admit: Mutex<()>,
     /// Bytes, verification failures and job outcomes are counted here.
     metrics: Metrics,
     /// Each job's end is an audited action.
@@ -287,10 +299,12 @@ impl Downloads {
             hub,
             jobs: Mutex::new(BTreeMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
+            admit: Mutex::new(()),
             metrics,
             audit,
         });
         me.restore();
+        me.prune_finished();
         me
     }
 
@@ -318,11 +332,20 @@ impl Downloads {
                 continue;
             }
             let dir = e.path();
+            if !rec.state.finished() && has_old_layout(&dir) {
+                // Staged by a version that kept `<path>.part` beside `<path>`, where two
+                // repository names could meet: start those files over rather than guess.
+                tracing::info!(event = "download_restaged", job = %rec.job_id, "an unfinished download from an older version starts its files over");
+                clear_staged_data(&dir);
+                for f in &mut rec.files {
+                    f.verified = false;
+                }
+            }
             for f in &mut rec.files {
                 f.bytes_done = if f.verified {
                     f.size_bytes
                 } else {
-                    std::fs::metadata(dir.join(format!("{}.part", f.path))).map_or(0, |m| m.len())
+                    std::fs::metadata(partial_path(&dir, &f.path)).map_or(0, |m| m.len())
                 };
             }
             let interrupted = rec.state == JobState::Downloading;
@@ -339,17 +362,63 @@ impl Downloads {
     }
 
     /// Writes the job's record beside its files (atomically, so a crash leaves the old one).
+    /// When the disk is full, the job's reserve is given up for it, so the record that says
+    /// why the job stopped is written even then; no half-written file is left behind.
     fn persist(&self, job: &Job) {
         let rec = job.record.lock().expect("job lock").clone();
         let dir = self.job_dir(&rec.job_id);
+        let text = serde_json::to_vec_pretty(&rec).unwrap_or_default();
+        let tmp = dir.join("job.json.tmp");
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join("job.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).unwrap_or_default())?;
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &text)?;
+            f.sync_data()?;
             std::fs::rename(&tmp, dir.join("job.json"))
         };
-        if let Err(e) = write() {
-            tracing::warn!(job = %rec.job_id, error = %e, "could not save download job record");
+        let mut outcome = write();
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok() {
+                outcome = write();
+                if outcome.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+        match outcome {
+            Err(e) => {
+                tracing::warn!(job = %rec.job_id, error = %e, "could not save download job record")
+            }
+            Ok(()) if rec.state.finished() => {
+                let _ = std::fs::remove_file(dir.join(RESERVE_FILE));
+            }
+            Ok(()) => reserve(&dir, RESERVE_BYTES.max(2 * text.len())),
+        }
+    }
+
+    /// Deletes the oldest finished jobs' records past [`FINISHED_KEPT`].
+    fn prune_finished(&self) {
+        let mut finished: Vec<(String, String)> = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .filter_map(|j| {
+                let r = j.record.lock().expect("job lock");
+                r.state
+                    .finished()
+                    .then(|| (r.created_at.clone(), r.job_id.clone()))
+            })
+            .collect();
+        if finished.len() <= FINISHED_KEPT {
+            return;
+        }
+        finished.sort();
+        let excess = finished.len() - FINISHED_KEPT;
+        for (_, id) in finished.into_iter().take(excess) {
+            self.jobs.lock().expect("jobs lock").remove(&id);
+            let _ = std::fs::remove_dir_all(self.job_dir(&id));
         }
     }
 
@@ -441,6 +510,7 @@ impl Downloads {
             finished_at: None,
         };
         let job = Job::new(record);
+        let admit = self.admit.lock().expect("admission lock");
         self.check_disk(&job)?;
         self.persist(&job);
         self.jobs
@@ -448,6 +518,7 @@ impl Downloads {
             .expect("jobs lock")
             .insert(job.id(), Arc::clone(&job));
         self.launch(&job);
+        drop(admit);
         Ok((job.view(), true))
     }
 
@@ -464,6 +535,7 @@ impl Downloads {
 
     /// Starts an unfinished job again unless it is running.
     fn relaunch(self: &Arc<Self>, job: &Arc<Job>) -> Result<(), DownloadError> {
+        let _admit = self.admit.lock().expect("admission lock");
         if !job.running.load(Ordering::SeqCst) {
             self.check_disk(job)?;
             self.launch(job);
@@ -494,21 +566,35 @@ impl Downloads {
             .ok_or_else(|| DownloadError::NoSuchJob(id.into()))
     }
 
-    fn check_disk(&self, job: &Job) -> Result<(), DownloadError> {
-        let needed: u64 = {
-            let r = job.record.lock().expect("job lock");
+    /// Whether the disk has room for the rest of `job` beside what every running job still
+    /// has to write (free space alone let two jobs count the same bytes). Called with
+    /// [`Self::admit`] held.
+    fn check_disk(&self, job: &Arc<Job>) -> Result<(), DownloadError> {
+        let remaining = |j: &Job| -> u64 {
+            let r = j.record.lock().expect("job lock");
             r.files
                 .iter()
                 .map(|f| f.size_bytes - f.bytes_done.min(f.size_bytes))
                 .sum()
         };
+        let needed = remaining(job);
+        let reserved: u64 = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .filter(|j| !Arc::ptr_eq(j, job) && j.running.load(Ordering::SeqCst))
+            .map(|j| remaining(j))
+            .sum();
         std::fs::create_dir_all(self.store.root())?;
-        let available = fs4::available_space(self.store.root())?;
+        let free = fs4::available_space(self.store.root())?;
+        let available = free.saturating_sub(reserved);
         if needed.saturating_add(DISK_MARGIN) > available {
             return Err(DownloadError::InsufficientDisk {
                 dir: self.store.root().display().to_string(),
                 needed_mb: needed.div_ceil(1_000_000),
                 available_mb: available / 1_000_000,
+                reserved_mb: reserved.div_ceil(1_000_000),
                 margin_mb: DISK_MARGIN / 1_000_000,
             });
         }
@@ -624,6 +710,7 @@ impl Downloads {
         let mut e = AuditEvent::now("download_finish", state);
         e.model = Some(repo);
         self.audit.record(&e);
+        self.prune_finished();
     }
 
     fn finish_cancelled(&self, job: &Job) {
@@ -670,7 +757,7 @@ impl Downloads {
             let _ = tokio::fs::remove_dir_all(&building).await;
             tokio::fs::create_dir_all(&building).await?;
             for f in &files {
-                move_file(&dir.join(&f.path), &building.join(&f.path)).await?;
+                move_file(&verified_path(dir, &f.path), &building.join(&f.path)).await?;
             }
             tokio::fs::rename(&building, &dest_root).await?;
             placed.push(dest_root.clone());
@@ -681,7 +768,7 @@ impl Downloads {
             if let Some(p) = dest.parent() {
                 tokio::fs::create_dir_all(p).await?;
             }
-            move_file(&dir.join(&f.path), &dest).await?;
+            move_file(&verified_path(dir, &f.path), &dest).await?;
             placed.push(dest);
         }
         clear_staged_data(dir);
@@ -695,8 +782,8 @@ impl Downloads {
         Ok(models)
     }
 
-    /// Transfers one file into `<job>/<path>.part` (resuming from its length), verifies it
-    /// and renames it to `<job>/<path>`.
+    /// Transfers one file into `<job>/partial/<path>` (resuming from its length), verifies it
+    /// and renames it to `<job>/verified/<path>`.
     async fn fetch_file(
         &self,
         job: &Job,
@@ -707,7 +794,7 @@ impl Downloads {
         commit: &str,
     ) -> Result<(), FileFailure> {
         let io = |e: std::io::Error| FileFailure::Failed(format!("writing `{}`: {e}", f.path));
-        let part = dir.join(format!("{}.part", f.path));
+        let part = partial_path(dir, &f.path);
         if let Some(p) = part.parent() {
             tokio::fs::create_dir_all(p).await.map_err(io)?;
         }
@@ -781,9 +868,11 @@ impl Downloads {
                 actual,
             }));
         }
-        tokio::fs::rename(&part, dir.join(&f.path))
-            .await
-            .map_err(io)?;
+        let done = verified_path(dir, &f.path);
+        if let Some(p) = done.parent() {
+            tokio::fs::create_dir_all(p).await.map_err(io)?;
+        }
+        tokio::fs::rename(&part, done).await.map_err(io)?;
         Ok(())
     }
 
@@ -873,6 +962,42 @@ impl Downloads {
         }
         Ok(())
     }
+}
+
+/// Where a file of a job is while it downloads. Partial and verified files live in trees of
+/// their own, each holding the repository's paths as they are, and the record sits beside
+/// both: no repository file name (`x.gguf.part` beside `x.gguf`, or `job.json`) can land on
+/// another file's staging name.
+fn partial_path(job_dir: &Path, repo_path: &str) -> PathBuf {
+    job_dir.join("partial").join(repo_path)
+}
+
+/// Where a file of a job waits, verified, for the rest (see [`partial_path`]).
+fn verified_path(job_dir: &Path, repo_path: &str) -> PathBuf {
+    job_dir.join("verified").join(repo_path)
+}
+
+/// Writes `bytes` of zeros to the reserve file of a job folder unless it is there already
+/// (best effort: a disk too full for it is a disk the download will fail on anyway).
+fn reserve(job_dir: &Path, bytes: usize) {
+    let path = job_dir.join(RESERVE_FILE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() as usize >= bytes) {
+        return;
+    }
+    if std::fs::write(&path, vec![0u8; bytes]).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Whether a job folder holds files outside the record and the two staging trees.
+fn has_old_layout(job_dir: &Path) -> bool {
+    std::fs::read_dir(job_dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            !matches!(name.to_str(), Some("job.json" | "partial" | "verified"))
+                && !name.to_string_lossy().starts_with("job.json.")
+        })
+    })
 }
 
 /// Deletes everything in a job's staging folder but its record.

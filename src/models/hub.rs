@@ -215,7 +215,7 @@ impl HubClient {
                 .get_ok(&url, repo, &format!("file list of `{repo}`"))
                 .await?;
             // Only follow pages on the same Hub: the token must not go anywhere else.
-            next = next_page(resp.headers()).filter(|u| u.starts_with(&self.endpoint));
+            next = next_page(resp.headers()).filter(|u| same_hub(&self.endpoint, u));
             let page: Vec<TreeEntry> = resp
                 .json()
                 .await
@@ -285,6 +285,23 @@ pub fn describe(e: reqwest::Error) -> String {
     out
 }
 
+/// Whether `url` is on the Hub at `endpoint`: the same scheme, host and port once both are
+/// parsed, no user name or password, and a path under the endpoint's. A prefix test on the
+/// text let `http://hub:80@evil:81/...` and `https://huggingface.co.evil/...` through, with
+/// the token.
+fn same_hub(endpoint: &str, url: &str) -> bool {
+    let (Ok(base), Ok(next)) = (reqwest::Url::parse(endpoint), reqwest::Url::parse(url)) else {
+        return false;
+    };
+    let base_path = base.path().trim_end_matches('/');
+    next.scheme() == base.scheme()
+        && next.host() == base.host()
+        && next.port_or_known_default() == base.port_or_known_default()
+        && next.username().is_empty()
+        && next.password().is_none()
+        && (next.path() == base_path || next.path().starts_with(&format!("{base_path}/")))
+}
+
 /// The `rel="next"` URL of a paginated answer.
 fn next_page(h: &HeaderMap) -> Option<String> {
     let link = h.get(LINK)?.to_str().ok()?;
@@ -342,6 +359,35 @@ fn encode_path(p: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_pages_must_be_on_the_same_hub() {
+        let hub = "http://127.0.0.1:8080";
+        assert!(same_hub(
+            hub,
+            "http://127.0.0.1:8080/api/models/a/b/tree/c?cursor=x"
+        ));
+        assert!(same_hub(
+            "https://huggingface.co",
+            "https://huggingface.co:443/api/models/a/b/tree/c"
+        ));
+        // Prefix tricks that a text comparison let through, with the token.
+        assert!(!same_hub(hub, "http://127.0.0.1:8080@evil:9/api/models"));
+        assert!(!same_hub(hub, "http://127.0.0.1:80801/api/models"));
+        assert!(!same_hub(
+            "https://huggingface.co",
+            "https://huggingface.co.evil.example/api/models"
+        ));
+        assert!(!same_hub(
+            "https://huggingface.co",
+            "http://huggingface.co/api/models"
+        ));
+        assert!(!same_hub(hub, "http://user:pw@127.0.0.1:8080/api"));
+        assert!(!same_hub(hub, "not a url"));
+        // A mirror under a path keeps its pages under that path.
+        assert!(same_hub("http://m/hf", "http://m/hf/api/models/x"));
+        assert!(!same_hub("http://m/hf", "http://m/hfx/api/models/x"));
+    }
 
     #[test]
     fn repo_ids_and_paths() {

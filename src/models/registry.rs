@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::guard::{self, Refusal, Resident, Room, Step};
-use super::store::{DeleteError, DiskModel, InvalidModelId, ModelStore};
+use super::store::{DeleteError, DiskModel, InvalidModelId, LookupError, ModelStore};
 use crate::chat::prompt::ControlText;
 use crate::chat::template::{ChatTemplate, ModelHints};
 use crate::config::{Config, ModelSettings};
@@ -21,6 +21,15 @@ use crate::engine::{Backend, EngineError, MemoryEstimate};
 use crate::metrics::Metrics;
 use crate::models::loader::{GgufLoader, Loader, MlxLoader};
 use crate::system::{gpu_memory, process_anon_bytes, process_rss_bytes, MemorySnapshot};
+
+impl From<LookupError> for RegistryError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::Invalid(e) => Self::InvalidId(e),
+            LookupError::Io(e) => Self::Io(e),
+        }
+    }
+}
 
 /// Why a model could not be found, loaded or unloaded.
 #[derive(Debug, thiserror::Error)]
@@ -432,7 +441,8 @@ impl Registry {
         let target = self.config.resolve_alias(&name).to_string();
         let disk = self
             .store
-            .find(&target)?
+            .lookup(&target, None)
+            .await?
             .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
         if !self.config.models.load_on_demand {
             return Err(RegistryError::NotLoaded(name));
@@ -480,9 +490,11 @@ impl Registry {
                 }
             }
         }
+        // A fresh walk (an admin load may name a file copied in a moment ago), off the runtime.
+        let (name, fmt) = (target.to_string(), format.map(String::from));
         let disk = self
-            .store
-            .find_as(target, format)?
+            .on_store(move |store| store.find_as(&name, fmt.as_deref()))
+            .await??
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
 
         let LoadPlan {
@@ -649,9 +661,10 @@ impl Registry {
     }
 
     async fn unload_reason(&self, id: &str, reason: Unload) -> Result<UnloadReport, RegistryError> {
-        let model = {
+        let target = self.config.resolve_alias(id).to_string();
+        let removed = {
             let mut map = self.loaded.write().expect("registry lock");
-            let target = self.config.resolve_alias(id);
+            let target = target.as_str();
             // A model's own id before another's alternate name, as in `get`.
             let key = if map.contains_key(target) {
                 Some(target.to_string())
@@ -665,14 +678,16 @@ impl Registry {
                     // An eviction or TTL expiry lost a race with a new request: keep it.
                     return Err(RegistryError::Busy(k));
                 }
-                Some(k) => map.remove(&k).expect("key present"),
-                None => {
-                    return Err(match self.store.find(target)? {
-                        Some(d) => RegistryError::NotLoaded(d.id),
-                        None => RegistryError::NotFound(id.to_string()),
-                    })
-                }
+                Some(k) => map.remove(&k),
+                None => None,
             }
+        };
+        // Not loaded: say whether it is on disk at all, looked up outside the lock.
+        let Some(model) = removed else {
+            return Err(match self.store.lookup(&target, None).await? {
+                Some(d) => RegistryError::NotLoaded(d.id),
+                None => RegistryError::NotFound(id.to_string()),
+            });
         };
         let freed = model.estimate.total_bytes;
         let engine = Arc::clone(&model.engine);

@@ -6,6 +6,8 @@
 //! never name a file outside the directory; ids that try are rejected up front with a clear error.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -18,6 +20,15 @@ pub enum InvalidModelId {
     Escapes(String),
     #[error("model id `{0}` contains characters that are not allowed")]
     BadCharacters(String),
+}
+
+/// Why a client's lookup found nothing to say about a name.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidModelId),
+    #[error("models directory: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A model file found on disk.
@@ -80,12 +91,27 @@ pub fn shard_of(stem: &str) -> Option<(&str, u32)> {
     (ok(idx) && ok(total)).then(|| (base, idx.parse().unwrap_or(0)))
 }
 
+/// How old the index may be when a client's request names a model that is not loaded (an
+/// unknown name, a load on demand) or lists the disk: one walk of the folder a second at most,
+/// whatever the number of such requests.
+pub const INDEX_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The last walk of the directory, shared by every clone of a store.
+#[derive(Debug, Default)]
+struct Index {
+    last: std::sync::RwLock<Option<(Instant, Arc<Vec<DiskModel>>)>>,
+    /// Held while a walk for [`ModelStore::indexed`] runs, so callers that find the index
+    /// stale together wait for one walk instead of each making their own.
+    walking: tokio::sync::Mutex<()>,
+}
+
 /// The models directory.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     root: PathBuf,
     /// The format a name means when models of both formats answer to it.
     prefer: &'static str,
+    index: Arc<Index>,
 }
 
 impl ModelStore {
@@ -94,7 +120,44 @@ impl ModelStore {
         Self {
             root: root.into(),
             prefer: "gguf",
+            index: Arc::default(),
         }
+    }
+
+    /// The models on disk as of a walk at most `max_age` old. A stale index is walked again
+    /// on the blocking pool, once for every caller waiting then. Client requests resolve
+    /// names through this: a walk per request let a stream of unknown names keep the disk
+    /// and the runtime busy (1,000 folders: 1,626 -> 22 requests/s).
+    pub async fn indexed(&self, max_age: Duration) -> std::io::Result<Arc<Vec<DiskModel>>> {
+        if let Some(models) = self.fresh(max_age) {
+            return Ok(models);
+        }
+        let _walking = self.index.walking.lock().await;
+        if let Some(models) = self.fresh(max_age) {
+            return Ok(models);
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.scan().map(Arc::new))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    fn fresh(&self, max_age: Duration) -> Option<Arc<Vec<DiskModel>>> {
+        let last = self.index.last.read().expect("index lock");
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() <= max_age)
+            .map(|(_, m)| Arc::clone(m))
+    }
+
+    /// [`Self::find_as`] over the index (see [`Self::indexed`]), for client requests.
+    pub async fn lookup(
+        &self,
+        id: &str,
+        format: Option<&str>,
+    ) -> Result<Option<DiskModel>, LookupError> {
+        validate_id(id)?;
+        let models = self.indexed(INDEX_MAX_AGE).await?;
+        Ok(self.pick(&models, id, format))
     }
 
     /// The format (`gguf` or `mlx`) a name means when a folder holds the model in both.
@@ -190,6 +253,8 @@ impl ModelStore {
             found.extend(files);
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));
+        *self.index.last.write().expect("index lock") =
+            Some((Instant::now(), Arc::new(found.clone())));
         Ok(found)
     }
 
@@ -230,8 +295,17 @@ impl ModelStore {
         format: Option<&str>,
     ) -> Result<Option<DiskModel>, InvalidModelId> {
         validate_id(id)?;
-        let mut models = self.scan().unwrap_or_default();
-        models.retain(|m| format.is_none_or(|f| m.format == f));
+        let models = self.scan().unwrap_or_default();
+        Ok(self.pick(&models, id, format))
+    }
+
+    /// The model `id` names among `models`: exact before case-insensitive, the preferred
+    /// format before the other.
+    fn pick(&self, models: &[DiskModel], id: &str, format: Option<&str>) -> Option<DiskModel> {
+        let mut models: Vec<&DiskModel> = models
+            .iter()
+            .filter(|m| format.is_none_or(|f| m.format == f))
+            .collect();
         // The preferred format first, so it wins a name both answer to.
         models.sort_by_key(|m| m.format != self.prefer);
         let matches = |m: &DiskModel, exact: bool| {
@@ -244,11 +318,11 @@ impl ModelStore {
             };
             eq(&m.id) || m.alternate_ids.iter().any(|a| eq(a))
         };
-        Ok(models
+        models
             .iter()
             .find(|m| matches(m, true))
             .or_else(|| models.iter().find(|m| matches(m, false)))
-            .cloned())
+            .map(|m| (*m).clone())
     }
 }
 
