@@ -122,42 +122,47 @@ def short_request(srv):
 
 
 def grammar_bomb(binary, model_file):
-    srv = Server(binary, model_file)
-    try:
-        short_request(srv)
-        alone = [short_request(srv)[1] for _ in range(3)]
-        enum = [f"value-{i:06d}-{'x' * (i % 7)}" for i in range(20_000)]
-        bomb = {"model": MODEL, "max_tokens": 16, "temperature": 0,
-                "messages": [{"role": "user", "content": "Pick one."}],
-                "response_format": {"type": "json_schema", "json_schema": {
-                    "name": "pick", "schema": {"type": "object", "properties": {
-                        "v": {"type": "string", "enum": enum}}, "required": ["v"]}}}}
-        results = {}
+    for size in (20_000, 5_000):
+        srv = Server(binary, model_file)
+        try:
+            bomb_beside(srv, size)
+        finally:
+            srv.stop()
 
-        def run_bomb(i):
-            results[i] = srv.post("/v1/chat/completions", bomb, timeout=120)
 
-        health = HealthWatch(srv)
-        bombs = [threading.Thread(target=run_bomb, args=(i,)) for i in range(2)]
-        for t in bombs:
-            t.start()
-        time.sleep(1.0)
-        beside = []
-        while any(t.is_alive() for t in bombs) and len(beside) < 30:
-            beside.append(short_request(srv))
-        for t in bombs:
-            t.join()
-        status, text, took, _ = results[0]
-        line("R3", "2 x json_schema enum of 20,000 strings", f"{status} {short(text, 24)}", took)
-        ok = [b for s, b in beside if s == 200]
-        line("R3", "  8-token request alone / beside them",
-             f"{statistics.median(alone):.2f} s / "
-             + (f"{max(ok):.2f} s worst of {len(ok)}" if ok else str([s for s, _ in beside])), 0)
-        line("R3", "  slowest /healthz meanwhile", "", health.stop())
-        after = short_request(srv)
-        line("R3", "  8-token request once they ended", after[0], after[1])
-    finally:
-        srv.stop()
+def bomb_beside(srv, size):
+    short_request(srv)
+    alone = [short_request(srv)[1] for _ in range(3)]
+    enum = [f"value-{i:06d}-{'x' * (i % 7)}" for i in range(size)]
+    bomb = {"model": MODEL, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Pick one."}],
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "pick", "schema": {"type": "object", "properties": {
+                    "v": {"type": "string", "enum": enum}}, "required": ["v"]}}}}
+    results = {}
+
+    def run_bomb(i):
+        results[i] = srv.post("/v1/chat/completions", bomb, timeout=120)
+
+    health = HealthWatch(srv)
+    bombs = [threading.Thread(target=run_bomb, args=(i,)) for i in range(2)]
+    for t in bombs:
+        t.start()
+    time.sleep(1.0)
+    beside = []
+    while any(t.is_alive() for t in bombs) and len(beside) < 30:
+        beside.append(short_request(srv))
+    for t in bombs:
+        t.join()
+    status, text, took, _ = results[0]
+    line("R3", f"2 x json_schema enum of {size:,} strings", f"{status} {short(text, 24)}", took)
+    ok = [b for s, b in beside if s == 200]
+    line("R3", "  8-token request alone / beside them",
+         f"{statistics.median(alone):.2f} s / "
+         + (f"{max(ok):.2f} s worst of {len(ok)}" if ok else str([s for s, _ in beside])), 0)
+    line("R3", "  slowest /healthz meanwhile", "", health.stop())
+    after = short_request(srv)
+    line("R3", "  8-token request once they ended", after[0], after[1])
 
 
 # R4: LM Studio's load and unload with only the inference key.

@@ -36,6 +36,9 @@ pub struct AuditEvent {
     /// Fingerprint of the key the client presented (see [`fingerprint`]), never the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Refusals of this client not written since its last line (see [`RefusalLimiter`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 impl AuditEvent {
@@ -50,6 +53,7 @@ impl AuditEvent {
             route: None,
             client: None,
             key: None,
+            suppressed: None,
         }
     }
 }
@@ -61,10 +65,54 @@ pub fn fingerprint(key: &str) -> String {
     format!("sha256:{}", &hex::encode(digest)[..12])
 }
 
+/// Refused-key lines written per client per minute; past it they are counted, and the
+/// client's next written line says how many were left out. A client without a key cannot
+/// then fill the disk with audit lines (the metrics still count every refusal).
+pub const REFUSALS_PER_MINUTE: u64 = 20;
+
+/// Clients whose refusals are tracked one by one; past it the rest share one count.
+const TRACKED_CLIENTS: usize = 4096;
+
+/// Decides which refusals get an audit line: at most [`REFUSALS_PER_MINUTE`] per client.
+#[derive(Default)]
+pub struct RefusalLimiter {
+    /// client -> (minute it counts in, lines written in it, refusals left out since the last
+    /// written line).
+    clients: Mutex<std::collections::HashMap<String, (u64, u64, u64)>>,
+}
+
+impl RefusalLimiter {
+    /// Whether a refusal of `client` at `minute` gets its line; `Some(n)`: yes, with `n`
+    /// refusals left out before it.
+    pub fn admit(&self, client: &str, minute: u64) -> Option<u64> {
+        let mut clients = self.clients.lock().expect("limiter lock");
+        if clients.len() >= TRACKED_CLIENTS && !clients.contains_key(client) {
+            clients.retain(|_, e| e.0 == minute);
+        }
+        let key = if clients.len() >= TRACKED_CLIENTS && !clients.contains_key(client) {
+            "other"
+        } else {
+            client
+        };
+        let e = clients.entry(key.to_string()).or_insert((minute, 0, 0));
+        if e.0 != minute {
+            e.0 = minute;
+            e.1 = 0;
+        }
+        if e.1 >= REFUSALS_PER_MINUTE {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
 /// The append-only audit file (or nowhere, when disabled).
 pub struct Audit {
     file: Option<Mutex<File>>,
     path: Option<PathBuf>,
+    refusals: RefusalLimiter,
 }
 
 impl Audit {
@@ -77,6 +125,7 @@ impl Audit {
         Ok(Self {
             file: Some(Mutex::new(file)),
             path: Some(path.to_path_buf()),
+            refusals: RefusalLimiter::default(),
         })
     }
 
@@ -85,12 +134,24 @@ impl Audit {
         Self {
             file: None,
             path: None,
+            refusals: RefusalLimiter::default(),
         }
     }
 
     /// Where the lines go.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Appends the line of a refused key, unless its client has had its share of lines this
+    /// minute (see [`RefusalLimiter`]).
+    pub fn record_refusal(&self, mut event: AuditEvent) {
+        let client = event.client.clone().unwrap_or_default();
+        let minute = chrono::Utc::now().timestamp().max(0) as u64 / 60;
+        if let Some(left_out) = self.refusals.admit(&client, minute) {
+            event.suppressed = (left_out > 0).then_some(left_out);
+            self.record(&event);
+        }
     }
 
     /// Appends one line. Each line is written with one `write` on an `O_APPEND` file, so lines
@@ -112,6 +173,26 @@ impl Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_lines_are_bounded_per_client_and_minute() {
+        let l = RefusalLimiter::default();
+        for _ in 0..REFUSALS_PER_MINUTE {
+            assert_eq!(l.admit("10.0.0.1", 7), Some(0));
+        }
+        assert_eq!(l.admit("10.0.0.1", 7), None);
+        assert_eq!(l.admit("10.0.0.1", 7), None);
+        // Another client has its own share.
+        assert_eq!(l.admit("10.0.0.2", 7), Some(0));
+        // The next minute's first line says how many were left out.
+        assert_eq!(l.admit("10.0.0.1", 8), Some(2));
+        assert_eq!(l.admit("10.0.0.1", 8), Some(0));
+        // Past the tracked clients, newcomers share one count.
+        for i in 0..TRACKED_CLIENTS * 2 {
+            l.admit(&format!("c{i}"), 8);
+        }
+        assert!(l.clients.lock().unwrap().len() <= TRACKED_CLIENTS + 1);
+    }
 
     #[test]
     fn lines_append_and_never_hold_the_key() {

@@ -89,6 +89,10 @@ pub struct RequestsConfig {
     /// Let control-token text in message content become control tokens (`<|im_start|>` in a
     /// user message would then open a new turn). Only for setups whose clients are trusted.
     pub special_tokens_in_content: bool,
+    /// Most grammar work (`response_format`, `tool_choice`) choosing one token may take, in
+    /// milliseconds, before the request ends with a 400 naming this limit. The work is done in
+    /// shares of the scheduler's steps, so other requests are never held by it.
+    pub grammar_ms_per_token: u64,
 }
 
 impl Default for RequestsConfig {
@@ -99,6 +103,7 @@ impl Default for RequestsConfig {
             max_messages: 4096,
             max_prompt_chars: None,
             special_tokens_in_content: false,
+            grammar_ms_per_token: 5000,
         }
     }
 }
@@ -613,6 +618,7 @@ impl Config {
             "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
             "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
             "MAX_PROMPT_CHARS" => self.requests.max_prompt_chars = Some(parse(v)?),
+            "GRAMMAR_MS_PER_TOKEN" => self.requests.grammar_ms_per_token = parse(v)?,
             "SPECIAL_TOKENS_IN_CONTENT" => self.requests.special_tokens_in_content = parse(v)?,
             "GPU_LAYERS" => self.models.defaults.gpu_layers = Some(parse(v)?),
             "THREADS" => self.models.defaults.threads = Some(parse(v)?),
@@ -750,6 +756,10 @@ impl Config {
             ("requests.max_body_bytes", r.max_body_bytes),
             ("requests.max_messages", r.max_messages),
             ("requests.max_prompt_chars", r.max_prompt_chars.unwrap_or(1)),
+            (
+                "requests.grammar_ms_per_token",
+                r.grammar_ms_per_token as usize,
+            ),
         ] {
             if n == 0 {
                 return Err((key.into(), "0 would refuse everything".into()));

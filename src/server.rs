@@ -32,6 +32,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     warn_if_exposed(&config);
+    crate::engine::llama::set_pick_limit(std::time::Duration::from_millis(
+        config.requests.grammar_ms_per_token,
+    ));
     let audit = Arc::new(match config.audit_path() {
         Some(path) => Audit::open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,

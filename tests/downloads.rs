@@ -516,7 +516,7 @@ async fn a_restart_mid_download_shows_no_half_model_and_the_job_resumes() {
     s.kill();
     let partial = std::fs::metadata(
         dir.path()
-            .join(format!(".downloads/{id}/s-Q4_K_M.gguf.part")),
+            .join(format!(".downloads/{id}/partial/s-Q4_K_M.gguf")),
     )
     .unwrap()
     .len();
@@ -587,7 +587,8 @@ async fn cancelling_stops_the_transfer_and_deletes_the_partial_file() {
     assert_eq!(done["state"], "cancelled", "{done}");
     let staging = s.models_dir.join(".downloads").join(&id);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while staging.join("s-Q4_K_M.gguf.part").exists() {
+    assert!(staging.join("job.json").exists());
+    while staging.join("partial/s-Q4_K_M.gguf").exists() {
         assert!(Instant::now() < deadline, "partial file not deleted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -882,4 +883,185 @@ async fn an_mlx_repository_downloads_whole_and_verified_and_is_listed_as_mlx() {
     assert_eq!(done["verification"]["file"], "tokenizer.json");
     assert!(!s.models_dir.join("mlx-community/bad-4bit").exists());
     assert!(!model_ids(&s).await.iter().any(|m| m.contains("bad-4bit")));
+}
+
+/// The server's view of a path inside its private mount namespace (see `small_disk`).
+fn seen_by(s: &Server, path: &Path) -> std::path::PathBuf {
+    Path::new(&format!("/proc/{}/root", s.pid())).join(path.strip_prefix("/").unwrap())
+}
+
+/// A server whose models folder is a `mb`-megabyte disk of its own.
+fn server_on_small_disk(hub: &FakeHub, mb: u32) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(Opts {
+        load_model: false,
+        models_dir: Some(dir.path().to_path_buf()),
+        wrap: common::small_disk(dir.path(), mb),
+        env: vec![("HF_ENDPOINT".into(), hub.base.clone())],
+        ..Opts::default()
+    });
+    (s, dir)
+}
+
+/// 40 MiB that takes a few seconds to arrive.
+fn slow_big_repo(id: &str, file: &str, seed: u8) -> (FakeRepo, (String, Duration)) {
+    let repo = FakeRepo::new(id, vec![FakeFile::lfs(file, noise(40 << 20, seed))]);
+    (repo, (file.to_string(), Duration::from_millis(5)))
+}
+
+#[tokio::test]
+async fn two_downloads_cannot_count_the_same_free_space() {
+    let (a, slow_a) = slow_big_repo("acme/a-GGUF", "a-Q4_K_M.gguf", 1);
+    let (b, _) = slow_big_repo("acme/b-GGUF", "b-Q4_K_M.gguf", 2);
+    let hub = FakeHub::start(
+        vec![a, b],
+        HubOptions {
+            slow: vec![slow_a],
+            ..HubOptions::default()
+        },
+    );
+    // Room for one 40 MiB download and the 64 MiB kept free, not for two.
+    let (s, _dir) = server_on_small_disk(&hub, 124);
+    let (code, first) = s
+        .post("/admin/model/download", &json!({"model_id": "acme/a-GGUF"}))
+        .await;
+    assert_eq!(code, 202, "{first}");
+    let (code, v) = s
+        .post("/admin/model/download", &json!({"model_id": "acme/b-GGUF"}))
+        .await;
+    assert_eq!(code, 507, "{v}");
+    let (msg, _, _, code_name) = error_fields(&v);
+    assert_eq!(code_name, "insufficient_storage");
+    assert!(msg.contains("held for downloads already running"), "{msg}");
+    let done = wait_job(
+        &s,
+        first["job_id"].as_str().unwrap(),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(done["state"], "ready", "{done}");
+}
+
+#[tokio::test]
+async fn a_disk_that_fills_mid_download_leaves_a_true_record_and_resumes() {
+    let (a, slow_a) = slow_big_repo("acme/a-GGUF", "a-Q4_K_M.gguf", 3);
+    let sha = a.files[0].sha256();
+    let hub = FakeHub::start(
+        vec![a],
+        HubOptions {
+            slow: vec![slow_a],
+            ..HubOptions::default()
+        },
+    );
+    let (s, dir) = server_on_small_disk(&hub, 124);
+    let (code, v) = s
+        .post("/admin/model/download", &json!({"model_id": "acme/a-GGUF"}))
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = s.get(&format!("/admin/model/download/{id}")).await;
+        if v["bytes_done"].as_u64().unwrap() >= 1 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another program fills the disk.
+    let filler = seen_by(&s, &dir.path().join("filler"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+    }
+    let done = wait_job(&s, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "error", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("No space left"),
+        "{done}"
+    );
+    // The record on disk says what happened, and nothing half-written is left beside it.
+    let staging = seen_by(&s, &dir.path().join(format!(".downloads/{id}")));
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(staging.join("job.json")).unwrap()).unwrap();
+    assert_eq!(record["state"], "error", "{record}");
+    assert!(!staging.join("job.json.tmp").exists());
+    // Room again: the job resumes from its bytes and verifies.
+    std::fs::remove_file(&filler).unwrap();
+    let (code, v) = s
+        .post(&format!("/admin/model/download/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let done = wait_job(&s, &id, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    assert_eq!(done["files"][0]["sha256"], sha);
+}
+
+#[tokio::test]
+async fn repository_file_names_cannot_meet_the_staging_names() {
+    let files = vec![
+        FakeFile::git("x.gguf.part", b"not the model, a file of the repository"),
+        FakeFile::lfs("x.gguf", noise(300_000, 4)),
+        FakeFile::git("job.json", b"{\"state\": \"ready\"}"),
+    ];
+    let want: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|f| (f.path.clone(), f.data.to_vec()))
+        .collect();
+    let hub = FakeHub::start(
+        vec![FakeRepo::new("acme/clash-GGUF", files)],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/clash-GGUF", "files": ["x.gguf.part", "x.gguf", "job.json"]}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let done = wait_job(&s, v["job_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "ready", "{done}");
+    for (path, data) in want {
+        let got = std::fs::read(s.models_dir.join("acme/clash-GGUF").join(&path)).unwrap();
+        assert_eq!(got, data, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_next_page_on_another_host_is_refused_and_never_gets_the_token() {
+    let evil = FakeHub::start(Vec::new(), HubOptions::default());
+    let port = evil.base.rsplit(':').next().unwrap().to_string();
+    let repo = FakeRepo::new(
+        "acme/paged-GGUF",
+        vec![
+            FakeFile::lfs("p-Q4_K_M.gguf", noise(10_000, 5)),
+            FakeFile::git("README.md", b"readme"),
+        ],
+    );
+    // A next page whose text starts with the Hub's own address (the user-info trick) but
+    // goes to another port.
+    let hub = FakeHub::start(
+        vec![repo],
+        HubOptions {
+            token: "hf_secret_listing_token".into(),
+            foreign_next: Some(format!(
+                "{{hub}}@127.0.0.1:{port}/api/models/acme/paged-GGUF/tree/x?cursor=1"
+            )),
+            ..HubOptions::default()
+        },
+    );
+    let s = server_for(&hub, &[("HF_TOKEN", "hf_secret_listing_token")]);
+    let (code, v) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/paged-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 502, "{v}");
+    assert!(error_fields(&v).0.contains("another host"), "{v}");
+    assert!(evil.seen().is_empty(), "{:?}", evil.seen());
+    assert!(!hub.seen().is_empty());
 }

@@ -5,67 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::metrics::Scrape;
 use common::*;
 use serde_json::{json, Value};
-
-/// One scrape, parsed by a Prometheus text-format parser: (name, labels) → value, with a
-/// histogram's sample count under `<name>_count`.
-struct Scrape(HashMap<(String, Vec<(String, String)>), f64>);
-
-impl Scrape {
-    fn parse(text: &str) -> Scrape {
-        let lines = text.lines().map(|l| Ok(l.to_string()));
-        let parsed = prometheus_parse::Scrape::parse(lines).expect("valid exposition text");
-        let mut map = HashMap::new();
-        for s in parsed.samples {
-            let mut labels: Vec<(String, String)> = s
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.sort();
-            match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => {
-                    map.insert((s.metric, labels), v);
-                }
-                prometheus_parse::Value::Histogram(buckets) => {
-                    let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
-                    map.insert((format!("{}_count", s.metric), labels), count);
-                }
-                prometheus_parse::Value::Summary(_) => {}
-            }
-        }
-        Scrape(map)
-    }
-
-    /// The value of `name` with exactly these labels (0 when absent: a counter not yet born).
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut want: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        want.sort();
-        self.0
-            .get(&(name.to_string(), want))
-            .copied()
-            .unwrap_or(0.0)
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.0.keys().map(|k| k.0.clone()).collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-}
 
 /// Starts `opta-lmx serve` outside the common fixture, for tests that need the process to
 /// themselves: an empty config, the audit file and a models folder holding Gemma, all under
@@ -898,26 +845,8 @@ async fn cli_chat_streams_one_answer_and_keeps_history_in_a_conversation() {
 #[tokio::test]
 async fn https_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    params.is_ca = rcgen::IsCa::NoCa;
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let (ca_pem, cert_pem, key_pem) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-    );
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    std::fs::write(&cert_pem, cert.pem()).unwrap();
-    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
-
+    let ca = common::tls::PrivateCa::new(dir.path());
+    let (ca_pem, cert_pem, key_pem) = (ca.ca_pem.clone(), ca.cert_pem.clone(), ca.key_pem.clone());
     let (cert_arg, key_arg) = (
         cert_pem.display().to_string(),
         key_pem.display().to_string(),
@@ -937,12 +866,7 @@ async fn https_with_a_private_ca() {
         &[],
         Stdio::null(),
     );
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(&ca_pem).unwrap()).unwrap(),
-        )
-        .build()
-        .unwrap();
+    let client = ca.reqwest();
     let base = format!("https://localhost:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -244,7 +244,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     let mut gen = generation_request(&model, prompt, &v)?;
     gen.constraint = plan.constraint;
     model.touch();
-    let rxs = submit_choices(&state, &model, gen, 1)?;
+    let rxs = submit_choices(&state, &model, gen, 1).await?;
     let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
 
     if !v.stream {

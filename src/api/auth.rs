@@ -169,6 +169,15 @@ pub(super) async fn require_admin_unless_loaded(
     admin_err.into_response()
 }
 
+/// Who a request comes from, as far as the server can tell without trusting a header: its
+/// address and the fingerprint of the key it presented. Used to share bounded stores fairly.
+pub fn client_of(req: &Request) -> String {
+    let ip = peer_ip(req).map_or_else(|| "-".into(), |ip| ip.to_string());
+    let key =
+        presented_key(req.headers(), false).map_or_else(|| "-".into(), crate::audit::fingerprint);
+    format!("{ip} {key}")
+}
+
 fn peer_ip(req: &Request) -> Option<IpAddr> {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()

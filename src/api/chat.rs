@@ -32,7 +32,7 @@ pub async fn chat_completions(
     let mut gen = generation_request(&model, prompt, &v)?;
     gen.constraint = plan.constraint;
     model.touch();
-    let rxs = submit_choices(&state, &model, gen, v.n)?;
+    let rxs = submit_choices(&state, &model, gen, v.n).await?;
     let head = ChunkHead {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: now_secs(),

@@ -63,7 +63,7 @@ async fn finish_completion(
 ) -> Result<Response, ApiError> {
     let gen = generation_request(model, prompt, v)?;
     model.touch();
-    let rxs = submit_choices(state, model, gen, v.n)?;
+    let rxs = submit_choices(state, model, gen, v.n).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     let model_id = model.id.clone();

@@ -120,8 +120,10 @@ pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static, T: Send 
 }
 /// Submits the `n` choices of one request: the same prompt (the scheduler shares its KV
 /// between them), each its own sequence, seeds `seed + i` so seeded choices differ and
-/// repeat. If one cannot be queued the others are dropped (and so cancelled) with it.
-pub(super) fn submit_choices(
+/// repeat. If one cannot be queued the others are dropped (and so cancelled) with it. A
+/// request with constrained output builds its grammar in `submit`: CPU work that grows with
+/// the schema, so on the blocking pool, never on the async runtime.
+pub(super) async fn submit_choices(
     state: &AppState,
     model: &ModelLease,
     gen: GenerationRequest,
@@ -134,24 +136,34 @@ pub(super) fn submit_choices(
             format!("n is {n}, more than the {parallel} sequences this model is loaded with"),
         ));
     }
-    (0..n)
-        .map(|i| {
-            let mut g = gen.clone();
-            g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
-            let rx = model.engine.submit(g).map_err(|e| {
-                if matches!(e, EngineError::QueueFull { .. }) {
-                    state.metrics.prometheus().record_rejected(&model.id);
-                }
-                ApiError::from(e)
-            })?;
-            Ok(ChoiceEvents {
-                rx,
-                metrics: state.metrics.clone(),
-                model: model.id.clone(),
-                ended: false,
+    let constrained = gen.constraint.is_some();
+    let engine = std::sync::Arc::clone(&model.engine);
+    let (metrics, id) = (state.metrics.clone(), model.id.clone());
+    let submit = move || -> Result<Vec<ChoiceEvents>, ApiError> {
+        (0..n)
+            .map(|i| {
+                let mut g = gen.clone();
+                g.sampling.seed = g.sampling.seed.map(|s| s.wrapping_add(i));
+                let rx = engine.submit(g).map_err(|e| {
+                    if matches!(e, EngineError::QueueFull { .. }) {
+                        metrics.prometheus().record_rejected(&id);
+                    }
+                    ApiError::from(e)
+                })?;
+                Ok(ChoiceEvents {
+                    rx,
+                    metrics: metrics.clone(),
+                    model: id.clone(),
+                    ended: false,
+                })
             })
-        })
-        .collect()
+            .collect()
+    };
+    if constrained {
+        state.off_runtime(move |_| submit()).await?
+    } else {
+        submit()
+    }
 }
 
 /// One choice's engine events. Every finished generation passes through here, streamed or

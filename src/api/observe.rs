@@ -217,7 +217,7 @@ pub fn auth_failed(state: &AppState, req: &Request, scope: &'static str, status:
     e.route = Some(bounded(req.uri().path(), LOGGED_PATH_CHARS));
     e.client = peer(req).map(|p| p.ip().to_string());
     e.key = presented_key(req.headers(), scope == "admin").map(fingerprint);
-    state.audit.record(&e);
+    state.audit.record_refusal(e);
 }
 
 /// `GET /metrics`: the Prometheus text exposition.

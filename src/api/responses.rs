@@ -53,7 +53,9 @@ impl Stored {
     }
 }
 
-/// The bounded in-memory store behind `store: true`: the latest responses, oldest out first.
+/// The bounded in-memory store behind `store: true`: the latest responses within the bounds.
+/// When it is full, room is made from the client holding the most (its oldest first), so one
+/// client storing in a loop pushes out its own responses, not everyone's.
 #[derive(Default)]
 pub struct ResponseStore {
     inner: Mutex<StoreInner>,
@@ -61,34 +63,60 @@ pub struct ResponseStore {
 
 #[derive(Default)]
 struct StoreInner {
-    map: HashMap<String, (Stored, usize)>,
+    /// id -> (response, its size, its client).
+    map: HashMap<String, (Stored, usize, String)>,
     order: VecDeque<String>,
     bytes: usize,
+    /// Bytes and entries held per client (clients holding nothing are not listed).
+    held: HashMap<String, (usize, usize)>,
+}
+
+impl StoreInner {
+    fn remove(&mut self, id: &str) {
+        if let Some((_, n, client)) = self.map.remove(id) {
+            self.bytes -= n;
+            if let Some(h) = self.held.get_mut(&client) {
+                h.0 -= n;
+                h.1 -= 1;
+                if h.1 == 0 {
+                    self.held.remove(&client);
+                }
+            }
+        }
+    }
+
+    /// The oldest response of the client holding the most bytes (then the most entries).
+    fn victim(&self) -> Option<String> {
+        let (client, _) = self.held.iter().max_by_key(|(c, &h)| (h, *c))?;
+        self.order
+            .iter()
+            .find(|id| self.map.get(*id).is_some_and(|e| &e.2 == client))
+            .cloned()
+    }
 }
 
 impl ResponseStore {
-    fn put(&self, id: String, stored: Stored) {
+    fn put(&self, id: String, client: String, stored: Stored) {
         let size = stored.bytes();
         let mut s = self.inner.lock().expect("response store lock");
-        if let Some((_, old)) = s.map.insert(id.clone(), (stored, size)) {
-            s.bytes -= old;
-        } else {
-            s.order.push_back(id);
-        }
+        s.remove(&id);
+        s.order.retain(|o| o != &id);
+        let h = s.held.entry(client.clone()).or_default();
+        h.0 += size;
+        h.1 += 1;
+        s.map.insert(id.clone(), (stored, size, client));
+        s.order.push_back(id);
         s.bytes += size;
-        while s.order.len() > STORE_CAPACITY || (s.bytes > STORE_BYTES && s.order.len() > 1) {
-            let Some(old) = s.order.pop_front() else {
-                break;
-            };
-            if let Some((_, n)) = s.map.remove(&old) {
-                s.bytes -= n;
-            }
+        while s.map.len() > STORE_CAPACITY || (s.bytes > STORE_BYTES && s.map.len() > 1) {
+            let Some(victim) = s.victim() else { break };
+            s.remove(&victim);
+            s.order.retain(|o| o != &victim);
         }
     }
 
     fn get(&self, id: &str) -> Option<Stored> {
         let s = self.inner.lock().expect("response store lock");
-        s.map.get(id).map(|(stored, _)| stored.clone())
+        s.map.get(id).map(|(stored, _, _)| stored.clone())
     }
 }
 
@@ -271,6 +299,7 @@ fn parse(body: &Value, store: &ResponseStore) -> Result<Parsed, ApiError> {
 
 /// `POST /v1/responses`.
 pub async fn create(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let client = super::auth::client_of(&request);
     let bytes = read_body(request, &state).await?;
     let store = state.responses.clone();
     let parsed = state
@@ -285,7 +314,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     let mut gen = generation_request(&model, prompt, &v)?;
     gen.constraint = plan.constraint;
     model.touch();
-    let rxs = submit_choices(&state, &model, gen, 1)?;
+    let rxs = submit_choices(&state, &model, gen, 1).await?;
     let base = json!({
         "id": format!("resp_{}", uuid::Uuid::new_v4().simple()),
         "object": "response",
@@ -308,6 +337,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     });
     let keep = parsed.req.store.unwrap_or(true).then(|| KeepTurn {
         store: state.responses.clone(),
+        client,
         conversation: parsed.conversation,
     });
 
@@ -377,6 +407,8 @@ pub async fn get(
 /// What `store: true` keeps once the answer is complete.
 struct KeepTurn {
     store: std::sync::Arc<ResponseStore>,
+    /// Who asked (see [`super::auth::client_of`]), for the store's fair share.
+    client: String,
     conversation: Vec<Message>,
 }
 
@@ -386,6 +418,7 @@ impl KeepTurn {
         let id = response["id"].as_str().unwrap_or_default().to_string();
         self.store.put(
             id,
+            self.client,
             Stored {
                 response: response.clone(),
                 conversation: self.conversation,
@@ -782,22 +815,43 @@ mod tests {
             conversation: vec![Message::text(Role::User, "x".repeat(n))],
         };
         for i in 0..(STORE_CAPACITY + 10) {
-            store.put(format!("r{i}"), stored(10));
+            store.put(format!("r{i}"), "a".into(), stored(10));
         }
         assert!(store.get("r0").is_none() && store.get("r9").is_none());
         assert!(store.get("r10").is_some());
         // Big conversations push out the oldest by size.
-        store.put("big1".into(), stored(STORE_BYTES / 3));
-        store.put("big2".into(), stored(STORE_BYTES / 3));
+        store.put("big1".into(), "a".into(), stored(STORE_BYTES / 3));
+        store.put("big2".into(), "a".into(), stored(STORE_BYTES / 3));
         // (each put past the count pushed out one small one)
         assert!(
             store.get("r12").is_some(),
             "two thirds fit beside the small ones"
         );
-        store.put("big3".into(), stored(STORE_BYTES / 3));
+        store.put("big3".into(), "a".into(), stored(STORE_BYTES / 3));
         assert!(store.get("r521").is_none() && store.get("big1").is_none());
         assert!(store.get("big2").is_some() && store.get("big3").is_some());
         assert!(store.inner.lock().unwrap().bytes <= STORE_BYTES);
+    }
+
+    #[test]
+    fn a_client_that_fills_the_store_pushes_out_its_own_responses() {
+        let store = ResponseStore::default();
+        let stored = || Stored {
+            response: json!({}),
+            conversation: vec![Message::text(Role::User, "x".repeat(10))],
+        };
+        for i in 0..20 {
+            store.put(format!("bot{i}"), "127.0.0.1 sha256:b".into(), stored());
+        }
+        for i in 0..(STORE_CAPACITY * 3) {
+            store.put(format!("flood{i}"), "10.0.0.9 -".into(), stored());
+        }
+        assert!((0..20).all(|i| store.get(&format!("bot{i}")).is_some()));
+        assert!(store.get("flood0").is_none());
+        assert!(store
+            .get(&format!("flood{}", STORE_CAPACITY * 3 - 1))
+            .is_some());
+        assert_eq!(store.inner.lock().unwrap().map.len(), STORE_CAPACITY);
     }
 
     #[test]

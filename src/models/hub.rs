@@ -215,7 +215,18 @@ impl HubClient {
                 .get_ok(&url, repo, &format!("file list of `{repo}`"))
                 .await?;
             // Only follow pages on the same Hub: the token must not go anywhere else.
-            next = next_page(resp.headers()).filter(|u| same_hub(&self.endpoint, u));
+            next = next_page(resp.headers());
+            if let Some(u) = next.as_deref().filter(|u| !same_hub(&self.endpoint, u)) {
+                // Never followed with the token; and a listing cut short would choose files
+                // from half a repository.
+                let host = reqwest::Url::parse(u)
+                    .ok()
+                    .and_then(|u| u.host_str().map(String::from))
+                    .unwrap_or_else(|| "an unparsable address".into());
+                return Err(HubError::Protocol(format!(
+                    "the file list of `{repo}` continues on another host ({host}); not following it"
+                )));
+            }
             let page: Vec<TreeEntry> = resp
                 .json()
                 .await

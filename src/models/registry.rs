@@ -703,11 +703,16 @@ impl Registry {
         self.metrics
             .prometheus()
             .record_unload(&model.id, reason.as_str());
-        Ok(UnloadReport {
+        let report = UnloadReport {
             model_id: model.id.clone(),
             status: "unloaded",
             memory_freed_bytes: freed,
-        })
+        };
+        // The weights and KV are freed with the last handle (this one, unless a request still
+        // ends on it); then what the allocator kept goes back to the system.
+        drop(model);
+        let _ = tokio::task::spawn_blocking(crate::system::release_freed_memory).await;
+        Ok(report)
     }
 
     /// Unloads everything (server shutdown).

@@ -126,6 +126,7 @@ struct HubState {
     seen: Mutex<Vec<Seen>>,
     cdn_base: String,
     hub_base: String,
+    foreign_next: Option<String>,
 }
 
 /// Faults and settings.
@@ -138,6 +139,10 @@ pub struct HubOptions {
     pub slow: Vec<(String, Duration)>,
     /// Tree entries per page (the real Hub pages large repositories).
     pub page_size: usize,
+    /// A `rel="next"` URL the file list's first page names instead of the Hub's own (a Hub
+    /// that would send the client, and its token, elsewhere); `{hub}` stands for the Hub's
+    /// own base URL.
+    pub foreign_next: Option<String>,
 }
 
 /// A running fake hub; stops when dropped.
@@ -177,6 +182,7 @@ impl FakeHub {
             seen: Mutex::new(Vec::new()),
             cdn_base,
             hub_base: hub_base.clone(),
+            foreign_next: opts.foreign_next,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = Arc::clone(&state);
@@ -337,7 +343,10 @@ async fn tree(
                 })
                 .collect();
             let mut r = axum::Json(page).into_response();
-            if end < repo.files.len() {
+            if let Some(url) = st.foreign_next.as_ref().filter(|_| start == 0) {
+                let next = format!("<{}>; rel=\"next\"", url.replace("{hub}", &st.hub_base));
+                r.headers_mut().insert(header::LINK, next.parse().unwrap());
+            } else if end < repo.files.len() {
                 let next = format!(
                     "<{}/api/models/{id}/tree/{rev}?recursive=true&cursor={end}>; rel=\"next\"",
                     st.hub_base

@@ -5,6 +5,8 @@
 
 pub mod fleet;
 pub mod hub;
+pub mod metrics;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,22 @@ pub fn qwen_file() -> PathBuf {
     p
 }
 
+/// A wrapper (for [`Opts::wrap`]) that runs the server in a private mount namespace with a
+/// `mb`-megabyte tmpfs over `dir` (its files copied in first), so a test can fill a disk
+/// without touching the machine's. The server's view of it is under `/proc/<pid>/root`.
+pub fn small_disk(dir: &Path, mb: u32) -> Vec<String> {
+    vec![
+        "unshare".into(),
+        "-rm".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            r#"cd "$0" && mount -t tmpfs -o size={mb}m tmpfs "$0" && cp -a . "$0"/ && cd / && exec "$@""#
+        ),
+        dir.display().to_string(),
+    ]
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -82,6 +100,9 @@ pub struct Opts {
     pub models_dir: Option<PathBuf>,
     /// Extra environment variables (HF_ENDPOINT, HF_TOKEN, ...).
     pub env: Vec<(String, String)>,
+    /// A command the server is started through (its arguments, then the server's command
+    /// line): a private mount namespace with a small disk, say.
+    pub wrap: Vec<String>,
 }
 
 impl Default for Opts {
@@ -93,6 +114,7 @@ impl Default for Opts {
             extra_args: Vec::new(),
             models_dir: None,
             env: Vec::new(),
+            wrap: Vec::new(),
         }
     }
 }
@@ -133,7 +155,18 @@ impl Server {
             .open(&log)
             .unwrap();
         let port = free_port();
-        let mut cmd = command();
+        let mut cmd = if opts.wrap.is_empty() {
+            command()
+        } else {
+            let mut c = Command::new(&opts.wrap[0]);
+            c.args(&opts.wrap[1..]).arg(env!("CARGO_BIN_EXE_opta-lmx"));
+            for (k, _) in std::env::vars() {
+                if k.starts_with("OPTA_LMX_") {
+                    c.env_remove(k);
+                }
+            }
+            c
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
@@ -190,6 +223,14 @@ impl Server {
                 panic!("server exited early ({status}): {}", self.log_text());
             }
             if health_ok(self.port) {
+                return;
+            }
+            // An HTTPS server answers no plain request: its start line says it is up.
+            if self
+                .log_text()
+                .lines()
+                .any(|l| l.contains("opta-lmx listening") && l.contains("https"))
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -6,6 +6,8 @@
 mod draft;
 pub mod footprint;
 pub mod gguf;
+mod picker;
+pub use picker::set_pick_limit;
 pub mod prompt_cache;
 mod worker;
 
@@ -222,6 +224,8 @@ fn open_disk_tier(
 /// A request on its way to, or waiting in, the worker's queue.
 struct Job {
     req: GenerationRequest,
+    /// The request's grammar sampler, built at submit, and the field it came from.
+    grammar: Option<(llama_cpp_2::sampling::LlamaSampler, &'static str)>,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
     ticket: Ticket,
@@ -439,23 +443,46 @@ impl Backend for LlamaEngine {
         &self,
         mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        let mut grammar = None;
         if let Some(c) = req.constraint.take() {
             let lazy = !c.triggers.is_empty();
+            let param = c.param;
+            let started = Instant::now();
             let built = grammar_for(&c).and_then(|gbnf| {
                 let mut sampling = req.sampling.clone();
                 sampling.grammar = Some(gbnf);
                 sampling.grammar_triggers = c.triggers;
-                // Compiled once here so a grammar llama.cpp cannot use is the caller's 400.
-                sampling
+                // Compiled here, on the caller's thread (the request's, off the async
+                // runtime), so a grammar llama.cpp cannot use is the caller's 400 and the
+                // scheduler thread never spends a step building one.
+                let sampler = sampling
                     .grammar_sampler(&self.model)
                     .map_err(|e| EngineError::InvalidParam {
-                        param: c.param,
+                        param,
                         message: format!("the schema gives a grammar llama.cpp cannot use: {e}"),
-                    })?;
-                Ok(sampling)
+                    })?
+                    .expect("a grammar was set");
+                Ok((sampling, sampler))
+            });
+            let took = started.elapsed();
+            let built = built.and_then(|b| {
+                if took > GRAMMAR_BUILD_LIMIT {
+                    return Err(EngineError::InvalidParam {
+                        param,
+                        message: format!(
+                            "this schema's grammar took {} ms to build, more than the {} ms limit; use a smaller schema (fewer enum values or alternatives)",
+                            took.as_millis(),
+                            GRAMMAR_BUILD_LIMIT.as_millis()
+                        ),
+                    });
+                }
+                Ok(b)
             });
             match built {
-                Ok(sampling) => req.sampling = sampling,
+                Ok((sampling, sampler)) => {
+                    req.sampling = sampling;
+                    grammar = Some((sampler, param));
+                }
                 // A lazy grammar (tools under `auto`) is a safety net the client did not ask
                 // for: tools whose schemas it cannot express are still offered, unguarded.
                 Err(e) if lazy => tracing::debug!(error = %e, "tool-call grammar skipped"),
@@ -517,6 +544,7 @@ impl Backend for LlamaEngine {
         shared.queued.fetch_add(1, Ordering::SeqCst);
         let job = Job {
             req,
+            grammar,
             events: tx,
             submitted: Instant::now(),
             ticket,
@@ -565,6 +593,18 @@ impl Backend for LlamaEngine {
     }
 }
 
+/// Largest schema (as JSON text) a grammar is built from: the tools of a coding agent take a
+/// few tens of KB; an enum of 20,000 strings, which no sampler can enforce at a useful speed,
+/// about 400 KB.
+const MAX_SCHEMA_BYTES: usize = 128 << 10;
+
+/// Largest grammar (GBNF text) a schema may become.
+const MAX_GRAMMAR_BYTES: usize = 512 << 10;
+
+/// Longest a grammar may take to build (schema conversion and llama.cpp's parse): within the
+/// size limits it takes milliseconds; a machine too slow for this would be too slow to use it.
+const GRAMMAR_BUILD_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The GBNF grammar for a constraint: llama.cpp's JSON-schema converter for the JSON, its root
 /// renamed, wrapped in the literal prefix and suffix.
 fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
@@ -575,6 +615,16 @@ fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
         });
     }
     let schema = c.schema.to_string();
+    if schema.len() > MAX_SCHEMA_BYTES {
+        return Err(EngineError::InvalidParam {
+            param: c.param,
+            message: format!(
+                "this JSON schema is {} KB, more than the {} KB a grammar is built from; use a smaller schema (fewer enum values or alternatives)",
+                schema.len() >> 10,
+                MAX_SCHEMA_BYTES >> 10
+            ),
+        });
+    }
     let json =
         llama_cpp_2::json_schema_to_grammar(&schema).map_err(|e| EngineError::InvalidParam {
             param: c.param,
@@ -605,6 +655,16 @@ fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
         out.push_str("root ::= wrapped-item ([ \\t\\n]* wrapped-item)*\n");
     } else {
         out.push_str("root ::= wrapped-item\n");
+    }
+    if out.len() > MAX_GRAMMAR_BYTES {
+        return Err(EngineError::InvalidParam {
+            param: c.param,
+            message: format!(
+                "this JSON schema becomes a grammar of {} KB, more than the {} KB limit; use a smaller schema",
+                out.len() >> 10,
+                MAX_GRAMMAR_BYTES >> 10
+            ),
+        });
     }
     Ok(out)
 }

@@ -4,29 +4,25 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
-use llama_cpp_2::token::data::LlamaTokenData;
-use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
 use super::draft::{Drafter, Want};
+use super::picker::{Pending, Picked, Picker, Progress, Slice};
 use super::prompt_cache::DiskCache;
 use super::{Job, Shared, Ticket};
 use crate::engine::options::Speculation;
-use crate::engine::sampling::{argmax, logprobs};
+use crate::engine::sampling::logprobs;
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::speculation::{ngram_proposal, Acceptance, SpecCosts};
 use crate::engine::text::TextAssembler;
-use crate::engine::{
-    EngineError, Event, FinishReason, SamplingParams, TokenId, TokenLogprob, TokenText, Usage,
-};
+use crate::engine::{EngineError, Event, FinishReason, TokenId, TokenLogprob, TokenText, Usage};
 
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
 pub(super) const BATCH_TOKENS: usize = 512;
@@ -91,79 +87,6 @@ const MIN_DISK_GAIN: usize = 32;
 /// the background at load, so a large model starts serving before it is done).
 pub(super) type DiskTier = std::sync::Arc<std::sync::OnceLock<std::sync::Mutex<DiskCache>>>;
 
-/// How a request chooses its next token.
-enum Picker {
-    /// Argmax of the biased logits: no per-token copy of the vocabulary, no state.
-    Greedy(Vec<(TokenId, f32)>),
-    /// llama.cpp's sampler chain, owned by this request alone.
-    Chain(LlamaSampler),
-    /// A grammar, checked against the token the chain would pick; only when the grammar
-    /// refuses it does the whole vocabulary go through the grammar (as llama.cpp's own common
-    /// sampler does): most steps then cost one grammar check instead of one per vocabulary entry.
-    Constrained {
-        grammar: LlamaSampler,
-        chain: LlamaSampler,
-    },
-}
-
-impl Picker {
-    /// The picker for a request's sampling settings.
-    fn new(sampling: &SamplingParams, model: &LlamaModel) -> Result<Self, String> {
-        if sampling.is_plain_greedy() {
-            return Ok(Self::Greedy(sampling.logit_bias.clone()));
-        }
-        let Some(grammar) = sampling.grammar_sampler(model)? else {
-            return sampling.build(model).map(Self::Chain);
-        };
-        let free = SamplingParams {
-            grammar: None,
-            grammar_triggers: Vec::new(),
-            ..sampling.clone()
-        };
-        Ok(Self::Constrained {
-            grammar,
-            chain: free.build(model)?,
-        })
-    }
-
-    /// The next token from the logits at `idx`.
-    fn pick(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
-        match self {
-            Self::Greedy(biases) => LlamaToken(argmax(ctx.get_logits_ith(idx), biases)),
-            Self::Chain(sampler) => sampler.sample(ctx, idx),
-            Self::Constrained { grammar, chain } => {
-                let logits = ctx.get_logits_ith(idx);
-                let all = || {
-                    LlamaTokenDataArray::from_iter(
-                        logits
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
-                        false,
-                    )
-                };
-                let mut candidates = all();
-                candidates.apply_sampler(chain);
-                let allowed = candidates.selected_token().filter(|&t| {
-                    let mut one =
-                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 1.0, 0.0)], false);
-                    one.apply_sampler(grammar);
-                    one.data[0].logit().is_finite()
-                });
-                let tok = allowed.unwrap_or_else(|| {
-                    let mut candidates = all();
-                    candidates.apply_sampler(grammar);
-                    candidates.apply_sampler(chain);
-                    candidates.selected_token().unwrap_or(LlamaToken(0))
-                });
-                grammar.accept(tok);
-                chain.accept(tok);
-                tok
-            }
-        }
-    }
-}
-
 /// A prefix another request is computing right now, that this one will copy when it is in.
 #[derive(Debug, Clone, Copy)]
 struct Wait {
@@ -189,6 +112,11 @@ struct Active {
     /// The sampled token to feed next step, once the prompt is in.
     next: Option<TokenId>,
     picker: Picker,
+    /// A grammar's pick still going through the vocabulary: the sequence sits out of the
+    /// batch until it is done (see [`super::picker`]).
+    pending: Option<Pending>,
+    /// The request field its grammar came from, for the error when it is too slow.
+    grammar_param: &'static str,
     max_tokens: u32,
     generated: u32,
     /// Alternatives to report with each token's log-probability, if asked.
@@ -253,6 +181,8 @@ pub(super) struct Worker<'m> {
     /// decode's time, what the step cost per token.
     step_propose_ms: f64,
     step_emitted: usize,
+    /// How long the last decode took: grammar work gets a share of it per sequence.
+    last_decode: Duration,
 }
 
 impl Active {
@@ -315,6 +245,7 @@ impl<'m> Worker<'m> {
             drafter,
             step_propose_ms: 0.0,
             step_emitted: 0,
+            last_decode: Duration::ZERO,
             sliding_window,
             prompt_len: vec![0; parallel],
         }
@@ -515,11 +446,15 @@ impl<'m> Worker<'m> {
     /// Moves queued requests, oldest first, into free sequences.
     fn admit(&mut self) {
         while self.slots.busy() < self.slots.len() {
-            let Some(job) = self.queue.pop_front() else {
+            let Some(mut job) = self.queue.pop_front() else {
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            let picker = match Picker::new(&job.req.sampling, self.model) {
+            let (grammar, grammar_param) = match job.grammar.take() {
+                Some((g, param)) => (Some(g), param),
+                None => (None, "response_format"),
+            };
+            let picker = match Picker::new(&job.req.sampling, self.model, grammar) {
                 Ok(p) => p,
                 // Checked at submit; a failure here still ends only this request.
                 Err(e) => {
@@ -559,6 +494,8 @@ impl<'m> Worker<'m> {
                 cached_tokens: reused as u32,
                 next: None,
                 picker,
+                pending: None,
+                grammar_param,
                 max_tokens: req.max_tokens,
                 generated: 0,
                 logprobs: req.logprobs,
@@ -679,6 +616,7 @@ impl<'m> Worker<'m> {
     /// One forward pass for everyone (one per sequence in batch-invariant mode), then one
     /// sampled token for each sequence that has logits.
     fn step(&mut self, batch: &mut LlamaBatch) {
+        self.advance_pending_picks();
         self.resolve_waits();
         self.plan_feeds();
         // Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp puts
@@ -884,7 +822,8 @@ impl<'m> Worker<'m> {
         let started = Instant::now();
         self.ctx.decode(batch).map_err(|e| e.to_string())?;
         let prompt = used - generating - proposed;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.last_decode = started.elapsed();
+        let ms = self.last_decode.as_secs_f64() * 1000.0;
         if tracing::enabled!(tracing::Level::TRACE) {
             // Runs of consecutive sequence ids: each is a pass of its own in llama.cpp.
             let mut seqs: Vec<i32> = self
@@ -946,7 +885,9 @@ impl<'m> Worker<'m> {
     fn sample_and_emit(&mut self, members: &[u64]) {
         let vocab = self.model.vocab();
         let rendered = &self.rendered;
+        let slice = self.grammar_slice();
         let mut finished = Vec::new();
+        let mut too_slow = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
             if !members.contains(&a.id) {
                 continue;
@@ -965,13 +906,25 @@ impl<'m> Worker<'m> {
             let mut accepted = 0;
             for j in 0..=proposal.len() {
                 let idx = first + j as i32;
-                let tok = a.picker.pick(&self.ctx, idx);
+                let tok = match a.picker.pick(&self.ctx, idx, slice) {
+                    Picked::Token(tok) => tok,
+                    // The rest of any proposal counts as rejected: this token is not known.
+                    Picked::Pending(p) => {
+                        a.pending = Some(p);
+                        a.next = None;
+                        break;
+                    }
+                    Picked::TooSlow(spent) => {
+                        too_slow.push((i, spent));
+                        a.next = None;
+                        break;
+                    }
+                };
                 self.step_emitted += 1;
                 let position = before + kept;
                 finish = emit(
                     a,
-                    &self.ctx,
-                    idx,
+                    self.ctx.get_logits_ith(idx),
                     tok,
                     position,
                     self.n_ctx_seq,
@@ -1015,12 +968,95 @@ impl<'m> Worker<'m> {
                 finished.push((i, reason));
             }
         }
-        // Remove finished requests back to front so indices stay valid.
-        for (i, reason) in finished.into_iter().rev() {
+        self.end_finished(finished, too_slow);
+    }
+
+    /// Retires finished requests and fails those whose grammar was too slow, back to front
+    /// so indices stay valid.
+    fn end_finished(
+        &mut self,
+        finished: Vec<(usize, FinishReason)>,
+        too_slow: Vec<(usize, Duration)>,
+    ) {
+        let mut ends: Vec<(usize, Result<FinishReason, Duration>)> = finished
+            .into_iter()
+            .map(|(i, r)| (i, Ok(r)))
+            .chain(too_slow.into_iter().map(|(i, d)| (i, Err(d))))
+            .collect();
+        ends.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, end) in ends {
             // `remove`, not `swap_remove`: arrival order decides whose prompt is prefilled first.
             let a = self.active.remove(i);
-            self.retire(a, reason);
+            match end {
+                Ok(reason) => self.retire(a, reason),
+                Err(spent) => self.grammar_too_slow(a, spent),
+            }
         }
+    }
+
+    /// How much grammar work one sequence's pick may do this step: its share of the last
+    /// decode, or long slices when nothing else is running.
+    fn grammar_slice(&self) -> Slice {
+        if self.active.len() <= 1 {
+            Slice::ALONE
+        } else {
+            Slice::share(self.last_decode, self.active.len())
+        }
+    }
+
+    /// Gives every pick still going through the vocabulary its slice of this step, and emits
+    /// the tokens of those that finish (they join the batch from the next step).
+    fn advance_pending_picks(&mut self) {
+        if self.active.iter().all(|a| a.pending.is_none()) {
+            return;
+        }
+        let slice = self.grammar_slice();
+        let vocab = self.model.vocab();
+        let mut finished = Vec::new();
+        let mut too_slow = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            let Some(mut p) = a.pending.take() else {
+                continue;
+            };
+            match a.picker.resume(&mut p, slice) {
+                Progress::NotYet => a.pending = Some(p),
+                Progress::TooSlow(spent) => too_slow.push((i, spent)),
+                Progress::Done(tok) => {
+                    let position = self.slots.get(a.slot).cached.len();
+                    let end = emit(
+                        a,
+                        &p.logits,
+                        tok,
+                        position,
+                        self.n_ctx_seq,
+                        &vocab,
+                        &self.rendered,
+                    );
+                    match end {
+                        Some(reason) => finished.push((i, reason)),
+                        None => a.next = Some(tok.0),
+                    }
+                }
+            }
+        }
+        self.end_finished(finished, too_slow);
+    }
+
+    /// Ends a request whose grammar needs more than the limit of work for one token.
+    fn grammar_too_slow(&mut self, a: Active, spent: Duration) {
+        tracing::warn!(
+            slot = a.slot,
+            ms = spent.as_millis() as u64,
+            "grammar too slow to enforce; ending the request"
+        );
+        let _ = a.events.send(Event::Error(EngineError::InvalidParam {
+            param: a.grammar_param,
+            message: format!(
+                "the grammar for this schema is too slow to enforce: choosing one token took more than {} ms of grammar checks (requests.grammar_ms_per_token); use a smaller schema (fewer enum values or alternatives)",
+                super::picker::pick_limit().as_millis()
+            ),
+        }));
+        self.slots.release(a.slot);
     }
 
     fn retire(&mut self, mut a: Active, reason: FinishReason) {
@@ -1057,8 +1093,7 @@ impl<'m> Worker<'m> {
 #[allow(clippy::too_many_arguments)]
 fn emit(
     a: &mut Active,
-    ctx: &LlamaContext<'_>,
-    idx: i32,
+    logits: &[f32],
     tok: LlamaToken,
     position: usize,
     n_ctx_seq: u32,
@@ -1066,7 +1101,7 @@ fn emit(
     rendered: &HashSet<i32>,
 ) -> Option<FinishReason> {
     if let Some(k) = a.logprobs.filter(|_| !vocab.is_eog(tok)) {
-        let (logprob, top) = logprobs(ctx.get_logits_ith(idx), tok.0 as usize, k.into());
+        let (logprob, top) = logprobs(logits, tok.0 as usize, k.into());
         let text = |t: LlamaToken| {
             let bytes = vocab.token_to_piece(t, rendered.contains(&t.0), None);
             TokenText {
