@@ -278,15 +278,21 @@ def server_path(srv, path):
     return f"/proc/{srv.proc.pid}/root{path}"
 
 
+def small_disk_server(binary, model_file, hub, mb=260):
+    """A server whose models folder is an `mb` MB tmpfs in a mount namespace of its own."""
+    mnt = tempfile.mkdtemp(prefix="hostile-disk-")
+    wrap = ["unshare", "-rm", "sh", "-c",
+            f'mount -t tmpfs -o size={mb}m tmpfs "{mnt}" && exec "$@"', "sh"]
+    srv = Server(binary, model_file, load=False, wrap=wrap, models=mnt,
+                 env={"HF_ENDPOINT": hub.url})
+    return srv, mnt
+
+
 # R5: two downloads against a disk that holds one.
 def downloads_disk(binary, model_file):
     data = os.urandom(150 << 20)
     hub = FakeHub({"org/a": {"a.gguf": data}, "org/b": {"b.gguf": data}}, rate=40 << 20)
-    mnt = tempfile.mkdtemp(prefix="hostile-disk-")
-    wrap = ["unshare", "-rm", "sh", "-c",
-            f'mount -t tmpfs -o size=260m tmpfs "{mnt}" && exec "$@"', "sh"]
-    srv = Server(binary, model_file, load=False, wrap=wrap, models=mnt,
-                 env={"HF_ENDPOINT": hub.url})
+    srv, mnt = small_disk_server(binary, model_file, hub)
     try:
         answers = []
         for repo in ("org/a", "org/b"):
@@ -317,11 +323,7 @@ def downloads_disk(binary, model_file):
 def download_disk_full(binary, model_file):
     data = os.urandom(150 << 20)
     hub = FakeHub({"org/a": {"a.gguf": data}}, rate=20 << 20)
-    mnt = tempfile.mkdtemp(prefix="hostile-disk-")
-    wrap = ["unshare", "-rm", "sh", "-c",
-            f'mount -t tmpfs -o size=260m tmpfs "{mnt}" && exec "$@"', "sh"]
-    srv = Server(binary, model_file, load=False, wrap=wrap, models=mnt,
-                 env={"HF_ENDPOINT": hub.url})
+    srv, mnt = small_disk_server(binary, model_file, hub)
     try:
         status, text, _, _ = srv.post("/admin/model/download",
                                       {"model_id": "org/a", "files": ["a.gguf"]})

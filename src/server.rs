@@ -28,7 +28,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = shutdown_signal()?;
     let tls = match &config.server.tls {
-        Some(t) => Some(crate::api::tls::acceptor(t)?),
+        Some(t) => Some(crate::api::http::tls::acceptor(t)?),
         None => None,
     };
     warn_if_exposed(&config);
@@ -84,7 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "could not tell systemd the server is ready");
     }
-    crate::api::serve::serve(listener, router(state), &config.server, tls, shutdown).await?;
+    crate::api::http::serve::serve(listener, router(state), &config.server, tls, shutdown).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;

@@ -29,7 +29,7 @@ async fn listed(state: &AppState) -> Result<Vec<Listed>, ApiError> {
     let registry = state.registry.clone();
     let disk = registry
         .store()
-        .indexed(crate::models::store::INDEX_MAX_AGE)
+        .fresh_index()
         .await
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?;
     tokio::task::spawn_blocking(move || {

@@ -9,17 +9,16 @@ pub mod completions;
 pub mod downloads;
 pub mod error;
 pub mod generate;
+pub mod http;
 pub mod lmstudio;
 pub mod models;
 pub mod observe;
 pub mod openapi;
 pub mod page;
 pub mod responses;
+pub mod routes;
 pub mod sse;
-pub mod tls;
 pub mod types;
-
-pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +30,6 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -278,104 +276,48 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal("internal error while handling the request".into()).into_response()
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface, from [`routes::ROUTES`]: each route behind the key check its row
+/// names (audited when it may change what is loaded or on disk), Anthropic's routes inside
+/// their own error shape, then the fallbacks, limits and request log around everything.
 pub fn router(state: AppState) -> Router {
-    let audited = || middleware::from_fn_with_state(state.clone(), observe::audit_admin);
-    let api_key = || middleware::from_fn_with_state(state.clone(), auth::require_api_key);
-    let admin_key = || middleware::from_fn_with_state(state.clone(), auth::require_admin_key);
-    let v1 = Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/responses", post(responses::create))
-        .route("/v1/responses/{id}", get(responses::get))
-        .route("/v1/models", get(models::list_models))
-        .route("/v1/models/{*id}", get(models::get_model))
-        .route("/api/v1/models", get(lmstudio::list_v1))
-        .route("/api/v0/models", get(lmstudio::list_v0))
-        .route_layer(api_key());
-    // LM Studio's load and unload change what is in memory, as /admin's do: the same key
-    // check and audit (a load of a model already loaded, which changes nothing, passes with
-    // the inference key: see auth::require_admin_unless_loaded).
-    let lmstudio_admin = Router::new()
-        .route("/api/v1/models/unload", post(lmstudio::unload))
-        .route_layer(audited())
-        .route_layer(admin_key())
-        .merge(
-            Router::new()
-                .route("/api/v1/models/load", post(lmstudio::load))
-                .route_layer(audited())
-                .route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    auth::require_admin_unless_loaded,
-                )),
-        );
-    // Anthropic's Messages: its own error shape around everything, the key check included.
-    let anthropic_routes = Router::new()
-        .route("/v1/messages", post(anthropic::create))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route_layer(api_key())
-        .route_layer(middleware::from_fn(anthropic::anthropic_errors));
-    let admin_routes = Router::new()
-        .route("/admin/model/load", post(admin::load))
-        .route("/admin/models/load", post(admin::load))
-        .route("/admin/model/unload", post(admin::unload))
-        .route("/admin/models/unload", post(admin::unload))
-        .route("/admin/models", get(admin::models))
-        .route("/admin/models/available", get(admin::available))
-        .route("/admin/model/download", post(downloads::start))
-        .route("/admin/models/download", post(downloads::start))
-        .route("/admin/model/downloads", get(downloads::list))
-        .route("/admin/models/downloads", get(downloads::list))
-        .route(
-            "/admin/model/download/{job}",
-            get(downloads::get).delete(downloads::cancel),
-        )
-        .route(
-            "/admin/model/download/{job}/resume",
-            post(downloads::resume),
-        )
-        .route(
-            "/admin/models/download/{job}",
-            get(downloads::get).delete(downloads::cancel),
-        )
-        .route(
-            "/admin/models/download/{job}/resume",
-            post(downloads::resume),
-        )
-        .route(
-            "/admin/model/download/{job}/progress",
-            get(downloads::progress),
-        )
-        .route(
-            "/admin/models/download/{job}/progress",
-            get(downloads::progress),
-        )
-        .route("/admin/model/{*id}", delete(admin::delete_model))
-        .route("/admin/models/{*id}", delete(admin::delete_model))
-        .route("/admin/status", get(admin::status))
-        .route_layer(audited())
-        .route_layer(admin_key());
-    let scrape = Router::new()
-        .route("/metrics", get(observe::metrics))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_metrics_access,
-        ));
-    let open = Router::new()
-        .route("/admin/health", get(admin::health))
-        .route("/healthz", get(admin::health))
-        .route("/readyz", get(admin::ready))
-        .route("/openapi.json", get(openapi::json))
-        .route("/docs", get(openapi::docs))
-        .route("/", get(page::status_page))
-        .route("/ui", get(page::status_page));
-    Router::new()
-        .merge(v1)
-        .merge(lmstudio_admin)
-        .merge(anthropic_routes)
-        .merge(admin_routes)
-        .merge(scrape)
-        .merge(open)
+    use routes::Access;
+    let mut router = Router::new();
+    for r in routes::ROUTES {
+        let mut route = (r.handler)();
+        let audited = || middleware::from_fn_with_state(state.clone(), observe::audit_admin);
+        route = match r.access {
+            Access::Open => route,
+            Access::Api => route.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_api_key,
+            )),
+            Access::Admin => {
+                route
+                    .route_layer(audited())
+                    .route_layer(middleware::from_fn_with_state(
+                        state.clone(),
+                        auth::require_admin_key,
+                    ))
+            }
+            Access::AdminUnlessLoaded => {
+                route
+                    .route_layer(audited())
+                    .route_layer(middleware::from_fn_with_state(
+                        state.clone(),
+                        auth::require_admin_unless_loaded,
+                    ))
+            }
+            Access::Metrics => route.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_metrics_access,
+            )),
+        };
+        if r.anthropic {
+            route = route.route_layer(middleware::from_fn(anthropic::anthropic_errors));
+        }
+        router = router.route(r.path, route);
+    }
+    router
         .route_layer(middleware::from_fn(observe::note_route))
         .fallback(|req: Request| async move {
             ApiError::NotFound(format!(

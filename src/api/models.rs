@@ -27,12 +27,12 @@ fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> Mod
 }
 /// Every model the server can serve: loaded ones and the rest of the disk inventory.
 async fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, ApiError> {
-    // The index: at most one walk of the folder a second, off the runtime, however many
-    // clients list (see ModelStore::indexed).
+    // A walk off the runtime that began after this request (a model copied in a moment ago
+    // is listed), shared by every listing that waits for it.
     let mut disk: Vec<_> = state
         .registry
         .store()
-        .indexed(crate::models::store::INDEX_MAX_AGE)
+        .fresh_index()
         .await
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))?
         .to_vec();

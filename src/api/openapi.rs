@@ -2,8 +2,7 @@
 //!
 //! Schemas are derived from the wire types themselves (`utoipa::ToSchema` on the request and
 //! response structs), so a field added to a type appears here without a second edit. The
-//! operations come from [`OPERATIONS`], one row per route the router serves; a test compares
-//! that table with the router's routes and calls every documented one.
+//! operations come from [`ROUTES`], the table the router is built from.
 
 use axum::extract::State;
 use axum::http::header;
@@ -19,334 +18,8 @@ use utoipa::openapi::{
 };
 use utoipa::OpenApi as _;
 
+use super::routes::{Access, ROUTES};
 use super::AppState;
-
-/// Who may call an operation.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// No key.
-    Open,
-    /// The API key, when one is configured.
-    Api,
-    /// The admin key (or the API key when no admin key is set; loopback when neither is).
-    Admin,
-}
-
-/// One documented operation.
-pub struct Operation {
-    pub method: &'static str,
-    /// The route as the router spells it (`{*id}` for a catch-all).
-    pub path: &'static str,
-    pub tag: &'static str,
-    pub summary: &'static str,
-    pub access: Access,
-    /// Schema of the JSON body, by its type's name.
-    pub body: Option<&'static str>,
-    /// Schema of the JSON answer, by its type's name.
-    pub response: Option<&'static str>,
-    /// Also answers as `text/event-stream` (with `stream: true`, or always for progress).
-    pub stream: bool,
-}
-
-const fn op(
-    method: &'static str,
-    path: &'static str,
-    tag: &'static str,
-    summary: &'static str,
-    access: Access,
-) -> Operation {
-    Operation {
-        method,
-        path,
-        tag,
-        summary,
-        access,
-        body: None,
-        response: None,
-        stream: false,
-    }
-}
-
-impl Operation {
-    const fn body(mut self, name: &'static str) -> Self {
-        self.body = Some(name);
-        self
-    }
-    const fn returns(mut self, name: &'static str) -> Self {
-        self.response = Some(name);
-        self
-    }
-    const fn streams(mut self) -> Self {
-        self.stream = true;
-        self
-    }
-}
-
-use Access::{Admin, Api, Open};
-
-/// Every route the server answers.
-pub const OPERATIONS: &[Operation] = &[
-    op(
-        "post",
-        "/v1/chat/completions",
-        "OpenAI",
-        "Chat completion (streamed with `stream: true`)",
-        Api,
-    )
-    .body("ChatCompletionRequest")
-    .returns("ChatCompletion")
-    .streams(),
-    op(
-        "post",
-        "/v1/completions",
-        "OpenAI",
-        "Text completion (legacy)",
-        Api,
-    )
-    .body("CompletionRequest")
-    .returns("TextCompletion")
-    .streams(),
-    op("post", "/v1/responses", "OpenAI", "Responses API", Api).streams(),
-    op(
-        "get",
-        "/v1/responses/{id}",
-        "OpenAI",
-        "A stored response",
-        Api,
-    ),
-    op(
-        "get",
-        "/v1/models",
-        "OpenAI",
-        "Models that can be used",
-        Api,
-    )
-    .returns("ModelList"),
-    op("get", "/v1/models/{*id}", "OpenAI", "One model", Api).returns("ModelObject"),
-    op(
-        "post",
-        "/v1/messages",
-        "Anthropic",
-        "Anthropic Messages (streamed with `stream: true`)",
-        Api,
-    )
-    .streams(),
-    op(
-        "post",
-        "/v1/messages/count_tokens",
-        "Anthropic",
-        "Count a Messages request's input tokens",
-        Api,
-    ),
-    op(
-        "get",
-        "/api/v1/models",
-        "LM Studio",
-        "Models, LM Studio's v1 shape",
-        Api,
-    ),
-    op(
-        "post",
-        "/api/v1/models/load",
-        "LM Studio",
-        "Load a model (LM Studio's shape)",
-        Api,
-    )
-    .body("LmStudioLoadBody"),
-    op(
-        "post",
-        "/api/v1/models/unload",
-        "LM Studio",
-        "Unload a model (LM Studio's shape)",
-        Api,
-    )
-    .body("LmStudioUnloadBody"),
-    op(
-        "get",
-        "/api/v0/models",
-        "LM Studio",
-        "Models, LM Studio's v0 shape",
-        Api,
-    ),
-    op("post", "/admin/model/load", "Admin", "Load a model", Admin).body("LoadBody"),
-    op("post", "/admin/models/load", "Admin", "Load a model", Admin).body("LoadBody"),
-    op(
-        "post",
-        "/admin/model/unload",
-        "Admin",
-        "Unload a model",
-        Admin,
-    )
-    .body("UnloadBody"),
-    op(
-        "post",
-        "/admin/models/unload",
-        "Admin",
-        "Unload a model",
-        Admin,
-    )
-    .body("UnloadBody"),
-    op(
-        "get",
-        "/admin/models",
-        "Admin",
-        "Models on disk, loaded models, downloads",
-        Admin,
-    ),
-    op(
-        "get",
-        "/admin/models/available",
-        "Admin",
-        "Models on disk that are not loaded",
-        Admin,
-    ),
-    op(
-        "post",
-        "/admin/model/download",
-        "Admin",
-        "Start a verified Hub download",
-        Admin,
-    )
-    .body("DownloadRequest")
-    .returns("JobView"),
-    op(
-        "post",
-        "/admin/models/download",
-        "Admin",
-        "Start a verified Hub download",
-        Admin,
-    )
-    .body("DownloadRequest")
-    .returns("JobView"),
-    op(
-        "get",
-        "/admin/model/downloads",
-        "Admin",
-        "Download jobs",
-        Admin,
-    ),
-    op(
-        "get",
-        "/admin/models/downloads",
-        "Admin",
-        "Download jobs",
-        Admin,
-    ),
-    op(
-        "get",
-        "/admin/model/download/{job}",
-        "Admin",
-        "One download job",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "delete",
-        "/admin/model/download/{job}",
-        "Admin",
-        "Cancel a download",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "get",
-        "/admin/models/download/{job}",
-        "Admin",
-        "One download job",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "delete",
-        "/admin/models/download/{job}",
-        "Admin",
-        "Cancel a download",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "post",
-        "/admin/model/download/{job}/resume",
-        "Admin",
-        "Resume a download",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "post",
-        "/admin/models/download/{job}/resume",
-        "Admin",
-        "Resume a download",
-        Admin,
-    )
-    .returns("JobView"),
-    op(
-        "get",
-        "/admin/model/download/{job}/progress",
-        "Admin",
-        "A download's progress as server-sent events",
-        Admin,
-    )
-    .streams(),
-    op(
-        "get",
-        "/admin/models/download/{job}/progress",
-        "Admin",
-        "A download's progress as server-sent events",
-        Admin,
-    )
-    .streams(),
-    op(
-        "delete",
-        "/admin/model/{*id}",
-        "Admin",
-        "Delete a model's files",
-        Admin,
-    )
-    .body("DeleteBody"),
-    op(
-        "delete",
-        "/admin/models/{*id}",
-        "Admin",
-        "Delete a model's files",
-        Admin,
-    )
-    .body("DeleteBody"),
-    op(
-        "get",
-        "/admin/status",
-        "Admin",
-        "Memory, loaded models, performance, downloads",
-        Admin,
-    )
-    .returns("Status"),
-    op(
-        "get",
-        "/metrics",
-        "Operations",
-        "Prometheus metrics (admin key unless server.metrics_open)",
-        Admin,
-    ),
-    op("get", "/admin/health", "Operations", "Liveness", Open),
-    op("get", "/healthz", "Operations", "Liveness", Open),
-    op(
-        "get",
-        "/readyz",
-        "Operations",
-        "Readiness: 200 while a model is loaded, else 503",
-        Open,
-    ),
-    op("get", "/openapi.json", "Operations", "This document", Open),
-    op(
-        "get",
-        "/docs",
-        "Operations",
-        "This document, browsable",
-        Open,
-    ),
-    op("get", "/", "Operations", "The status page", Open),
-    op("get", "/ui", "Operations", "The status page", Open),
-];
 
 /// The schemas, derived from the wire types.
 #[derive(utoipa::OpenApi)]
@@ -445,7 +118,7 @@ pub fn document() -> OpenApi {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Admin-Key"))),
         );
     }
-    for o in OPERATIONS {
+    for o in ROUTES {
         let mut b = OperationBuilder::new()
             .summary(Some(o.summary))
             .tag(o.tag)
@@ -504,9 +177,9 @@ pub fn document() -> OpenApi {
                 .build(),
         );
         b = match o.access {
-            Open => b,
-            Api => b.security(SecurityRequirement::new("bearer", Vec::<String>::new())),
-            Admin => b
+            Access::Open => b,
+            Access::Api => b.security(SecurityRequirement::new("bearer", Vec::<String>::new())),
+            Access::Admin | Access::AdminUnlessLoaded | Access::Metrics => b
                 .security(SecurityRequirement::new("admin_key", Vec::<String>::new()))
                 .security(SecurityRequirement::new("bearer", Vec::<String>::new())),
         };
@@ -547,7 +220,7 @@ mod tests {
         let v = serde_json::to_value(&doc).unwrap();
         assert_eq!(v["openapi"], "3.1.0");
         let mut seen = std::collections::HashSet::new();
-        for o in OPERATIONS {
+        for o in ROUTES {
             assert!(
                 seen.insert((o.method, o.path)),
                 "{} {} twice",

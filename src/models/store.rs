@@ -99,6 +99,7 @@ pub const INDEX_MAX_AGE: Duration = Duration::from_secs(1);
 /// The last walk of the directory, shared by every clone of a store.
 #[derive(Debug, Default)]
 struct Index {
+    /// When the walk began, and what it found.
     last: std::sync::RwLock<Option<(Instant, Arc<Vec<DiskModel>>)>>,
     /// Held while a walk for [`ModelStore::indexed`] runs, so callers that find the index
     /// stale together wait for one walk instead of each making their own.
@@ -129,11 +130,24 @@ impl ModelStore {
     /// names through this: a walk per request let a stream of unknown names keep the disk
     /// and the runtime busy (1,000 folders: 1,626 -> 22 requests/s).
     pub async fn indexed(&self, max_age: Duration) -> std::io::Result<Arc<Vec<DiskModel>>> {
-        if let Some(models) = self.fresh(max_age) {
+        let now = Instant::now();
+        self.indexed_since(now.checked_sub(max_age).unwrap_or(now))
+            .await
+    }
+
+    /// The models on disk as of a walk that began at `since` or later: a listing sees a file
+    /// copied in just before it was asked for. Callers that ask while a walk runs share the
+    /// next one.
+    pub async fn fresh_index(&self) -> std::io::Result<Arc<Vec<DiskModel>>> {
+        self.indexed_since(Instant::now()).await
+    }
+
+    async fn indexed_since(&self, since: Instant) -> std::io::Result<Arc<Vec<DiskModel>>> {
+        if let Some(models) = self.walked_since(since) {
             return Ok(models);
         }
         let _walking = self.index.walking.lock().await;
-        if let Some(models) = self.fresh(max_age) {
+        if let Some(models) = self.walked_since(since) {
             return Ok(models);
         }
         let store = self.clone();
@@ -142,10 +156,10 @@ impl ModelStore {
             .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
-    fn fresh(&self, max_age: Duration) -> Option<Arc<Vec<DiskModel>>> {
+    fn walked_since(&self, since: Instant) -> Option<Arc<Vec<DiskModel>>> {
         let last = self.index.last.read().expect("index lock");
         last.as_ref()
-            .filter(|(at, _)| at.elapsed() <= max_age)
+            .filter(|(began, _)| *began >= since)
             .map(|(_, m)| Arc::clone(m))
     }
 
@@ -174,6 +188,7 @@ impl ModelStore {
     /// Every model on disk, sorted by id. Hidden folders (downloads in progress, quarantine)
     /// and projector files are skipped, so nothing half-made is ever listed.
     pub fn scan(&self) -> std::io::Result<Vec<DiskModel>> {
+        let began = Instant::now();
         if !self.root.exists() {
             std::fs::create_dir_all(&self.root)?;
         }
@@ -253,8 +268,12 @@ impl ModelStore {
             found.extend(files);
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));
-        *self.index.last.write().expect("index lock") =
-            Some((Instant::now(), Arc::new(found.clone())));
+        let mut last = self.index.last.write().expect("index lock");
+        // A walk that began earlier than the one already kept (two ran at once) is older news.
+        if last.as_ref().is_none_or(|(b, _)| *b <= began) {
+            *last = Some((began, Arc::new(found.clone())));
+        }
+        drop(last);
         Ok(found)
     }
 

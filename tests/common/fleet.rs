@@ -16,17 +16,15 @@ pub fn chat(model: &str, max_tokens: u32) -> Value {
     })
 }
 
-/// A server with the Gemma model linked as `gemma-a`, `gemma-b` and `gemma-c` too.
+/// A server with the Gemma model linked as `gemma-a`, `gemma-b` and `gemma-c` too (before it
+/// starts: requests find names in an index of the folder that may be a second old).
 pub fn server(extra_args: &[&str]) -> Server {
-    let s = Server::start(Opts {
+    Server::start(Opts {
         load_model: false,
         extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        also_link: ["gemma-a", "gemma-b", "gemma-c"].map(String::from).to_vec(),
         ..Opts::default()
-    });
-    for id in ["gemma-a", "gemma-b", "gemma-c"] {
-        s.link_model(&format!("{id}.gguf"));
-    }
-    s
+    })
 }
 
 /// POSTs in a task of its own; gives status and body text.

@@ -100,6 +100,8 @@ pub struct Opts {
     pub models_dir: Option<PathBuf>,
     /// Extra environment variables (HF_ENDPOINT, HF_TOKEN, ...).
     pub env: Vec<(String, String)>,
+    /// More ids the Gemma model is linked under (`<id>.gguf`) before the server starts.
+    pub also_link: Vec<String>,
     /// A command the server is started through (its arguments, then the server's command
     /// line): a private mount namespace with a small disk, say.
     pub wrap: Vec<String>,
@@ -114,6 +116,7 @@ impl Default for Opts {
             extra_args: Vec::new(),
             models_dir: None,
             env: Vec::new(),
+            also_link: Vec::new(),
             wrap: Vec::new(),
         }
     }
@@ -141,9 +144,11 @@ impl Server {
                 (Some(t), p)
             }
         };
-        let link = dir.join(format!("{MODEL}.gguf"));
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(model_file(), &link).unwrap();
+        for id in std::iter::once(MODEL).chain(opts.also_link.iter().map(String::as_str)) {
+            let link = dir.join(format!("{id}.gguf"));
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(model_file(), &link).unwrap();
+            }
         }
         let config = dir.join(".config.yaml");
         std::fs::write(&config, "").unwrap();

@@ -987,6 +987,8 @@ impl<'m> Worker<'m> {
         for (i, end) in ends {
             // `remove`, not `swap_remove`: arrival order decides whose prompt is prefilled first.
             let a = self.active.remove(i);
+            // Counted out before its client hears it is done, so a scrape right after sees it.
+            self.publish_counts();
             match end {
                 Ok(reason) => self.retire(a, reason),
                 Err(spent) => self.grammar_too_slow(a, spent),

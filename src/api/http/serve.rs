@@ -26,7 +26,7 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use super::error::ApiError;
+use crate::api::error::ApiError;
 use crate::config::ServerConfig;
 
 /// One open connection, as the cap sees it.
