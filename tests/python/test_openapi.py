@@ -1,6 +1,7 @@
-"""The OpenAPI document: valid OpenAPI 3.1, and in step with the router both ways: every
-route src/api/mod.rs declares is documented, and every documented operation is answered (by
-its handler, not the 404/405 fallbacks)."""
+"""The OpenAPI document: valid OpenAPI 3.1, and in step with the router both ways. The router
+and the document are both made from the route table in src/api/routes.rs: each row's declared
+method must be the method its handler is routed under, every row is documented, and every
+documented operation is answered (by its handler, not the 404/405 fallbacks)."""
 
 import json
 import pathlib
@@ -17,13 +18,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def routes_in_router():
-    """(method, path) of every `.route(...)` in the router's source."""
-    src = (ROOT / "src/api/mod.rs").read_text()
+    """(method, path) of every row of the route table, checking that the method a row declares
+    (which the document shows) is the one its handler is routed under (which the router
+    serves)."""
+    src = (ROOT / "src/api/routes.rs").read_text()
     found = set()
-    for m in re.finditer(r'\.route\(\s*"([^"]+)",\s*((?:get|post|delete|put)\([^)]*\)(?:\s*\.(?:get|post|delete|put)\([^)]*\))*)', src):
-        path = m.group(1)
-        for method in re.findall(r"(get|post|delete|put)\(", m.group(2)):
-            found.add((method, path.replace("{*", "{")))
+    rows = re.finditer(
+        r'op\(\s*"(get|post|delete|put)",\s*"([^"]+)".*?\|\|\s*\{?\s*(get|post|delete|put)\(', src, re.S
+    )
+    for m in rows:
+        declared, path, routed = m.groups()
+        assert declared == routed, f"{path}: documented as {declared}, routed as {routed}"
+        found.add((declared, path.replace("{*", "{")))
     return found
 
 
