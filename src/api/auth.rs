@@ -48,6 +48,7 @@ fn keys_match(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Route layer of [`super::routes::Access::Api`]: the API key, when one is configured.
 pub(super) async fn require_api_key(
     State(state): State<AppState>,
     req: Request,
@@ -98,6 +99,7 @@ fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
+/// Route layer of [`super::routes::Access::Admin`]: see [`admin_access`].
 pub(super) async fn require_admin_key(
     State(state): State<AppState>,
     req: Request,
@@ -194,6 +196,18 @@ mod tests {
         assert_eq!(presented_key(&h, false), None);
         h.insert(header::AUTHORIZATION, "Bearer sk-1".parse().unwrap());
         assert_eq!(presented_key(&h, false), Some("sk-1"));
+        // The scheme is case-insensitive; other schemes and empty tokens are no key.
+        for (value, key) in [
+            ("bearer sk-2", Some("sk-2")),
+            ("BEARER  sk-3 ", Some("sk-3")),
+            ("Basic c2stMQ==", None),
+            ("Bearer ", None),
+            ("Bearersk-4", None),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(presented_key(&h, false), key, "{value}");
+        }
         h.insert("x-admin-key", "adm".parse().unwrap());
         assert_eq!(presented_key(&h, true), Some("adm"));
         assert!(keys_match("abc", "abc"));
