@@ -288,6 +288,20 @@ def small_disk_server(binary, model_file, hub, mb=260):
     return srv, mnt
 
 
+def record(srv, mnt, job):
+    """The state a job's record on the server's disk says (or why it cannot be read)."""
+    try:
+        with open(server_path(srv, f"{mnt}/.downloads/{job}/job.json")) as f:
+            return json.load(f).get("state")
+    except (OSError, ValueError) as e:
+        return type(e).__name__
+
+
+def leftover(srv, mnt, job):
+    tmp = server_path(srv, f"{mnt}/.downloads/{job}/job.json.tmp")
+    return "job.json.tmp left" if os.path.exists(tmp) else "no job.json.tmp"
+
+
 # R5: two downloads against a disk that holds one.
 def downloads_disk(binary, model_file):
     data = os.urandom(150 << 20)
@@ -304,16 +318,10 @@ def downloads_disk(binary, model_file):
              short(json.dumps(answers[1][1]), 60))
         for status, body in answers:
             if status == 202:
-                state, _ = wait_job(srv, body.get("job_id") or body.get("download_id"))
-                job = body.get("job_id") or body.get("download_id")
-                record = server_path(srv, f"{mnt}/.downloads/{job}/job.json")
-                try:
-                    on_disk = json.load(open(record)).get("state")
-                except (OSError, ValueError) as e:
-                    on_disk = type(e).__name__
-                tmp = os.path.exists(record + ".tmp")
-                line("R5", f"  job {job}", f"{state}; job.json says {on_disk}", 0,
-                     "job.json.tmp left" if tmp else "no job.json.tmp")
+                job = body.get("job_id")
+                state, _ = wait_job(srv, job)
+                line("R5", f"  job {job}", f"{state}; job.json says {record(srv, mnt, job)}", 0,
+                     leftover(srv, mnt, job))
     finally:
         srv.stop()
         hub.stop()
@@ -338,15 +346,9 @@ def download_disk_full(binary, model_file):
             pass
         finally:
             os.close(fd)
-        state, body = wait_job(srv, job)
-        record = server_path(srv, f"{mnt}/.downloads/{job}/job.json")
-        try:
-            on_disk = json.load(open(record)).get("state")
-        except (OSError, ValueError) as e:
-            on_disk = type(e).__name__
-        tmp = os.path.exists(record + ".tmp")
+        state, _ = wait_job(srv, job)
         line("R5", "disk filled by another program mid-download", state, 0,
-             f"job.json says {on_disk}; " + ("job.json.tmp left" if tmp else "no job.json.tmp"))
+             f"job.json says {record(srv, mnt, job)}; {leftover(srv, mnt, job)}")
     finally:
         srv.stop()
         hub.stop()

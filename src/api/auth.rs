@@ -3,9 +3,9 @@
 //! and unload, which do the same things under other names), loopback-only admin when no key
 //! is configured. One place, so a route added under another dialect's name cannot forget it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -48,19 +48,25 @@ fn keys_match(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Whether the request carries the API key, or none is configured.
+fn api_key_ok(server: &ServerConfig, headers: &HeaderMap) -> bool {
+    server
+        .api_key
+        .as_ref()
+        .is_none_or(|key| presented_key(headers, false).is_some_and(|k| keys_match(k, key)))
+}
+
 /// Route layer of [`super::routes::Access::Api`]: the API key, when one is configured.
 pub(super) async fn require_api_key(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    match &state.config.server.api_key {
-        Some(key) if !presented_key(req.headers(), false).is_some_and(|k| keys_match(k, key)) => {
-            observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
-            ApiError::Unauthorized("missing or invalid API key".into()).into_response()
-        }
-        _ => next.run(req).await,
+    if api_key_ok(&state.config.server, req.headers()) {
+        return next.run(req).await;
     }
+    observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
+    ApiError::Unauthorized("missing or invalid API key".into()).into_response()
 }
 
 /// Who may use `/admin`: with an admin key, its holders; else with an API key, its holders;
@@ -139,18 +145,14 @@ pub struct AlreadyLoaded;
 /// (marked [`AlreadyLoaded`], and the handler then changes nothing).
 pub(super) async fn require_admin_unless_loaded(
     State(state): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let peer = peer_ip(&req);
-    let Err(admin_err) = admin_access(&state.config.server, peer, req.headers()) else {
+    let server = &state.config.server;
+    let Err(admin_err) = admin_access(server, peer_ip(&req), req.headers()) else {
         return next.run(req).await;
     };
-    let api_ok = match &state.config.server.api_key {
-        Some(key) => presented_key(req.headers(), false).is_some_and(|k| keys_match(k, key)),
-        None => true,
-    };
-    if api_ok {
+    if api_key_ok(server, req.headers()) {
         let (parts, body) = req.into_parts();
         let bytes = match super::read_body_of(body, &state).await {
             Ok(b) => b,
@@ -159,13 +161,11 @@ pub(super) async fn require_admin_unless_loaded(
         let named = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("model")?.as_str().map(String::from));
-        let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        req = Request::from_parts(parts, axum::body::Body::from(bytes));
         if named.is_some_and(|m| state.registry.get(&m).is_some()) {
             req.extensions_mut().insert(AlreadyLoaded);
             return next.run(req).await;
         }
-        observe::auth_failed(&state, &req, "admin", admin_err.status());
-        return admin_err.into_response();
     }
     observe::auth_failed(&state, &req, "admin", admin_err.status());
     admin_err.into_response()
@@ -181,9 +181,7 @@ pub fn client_of(req: &Request) -> String {
 }
 
 fn peer_ip(req: &Request) -> Option<IpAddr> {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+    observe::peer(req).map(|p| p.ip())
 }
 
 #[cfg(test)]

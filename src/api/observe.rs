@@ -46,7 +46,8 @@ pub async fn note_route(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-fn peer(req: &Request) -> Option<SocketAddr> {
+/// The client's address, from the listener.
+pub(super) fn peer(req: &Request) -> Option<SocketAddr> {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)

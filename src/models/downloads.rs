@@ -377,14 +377,12 @@ impl Downloads {
             std::fs::rename(&tmp, dir.join("job.json"))
         };
         let mut outcome = write();
+        // (`write` truncates a temporary file a failed try left, so the retry has its room.)
+        if outcome.is_err() && std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok() {
+            outcome = write();
+        }
         if outcome.is_err() {
             let _ = std::fs::remove_file(&tmp);
-            if std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok() {
-                outcome = write();
-                if outcome.is_err() {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-            }
         }
         match outcome {
             Err(e) => {
@@ -1331,6 +1329,59 @@ fn model_key(p: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_newest_finished_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join(".downloads");
+        let record = |i: usize, state: JobState| JobRecord {
+            job_id: format!("dl-{i:04}"),
+            repo: "acme/x".into(),
+            revision: "main".into(),
+            commit: "c".into(),
+            state,
+            files: Vec::new(),
+            error: None,
+            verification: None,
+            models: Vec::new(),
+            created_at: format!("2026-12-04T10:{:02}:{:02}Z", i / 60, i % 60),
+            finished_at: None,
+        };
+        let n = FINISHED_KEPT + 6; // one unfinished, FINISHED_KEPT + 5 finished
+        for i in 0..n {
+            let state = if i == 0 {
+                JobState::Error // unfinished (resumable): never pruned, however old
+            } else {
+                JobState::Cancelled
+            };
+            let job = staging.join(format!("dl-{i:04}"));
+            std::fs::create_dir_all(&job).unwrap();
+            std::fs::write(
+                job.join("job.json"),
+                serde_json::to_vec(&record(i, state)).unwrap(),
+            )
+            .unwrap();
+        }
+        let downloads = Downloads::new(
+            ModelStore::new(dir.path()),
+            HubClient::new(&crate::config::HubConfig::default()),
+            Metrics::default(),
+            Arc::new(Audit::disabled()),
+        );
+        let kept: Vec<String> = downloads
+            .list()
+            .into_iter()
+            .map(|j| j.record.job_id)
+            .collect();
+        assert_eq!(kept.len(), FINISHED_KEPT + 1);
+        assert!(kept.contains(&"dl-0000".to_string()));
+        for gone in 1..=5 {
+            let id = format!("dl-{gone:04}");
+            assert!(!kept.contains(&id), "{id} kept");
+            assert!(!staging.join(&id).exists(), "{id}'s folder kept");
+        }
+        assert!(staging.join(format!("dl-{:04}", n - 1)).exists());
+    }
 
     fn file(path: &str) -> RepoFile {
         RepoFile {

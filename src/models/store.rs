@@ -151,7 +151,7 @@ impl ModelStore {
             return Ok(models);
         }
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.scan().map(Arc::new))
+        tokio::task::spawn_blocking(move || store.walk())
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?
     }
@@ -188,6 +188,12 @@ impl ModelStore {
     /// Every model on disk, sorted by id. Hidden folders (downloads in progress, quarantine)
     /// and projector files are skipped, so nothing half-made is ever listed.
     pub fn scan(&self) -> std::io::Result<Vec<DiskModel>> {
+        self.walk().map(|found| found.to_vec())
+    }
+
+    /// [`Self::scan`], kept as the index (unless a walk that began later is kept already) and
+    /// returned as the same shared list.
+    fn walk(&self) -> std::io::Result<Arc<Vec<DiskModel>>> {
         let began = Instant::now();
         if !self.root.exists() {
             std::fs::create_dir_all(&self.root)?;
@@ -268,12 +274,12 @@ impl ModelStore {
             found.extend(files);
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));
+        let found = Arc::new(found);
         let mut last = self.index.last.write().expect("index lock");
         // A walk that began earlier than the one already kept (two ran at once) is older news.
         if last.as_ref().is_none_or(|(b, _)| *b <= began) {
-            *last = Some((began, Arc::new(found.clone())));
+            *last = Some((began, Arc::clone(&found)));
         }
-        drop(last);
         Ok(found)
     }
 

@@ -178,11 +178,10 @@ impl Drop for BusyGuard {
 /// client's window has room).
 struct GuardedBody {
     inner: Body,
-    _guard: BusyGuard,
+    guard: BusyGuard,
     /// Milliseconds since the listener started when it began waiting on the client, or
     /// [`NEVER`] while it waits on the server.
     clock: Arc<AtomicU64>,
-    epoch: Instant,
 }
 
 impl http_body::Body for GuardedBody {
@@ -196,7 +195,7 @@ impl http_body::Body for GuardedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let waits_on_client = matches!(polled, Poll::Ready(Some(Ok(_))));
         let at = if waits_on_client {
-            self.epoch.elapsed().as_millis() as u64
+            self.guard.epoch.elapsed().as_millis() as u64
         } else {
             NEVER
         };
@@ -331,9 +330,8 @@ pub async fn serve(
                     let clock = stall.body_clock(epoch.elapsed().as_millis() as u64);
                     Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody {
                         inner,
-                        _guard: guard,
+                        guard,
                         clock,
-                        epoch,
                     }))
                 }
             });

@@ -462,10 +462,7 @@ impl Backend for LlamaEngine {
                         message: format!("the schema gives a grammar llama.cpp cannot use: {e}"),
                     })?
                     .expect("a grammar was set");
-                Ok((sampling, sampler))
-            });
-            let took = started.elapsed();
-            let built = built.and_then(|b| {
+                let took = started.elapsed();
                 if took > GRAMMAR_BUILD_LIMIT {
                     return Err(EngineError::InvalidParam {
                         param,
@@ -476,7 +473,7 @@ impl Backend for LlamaEngine {
                         ),
                     });
                 }
-                Ok(b)
+                Ok((sampling, sampler))
             });
             match built {
                 Ok((sampling, sampler)) => {

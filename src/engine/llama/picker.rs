@@ -62,6 +62,8 @@ pub(super) enum Picker {
         /// A tool-call grammar under `tool_choice: auto`: a safety net the client did not ask
         /// for, dropped (not failed) when it costs too much.
         lazy: bool,
+        /// The request field the grammar came from, for the error when it is too slow.
+        param: &'static str,
     },
 }
 
@@ -109,18 +111,13 @@ impl Slice {
 
 impl Picker {
     /// The picker for a request's sampling settings; `grammar` is the request's grammar
-    /// sampler when one was built for it already (off the scheduler thread).
+    /// sampler, built at submit (off the scheduler thread), and the field it came from.
     pub(super) fn new(
         sampling: &SamplingParams,
         model: &LlamaModel,
-        grammar: Option<LlamaSampler>,
+        grammar: Option<(LlamaSampler, &'static str)>,
     ) -> Result<Self, String> {
-        let grammar = match grammar {
-            Some(g) => Some(g),
-            None if sampling.grammar.is_some() => sampling.grammar_sampler(model)?,
-            None => None,
-        };
-        let Some(grammar) = grammar else {
+        let Some((grammar, param)) = grammar else {
             if sampling.is_plain_greedy() {
                 return Ok(Self::Greedy(sampling.logit_bias.clone()));
             }
@@ -135,7 +132,16 @@ impl Picker {
             grammar,
             chain: free.build(model)?,
             lazy: !sampling.grammar_triggers.is_empty(),
+            param,
         })
+    }
+
+    /// The request field a constrained picker's grammar came from.
+    pub(super) fn grammar_param(&self) -> &'static str {
+        match self {
+            Self::Constrained { param, .. } => param,
+            _ => "response_format",
+        }
     }
 
     /// The next token from the logits at `idx`, with at most `slice` of grammar work now.
@@ -181,6 +187,7 @@ impl Picker {
             grammar,
             chain,
             lazy,
+            ..
         } = self
         else {
             unreachable!("only a grammar's pick is ever pending");

@@ -115,8 +115,6 @@ struct Active {
     /// A grammar's pick still going through the vocabulary: the sequence sits out of the
     /// batch until it is done (see [`super::picker`]).
     pending: Option<Pending>,
-    /// The request field its grammar came from, for the error when it is too slow.
-    grammar_param: &'static str,
     max_tokens: u32,
     generated: u32,
     /// Alternatives to report with each token's log-probability, if asked.
@@ -450,11 +448,7 @@ impl<'m> Worker<'m> {
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            let (grammar, grammar_param) = match job.grammar.take() {
-                Some((g, param)) => (Some(g), param),
-                None => (None, "response_format"),
-            };
-            let picker = match Picker::new(&job.req.sampling, self.model, grammar) {
+            let picker = match Picker::new(&job.req.sampling, self.model, job.grammar.take()) {
                 Ok(p) => p,
                 // Checked at submit; a failure here still ends only this request.
                 Err(e) => {
@@ -495,7 +489,6 @@ impl<'m> Worker<'m> {
                 next: None,
                 picker,
                 pending: None,
-                grammar_param,
                 max_tokens: req.max_tokens,
                 generated: 0,
                 logprobs: req.logprobs,
@@ -886,8 +879,7 @@ impl<'m> Worker<'m> {
         let vocab = self.model.vocab();
         let rendered = &self.rendered;
         let slice = self.grammar_slice();
-        let mut finished = Vec::new();
-        let mut too_slow = Vec::new();
+        let mut ends = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
             if !members.contains(&a.id) {
                 continue;
@@ -915,7 +907,7 @@ impl<'m> Worker<'m> {
                         break;
                     }
                     Picked::TooSlow(spent) => {
-                        too_slow.push((i, spent));
+                        ends.push((i, Err(spent)));
                         a.next = None;
                         break;
                     }
@@ -965,26 +957,17 @@ impl<'m> Worker<'m> {
             }
             if let Some(reason) = finish {
                 a.next = None;
-                finished.push((i, reason));
+                ends.push((i, Ok(reason)));
             }
         }
-        self.end_finished(finished, too_slow);
+        self.end_finished(ends);
     }
 
-    /// Retires finished requests and fails those whose grammar was too slow, back to front
-    /// so indices stay valid.
-    fn end_finished(
-        &mut self,
-        finished: Vec<(usize, FinishReason)>,
-        too_slow: Vec<(usize, Duration)>,
-    ) {
-        let mut ends: Vec<(usize, Result<FinishReason, Duration>)> = finished
-            .into_iter()
-            .map(|(i, r)| (i, Ok(r)))
-            .chain(too_slow.into_iter().map(|(i, d)| (i, Err(d))))
-            .collect();
-        ends.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, end) in ends {
+    /// Retires the requests at these indices of `active` (in ascending order, at most once
+    /// each) that finished, and fails those whose grammar was too slow; back to front so
+    /// indices stay valid.
+    fn end_finished(&mut self, ends: Vec<(usize, Result<FinishReason, Duration>)>) {
+        for (i, end) in ends.into_iter().rev() {
             // `remove`, not `swap_remove`: arrival order decides whose prompt is prefilled first.
             let a = self.active.remove(i);
             // Counted out before its client hears it is done, so a scrape right after sees it.
@@ -1014,15 +997,14 @@ impl<'m> Worker<'m> {
         }
         let slice = self.grammar_slice();
         let vocab = self.model.vocab();
-        let mut finished = Vec::new();
-        let mut too_slow = Vec::new();
+        let mut ends = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
             let Some(mut p) = a.pending.take() else {
                 continue;
             };
             match a.picker.resume(&mut p, slice) {
                 Progress::NotYet => a.pending = Some(p),
-                Progress::TooSlow(spent) => too_slow.push((i, spent)),
+                Progress::TooSlow(spent) => ends.push((i, Err(spent))),
                 Progress::Done(tok) => {
                     let position = self.slots.get(a.slot).cached.len();
                     let end = emit(
@@ -1035,13 +1017,13 @@ impl<'m> Worker<'m> {
                         &self.rendered,
                     );
                     match end {
-                        Some(reason) => finished.push((i, reason)),
+                        Some(reason) => ends.push((i, Ok(reason))),
                         None => a.next = Some(tok.0),
                     }
                 }
             }
         }
-        self.end_finished(finished, too_slow);
+        self.end_finished(ends);
     }
 
     /// Ends a request whose grammar needs more than the limit of work for one token.
@@ -1052,7 +1034,7 @@ impl<'m> Worker<'m> {
             "grammar too slow to enforce; ending the request"
         );
         let _ = a.events.send(Event::Error(EngineError::InvalidParam {
-            param: a.grammar_param,
+            param: a.picker.grammar_param(),
             message: format!(
                 "the grammar for this schema is too slow to enforce: choosing one token took more than {} ms of grammar checks (requests.grammar_ms_per_token); use a smaller schema (fewer enum values or alternatives)",
                 super::picker::pick_limit().as_millis()
