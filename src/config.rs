@@ -250,6 +250,10 @@ pub struct MlxConfig {
     /// A worker that does not answer a heartbeat within this many seconds is killed; its
     /// requests end with an error and the model is reloaded on the next request.
     pub heartbeat_seconds: f64,
+    /// Bound on each MLX model's in-memory prefix cache (finished sequences' KV kept for the
+    /// next turn), in GB; running sequences count against it. The memory guard drops these
+    /// prefixes (long ones to the disk tier) before it evicts a model.
+    pub prefix_cache_gb: f64,
 }
 
 impl Default for MlxConfig {
@@ -257,6 +261,7 @@ impl Default for MlxConfig {
         Self {
             python: PathBuf::from("python3"),
             heartbeat_seconds: 60.0,
+            prefix_cache_gb: 4.0,
         }
     }
 }
@@ -633,6 +638,7 @@ impl Config {
             "MEMORY_THRESHOLD" => self.memory.threshold_percent = parse(v)?,
             "MLX_PYTHON" => self.models.mlx.python = PathBuf::from(v),
             "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
+            "MLX_PREFIX_CACHE_GB" => self.models.mlx.prefix_cache_gb = parse(v)?,
             "PREFER" => {
                 self.models.prefer = match v {
                     "gguf" => Format::Gguf,

@@ -33,6 +33,10 @@ fn mlx_dir() -> PathBuf {
 
 /// A server with the MLX folder and the GGUF copy of the same model on disk, nothing loaded.
 fn server(parallel: u32, extra_env: &[(&str, &str)]) -> Server {
+    server_with(parallel, extra_env, &[])
+}
+
+fn server_with(parallel: u32, extra_env: &[(&str, &str)], args: &[String]) -> Server {
     let mut env = vec![(
         "OPTA_LMX_MLX_PYTHON".to_string(),
         root()
@@ -50,6 +54,7 @@ fn server(parallel: u32, extra_env: &[(&str, &str)]) -> Server {
         context: 1024,
         parallel,
         env,
+        extra_args: args.to_vec(),
         ..Opts::default()
     });
     std::os::unix::fs::symlink(mlx_dir(), s.models_dir.join(MLX)).unwrap();
@@ -189,15 +194,13 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         "{st}"
     );
 
-    // What MLX cannot give is a 400 naming it, never silently dropped.
-    let mut fmt = ask(MLX, "hi", 4);
+    // JSON mode holds on MLX too (the grammar runs in the worker).
+    let mut fmt = ask(MLX, "Reply with a JSON object whose key a is 1.", 8);
     fmt["response_format"] = json!({"type": "json_object"});
     let (code, v) = s.post("/v1/chat/completions", &fmt).await;
-    assert_eq!(
-        (code, v["error"]["param"].as_str()),
-        (400, Some("response_format")),
-        "{v}"
-    );
+    assert_eq!(code, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.trim_start().starts_with('{'), "{v}");
     let mut draft = ask(MLX, "hi", 4);
     draft["speculation"] = json!("draft");
     let (code, v) = s.post("/v1/chat/completions", &draft).await;
@@ -336,10 +339,12 @@ async fn six_streams_at_once_and_a_cancel_frees_its_sequence() {
 async fn a_killed_worker_fails_its_stream_the_server_goes_on_and_the_model_reloads() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let s = server(2, &[]);
-    for model in [QWEN, MLX] {
-        let (code, v) = s
-            .post("/admin/models/load", &json!({"model_id": model}))
-            .await;
+    // The MLX load asks for its own context and parallel (the server's are 1024 and 2).
+    for body in [
+        json!({"model_id": QWEN}),
+        json!({"model_id": MLX, "context": 512, "parallel": 3}),
+    ] {
+        let (code, v) = s.post("/admin/models/load", &body).await;
         assert_eq!(code, 200, "{v}");
     }
     let pid = worker_pid(&s).await;
@@ -396,6 +401,19 @@ async fn a_killed_worker_fails_its_stream_the_server_goes_on_and_the_model_reloa
         .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(worker_pid(&s).await, new_pid);
+    // It came back with its load's settings, not the server's defaults.
+    let (_, v) = s.get("/admin/status").await;
+    let m = v["loaded_models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == MLX)
+        .unwrap();
+    assert_eq!(
+        (m["context"].as_u64(), m["parallel"].as_u64()),
+        (Some(512), Some(3)),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -506,4 +524,247 @@ async fn a_hung_worker_misses_its_heartbeat_and_is_replaced() {
     }
     assert!(!alive(pid), "the hung worker was killed");
     assert!(s.log_text().contains("mlx_worker_unresponsive"));
+}
+
+/// One chat turn's body: a shared system prompt, then the conversation so far.
+fn turn(history: &[(&str, &str)], max_tokens: u32) -> Value {
+    let mut messages = vec![json!({"role": "system",
+        "content": "You are a terse assistant for a household. Answer in a few words."})];
+    messages.extend(
+        history
+            .iter()
+            .map(|(role, content)| json!({"role": role, "content": content})),
+    );
+    json!({"model": MLX, "temperature": 0, "max_tokens": max_tokens, "messages": messages})
+}
+
+fn cached(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens in {v}"))
+}
+
+fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {v}"))
+        .to_string()
+}
+
+/// The `.kv` files of the disk tier under `root` (any layout).
+fn cache_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            if f.path().extension().is_some_and(|x| x == "kv") {
+                out.push(f.path());
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the worker has opened its disk tier (status shows its file count).
+async fn wait_disk_tier(s: &Server) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = s.get("/admin/status").await;
+        if let Some(n) = v["loaded_models"][0]["scheduler"]["prompt_cache_files"].as_u64() {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "disk tier never opened: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn load_mlx(s: &Server) {
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+}
+
+async fn unload_mlx(s: &Server) {
+    let (code, v) = s
+        .post("/admin/models/unload", &json!({"model_id": MLX}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+}
+
+#[tokio::test]
+async fn prefixes_are_reused_kept_on_disk_checked_and_grammars_hold() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("prompt-cache");
+    let s = server_with(
+        2,
+        // Heartbeats every second, so status shows the worker's cache figures promptly.
+        &[
+            ("OPTA_LMX_MLX_HEARTBEAT", "4"),
+            ("OPTA_LMX_PROMPT_CACHE_MIN_TOKENS", "8"),
+        ],
+        &["--prompt-cache-dir".into(), pc.display().to_string()],
+    );
+    load_mlx(&s).await;
+    wait_disk_tier(&s).await;
+
+    // A cold turn, the same again (its prompt from the cache: the same greedy text), then
+    // the next turn of the conversation, which reuses all of the first.
+    let q1 = "What is the capital of France?";
+    let (code, cold) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(code, 200, "{cold}");
+    assert_eq!(cached(&cold), 0, "{cold}");
+    let prompt1 = cold["usage"]["prompt_tokens"].as_u64().unwrap();
+    let (_, warm) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&warm), prompt1 - 1, "{warm}");
+    assert_eq!(content(&warm), content(&cold));
+    let a1 = content(&cold);
+    let (code, next) = s
+        .post(
+            "/v1/chat/completions",
+            &turn(
+                &[("user", q1), ("assistant", &a1), ("user", "And of Italy?")],
+                4,
+            ),
+        )
+        .await;
+    assert_eq!(code, 200, "{next}");
+    assert!(cached(&next) >= prompt1, "{next}");
+
+    // JSON schema output validates over several seeds (sampled, not greedy), at once.
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+        "required": ["city", "population"], "additionalProperties": false});
+    let asks = [1, 2, 3].map(|seed| {
+        let mut body = turn(&[("user", "Describe a European capital as JSON.")], 40);
+        body["temperature"] = json!(0.8);
+        body["seed"] = json!(seed);
+        body["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema}});
+        let s = &s;
+        async move { s.post("/v1/chat/completions", &body).await }
+    });
+    for (code, v) in futures_util::future::join_all(asks).await {
+        assert_eq!(code, 200, "{v}");
+        let doc: Value =
+            serde_json::from_str(&content(&v)).unwrap_or_else(|e| panic!("not JSON ({e}): {v}"));
+        let obj = doc.as_object().unwrap();
+        assert_eq!(obj.len(), 2, "{doc}");
+        assert!(
+            ["Paris", "Rome", "Oslo"].contains(&doc["city"].as_str().unwrap()),
+            "{doc}"
+        );
+        assert!(
+            doc["population"].as_u64().is_some_and(|p| p <= 99_999_999),
+            "{doc}"
+        );
+    }
+    // `tool_choice: required` gives a call whose arguments follow the tool's schema.
+    let mut body = ask(MLX, "Show me README.md", 60);
+    body["tools"] = json!([{"type": "function", "function": {"name": "read_file",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                       "required": ["path"]}}}]);
+    body["tool_choice"] = json!("required");
+    let (code, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file", "{v}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        args["path"].is_string() && args.as_object().unwrap().len() == 1,
+        "{v}"
+    );
+    // What cannot be enforced is the same 400 as on GGUF.
+    let mut bad = ask(MLX, "hi", 4);
+    bad["response_format"] = json!({"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}});
+    let (code, v) = s.post("/v1/chat/completions", &bad).await;
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("response_format")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be enforced"),
+        "{v}"
+    );
+
+    // Status and metrics count the reuse.
+    let (_, st) = s.get("/admin/status").await;
+    let sched = &st["loaded_models"][0]["scheduler"];
+    assert!(
+        sched["prompt_cache_hits_total"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
+    assert!(
+        sched["cached_prompt_tokens_total"].as_u64().unwrap() >= 2 * prompt1 - 1,
+        "{st}"
+    );
+    assert!(sched["prompt_cache_bytes"].as_u64().unwrap() > 0, "{st}");
+    let text = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let hits = text
+        .lines()
+        .find(|l| l.starts_with(&format!("opta_lmx_prompt_cache_hits{{model=\"{MLX}\"}}")))
+        .unwrap_or_else(|| panic!("no hits line in {text}"));
+    assert!(
+        hits.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 2,
+        "{hits}"
+    );
+    assert!(text.contains(&format!("opta_lmx_prompt_cache_bytes{{model=\"{MLX}\"}}")));
+
+    // Unloading writes the long prefixes to disk; a new worker restores them.
+    unload_mlx(&s).await;
+    let files = cache_files(&pc);
+    assert!(!files.is_empty(), "nothing written to {}", pc.display());
+    load_mlx(&s).await;
+    assert_eq!(wait_disk_tier(&s).await, files.len() as u64);
+    let (_, restored) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&restored), prompt1 - 1, "{restored}");
+    assert_eq!(content(&restored), a1);
+
+    // Truncated files and a foreign one are refused and deleted; the answer is the same.
+    unload_mlx(&s).await;
+    let files = cache_files(&pc);
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+    let foreign = files[0].with_file_name("0123456789abcdef01234567.kv");
+    std::fs::write(&foreign, b"OPTAKV01 not of this layout").unwrap();
+    load_mlx(&s).await;
+    wait_disk_tier(&s).await;
+    assert!(!foreign.exists(), "a foreign file was kept");
+    let (_, again) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&again), 0, "{again}");
+    assert_eq!(content(&again), a1);
+    // Every file this prompt shares tokens with was tried, found cut short, and deleted.
+    assert!(
+        files.iter().any(|f| !f.exists()),
+        "no truncated file deleted"
+    );
+    assert!(s
+        .log_text()
+        .contains("deleting an unusable prompt-cache file"));
 }

@@ -2,6 +2,7 @@
 //! prompt tokens and sampling settings and receives a stream of [`Event`]s, so the scheduler
 //! and the backends (llama.cpp now, MLX later) can change without touching the API.
 
+pub mod grammar;
 pub mod llama;
 pub mod mlx;
 pub mod options;
@@ -246,6 +247,11 @@ pub struct SchedulerStats {
     /// Prefixes in the prompt cache's disk tier for this model; `None` while it opens, or
     /// when there is none.
     pub prompt_cache_files: Option<u32>,
+    /// Bytes of finished sequences' KV kept in memory for reuse, where that is not part of
+    /// the fixed KV cache (MLX); `None` where prefixes live in the KV cache itself (GGUF).
+    pub prompt_cache_bytes: Option<u64>,
+    /// Requests that reused a cached prefix.
+    pub prompt_cache_hits_total: u64,
     pub speculation: SpeculationStats,
 }
 
@@ -298,4 +304,11 @@ pub trait Backend: Send + Sync {
     /// Stops the scheduler: queued and running requests end with [`EngineError::Unloaded`].
     /// Blocks until the model's memory is released.
     fn shutdown(&self);
+    /// Memory held by reusable prefixes beyond the model's fixed footprint (the MLX worker's
+    /// prefix cache), which the memory guard may reclaim before it evicts a model.
+    fn prefix_cache_bytes(&self) -> u64 {
+        0
+    }
+    /// Drops those prefixes, long ones to the disk tier first. Blocking.
+    fn release_prefix_cache(&self) {}
 }

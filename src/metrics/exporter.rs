@@ -101,6 +101,9 @@ pub struct Prometheus {
     model_memory: Family<ModelLabel, Gauge>,
     spec_proposed: Family<ModelLabel, Gauge>,
     spec_accepted: Family<ModelLabel, Gauge>,
+    prefix_hits: Family<ModelLabel, Gauge>,
+    prefix_bytes: Family<ModelLabel, Gauge>,
+    prefix_files: Family<ModelLabel, Gauge>,
     loaded_models: Gauge,
     process_rss: Gauge,
     system_total: Gauge,
@@ -135,6 +138,9 @@ impl Default for Prometheus {
             model_memory: Family::default(),
             spec_proposed: Family::default(),
             spec_accepted: Family::default(),
+            prefix_hits: Family::default(),
+            prefix_bytes: Family::default(),
+            prefix_files: Family::default(),
             loaded_models: Gauge::default(),
             process_rss: Gauge::default(),
             system_total: Gauge::default(),
@@ -251,6 +257,22 @@ impl Default for Prometheus {
             "speculation_accepted_tokens",
             "Of those, the tokens the model kept",
             me.spec_accepted.clone(),
+        );
+        r.register(
+            "prompt_cache_hits",
+            "Requests since the model was loaded that reused a cached prefix",
+            me.prefix_hits.clone(),
+        );
+        r.register_with_unit(
+            "prompt_cache",
+            "Memory held by cached prefixes outside the fixed KV cache (MLX models)",
+            Unit::Bytes,
+            me.prefix_bytes.clone(),
+        );
+        r.register(
+            "prompt_cache_files",
+            "Prefixes of the model in the prompt cache's disk tier",
+            me.prefix_files.clone(),
         );
         r.register_with_unit(
             "model_memory",
@@ -416,6 +438,9 @@ impl Prometheus {
         self.model_memory.clear();
         self.spec_proposed.clear();
         self.spec_accepted.clear();
+        self.prefix_hits.clear();
+        self.prefix_bytes.clear();
+        self.prefix_files.clear();
         let loaded = models.loaded();
         for m in &loaded {
             let stats = m.engine.stats();
@@ -436,6 +461,15 @@ impl Prometheus {
             self.spec_accepted
                 .get_or_create(&l)
                 .set(clamp_i64(spec.accepted_tokens_total));
+            self.prefix_hits
+                .get_or_create(&l)
+                .set(clamp_i64(stats.prompt_cache_hits_total));
+            if let Some(b) = stats.prompt_cache_bytes {
+                self.prefix_bytes.get_or_create(&l).set(clamp_i64(b));
+            }
+            if let Some(n) = stats.prompt_cache_files {
+                self.prefix_files.get_or_create(&l).set(i64::from(n));
+            }
         }
         self.loaded_models.set(loaded.len() as i64);
         let mem = MemorySnapshot::read();

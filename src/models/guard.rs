@@ -1,6 +1,7 @@
 //! The memory guard's decision, kept free of I/O so every branch is unit-tested: given what a
-//! load needs, the room under the threshold and the loaded models, either load, evict the
-//! least recently used idle unpinned model and look again, or refuse with the numbers.
+//! load needs, the room under the threshold and the loaded models, either load, drop the
+//! models' cached prefixes (cheaper to lose than a model), evict the least recently used idle
+//! unpinned model and look again, or refuse with the numbers.
 
 use std::time::Instant;
 
@@ -27,6 +28,9 @@ pub struct Resident {
     pub pinned: bool,
     /// Requests running, queued, or between routing and the queue.
     pub busy: bool,
+    /// Memory its cached prefixes hold beyond the estimate, which can be dropped even while
+    /// it is busy or pinned.
+    pub prefix_cache_bytes: u64,
 }
 
 /// Why nothing may be evicted for a load.
@@ -50,6 +54,8 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Load,
+    /// Drop every model's cached prefixes, then measure again.
+    DropPrefixes,
     /// Unload this model, then measure again.
     Evict {
         id: String,
@@ -79,6 +85,10 @@ pub fn next_step(
         return Step::Load;
     }
 
+    let prefixes: u64 = resident.iter().map(|r| r.prefix_cache_bytes).sum();
+    if !(ram_ok && gpu_ok) && prefixes > 0 {
+        return Step::DropPrefixes;
+    }
     let free_ram: u64 = evictable.iter().map(|r| r.estimate.ram_bytes).sum();
     if need.ram_bytes > room.ram_headroom + free_ram {
         return Step::Refuse(Refusal::Memory {
@@ -131,6 +141,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn prefixes_go_before_models_and_only_for_memory() {
+        let mut held = resident("a", 10, 500, true, true);
+        held.prefix_cache_bytes = 300;
+        let idle = resident("b", 20, 500, false, false);
+        // Short of memory: prefixes first, even a busy pinned model's.
+        assert_eq!(
+            next_step(&need(400), room(200), &[held.clone(), idle.clone()], None),
+            Step::DropPrefixes
+        );
+        // Once they are gone (the registry reads 0), the idle model goes.
+        held.prefix_cache_bytes = 0;
+        assert!(matches!(
+            next_step(&need(400), room(200), &[held.clone(), idle.clone()], None),
+            Step::Evict { ref id, .. } if id == "b"
+        ));
+        // A count limit is not helped by dropping prefixes.
+        held.prefix_cache_bytes = 300;
+        assert!(matches!(
+            next_step(&need(10), room(1000), &[held, idle], Some(2)),
+            Step::Evict { ref id, reason: "max_loaded_models" } if id == "b"
+        ));
+    }
+
     fn resident(id: &str, age_s: u64, ram: u64, pinned: bool, busy: bool) -> Resident {
         Resident {
             id: id.into(),
@@ -138,6 +172,7 @@ mod tests {
             estimate: need(ram),
             pinned,
             busy,
+            prefix_cache_bytes: 0,
         }
     }
 

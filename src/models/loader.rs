@@ -65,6 +65,8 @@ impl Loader for GgufLoader {
 pub struct MlxLoader {
     pub python: PathBuf,
     pub heartbeat: Duration,
+    /// Each model's in-memory prefix-cache bound.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Loader for MlxLoader {
@@ -93,6 +95,8 @@ impl Loader for MlxLoader {
             parallel: opts.parallel,
             max_queue: opts.max_queue,
             rendered_markers: opts.rendered_markers.clone(),
+            prefix_cache_bytes: self.prefix_cache_bytes,
+            disk: opts.prompt_cache.clone(),
         };
         Ok(Arc::new(MlxEngine::load(&disk.path, &options)?))
     }

@@ -156,6 +156,9 @@ pub struct LoadedModel {
     ttl_seconds: AtomicU64,
     /// Requests between routing and the engine's queue (see [`ModelLease`]).
     leases: AtomicUsize,
+    /// What the load that started it asked for, so a restart after a crash or a hang comes
+    /// back with the same context, parallel, speculation and the rest.
+    load_overrides: LoadOverrides,
 }
 
 /// A request's hold on a model from routing until the engine has it queued, so the model is
@@ -228,6 +231,15 @@ impl LoadedModel {
     /// Idle seconds before the model is unloaded, if it has a TTL.
     pub fn ttl_seconds(&self) -> Option<u64> {
         Some(self.ttl_seconds.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
+    /// The overrides a restart loads with: its load's, with the pin and TTL as they are now.
+    fn restart_overrides(&self) -> LoadOverrides {
+        LoadOverrides {
+            pin: Some(self.pinned()),
+            ttl_seconds: Some(self.ttl_seconds.load(Ordering::Relaxed)),
+            ..self.load_overrides.clone()
+        }
     }
 
     fn apply(&self, o: &LoadOverrides) {
@@ -344,6 +356,7 @@ impl Registry {
             mlx: Arc::new(MlxLoader {
                 python: config.models.mlx.python.clone(),
                 heartbeat: Duration::from_secs_f64(config.models.mlx.heartbeat_seconds.max(0.5)),
+                prefix_cache_bytes: (config.models.mlx.prefix_cache_gb.max(0.0) * 1e9) as u64,
             }),
             config,
             metrics: Metrics::default(),
@@ -476,6 +489,7 @@ impl Registry {
         let loaded = self
             .get(target)
             .filter(|m| format.is_none_or(|f| m.disk.format == f));
+        let mut restart = None;
         if let Some(m) = loaded {
             match m.engine.failed() {
                 None => {
@@ -484,12 +498,14 @@ impl Registry {
                 }
                 Some(why) => {
                     tracing::warn!(event = "model_reload_after_failure", model = %m.id, error = %why);
+                    restart = Some(overrides.over(&m.restart_overrides()));
                     let id = m.id.clone();
                     drop(m);
                     self.unload_reason(&id, Unload::Failed).await?;
                 }
             }
         }
+        let overrides = restart.as_ref().unwrap_or(overrides);
         // A fresh walk (an admin load may name a file copied in a moment ago), off the runtime.
         let (name, fmt) = (target.to_string(), format.map(String::from));
         let disk = self
@@ -551,6 +567,7 @@ impl Registry {
             pinned: AtomicBool::new(settings.pin.unwrap_or(false)),
             ttl_seconds: AtomicU64::new(settings.ttl_seconds.unwrap_or(0)),
             leases: AtomicUsize::new(0),
+            load_overrides: overrides.clone(),
         });
         tracing::info!(
             event = "model_loaded",
@@ -596,6 +613,8 @@ impl Registry {
         need: &MemoryEstimate,
     ) -> Result<Vec<String>, RegistryError> {
         let mut evicted = Vec::new();
+        // Prefixes are dropped once per load; after that they count as nothing to reclaim.
+        let mut dropped_prefixes = false;
         loop {
             let resident: Vec<Resident> = self
                 .loaded()
@@ -606,11 +625,32 @@ impl Registry {
                     estimate: m.estimate,
                     pinned: m.pinned(),
                     busy: m.busy(),
+                    prefix_cache_bytes: if dropped_prefixes {
+                        0
+                    } else {
+                        m.engine.prefix_cache_bytes()
+                    },
                 })
                 .collect();
             let room = self.room();
             match guard::next_step(need, room, &resident, self.config.models.max_loaded_models) {
                 Step::Load => return Ok(evicted),
+                Step::DropPrefixes => {
+                    dropped_prefixes = true;
+                    let held: u64 = resident.iter().map(|r| r.prefix_cache_bytes).sum();
+                    tracing::info!(event = "prefix_cache_dropped", for_model = %id, bytes = held, needed_bytes = need.ram_bytes, headroom_bytes = room.ram_headroom);
+                    let engines: Vec<_> = self
+                        .loaded()
+                        .iter()
+                        .map(|m| Arc::clone(&m.engine))
+                        .collect();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for e in engines {
+                            e.release_prefix_cache();
+                        }
+                    })
+                    .await;
+                }
                 Step::Evict { id: victim, reason } => {
                     tracing::info!(event = "model_evicted", model = %victim, reason, for_model = %id, needed_bytes = need.ram_bytes, headroom_bytes = room.ram_headroom);
                     match self.unload_reason(&victim, Unload::Evicted).await {

@@ -157,6 +157,9 @@ struct Shared {
     requests: AtomicU64,
     prompt_tokens: AtomicU64,
     cached_tokens: AtomicU64,
+    /// Requests that started from a reused prefix (in a slot, from another running
+    /// sequence, or from the disk tier).
+    cache_hits: AtomicU64,
     completion_tokens: AtomicU64,
     cancelled: AtomicU64,
     rejected: AtomicU64,
@@ -200,6 +203,7 @@ fn open_disk_tier(
         .spawn(move || {
             let opened = prompt_cache::model_sha256(&cfg.root, &path).and_then(|sha| {
                 let layout = prompt_cache::Layout {
+                    state_format: prompt_cache::STATE_FORMAT,
                     model_sha256: sha,
                     context_per_sequence: n_ctx_seq,
                     type_k,
@@ -448,7 +452,7 @@ impl Backend for LlamaEngine {
             let lazy = !c.triggers.is_empty();
             let param = c.param;
             let started = Instant::now();
-            let built = grammar_for(&c).and_then(|gbnf| {
+            let built = super::grammar::grammar_for(&c).and_then(|gbnf| {
                 let mut sampling = req.sampling.clone();
                 sampling.grammar = Some(gbnf);
                 sampling.grammar_triggers = c.triggers;
@@ -568,6 +572,8 @@ impl Backend for LlamaEngine {
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
+            prompt_cache_bytes: None,
+            prompt_cache_hits_total: s.cache_hits.load(Ordering::Relaxed),
             prompt_cache_files: self
                 .disk
                 .get()
@@ -590,127 +596,9 @@ impl Backend for LlamaEngine {
     }
 }
 
-/// Largest schema (as JSON text) a grammar is built from: the tools of a coding agent take a
-/// few tens of KB; an enum of 20,000 strings, which no sampler can enforce at a useful speed,
-/// about 400 KB.
-const MAX_SCHEMA_BYTES: usize = 128 << 10;
-
-/// Largest grammar (GBNF text) a schema may become.
-const MAX_GRAMMAR_BYTES: usize = 512 << 10;
-
 /// Longest a grammar may take to build (schema conversion and llama.cpp's parse): within the
 /// size limits it takes milliseconds; a machine too slow for this would be too slow to use it.
 const GRAMMAR_BUILD_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The GBNF grammar for a constraint: llama.cpp's JSON-schema converter for the JSON, its root
-/// renamed, wrapped in the literal prefix and suffix.
-fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
-    if let Some(problem) = schema_problem(&c.schema, &c.schema) {
-        return Err(EngineError::InvalidParam {
-            param: c.param,
-            message: format!("this JSON schema cannot be enforced: {problem}"),
-        });
-    }
-    let schema = c.schema.to_string();
-    if schema.len() > MAX_SCHEMA_BYTES {
-        return Err(EngineError::InvalidParam {
-            param: c.param,
-            message: format!(
-                "this JSON schema is {} KB, more than the {} KB a grammar is built from; use a smaller schema (fewer enum values or alternatives)",
-                schema.len() >> 10,
-                MAX_SCHEMA_BYTES >> 10
-            ),
-        });
-    }
-    let json =
-        llama_cpp_2::json_schema_to_grammar(&schema).map_err(|e| EngineError::InvalidParam {
-            param: c.param,
-            message: format!(
-                "this JSON schema cannot be enforced (unsupported feature or invalid schema): {e}"
-            ),
-        })?;
-    let literal = |s: &str| serde_json::to_string(s).expect("strings serialise");
-    let mut out = String::new();
-    for line in json.lines() {
-        match line.strip_prefix("root ::=") {
-            Some(rest) => out.push_str(&format!("json-root ::={rest}")),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    // A marker and the JSON may have a line break between them, as Hermes templates write it.
-    let mut item = String::new();
-    if !c.prefix.is_empty() {
-        item.push_str(&format!("{} \"\\n\"? ", literal(&c.prefix)));
-    }
-    item.push_str("json-root");
-    if !c.suffix.is_empty() {
-        item.push_str(&format!(" \"\\n\"? {}", literal(&c.suffix)));
-    }
-    out.push_str(&format!("wrapped-item ::= {item}\n"));
-    if c.repeat {
-        out.push_str("root ::= wrapped-item ([ \\t\\n]* wrapped-item)*\n");
-    } else {
-        out.push_str("root ::= wrapped-item\n");
-    }
-    if out.len() > MAX_GRAMMAR_BYTES {
-        return Err(EngineError::InvalidParam {
-            param: c.param,
-            message: format!(
-                "this JSON schema becomes a grammar of {} KB, more than the {} KB limit; use a smaller schema",
-                out.len() >> 10,
-                MAX_GRAMMAR_BYTES >> 10
-            ),
-        });
-    }
-    Ok(out)
-}
-
-/// The first schema feature llama.cpp's converter would reject or silently not enforce, named,
-/// so the client learns which one (the converter itself only reports failure).
-fn schema_problem(node: &serde_json::Value, root: &serde_json::Value) -> Option<String> {
-    use serde_json::Value;
-    match node {
-        Value::Object(map) => {
-            if let Some(r) = map.get("$ref").and_then(Value::as_str) {
-                let Some(path) = r.strip_prefix('#') else {
-                    return Some(format!("remote $ref `{r}` is not supported"));
-                };
-                if root.pointer(path).is_none() {
-                    return Some(format!("$ref `{r}` points at nothing in the schema"));
-                }
-            }
-            let types: Vec<&Value> = match map.get("type") {
-                Some(Value::Array(ts)) => ts.iter().collect(),
-                Some(t) => vec![t],
-                None => Vec::new(),
-            };
-            for t in types {
-                let ok = t.as_str().is_some_and(|t| {
-                    matches!(
-                        t,
-                        "object" | "array" | "string" | "number" | "integer" | "boolean" | "null"
-                    )
-                });
-                if !ok {
-                    return Some(format!("type {t} is not a JSON type"));
-                }
-            }
-            if let Some(p) = map.get("pattern").and_then(Value::as_str) {
-                if !(p.starts_with('^') && p.ends_with('$')) {
-                    return Some(format!(
-                        "pattern `{p}` must be anchored with ^ and $ to be enforced"
-                    ));
-                }
-            }
-            map.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
-                .find_map(|(_, v)| schema_problem(v, root))
-        }
-        Value::Array(items) => items.iter().find_map(|v| schema_problem(v, root)),
-        _ => None,
-    }
-}
 
 /// Ids of the control tokens whose text is one of `markers`.
 fn rendered_tokens(model: &LlamaModel, markers: &[String]) -> HashSet<i32> {
@@ -767,66 +655,5 @@ impl LlamaEngine {
 impl Drop for LlamaEngine {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn schema_features_the_grammar_cannot_enforce_are_named() {
-        let problem = |s: serde_json::Value| schema_problem(&s, &s);
-        assert_eq!(
-            problem(json!({"$ref": "https://x/s.json"})).unwrap(),
-            "remote $ref `https://x/s.json` is not supported"
-        );
-        assert!(problem(json!({"properties": {"a": {"$ref": "#/$defs/b"}}}))
-            .unwrap()
-            .contains("points at nothing"));
-        assert!(problem(json!({"type": "nonsense"}))
-            .unwrap()
-            .contains("not a JSON type"));
-        assert!(
-            problem(json!({"items": {"type": "string", "pattern": "a|b"}}))
-                .unwrap()
-                .contains("anchored")
-        );
-        let fine = json!({"type": "object", "$defs": {"b": {"type": ["string", "null"]}},
-                          "properties": {"a": {"$ref": "#/$defs/b"}, "c": {"const": {"type": 1}},
-                                         "d": {"type": "string", "pattern": "^[a-z]+$"}}});
-        assert_eq!(problem(fine), None);
-        let c = super::super::Constraint {
-            schema: json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
-            prefix: "<tool_call>".into(),
-            suffix: "</tool_call>".into(),
-            param: "tool_choice",
-            repeat: true,
-            triggers: vec!["<tool_call>".into()],
-        };
-        let g = grammar_for(&c).unwrap();
-        assert!(
-            g.contains(
-                "wrapped-item ::= \"<tool_call>\" \"\\n\"? json-root \"\\n\"? \"</tool_call>\""
-            ),
-            "{g}"
-        );
-        assert!(
-            g.contains("root ::= wrapped-item ([ \\t\\n]* wrapped-item)*"),
-            "{g}"
-        );
-        assert!(g.lines().any(|l| l.starts_with("json-root ::=")), "{g}");
-        // llama.cpp compiles it, lazily too (the vocabulary-free parse is what can fail).
-        let plain = super::super::Constraint {
-            prefix: String::new(),
-            suffix: String::new(),
-            repeat: false,
-            triggers: Vec::new(),
-            ..c
-        };
-        assert!(grammar_for(&plain)
-            .unwrap()
-            .contains("root ::= wrapped-item\n"));
     }
 }

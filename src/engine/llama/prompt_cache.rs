@@ -21,7 +21,7 @@ use crate::engine::TokenId;
 
 const MAGIC: &[u8; 8] = b"OPTAKV01";
 /// Bumped when the state format llama.cpp writes may change (the crate pins llama.cpp).
-const STATE_FORMAT: &str = "llama-cpp-sys-2=0.1.161 state-seq-v4";
+pub const STATE_FORMAT: &str = "llama-cpp-sys-2=0.1.161 state-seq-v4";
 
 /// Settings of the disk tier.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +36,9 @@ pub struct DiskCacheConfig {
 /// What a saved state must match to be loaded into a context.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Layout {
+    /// Who wrote the state and in what form ([`STATE_FORMAT`] for llama.cpp; the MLX worker
+    /// has its own), so one engine never reads the other's files.
+    pub state_format: &'static str,
     pub model_sha256: String,
     pub context_per_sequence: u32,
     pub type_k: String,
@@ -45,9 +48,10 @@ pub struct Layout {
 impl Layout {
     /// The layout's hash, which names its directory and is stored in each file.
     pub fn key(&self) -> [u8; 32] {
+        // The state format first, as when it was a constant: llama.cpp's files keep their keys.
         let mut h = Sha256::new();
         for part in [
-            STATE_FORMAT,
+            self.state_format,
             &self.model_sha256,
             &self.context_per_sequence.to_string(),
             &self.type_k,
@@ -171,7 +175,7 @@ impl DiskCache {
     /// whose header cannot be read, are deleted.
     pub fn open(cfg: DiskCacheConfig, layout: &Layout) -> std::io::Result<Self> {
         let key = layout.key();
-        let dir = cfg.root.join(&hex::encode(key)[..16]);
+        let dir = layout_dir(&cfg.root, &key);
         std::fs::create_dir_all(&dir)?;
         let mut entries = Vec::new();
         for e in std::fs::read_dir(&dir)?.flatten() {
@@ -352,6 +356,30 @@ pub fn trim(root: &Path, max: u64) {
     }
 }
 
+/// The directory a layout's files live in.
+pub fn layout_dir(root: &Path, key: &[u8; 32]) -> PathBuf {
+    root.join(&hex::encode(key)[..16])
+}
+
+/// One hash for a model folder's weights (an MLX model's `*.safetensors` files, in name
+/// order), each file's hash remembered as [`model_sha256`] remembers it.
+pub fn weights_sha256(root: &Path, dir: &Path) -> std::io::Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(std::io::Error::other("no .safetensors files"));
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(model_sha256(root, &f)?.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// SHA-256 of a model file, remembered in `<root>/model-hashes.json` by path, size and
 /// modification time so a restart does not read the whole file again.
 pub fn model_sha256(root: &Path, model: &Path) -> std::io::Result<String> {
@@ -397,6 +425,7 @@ mod tests {
 
     fn layout(ctx: u32) -> Layout {
         Layout {
+            state_format: STATE_FORMAT,
             model_sha256: "abc".into(),
             context_per_sequence: ctx,
             type_k: "f16".into(),

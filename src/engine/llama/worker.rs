@@ -477,6 +477,9 @@ impl<'m> Worker<'m> {
             s.prompt_tokens
                 .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
             s.cached_tokens.fetch_add(reused as u64, Ordering::Relaxed);
+            if reused > 0 || wait.is_some() {
+                s.cache_hits.fetch_add(1, Ordering::Relaxed);
+            }
             self.next_id += 1;
             self.active.push(Active {
                 id: self.next_id,

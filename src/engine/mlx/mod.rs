@@ -7,6 +7,11 @@
 //! it and kills it when it stops answering. A worker that dies ends every in-flight request
 //! with an error and marks the engine failed, so the registry reloads the model on the next
 //! request. The worker exits when its stdin closes, so it never outlives the server.
+//!
+//! The worker keeps finished sequences' KV as reusable prefixes, bounded in bytes; this side
+//! hashes the weights and hands it a directory of the shared disk tier (same file format and
+//! bound as llama.cpp's, its own layout key), and turns constraints into the same GBNF as
+//! the GGUF path ([`super::grammar`]), which the worker enforces with llguidance.
 
 pub mod config;
 pub mod tokenizer;
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::llama::prompt_cache::{self, DiskCacheConfig};
 use super::text::TextAssembler;
 use super::{
     Backend, EngineError, Event, FinishReason, GenerationRequest, ModelInfo, SchedulerStats,
@@ -30,7 +36,9 @@ use super::{
 use tokenizer::MlxTokenizer;
 
 /// The protocol version this server speaks; a worker announcing another is refused.
-const PROTOCOL: u64 = 1;
+const PROTOCOL: u64 = 2;
+/// The disk tier's state format for MLX files: mlx-lm's safetensors form of its caches.
+const STATE_FORMAT: &str = "mlx-lm=0.32 prompt-cache-safetensors-v1";
 const WORKER_SOURCE: &str = include_str!("worker.py");
 
 /// How to start and watch an MLX worker.
@@ -45,6 +53,10 @@ pub struct MlxOptions {
     pub max_queue: u32,
     /// Marker texts shown in output even when they are special tokens.
     pub rendered_markers: Vec<String>,
+    /// Bound on the worker's in-memory prefix cache.
+    pub prefix_cache_bytes: u64,
+    /// The disk tier; `None` keeps prefixes in memory only.
+    pub disk: Option<DiskCacheConfig>,
 }
 
 /// One request in flight.
@@ -52,9 +64,21 @@ struct Request {
     events: mpsc::UnboundedSender<Event>,
     text: TextAssembler,
     prompt_tokens: u32,
+    /// Prompt tokens the worker took from its prefix cache.
+    cached: u32,
     generated: u32,
     submitted: Instant,
     first_token: Option<Instant>,
+    /// The request field a worker-side refusal names (`response_format`, `tool_choice`).
+    param: &'static str,
+}
+
+/// The worker's prefix-cache figures, from its last pong or trim answer.
+#[derive(Debug, Default, Clone, Copy)]
+struct CacheFigures {
+    bytes: u64,
+    hits: u64,
+    disk_files: Option<u32>,
 }
 
 /// What the engine, its reader and its heartbeat share.
@@ -73,9 +97,15 @@ struct Shared {
     cancelled: AtomicU64,
     rejected: AtomicU64,
     prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     /// Prompt and generated tokens per second, as `/admin/status` shows for every model.
     rates: Mutex<crate::metrics::RateWindow>,
+    cache: Mutex<CacheFigures>,
+    /// Sequence numbers of `trim_cache` requests the worker has answered.
+    trimmed: (Mutex<u64>, std::sync::Condvar),
+    /// The disk tier's root and bound, which this side keeps the whole tree under.
+    disk: Option<DiskCacheConfig>,
 }
 
 /// A loaded MLX model and its worker.
@@ -126,10 +156,12 @@ impl MlxEngine {
         let facts = config::read(dir).map_err(EngineError::Load)?;
         let tok = MlxTokenizer::load(dir, &opts.rendered_markers)?;
         let script = worker_script()?;
+        let settings = json!({"cache_bytes": opts.prefix_cache_bytes});
         let mut child = Command::new(&opts.python)
             .arg(&script)
             .arg(dir)
             .arg(opts.parallel.max(1).to_string())
+            .arg(settings.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -193,9 +225,16 @@ impl MlxEngine {
             cancelled: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             rates: Mutex::new(crate::metrics::RateWindow::default()),
+            cache: Mutex::new(CacheFigures::default()),
+            trimmed: (Mutex::new(0), std::sync::Condvar::new()),
+            disk: opts.disk.clone(),
         });
+        if let Some(cfg) = opts.disk.clone() {
+            open_disk_tier(&shared, dir.to_path_buf(), cfg);
+        }
         {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -226,6 +265,40 @@ impl MlxEngine {
     }
 }
 
+/// Hashes the weights off the load path (a large model takes a while the first time; the
+/// hash is remembered), then tells the worker where its prefix files live.
+fn open_disk_tier(shared: &Arc<Shared>, dir: PathBuf, cfg: DiskCacheConfig) {
+    let shared = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("mlx-prompt-cache".into())
+        .spawn(move || {
+            let sha = match prompt_cache::weights_sha256(&cfg.root, &dir) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(model = %dir.display(), error = %e, "prompt cache: disk tier unavailable; prefixes stay in memory");
+                    return;
+                }
+            };
+            let key = prompt_cache::Layout {
+                state_format: STATE_FORMAT,
+                model_sha256: sha,
+                // The KV of an MLX sequence does not depend on the context setting.
+                context_per_sequence: 0,
+                type_k: "mlx".into(),
+                type_v: "mlx".into(),
+            }
+            .key();
+            let folder = prompt_cache::layout_dir(&cfg.root, &key);
+            let _ = shared.send(&json!({
+                "type": "disk", "dir": folder, "key": hex::encode(key),
+                "min_tokens": cfg.min_tokens,
+            }));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "prompt cache: could not start the disk tier");
+    }
+}
+
 impl Shared {
     fn send(&self, msg: &Value) -> Result<(), EngineError> {
         let mut stdin = self.stdin.lock().expect("stdin lock");
@@ -244,6 +317,16 @@ impl Shared {
         {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
             let _ = self.send(&json!({"type": "cancel", "id": id}));
+        }
+    }
+
+    fn note_cache(&self, v: &Value) {
+        if v.is_object() {
+            *self.cache.lock().expect("cache lock") = CacheFigures {
+                bytes: v["bytes"].as_u64().unwrap_or(0),
+                hits: v["hits"].as_u64().unwrap_or(0),
+                disk_files: v["disk_files"].as_u64().map(|n| n as u32),
+            };
         }
     }
 
@@ -283,7 +366,7 @@ fn finish(shared: &Shared, mut r: Request, reason: FinishReason) {
         usage: Usage {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.generated,
-            cached_tokens: 0,
+            cached_tokens: r.cached,
         },
         time_to_first_token: r.first_token.unwrap_or(r.submitted) - r.submitted,
         total_time: total,
@@ -337,9 +420,15 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 };
                 let now = Instant::now();
                 let tokens = msg["tokens"].as_array().map_or(0, Vec::len) as u64;
-                // The first tokens mean the prompt was prefilled.
+                if let Some(c) = msg["cached"].as_u64() {
+                    r.cached = (c as u32).min(r.prompt_tokens);
+                    shared
+                        .cached_tokens
+                        .fetch_add(u64::from(r.cached), Ordering::Relaxed);
+                }
+                // The first tokens mean the prompt was prefilled (what was not reused).
                 let prompt = if r.first_token.is_none() {
-                    u64::from(r.prompt_tokens)
+                    u64::from(r.prompt_tokens - r.cached)
                 } else {
                     0
                 };
@@ -397,6 +486,21 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 shared
                     .rss_bytes
                     .store(msg["rss_bytes"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                shared.note_cache(&msg["cache"]);
+            }
+            Some("trimmed") => {
+                shared.note_cache(&msg["cache"]);
+                let (seq, answered) = &shared.trimmed;
+                let mut seq = seq.lock().expect("trim lock");
+                *seq = (*seq).max(msg["seq"].as_u64().unwrap_or(0));
+                answered.notify_all();
+            }
+            Some("saved") => {
+                // A prefix file was written: the whole tree (every model, both formats) is
+                // kept under its bound here, as llama.cpp's saves keep it.
+                if let Some(cfg) = shared.disk.clone() {
+                    std::thread::spawn(move || prompt_cache::trim(&cfg.root, cfg.max_bytes));
+                }
             }
             Some("error") => {
                 let message = msg["message"]
@@ -406,7 +510,16 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 tracing::warn!(event = "mlx_request_failed", error = %message);
                 let r = shared.requests.lock().expect("requests lock").remove(&id);
                 if let Some(r) = r {
-                    let _ = r.events.send(Event::Error(EngineError::Decode(message)));
+                    // A grammar the worker refused is the client's error, as on GGUF.
+                    let e = if msg["param"].is_string() {
+                        EngineError::InvalidParam {
+                            param: r.param,
+                            message,
+                        }
+                    } else {
+                        EngineError::Decode(message)
+                    };
+                    let _ = r.events.send(Event::Error(e));
                 }
             }
             _ => tracing::warn!(event = "mlx_unknown_message", message = %msg),
@@ -483,24 +596,14 @@ impl Backend for MlxEngine {
                 message: "MLX models decode without a draft model; ask for `off` or leave `speculation` out".into(),
             });
         }
-        // A lazy grammar (tools under `auto`) is a safety net the client did not ask for: MLX
-        // goes without it. What a client asked for and MLX cannot give is refused by name.
-        if req
-            .constraint
-            .as_ref()
-            .is_some_and(|c| !c.triggers.is_empty())
-        {
-            req.constraint = None;
-        }
-        if req.constraint.is_some() || req.sampling.grammar.is_some() {
-            let param = req
-                .constraint
-                .as_ref()
-                .map_or("response_format", |c| c.param);
-            return Err(EngineError::InvalidParam {
-                param,
-                message: format!("{param}: grammar-constrained output is not available for MLX models; load the GGUF copy of this model for it"),
-            });
+        // The same schema subset and the same refusals as GGUF: one converter makes the
+        // grammar, which the worker enforces (lazily, from a trigger on, under `auto`).
+        let mut param = "response_format";
+        let mut triggers = req.sampling.grammar_triggers.clone();
+        if let Some(c) = req.constraint.take() {
+            param = c.param;
+            req.sampling.grammar = Some(super::grammar::grammar_for(&c)?);
+            triggers = c.triggers;
         }
         if let Some(why) = self.shared.failed.lock().expect("failed lock").clone() {
             return Err(EngineError::Decode(why));
@@ -541,6 +644,7 @@ impl Backend for MlxEngine {
             "repeat_penalty": s.repeat_penalty, "presence_penalty": s.presence_penalty,
             "frequency_penalty": s.frequency_penalty, "logit_bias": bias,
             "logprobs": req.logprobs,
+            "grammar": s.grammar, "triggers": triggers,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         requests.insert(
@@ -549,9 +653,11 @@ impl Backend for MlxEngine {
                 events: tx,
                 text: TextAssembler::new(req.stop.clone()),
                 prompt_tokens: req.prompt.len() as u32,
+                cached: 0,
                 generated: 0,
                 submitted: Instant::now(),
                 first_token: None,
+                param,
             },
         );
         drop(requests);
@@ -574,6 +680,7 @@ impl Backend for MlxEngine {
         let s = &self.shared;
         let active = s.requests.lock().expect("requests lock").len() as u32;
         let (prompt_rate, decode_rate) = s.rates.lock().expect("rates lock").rates(Instant::now());
+        let cache = *s.cache.lock().expect("cache lock");
         SchedulerStats {
             active_sequences: active.min(self.info.parallel),
             queued_requests: active.saturating_sub(self.info.parallel),
@@ -582,11 +689,13 @@ impl Backend for MlxEngine {
             cancelled_total: s.cancelled.load(Ordering::Relaxed),
             rejected_total: s.rejected.load(Ordering::Relaxed),
             prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
-            cached_prompt_tokens_total: 0,
+            cached_prompt_tokens_total: s.cached_tokens.load(Ordering::Relaxed),
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
-            prompt_cache_files: None,
+            prompt_cache_files: cache.disk_files,
+            prompt_cache_bytes: Some(cache.bytes),
+            prompt_cache_hits_total: cache.hits,
             speculation: Default::default(),
         }
     }
@@ -599,13 +708,36 @@ impl Backend for MlxEngine {
         Some((self.pid, self.shared.rss_bytes.load(Ordering::Relaxed)))
     }
 
+    fn prefix_cache_bytes(&self) -> u64 {
+        self.shared.cache.lock().expect("cache lock").bytes
+    }
+
+    fn release_prefix_cache(&self) {
+        static SEQ: AtomicU64 = AtomicU64::new(1);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        if self
+            .shared
+            .send(&json!({"type": "trim_cache", "seq": seq, "bytes": 0}))
+            .is_err()
+        {
+            return;
+        }
+        // Between generation steps, after writing long prefixes to disk: seconds at most.
+        let (answered, wake) = &self.shared.trimmed;
+        let guard = answered.lock().expect("trim lock");
+        let _ = wake
+            .wait_timeout_while(guard, Duration::from_secs(30), |a| *a < seq)
+            .expect("trim lock");
+    }
+
     fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         let _ = self.shared.send(&json!({"type": "shutdown"}));
         self.shared.stdin.lock().expect("stdin lock").take();
         let mut child = self.shared.child.lock().expect("child lock");
-        // A clean exit within a few seconds, else a kill: it must not outlive the model.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // A clean exit, after the worker has written its long prefixes to the disk tier, else
+        // a kill: it must not outlive the model.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 break;

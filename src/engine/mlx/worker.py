@@ -1,35 +1,48 @@
 """opta-lmx MLX worker: serves one MLX model with mlx-lm's BatchGenerator (continuous
-batching, prompt caches, sampling) for the Rust server that started it. The server owns
-templating, tokenizing, detokenizing, stop strings and parsing; this process only turns
-prompt token ids into generated token ids.
+batching, sampling) for the Rust server that started it. The server owns templating,
+tokenizing, detokenizing, stop strings and parsing; this process turns prompt token ids into
+generated token ids, keeps finished sequences' KV as reusable prefixes (in memory, and on disk
+once the server names a directory), and enforces grammars with llguidance.
 
-Protocol (version 1): messages are JSON objects, each framed by a 4-byte big-endian length,
+Protocol (version 2): messages are JSON objects, each framed by a 4-byte big-endian length,
 on stdin (server -> worker) and stdout (worker -> server). stderr is the worker's log.
+argv: MODEL_DIR PARALLEL [SETTINGS_JSON]; settings: {cache_bytes, draft, num_draft}.
 
   server -> worker: submit {id, prompt, max_tokens, temperature, top_p, top_k, min_p,
                             repeat_penalty, presence_penalty, frequency_penalty, logit_bias,
-                            logprobs (null, or how many alternatives)}
+                            logprobs (null, or how many alternatives),
+                            grammar (GBNF or null), triggers ([regex], lazy grammar),
+                            speculate (bool)}
                     cancel {id}    ping {seq}    shutdown {}
+                    disk {dir, key (hex), min_tokens}     (the disk tier is ready)
+                    trim_cache {seq, bytes}               (drop prefixes past `bytes`)
   worker -> server: ready {version, pid, eos}
-                    tokens {id, tokens, logprobs?} (one step's tokens for one request;
-                                                  logprobs: [[logprob, [[id, logprob]...]]...])
-                    done {id, reason, generated} (reason: stop | length)
-                    pong {seq, active, rss_bytes}
-                    error {id?, message}
+                    tokens {id, tokens, logprobs?, cached?} (one step's tokens for one request;
+                                  logprobs: [[logprob, [[id, logprob]...]]...]; `cached`, on the
+                                  first, is how many prompt tokens came from the prefix cache)
+                    done {id, reason, generated}          (reason: stop | length)
+                    pong {seq, active, rss_bytes, cache}  (cache: the prefix-cache figures)
+                    trimmed {seq, cache}     saved {}     (a prefix file was written)
+                    error {id?, message, param?}          (param: the request field at fault)
 
 The worker exits when stdin closes, so it never outlives the server.
 """
 
+import copy
+import hashlib
+import io
 import json
 import os
 import queue
+import re
 import resource
 import struct
 import sys
 import threading
 import traceback
 
-VERSION = 1
+VERSION = 2
+MAGIC = b"OPTAKV01"
 
 
 def rss_bytes():
@@ -42,15 +55,331 @@ def rss_bytes():
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def tokens_msg(rid, tokens, logprobs):
-    msg = {"type": "tokens", "id": rid, "tokens": tokens}
-    if logprobs is not None:
-        msg["logprobs"] = logprobs
-    return msg
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DiskTier:
+    """Prefix files in the server's format (src/engine/llama/prompt_cache.rs): magic, layout
+    key, tokens, state length, state SHA-256, state. The state is mlx-lm's safetensors form
+    of the cache. A file that is truncated, altered or of another layout is deleted, never
+    loaded. The server bounds the whole directory tree (every model, both formats)."""
+
+    def __init__(self, directory, key, min_tokens, on_saved):
+        from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+        self._load, self._save = load_prompt_cache, save_prompt_cache
+        self.dir, self.key, self.min_tokens = directory, key, min_tokens
+        self.on_saved = on_saved
+        os.makedirs(directory, exist_ok=True)
+        self.entries = {}  # path -> tokens
+        self.hits = 0
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if not name.endswith(".kv"):
+                os.unlink(path)  # a write or a restore cut short
+                continue
+            try:
+                with open(path, "rb") as f:
+                    self.entries[path] = self._header(f)
+            except (OSError, ValueError) as e:
+                self.drop(path, e)
+
+    def _header(self, f):
+        if f.read(8) != MAGIC or f.read(32) != self.key:
+            raise ValueError("not a prompt-cache file of this layout")
+        raw = f.read(4)
+        if len(raw) < 4:
+            raise ValueError("no token count")
+        (n,) = struct.unpack("<I", raw)
+        if n > 1 << 24:
+            raise ValueError("absurd token count")
+        raw = f.read(4 * n)
+        if len(raw) < 4 * n:
+            raise ValueError("tokens cut short")
+        return list(struct.unpack(f"<{n}i", raw))
+
+    def drop(self, path, why):
+        print(f"opta-lmx MLX worker: deleting an unusable prompt-cache file {path}: {why}",
+              file=sys.stderr)
+        self.entries.pop(path, None)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def best(self, prompt, cap, skip=()):
+        """The file sharing the longest prefix with `prompt` (at most `cap` tokens of it)."""
+        best, n = None, 0
+        for path, toks in self.entries.items():
+            if path in skip:
+                continue
+            m = min(common_prefix(toks, prompt), cap)
+            if m > n:
+                best, n = path, m
+        return best, n
+
+    def holds(self, tokens):
+        self.entries = {p: t for p, t in self.entries.items() if os.path.exists(p)}
+        return any(len(t) >= len(tokens) and t[:len(tokens)] == tokens
+                   for t in self.entries.values())
+
+    def load(self, path):
+        tokens = self.entries.get(path)
+        try:
+            with open(path, "rb") as f:
+                if self._header(f) != tokens:
+                    raise ValueError("tokens differ from the index")
+                head = f.read(40)
+                if len(head) < 40:
+                    raise ValueError("no state length or hash")
+                (length,) = struct.unpack("<Q", head[:8])
+                state = f.read(length + 1)
+            if len(state) != length:
+                raise ValueError("length does not match")
+            if hashlib.sha256(state).digest() != head[8:]:
+                raise ValueError("state hash does not match")
+            tmp = path + ".safetensors"  # mlx-lm's loader goes by the extension
+            with open(tmp, "wb") as f:
+                f.write(state)
+            try:
+                cache = self._load(tmp)
+            finally:
+                os.unlink(tmp)
+            os.utime(path)
+            self.hits += 1
+            return cache
+        except (OSError, ValueError, RuntimeError) as e:
+            self.drop(path, e)
+            return None
+
+    def save(self, tokens, cache):
+        """Writes in a thread (the state is serialised here: MLX arrays stay on this one)."""
+        if len(tokens) < self.min_tokens or self.holds(tokens):
+            return None
+        buf = io.BytesIO()
+        self._save(buf, cache)
+        state = buf.getvalue()
+        name = hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()[:24]
+        path = os.path.join(self.dir, name + ".kv")
+        superseded = [p for p, t in self.entries.items()
+                      if len(t) < len(tokens) and tokens[:len(t)] == t]
+        for p in superseded:
+            self.entries.pop(p, None)
+        self.entries[path] = list(tokens)
+        data = b"".join([MAGIC, self.key, struct.pack("<I", len(tokens)),
+                         struct.pack(f"<{len(tokens)}i", *tokens),
+                         struct.pack("<Q", len(state)), hashlib.sha256(state).digest(), state])
+
+        def write():
+            tmp = path + ".tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                for p in superseded:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                self.on_saved()
+            except OSError as e:
+                print(f"opta-lmx MLX worker: could not save a prefix: {e}", file=sys.stderr)
+                self.entries.pop(path, None)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=write, daemon=False)
+        t.start()
+        return t
+
+
+class Prefixes:
+    """Finished (and cancelled) sequences' KV, reusable by any later prompt that starts with
+    the same tokens: the next turn of a conversation, the same system prompt and tools across
+    clients. Bounded in bytes; the least recently used go first, to disk when long enough."""
+
+    def __init__(self, max_bytes):
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+        self.can_trim, self.trim = can_trim_prompt_cache, trim_prompt_cache
+        self.max_bytes = max_bytes
+        self.entries = []  # [tokens, cache, nbytes, last_used]
+        self.clock = 0
+        self.disk = None
+        self.writes = []
+        self.hits = 0
+        self.cached_tokens = 0
+
+    @property
+    def nbytes(self):
+        return sum(e[2] for e in self.entries)
+
+    def figures(self):
+        return {"bytes": self.nbytes, "entries": len(self.entries), "hits": self.hits,
+                "cached_tokens": self.cached_tokens,
+                "disk_files": None if self.disk is None else len(self.disk.entries),
+                "disk_hits": 0 if self.disk is None else self.disk.hits}
+
+    def fetch(self, prompt):
+        """A cache holding the longest reusable prefix of `prompt`, the tokens still to
+        compute and how many were reused. At least one token is always left to compute."""
+        cap = len(prompt) - 1
+        best, n = None, 0
+        for e in self.entries:
+            m = min(common_prefix(e[0], prompt), cap)
+            # A cache longer than the shared part must be cut back, which a rotating
+            # (sliding-window) cache past its window cannot do.
+            if m > n and (m == len(e[0]) or self.can_trim(e[1])):
+                best, n = e, m
+        tried = set()
+        while self.disk is not None:
+            # The best file on disk, if it beats memory; a bad one is deleted and the next
+            # best tried.
+            path, d = self.disk.best(prompt, cap, skip=tried)
+            if path is None or d <= n:
+                break
+            tried.add(path)
+            length = len(self.disk.entries[path])
+            cache = self.disk.load(path)
+            if cache is not None and length > d:
+                # A file of a longer conversation: cut back to the shared part if the cache
+                # can be (a rotating cache past its window cannot).
+                cache = cache if self.can_trim(cache) and self.trim(cache, length - d) else None
+            if cache is not None:
+                best, n = self.put(list(prompt[:d]), cache), d
+                break
+        if best is None:
+            return None, prompt, 0
+        self.clock += 1
+        best[3] = self.clock
+        cache = copy.deepcopy(best[1])
+        if len(best[0]) > n:
+            self.trim(cache, len(best[0]) - n)
+        self.hits += 1
+        self.cached_tokens += n
+        return cache, prompt[n:], n
+
+    def put(self, tokens, cache, room=None):
+        """Keeps a sequence's cache under its tokens; prefixes it extends go (a trimmable
+        cache can stand in for them)."""
+        if not tokens:
+            return None
+        trimmable = self.can_trim(cache)
+        self.entries = [e for e in self.entries
+                        if not (e[0] == tokens or (trimmable and len(e[0]) < len(tokens)
+                                                   and tokens[:len(e[0])] == e[0]))]
+        self.clock += 1
+        entry = [list(tokens), cache, sum(c.nbytes for c in cache), self.clock]
+        self.entries.append(entry)
+        self.shrink(self.max_bytes if room is None else room)
+        return entry
+
+    def shrink(self, limit):
+        """Drops least recently used prefixes until the rest fit in `limit` bytes; long ones
+        are written to the disk tier first."""
+        import mlx.core as mx
+        dropped = False
+        while self.entries and self.nbytes > limit:
+            lru = min(self.entries, key=lambda e: e[3])
+            self.entries.remove(lru)
+            self.save(lru)
+            dropped = True
+        if dropped:
+            mx.clear_cache()
+
+    def save(self, entry):
+        if self.disk is not None:
+            t = self.disk.save(entry[0], entry[1])
+            if t is not None:
+                self.writes.append(t)
+
+    def save_all(self):
+        """At shutdown: every long prefix to disk, waiting for the writes."""
+        for e in sorted(self.entries, key=lambda e: -len(e[0])):
+            self.save(e)
+        for t in self.writes:
+            t.join()
+
+
+def with_special_tokens(lark, specials):
+    """A marker such as "<tool_call>" is one special token to llguidance, not its text; and a
+    special token may only stand in a rule, not in a terminal (an upper-case name), so every
+    terminal holding one, and every terminal using such a rule, becomes a rule."""
+    for literal, token in specials.items():
+        lark = lark.replace(literal, token)
+    while True:
+        bad = set()
+        for name, body in re.findall(r"^([A-Z][A-Z0-9_]*)\s*:(.*)$", lark, flags=re.M):
+            # Literals and regular expressions aside, does the body hold a token or a rule?
+            body = re.sub(r'"(?:\\.|[^"\\])*"|/(?:\\.|[^/\\])*/', "", body)
+            if "<[" in body or re.search(r"\b[a-z_][a-z0-9_]*\b", body):
+                bad.add(name)
+        if not bad:
+            return lark
+        for name in bad:
+            lark = re.sub(rf"\b{name}\b", name.lower(), lark)
+
+
+class GrammarError(Exception):
+    """A request's grammar that llguidance cannot compile: the client's error, not ours."""
+
+
+class Guide:
+    """A logits processor that keeps a sequence inside a grammar (llguidance). Lazy when it
+    has triggers: free text until one matches the output, then the grammar from the match
+    (its first group, if any) on, as llama.cpp's lazy grammars do."""
+
+    def __init__(self, lltok, grammar, triggers, vocab):
+        from llguidance import LLMatcher
+        self.lltok, self.vocab = lltok, vocab
+        self.grammar = grammar
+        self.triggers = [re.compile(t) for t in triggers]
+        self.matcher = None if self.triggers else LLMatcher(lltok, grammar)
+        self.text = b""
+        self.started = False
+
+    def _advance(self, token):
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+            return
+        self.text += self.lltok.decode_bytes([token])
+        s = self.text.decode("utf-8", errors="replace")
+        for t in self.triggers:
+            m = t.search(s)
+            if m:
+                start = m.start(1) if m.re.groups else m.start()
+                from llguidance import LLMatcher
+                self.matcher = LLMatcher(self.lltok, self.grammar)
+                tail = s[start:].encode()
+                self.matcher.consume_tokens(self.lltok.tokenize_bytes(tail))
+                return
+
+    def __call__(self, context, logits):
+        import mlx.core as mx
+        import numpy as np
+        if self.started:
+            self._advance(int(context[-1].item()))
+        self.started = True
+        if self.matcher is None or self.matcher.is_error():
+            return logits
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8),
+                             bitorder="little").astype(bool)
+        width = logits.shape[-1]
+        if bits.shape[0] < width:
+            bits = np.concatenate([bits, np.zeros(width - bits.shape[0], dtype=bool)])
+        return mx.where(mx.array(bits[:width]), logits, -mx.inf)
 
 
 def main():
     model_path, parallel = sys.argv[1], int(sys.argv[2])
+    settings = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     out = sys.stdout.buffer
     write_lock = threading.Lock()
 
@@ -69,9 +398,10 @@ def main():
     eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
     gen = BatchGenerator(model, stop_tokens=[[t] for t in eos],
                          completion_batch_size=parallel, prefill_batch_size=parallel)
+    prefixes = Prefixes(int(settings.get("cache_bytes", 2 << 30)))
     inbox = queue.Queue()
-
     by_uid = {}
+    lltok = []  # built on the first grammar (about a second for a 150k vocabulary)
 
     def read_stdin():
         # Pings are answered here, not between generation steps: a long prefill on a slow CPU
@@ -85,7 +415,7 @@ def main():
             msg = json.loads(inp.read(n))
             if msg.get("type") == "ping":
                 send({"type": "pong", "seq": msg["seq"], "active": len(by_uid),
-                      "rss_bytes": rss_bytes()})
+                      "rss_bytes": rss_bytes(), "cache": prefixes.figures()})
             else:
                 inbox.put(msg)
         inbox.put({"type": "shutdown"})
@@ -93,7 +423,11 @@ def main():
     threading.Thread(target=read_stdin, daemon=True).start()
     send({"type": "ready", "version": VERSION, "pid": os.getpid(), "eos": eos})
 
-    generated, want_logprobs = {}, {}
+    class Seq:
+        def __init__(self, rid, cached, logprobs):
+            self.rid, self.cached, self.logprobs = rid, cached, logprobs
+            self.generated = 0
+            self.sent_first = False
 
     def logprobs_of(r, k):
         lp = r.logprobs.astype(mx.float32)
@@ -103,6 +437,25 @@ def main():
             vals = lp[idx]
             top = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
         return [float(lp[r.token].item()), [[int(i), float(v)] for i, v in top]]
+
+    def guide_for(msg):
+        if not msg.get("grammar"):
+            return None
+        from llguidance import LLMatcher
+        from llguidance.gbnf_to_lark import any_to_lark
+        if not lltok:
+            import llguidance.hf
+            tok = llguidance.hf.from_tokenizer(tokenizer._tokenizer, eos_token=eos[0])
+            specials = {json.dumps(t.content): f"<[{i}]>"
+                        for i, t in tokenizer._tokenizer.added_tokens_decoder.items()
+                        if tok.is_special_token(i)}
+            lltok.extend([tok, specials])
+        grammar = LLMatcher.grammar_from_lark(with_special_tokens(any_to_lark(msg["grammar"]),
+                                                                 lltok[1]))
+        error = LLMatcher.validate_grammar(grammar, lltok[0])
+        if error:
+            raise GrammarError(error)
+        return Guide(lltok[0], grammar, msg.get("triggers") or [], lltok[0].vocab_size)
 
     def handle(msg):
         kind = msg.get("type")
@@ -116,19 +469,37 @@ def main():
                 repetition_penalty=rp if rp and rp != 1.0 else None,
                 presence_penalty=msg.get("presence_penalty") or None,
                 frequency_penalty=msg.get("frequency_penalty") or None)
-            [uid] = gen.insert([msg["prompt"]], max_tokens=[msg["max_tokens"]],
-                               samplers=[sampler], logits_processors=[processors])
-            by_uid[uid] = msg["id"]
-            generated[uid] = 0
-            if msg.get("logprobs") is not None:
-                want_logprobs[uid] = int(msg["logprobs"])
+            guide = guide_for(msg)
+            if guide is not None:
+                processors = list(processors) + [guide]
+            prompt = msg["prompt"]
+            cache, rest, cached = prefixes.fetch(prompt)
+            [uid] = gen.insert([rest], max_tokens=[msg["max_tokens"]], caches=[cache],
+                               all_tokens=[prompt[:cached]], samplers=[sampler],
+                               logits_processors=[processors])
+            lp = msg.get("logprobs")
+            by_uid[uid] = Seq(msg["id"], cached, None if lp is None else int(lp))
+            # Running sequences' KV counts against the bound too.
+            prefixes.shrink(prefixes.max_bytes - gen.prompt_cache_nbytes)
         elif kind == "cancel":
-            for uid, rid in list(by_uid.items()):
-                if rid == msg["id"]:
-                    gen.remove([uid])
-                    del by_uid[uid], generated[uid]
-                    want_logprobs.pop(uid, None)
+            for uid, s in list(by_uid.items()):
+                if s.rid == msg["id"]:
+                    # What it computed stays reusable (a stop string or a client that left).
+                    caches = gen.remove([uid], return_prompt_caches=True)
+                    del by_uid[uid]
+                    if uid in caches:
+                        cache, tokens = caches[uid]
+                        if tokens:
+                            prefixes.put(list(tokens), cache)
+        elif kind == "disk":
+            prefixes.disk = DiskTier(msg["dir"], bytes.fromhex(msg["key"]),
+                                     int(msg.get("min_tokens", 256)),
+                                     lambda: send({"type": "saved"}))
+        elif kind == "trim_cache":
+            prefixes.shrink(int(msg["bytes"]))
+            send({"type": "trimmed", "seq": msg.get("seq"), "cache": prefixes.figures()})
         elif kind == "shutdown":
+            prefixes.save_all()
             return False
         return True
 
@@ -143,31 +514,50 @@ def main():
                     return
         except queue.Empty:
             pass
+        except GrammarError as e:
+            send({"type": "error", "id": msg.get("id"), "param": "response_format",
+                  "message": f"the grammar cannot be enforced: {e}"})
+            continue
         except Exception as e:  # a bad message fails that request, not the worker
             send({"type": "error", "id": msg.get("id"), "message": f"{type(e).__name__}: {e}"})
             traceback.print_exc()
             continue
         if not by_uid:
             continue
-        steps, step_logprobs = {}, {}
+        steps = {}
         for r in gen.next_generated():
-            rid = by_uid.get(r.uid)
-            if rid is None:
+            s = by_uid.get(r.uid)
+            if s is None:
                 continue
-            generated[r.uid] += 1
+            s.generated += 1
+            step = steps.setdefault(r.uid, {"tokens": [], "logprobs": []})
             if not (r.finish_reason == "stop" and r.token in eos):
-                steps.setdefault(rid, []).append(int(r.token))
-                if r.uid in want_logprobs:
-                    step_logprobs.setdefault(rid, []).append(logprobs_of(r, want_logprobs[r.uid]))
+                step["tokens"].append(int(r.token))
+                if s.logprobs is not None:
+                    step["logprobs"].append(logprobs_of(r, s.logprobs))
             if r.finish_reason is not None:
-                if rid in steps:
-                    send(tokens_msg(rid, steps.pop(rid), step_logprobs.pop(rid, None)))
-                want_logprobs.pop(r.uid, None)
-                send({"type": "done", "id": rid, "reason": r.finish_reason,
-                      "generated": generated.pop(r.uid)})
+                flush(send, s, steps.pop(r.uid))
+                send({"type": "done", "id": s.rid, "reason": r.finish_reason,
+                      "generated": s.generated})
                 del by_uid[r.uid]
-        for rid, toks in steps.items():
-            send(tokens_msg(rid, toks, step_logprobs.get(rid)))
+                if r.prompt_cache is not None and r.all_tokens:
+                    prefixes.put(list(r.all_tokens), r.prompt_cache,
+                                 room=prefixes.max_bytes - gen.prompt_cache_nbytes)
+        for uid, step in steps.items():
+            flush(send, by_uid[uid], step)
+
+
+def flush(send, s, step):
+    """One step's tokens for a request; the first message also says what was reused."""
+    if not step["tokens"] and s.sent_first:
+        return
+    msg = {"type": "tokens", "id": s.rid, "tokens": step["tokens"]}
+    if s.logprobs is not None:
+        msg["logprobs"] = step["logprobs"]
+    if not s.sent_first:
+        msg["cached"] = s.cached
+        s.sent_first = True
+    send(msg)
 
 
 if __name__ == "__main__":
@@ -176,3 +566,6 @@ if __name__ == "__main__":
     except Exception as e:
         traceback.print_exc()
         sys.exit(f"opta-lmx MLX worker failed: {e}")
+    # Not through the interpreter's shutdown: the stdin reader thread may hold its lock.
+    sys.stdout.flush()
+    os._exit(0)
