@@ -204,9 +204,9 @@ impl Default for PromptCacheConfig {
 
 impl PromptCacheConfig {
     /// The engine's settings, or `None` when disabled.
-    pub fn disk_config(&self) -> Option<crate::engine::llama::prompt_cache::DiskCacheConfig> {
+    pub fn disk_config(&self) -> Option<crate::engine::prompt_cache::DiskCacheConfig> {
         self.enabled
-            .then(|| crate::engine::llama::prompt_cache::DiskCacheConfig {
+            .then(|| crate::engine::prompt_cache::DiskCacheConfig {
                 root: self.directory.clone(),
                 max_bytes: (self.max_gb * 1e9) as u64,
                 min_tokens: self.min_tokens.max(1),

@@ -100,9 +100,19 @@ fn ask(model: &str, content: &str, max_tokens: u32) -> Value {
 }
 
 #[tokio::test]
-async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
+async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let s = server(2, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("prompt-cache");
+    let s = server_with(
+        3,
+        // Heartbeats every second, so status shows the worker's cache figures promptly.
+        &[
+            ("OPTA_LMX_MLX_HEARTBEAT", "4"),
+            ("OPTA_LMX_PROMPT_CACHE_MIN_TOKENS", "8"),
+        ],
+        &["--prompt-cache-dir".into(), pc.display().to_string()],
+    );
     let (_, v) = s.get("/admin/models").await;
     let entry = v["models"]
         .as_array()
@@ -171,6 +181,21 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap(),
         json!({"path": "README.md"})
     );
+    // `tool_choice: required` (the same prompt: it comes from the prefix cache) gives a call
+    // whose arguments follow the tool's schema.
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    tools["tool_choice"] = json!("required");
+    tools["max_tokens"] = json!(60);
+    let (code, v) = s.post("/v1/chat/completions", &tools).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(cached(&v), prompt - 1, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file", "{v}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        args["path"].is_string() && args.as_object().unwrap().len() == 1,
+        "{v}"
+    );
     // Counted from the safetensors headers: Qwen2.5-0.5B's 494 million plus the output
     // matrix, which this copy (made from the GGUF) stores apart from the embeddings.
     let (_, inv) = s.get("/admin/models").await;
@@ -199,8 +224,7 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
     fmt["response_format"] = json!({"type": "json_object"});
     let (code, v) = s.post("/v1/chat/completions", &fmt).await;
     assert_eq!(code, 200, "{v}");
-    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(content.trim_start().starts_with('{'), "{v}");
+    assert!(content(&v).trim_start().starts_with('{'), "{v}");
     let mut draft = ask(MLX, "hi", 4);
     draft["speculation"] = json!("draft");
     let (code, v) = s.post("/v1/chat/completions", &draft).await;
@@ -236,16 +260,158 @@ async fn an_mlx_model_lists_loads_chats_calls_tools_and_unloads() {
         assert!((a - b).abs() < 1e-4 && b <= 0.0, "{e}");
     }
 
-    // Unloading stops the worker.
-    let (code, _) = s
-        .post("/admin/models/unload", &json!({"model_id": MLX}))
+    // A cold turn, the same again (its prompt from the cache: the same greedy text), then
+    // the next turn of the conversation, which reuses all of the first.
+    let q1 = "What is the capital of France?";
+    let (code, cold) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
         .await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "{cold}");
+    // Only the template's opening (`<|im_start|>system\n`) is shared with earlier requests
+    // (whose system prompt is Qwen's default).
+    assert!(cached(&cold) <= 3, "{cold}");
+    let prompt1 = cold["usage"]["prompt_tokens"].as_u64().unwrap();
+    let (_, warm) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&warm), prompt1 - 1, "{warm}");
+    assert_eq!(content(&warm), content(&cold));
+    let a1 = content(&cold);
+    let (code, next) = s
+        .post(
+            "/v1/chat/completions",
+            &turn(
+                &[("user", q1), ("assistant", &a1), ("user", "And of Italy?")],
+                4,
+            ),
+        )
+        .await;
+    assert_eq!(code, 200, "{next}");
+    assert!(cached(&next) >= prompt1, "{next}");
+
+    // JSON schema output validates over several seeds (sampled, not greedy), at once.
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+        "required": ["city", "population"], "additionalProperties": false});
+    let asks = [1, 2, 3].map(|seed| {
+        let mut body = turn(&[("user", "Describe a European capital as JSON.")], 40);
+        body["temperature"] = json!(0.8);
+        body["seed"] = json!(seed);
+        body["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema}});
+        let s = &s;
+        async move { s.post("/v1/chat/completions", &body).await }
+    });
+    for (code, v) in futures_util::future::join_all(asks).await {
+        assert_eq!(code, 200, "{v}");
+        let doc: Value =
+            serde_json::from_str(&content(&v)).unwrap_or_else(|e| panic!("not JSON ({e}): {v}"));
+        let obj = doc.as_object().unwrap();
+        assert_eq!(obj.len(), 2, "{doc}");
+        assert!(
+            ["Paris", "Rome", "Oslo"].contains(&doc["city"].as_str().unwrap()),
+            "{doc}"
+        );
+        assert!(
+            doc["population"].as_u64().is_some_and(|p| p <= 99_999_999),
+            "{doc}"
+        );
+    }
+    // What cannot be enforced is the same 400 as on GGUF.
+    let mut bad = ask(MLX, "hi", 4);
+    bad["response_format"] = json!({"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}});
+    let (code, v) = s.post("/v1/chat/completions", &bad).await;
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("response_format")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be enforced"),
+        "{v}"
+    );
+
+    // Status and metrics count the reuse.
+    let (_, st) = s.get("/admin/status").await;
+    let sched = &st["loaded_models"][0]["scheduler"];
+    assert!(
+        sched["prompt_cache_hits_total"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
+    assert!(
+        sched["cached_prompt_tokens_total"].as_u64().unwrap() >= 2 * prompt1 - 1,
+        "{st}"
+    );
+    assert!(sched["prompt_cache_bytes"].as_u64().unwrap() > 0, "{st}");
+    let text = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let hits = text
+        .lines()
+        .find(|l| l.starts_with(&format!("opta_lmx_prompt_cache_hits{{model=\"{MLX}\"}}")))
+        .unwrap_or_else(|| panic!("no hits line in {text}"));
+    assert!(
+        hits.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 2,
+        "{hits}"
+    );
+    assert!(text.contains(&format!("opta_lmx_prompt_cache_bytes{{model=\"{MLX}\"}}")));
+
+    // Unloading stops the worker, after it wrote the long prefixes to disk; a new worker
+    // restores them.
+    unload_mlx(&s).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) {
         assert!(Instant::now() < deadline, "worker {pid} outlived its model");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let files = cache_files(&pc);
+    assert!(!files.is_empty(), "nothing written to {}", pc.display());
+    load_mlx(&s).await;
+    assert_eq!(wait_disk_tier(&s).await, files.len() as u64);
+    let (_, restored) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&restored), prompt1 - 1, "{restored}");
+    assert_eq!(content(&restored), a1);
+
+    // Truncated files and a foreign one are refused and deleted; the answer is the same.
+    unload_mlx(&s).await;
+    let files = cache_files(&pc);
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+    let foreign = files[0].with_file_name("0123456789abcdef01234567.kv");
+    std::fs::write(&foreign, b"OPTAKV01 not of this layout").unwrap();
+    load_mlx(&s).await;
+    wait_disk_tier(&s).await;
+    assert!(!foreign.exists(), "a foreign file was kept");
+    let (_, again) = s
+        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
+        .await;
+    assert_eq!(cached(&again), 0, "{again}");
+    assert_eq!(content(&again), a1);
+    // Every file this prompt shares tokens with was tried, found cut short, and deleted.
+    assert!(
+        files.iter().any(|f| !f.exists()),
+        "no truncated file deleted"
+    );
+    assert!(s
+        .log_text()
+        .contains("deleting an unusable prompt-cache file"));
 }
 
 #[tokio::test]
@@ -529,7 +695,7 @@ async fn a_hung_worker_misses_its_heartbeat_and_is_replaced() {
 /// One chat turn's body: a shared system prompt, then the conversation so far.
 fn turn(history: &[(&str, &str)], max_tokens: u32) -> Value {
     let mut messages = vec![json!({"role": "system",
-        "content": "You are a terse assistant for a household. Answer in a few words."})];
+        "content": "Answer as a terse assistant for a household, in a few words."})];
     messages.extend(
         history
             .iter()
@@ -592,179 +758,59 @@ async fn unload_mlx(s: &Server) {
 }
 
 #[tokio::test]
-async fn prefixes_are_reused_kept_on_disk_checked_and_grammars_hold() {
+async fn a_draft_model_speculates_without_changing_greedy_output() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pc = dir.path().join("prompt-cache");
-    let s = server_with(
-        2,
-        // Heartbeats every second, so status shows the worker's cache figures promptly.
-        &[
-            ("OPTA_LMX_MLX_HEARTBEAT", "4"),
-            ("OPTA_LMX_PROMPT_CACHE_MIN_TOKENS", "8"),
-        ],
-        &["--prompt-cache-dir".into(), pc.display().to_string()],
-    );
-    load_mlx(&s).await;
-    wait_disk_tier(&s).await;
-
-    // A cold turn, the same again (its prompt from the cache: the same greedy text), then
-    // the next turn of the conversation, which reuses all of the first.
-    let q1 = "What is the capital of France?";
-    let (code, cold) = s
-        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
-        .await;
-    assert_eq!(code, 200, "{cold}");
-    assert_eq!(cached(&cold), 0, "{cold}");
-    let prompt1 = cold["usage"]["prompt_tokens"].as_u64().unwrap();
-    let (_, warm) = s
-        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
-        .await;
-    assert_eq!(cached(&warm), prompt1 - 1, "{warm}");
-    assert_eq!(content(&warm), content(&cold));
-    let a1 = content(&cold);
-    let (code, next) = s
+    let s = server(2, &[("OPTA_LMX_MLX_HEARTBEAT", "4")]);
+    // The same weights under a second name: every proposal is accepted, so the counters
+    // must move, and the text must not.
+    std::os::unix::fs::symlink(mlx_dir(), s.models_dir.join("qwen-mlx-draft")).unwrap();
+    let (code, v) = s
         .post(
-            "/v1/chat/completions",
-            &turn(
-                &[("user", q1), ("assistant", &a1), ("user", "And of Italy?")],
-                4,
-            ),
+            "/admin/models/load",
+            &json!({"model_id": MLX, "speculation": "draft", "draft_model": "qwen-mlx-draft"}),
         )
         .await;
-    assert_eq!(code, 200, "{next}");
-    assert!(cached(&next) >= prompt1, "{next}");
-
-    // JSON schema output validates over several seeds (sampled, not greedy), at once.
-    let schema = json!({"type": "object", "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
-        "required": ["city", "population"], "additionalProperties": false});
-    let asks = [1, 2, 3].map(|seed| {
-        let mut body = turn(&[("user", "Describe a European capital as JSON.")], 40);
-        body["temperature"] = json!(0.8);
-        body["seed"] = json!(seed);
-        body["response_format"] =
-            json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema}});
-        let s = &s;
-        async move { s.post("/v1/chat/completions", &body).await }
-    });
-    for (code, v) in futures_util::future::join_all(asks).await {
-        assert_eq!(code, 200, "{v}");
-        let doc: Value =
-            serde_json::from_str(&content(&v)).unwrap_or_else(|e| panic!("not JSON ({e}): {v}"));
-        let obj = doc.as_object().unwrap();
-        assert_eq!(obj.len(), 2, "{doc}");
-        assert!(
-            ["Paris", "Rome", "Oslo"].contains(&doc["city"].as_str().unwrap()),
-            "{doc}"
-        );
-        assert!(
-            doc["population"].as_u64().is_some_and(|p| p <= 99_999_999),
-            "{doc}"
-        );
-    }
-    // `tool_choice: required` gives a call whose arguments follow the tool's schema.
-    let mut body = ask(MLX, "Show me README.md", 60);
-    body["tools"] = json!([{"type": "function", "function": {"name": "read_file",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
-                       "required": ["path"]}}}]);
-    body["tool_choice"] = json!("required");
-    let (code, v) = s.post("/v1/chat/completions", &body).await;
     assert_eq!(code, 200, "{v}");
-    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
-    assert_eq!(call["name"], "read_file", "{v}");
-    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
-    assert!(
-        args["path"].is_string() && args.as_object().unwrap().len() == 1,
-        "{v}"
-    );
-    // What cannot be enforced is the same 400 as on GGUF.
-    let mut bad = ask(MLX, "hi", 4);
-    bad["response_format"] = json!({"type": "json_schema",
-        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}});
-    let (code, v) = s.post("/v1/chat/completions", &bad).await;
+    let q = "Count from one to ten in words.";
+    let mut off = ask(MLX, q, 6);
+    off["speculation"] = json!("off");
+    let plain = content(&s.post("/v1/chat/completions", &off).await.1);
+    let (code, v) = s.post("/v1/chat/completions", &ask(MLX, q, 6)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(content(&v), plain);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = s.get("/admin/status").await;
+        let spec = &st["loaded_models"][0]["scheduler"]["speculation"];
+        assert_eq!(spec["mode"], "draft", "{st}");
+        let (p, a) = (
+            spec["proposed_tokens_total"].as_u64().unwrap(),
+            spec["accepted_tokens_total"].as_u64().unwrap(),
+        );
+        if p > 0 {
+            assert!(a > 0 && a <= p, "{spec}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no speculation counted: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A draft that is not in the target's format is refused by name before anything loads.
+    let (code, v) = s
+        .post(
+            "/admin/models/load",
+            &json!({"model_id": "qwen-mlx-draft", "speculation": "draft", "draft_model": QWEN}),
+        )
+        .await;
     assert_eq!(
         (code, v["error"]["param"].as_str()),
-        (400, Some("response_format")),
+        (400, Some("draft_model")),
         "{v}"
     );
     assert!(
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("cannot be enforced"),
+            .contains("not on disk as a MLX model"),
         "{v}"
     );
-
-    // Status and metrics count the reuse.
-    let (_, st) = s.get("/admin/status").await;
-    let sched = &st["loaded_models"][0]["scheduler"];
-    assert!(
-        sched["prompt_cache_hits_total"].as_u64().unwrap() >= 2,
-        "{st}"
-    );
-    assert!(
-        sched["cached_prompt_tokens_total"].as_u64().unwrap() >= 2 * prompt1 - 1,
-        "{st}"
-    );
-    assert!(sched["prompt_cache_bytes"].as_u64().unwrap() > 0, "{st}");
-    let text = reqwest::get(format!("{}/metrics", s.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let hits = text
-        .lines()
-        .find(|l| l.starts_with(&format!("opta_lmx_prompt_cache_hits{{model=\"{MLX}\"}}")))
-        .unwrap_or_else(|| panic!("no hits line in {text}"));
-    assert!(
-        hits.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 2,
-        "{hits}"
-    );
-    assert!(text.contains(&format!("opta_lmx_prompt_cache_bytes{{model=\"{MLX}\"}}")));
-
-    // Unloading writes the long prefixes to disk; a new worker restores them.
-    unload_mlx(&s).await;
-    let files = cache_files(&pc);
-    assert!(!files.is_empty(), "nothing written to {}", pc.display());
-    load_mlx(&s).await;
-    assert_eq!(wait_disk_tier(&s).await, files.len() as u64);
-    let (_, restored) = s
-        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
-        .await;
-    assert_eq!(cached(&restored), prompt1 - 1, "{restored}");
-    assert_eq!(content(&restored), a1);
-
-    // Truncated files and a foreign one are refused and deleted; the answer is the same.
-    unload_mlx(&s).await;
-    let files = cache_files(&pc);
-    for f in &files {
-        let len = std::fs::metadata(f).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(f)
-            .unwrap()
-            .set_len(len / 2)
-            .unwrap();
-    }
-    let foreign = files[0].with_file_name("0123456789abcdef01234567.kv");
-    std::fs::write(&foreign, b"OPTAKV01 not of this layout").unwrap();
-    load_mlx(&s).await;
-    wait_disk_tier(&s).await;
-    assert!(!foreign.exists(), "a foreign file was kept");
-    let (_, again) = s
-        .post("/v1/chat/completions", &turn(&[("user", q1)], 4))
-        .await;
-    assert_eq!(cached(&again), 0, "{again}");
-    assert_eq!(content(&again), a1);
-    // Every file this prompt shares tokens with was tried, found cut short, and deleted.
-    assert!(
-        files.iter().any(|f| !f.exists()),
-        "no truncated file deleted"
-    );
-    assert!(s
-        .log_text()
-        .contains("deleting an unusable prompt-cache file"));
 }

@@ -1,11 +1,12 @@
 //! Inference engines. The HTTP layer only ever sees the [`Backend`] trait: it hands over
 //! prompt tokens and sampling settings and receives a stream of [`Event`]s, so the scheduler
-//! and the backends (llama.cpp now, MLX later) can change without touching the API.
+//! and the backends (llama.cpp, MLX) can change without touching the API.
 
 pub mod grammar;
 pub mod llama;
 pub mod mlx;
 pub mod options;
+pub mod prompt_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod speculation;

@@ -97,6 +97,9 @@ impl Loader for MlxLoader {
             rendered_markers: opts.rendered_markers.clone(),
             prefix_cache_bytes: self.prefix_cache_bytes,
             disk: opts.prompt_cache.clone(),
+            speculation: opts.speculation,
+            draft: opts.draft.clone(),
+            draft_max: opts.draft_max,
         };
         Ok(Arc::new(MlxEngine::load(&disk.path, &options)?))
     }

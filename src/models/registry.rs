@@ -825,8 +825,8 @@ impl Registry {
         })
     }
 
-    /// The draft model named for `target`: a GGUF on disk whose vocabulary is the target's
-    /// (same size; the tokens themselves are compared when both are loaded).
+    /// The draft model named for `target`: one on disk in its format whose vocabulary is the
+    /// target's (same size; the tokens themselves are compared when both are loaded).
     fn draft_for(
         &self,
         target: &DiskModel,
@@ -843,16 +843,17 @@ impl Registry {
                 message: "`draft` speculation needs a `draft_model`".into(),
             });
         };
-        if target.format != "gguf" {
-            return Err(bad(format!(
-                "draft speculation runs on GGUF models; `{}` is {}",
-                target.id, target.format
-            )));
-        }
+        // A draft runs in the target's engine: a GGUF file for llama.cpp, an MLX folder for
+        // the MLX worker.
         let draft = self
             .store
-            .find_as(self.config.resolve_alias(id), Some("gguf"))?
-            .ok_or_else(|| bad(format!("draft model `{id}` is not on disk as a GGUF file")))?;
+            .find_as(self.config.resolve_alias(id), Some(target.format))?
+            .ok_or_else(|| {
+                bad(format!(
+                    "draft model `{id}` is not on disk as a {} model",
+                    target.format.to_uppercase()
+                ))
+            })?;
         if draft.id == target.id {
             return Err(bad(format!("`{id}` cannot be its own draft")));
         }

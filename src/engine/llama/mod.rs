@@ -7,8 +7,8 @@ mod draft;
 pub mod footprint;
 pub mod gguf;
 mod picker;
+use super::prompt_cache;
 pub use picker::set_pick_limit;
-pub mod prompt_cache;
 mod worker;
 
 use std::collections::HashSet;

@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 
 use super::draft::{Drafter, Want};
 use super::picker::{Pending, Picked, Picker, Progress, Slice};
-use super::prompt_cache::DiskCache;
 use super::{Job, Shared, Ticket};
 use crate::engine::options::Speculation;
+use crate::engine::prompt_cache::DiskCache;
 use crate::engine::sampling::logprobs;
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::speculation::{ngram_proposal, Acceptance, SpecCosts};

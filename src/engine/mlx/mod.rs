@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::llama::prompt_cache::{self, DiskCacheConfig};
+use super::options::Speculation;
+use super::prompt_cache::{self, DiskCacheConfig};
 use super::text::TextAssembler;
 use super::{
     Backend, EngineError, Event, FinishReason, GenerationRequest, ModelInfo, SchedulerStats,
@@ -57,6 +58,12 @@ pub struct MlxOptions {
     pub prefix_cache_bytes: u64,
     /// The disk tier; `None` keeps prefixes in memory only.
     pub disk: Option<DiskCacheConfig>,
+    /// The speculation mode requests get unless they name one.
+    pub speculation: Speculation,
+    /// The draft model's folder for [`Speculation::Draft`].
+    pub draft: Option<PathBuf>,
+    /// Tokens the draft proposes per round.
+    pub draft_max: u32,
 }
 
 /// One request in flight.
@@ -79,6 +86,9 @@ struct CacheFigures {
     bytes: u64,
     hits: u64,
     disk_files: Option<u32>,
+    proposed: u64,
+    accepted: u64,
+    rounds: u64,
 }
 
 /// What the engine, its reader and its heartbeat share.
@@ -113,6 +123,8 @@ pub struct MlxEngine {
     info: ModelInfo,
     shared: Arc<Shared>,
     max_queue: u32,
+    /// `Draft` when a draft model was loaded (requests may still ask for `off`).
+    speculation: Speculation,
     pid: u32,
 }
 
@@ -156,7 +168,14 @@ impl MlxEngine {
         let facts = config::read(dir).map_err(EngineError::Load)?;
         let tok = MlxTokenizer::load(dir, &opts.rendered_markers)?;
         let script = worker_script()?;
-        let settings = json!({"cache_bytes": opts.prefix_cache_bytes});
+        // Only `draft` is done by the worker; `ngram` (prompt lookup) is a hint MLX decodes
+        // without, with the same output.
+        let draft = opts
+            .draft
+            .as_ref()
+            .filter(|_| opts.speculation == Speculation::Draft);
+        let settings = json!({"cache_bytes": opts.prefix_cache_bytes, "draft": draft,
+                              "num_draft": opts.draft_max.max(1)});
         let mut child = Command::new(&opts.python)
             .arg(&script)
             .arg(dir)
@@ -255,6 +274,11 @@ impl MlxEngine {
             info,
             shared,
             max_queue: opts.max_queue,
+            speculation: if draft.is_some() {
+                Speculation::Draft
+            } else {
+                Speculation::Off
+            },
             pid,
         })
     }
@@ -320,13 +344,17 @@ impl Shared {
         }
     }
 
-    fn note_cache(&self, v: &Value) {
+    fn note_cache(&self, v: &Value, spec: &Value) {
+        let mut c = self.cache.lock().expect("cache lock");
         if v.is_object() {
-            *self.cache.lock().expect("cache lock") = CacheFigures {
-                bytes: v["bytes"].as_u64().unwrap_or(0),
-                hits: v["hits"].as_u64().unwrap_or(0),
-                disk_files: v["disk_files"].as_u64().map(|n| n as u32),
-            };
+            c.bytes = v["bytes"].as_u64().unwrap_or(0);
+            c.hits = v["hits"].as_u64().unwrap_or(0);
+            c.disk_files = v["disk_files"].as_u64().map(|n| n as u32);
+        }
+        if spec.is_object() {
+            c.proposed = spec["proposed"].as_u64().unwrap_or(0);
+            c.accepted = spec["accepted"].as_u64().unwrap_or(0);
+            c.rounds = spec["steps"].as_u64().unwrap_or(0);
         }
     }
 
@@ -486,10 +514,10 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 shared
                     .rss_bytes
                     .store(msg["rss_bytes"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                shared.note_cache(&msg["cache"]);
+                shared.note_cache(&msg["cache"], &msg["spec"]);
             }
             Some("trimmed") => {
-                shared.note_cache(&msg["cache"]);
+                shared.note_cache(&msg["cache"], &Value::Null);
                 let (seq, answered) = &shared.trimmed;
                 let mut seq = seq.lock().expect("trim lock");
                 *seq = (*seq).max(msg["seq"].as_u64().unwrap_or(0));
@@ -588,12 +616,13 @@ impl Backend for MlxEngine {
         &self,
         mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
-        // Speculation is a llama.cpp scheduler feature: `ngram` is a hint MLX may ignore (the
-        // output is the same), but a draft model it does not have is refused by name.
-        if req.speculation == Some(crate::engine::options::Speculation::Draft) {
+        // A draft model it does not have is refused by name, as on GGUF; `ngram` is a hint
+        // the worker decodes without (the output is the same).
+        let mode = req.speculation.unwrap_or(self.speculation);
+        if mode == Speculation::Draft && self.speculation != Speculation::Draft {
             return Err(EngineError::InvalidParam {
                 param: "speculation",
-                message: "MLX models decode without a draft model; ask for `off` or leave `speculation` out".into(),
+                message: "this model was loaded without a draft model; load it with `speculation: draft` and a `draft_model`, or ask for `ngram` or `off`".into(),
             });
         }
         // The same schema subset and the same refusals as GGUF: one converter makes the
@@ -645,6 +674,7 @@ impl Backend for MlxEngine {
             "frequency_penalty": s.frequency_penalty, "logit_bias": bias,
             "logprobs": req.logprobs,
             "grammar": s.grammar, "triggers": triggers,
+            "speculate": mode == Speculation::Draft,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         requests.insert(
@@ -696,7 +726,12 @@ impl Backend for MlxEngine {
             prompt_cache_files: cache.disk_files,
             prompt_cache_bytes: Some(cache.bytes),
             prompt_cache_hits_total: cache.hits,
-            speculation: Default::default(),
+            speculation: super::SpeculationStats {
+                mode: self.speculation,
+                proposed_tokens_total: cache.proposed,
+                accepted_tokens_total: cache.accepted,
+                speculative_steps_total: cache.rounds,
+            },
         }
     }
 

@@ -6,7 +6,8 @@ once the server names a directory), and enforces grammars with llguidance.
 
 Protocol (version 2): messages are JSON objects, each framed by a 4-byte big-endian length,
 on stdin (server -> worker) and stdout (worker -> server). stderr is the worker's log.
-argv: MODEL_DIR PARALLEL [SETTINGS_JSON]; settings: {cache_bytes, draft, num_draft}.
+argv: MODEL_DIR PARALLEL [SETTINGS_JSON]; settings: {cache_bytes, draft (a model folder or
+null), num_draft}.
 
   server -> worker: submit {id, prompt, max_tokens, temperature, top_p, top_k, min_p,
                             repeat_penalty, presence_penalty, frequency_penalty, logit_bias,
@@ -21,7 +22,8 @@ argv: MODEL_DIR PARALLEL [SETTINGS_JSON]; settings: {cache_bytes, draft, num_dra
                                   logprobs: [[logprob, [[id, logprob]...]]...]; `cached`, on the
                                   first, is how many prompt tokens came from the prefix cache)
                     done {id, reason, generated}          (reason: stop | length)
-                    pong {seq, active, rss_bytes, cache}  (cache: the prefix-cache figures)
+                    pong {seq, active, rss_bytes, cache, spec} (prefix-cache and speculation
+                                                          figures)
                     trimmed {seq, cache}     saved {}     (a prefix file was written)
                     error {id?, message, param?}          (param: the request field at fault)
 
@@ -327,6 +329,51 @@ def with_special_tokens(lark, specials):
             lark = re.sub(rf"\b{name}\b", name.lower(), lark)
 
 
+class Speculative:
+    """One sequence decoded with a draft model (mlx-lm's speculative step: the draft proposes,
+    the target verifies them in one pass, and the output is the target's own). It runs beside
+    the batch, alone: while other sequences decode, batching them pays more. Its target KV
+    starts from the prefix cache; the draft computes its own copy of the reused prefix."""
+
+    def __init__(self, model, draft, prompt, cache, cached, max_tokens, sampler, processors,
+                 num_draft):
+        import mlx.core as mx
+        from mlx_lm.generate import speculative_generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+        self.model_cache = cache if cache is not None else make_prompt_cache(model)
+        draft_cache = make_prompt_cache(draft)
+        done = 0
+        while done < cached:
+            step = min(512, cached - done)
+            draft(mx.array(prompt[done:done + step])[None], cache=draft_cache)
+            mx.eval([c.state for c in draft_cache])
+            done += step
+        self.tokens = list(prompt)
+        self.steps = speculative_generate_step(
+            mx.array(prompt[cached:]), model, draft, num_draft_tokens=num_draft,
+            max_tokens=max_tokens, sampler=sampler, logits_processors=processors or None,
+            prompt_cache=self.model_cache + draft_cache)
+        self.max_tokens = max_tokens
+
+    def round(self):
+        """One draft-and-verify round: [(token, logprobs)], accepted drafts, and whether the
+        generator is exhausted (max_tokens)."""
+        out, accepted = [], 0
+        for token, logprobs, from_draft in self.steps:
+            out.append((int(token), logprobs))
+            self.tokens.append(int(token))
+            if from_draft:
+                accepted += 1
+            else:
+                return out, accepted, False
+        return out, accepted, True
+
+    def cache(self):
+        """The target KV and the tokens it holds."""
+        held = self.model_cache[0].offset
+        return self.tokens[:held], self.model_cache
+
+
 class GrammarError(Exception):
     """A request's grammar that llguidance cannot compile: the client's error, not ours."""
 
@@ -395,6 +442,10 @@ def main():
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     model, tokenizer = load(model_path)
+    draft = load(settings["draft"])[0] if settings.get("draft") else None
+    num_draft = max(1, int(settings.get("num_draft", 4)))
+    spec = {}  # request id -> Speculative
+    spec_figures = {"proposed": 0, "accepted": 0, "steps": 0}
     eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
     gen = BatchGenerator(model, stop_tokens=[[t] for t in eos],
                          completion_batch_size=parallel, prefill_batch_size=parallel)
@@ -414,8 +465,9 @@ def main():
             (n,) = struct.unpack(">I", head)
             msg = json.loads(inp.read(n))
             if msg.get("type") == "ping":
-                send({"type": "pong", "seq": msg["seq"], "active": len(by_uid),
-                      "rss_bytes": rss_bytes(), "cache": prefixes.figures()})
+                send({"type": "pong", "seq": msg["seq"], "active": len(by_uid) + len(spec),
+                      "rss_bytes": rss_bytes(), "cache": prefixes.figures(),
+                      "spec": spec_figures})
             else:
                 inbox.put(msg)
         inbox.put({"type": "shutdown"})
@@ -429,20 +481,63 @@ def main():
             self.generated = 0
             self.sent_first = False
 
-    def logprobs_of(r, k):
-        lp = r.logprobs.astype(mx.float32)
+    def logprobs_of(logprobs, token, k):
+        lp = logprobs.astype(mx.float32).reshape(-1)
         top = []
         if k:
             idx = mx.argpartition(-lp, kth=k - 1)[:k]
             vals = lp[idx]
             top = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
-        return [float(lp[r.token].item()), [[int(i), float(v)] for i, v in top]]
+        return [float(lp[token].item()), [[int(i), float(v)] for i, v in top]]
+
+    def speculating(msg, guide, cache):
+        """Whether a request decodes with the draft: asked for, nothing else decoding, no
+        grammar (its state would follow rejected drafts), and acceptance high enough to pay
+        (below 30% over 64 proposals, speculation stops for this worker)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+        if not (msg.get("speculate") and draft is not None) or guide is not None:
+            return False
+        if by_uid or spec:
+            return False
+        if spec_figures["proposed"] >= 64 and spec_figures["accepted"] < 0.3 * spec_figures["proposed"]:
+            return False
+        return can_trim_prompt_cache(cache if cache is not None else make_prompt_cache(model))
+
+    def step_speculative(rid, sp):
+        s = sp.seq
+        tokens, accepted, exhausted = sp.round()
+        spec_figures["steps"] += 1
+        # A full round verified `num_draft` proposals; the last, cut by max_tokens, fewer.
+        spec_figures["proposed"] += accepted if exhausted else num_draft
+        spec_figures["accepted"] += accepted
+        step = {"tokens": [], "logprobs": []}
+        reason = None
+        for token, logprobs in tokens:
+            s.generated += 1
+            if token in eos:
+                reason = "stop"
+                break
+            step["tokens"].append(token)
+            if s.logprobs is not None:
+                step["logprobs"].append(logprobs_of(logprobs, token, s.logprobs))
+        if reason is None and (exhausted or s.generated >= sp.max_tokens):
+            reason = "length"
+        flush(send, s, step)
+        if reason is not None:
+            send({"type": "done", "id": rid, "reason": reason, "generated": s.generated})
+            del spec[rid]
+            held, cache = sp.cache()
+            prefixes.put(held, cache)
 
     def guide_for(msg):
         if not msg.get("grammar"):
             return None
-        from llguidance import LLMatcher
-        from llguidance.gbnf_to_lark import any_to_lark
+        try:
+            from llguidance import LLMatcher
+            from llguidance.gbnf_to_lark import any_to_lark
+        except ImportError as e:
+            raise RuntimeError("grammars on MLX need llguidance in the worker's Python "
+                               "(pip install llguidance)") from e
         if not lltok:
             import llguidance.hf
             tok = llguidance.hf.from_tokenizer(tokenizer._tokenizer, eos_token=eos[0])
@@ -474,14 +569,22 @@ def main():
                 processors = list(processors) + [guide]
             prompt = msg["prompt"]
             cache, rest, cached = prefixes.fetch(prompt)
+            lp = msg.get("logprobs")
+            if speculating(msg, guide, cache):
+                spec[msg["id"]] = Speculative(model, draft, prompt, cache, cached,
+                                              msg["max_tokens"], sampler, processors, num_draft)
+                spec[msg["id"]].seq = Seq(msg["id"], cached, None if lp is None else int(lp))
+                return True
             [uid] = gen.insert([rest], max_tokens=[msg["max_tokens"]], caches=[cache],
                                all_tokens=[prompt[:cached]], samplers=[sampler],
                                logits_processors=[processors])
-            lp = msg.get("logprobs")
             by_uid[uid] = Seq(msg["id"], cached, None if lp is None else int(lp))
             # Running sequences' KV counts against the bound too.
             prefixes.shrink(prefixes.max_bytes - gen.prompt_cache_nbytes)
         elif kind == "cancel":
+            if msg["id"] in spec:
+                tokens, cache = spec.pop(msg["id"]).cache()
+                prefixes.put(tokens, cache)
             for uid, s in list(by_uid.items()):
                 if s.rid == msg["id"]:
                     # What it computed stays reusable (a stop string or a client that left).
@@ -506,7 +609,7 @@ def main():
     while True:
         # Block for work when idle; otherwise take what arrived and step.
         try:
-            msg = inbox.get(block=not by_uid)
+            msg = inbox.get(block=not (by_uid or spec))
             if not handle(msg):
                 return
             while True:
@@ -522,6 +625,8 @@ def main():
             send({"type": "error", "id": msg.get("id"), "message": f"{type(e).__name__}: {e}"})
             traceback.print_exc()
             continue
+        for rid, sp in list(spec.items()):
+            step_speculative(rid, sp)
         if not by_uid:
             continue
         steps = {}
@@ -534,7 +639,7 @@ def main():
             if not (r.finish_reason == "stop" and r.token in eos):
                 step["tokens"].append(int(r.token))
                 if s.logprobs is not None:
-                    step["logprobs"].append(logprobs_of(r, s.logprobs))
+                    step["logprobs"].append(logprobs_of(r.logprobs, r.token, s.logprobs))
             if r.finish_reason is not None:
                 flush(send, s, steps.pop(r.uid))
                 send({"type": "done", "id": s.rid, "reason": r.finish_reason,

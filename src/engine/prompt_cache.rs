@@ -3,8 +3,10 @@
 //! restart, and a later request that starts with the same tokens skips computing them.
 //!
 //! Files live under `<root>/<layout>/<prefix>.kv`. `<layout>` is a hash of everything that
-//! makes a saved state loadable: the model file's SHA-256, the context per sequence, the KV
-//! cache types and the llama.cpp state format. A file holds a header (magic, the layout hash,
+//! makes a saved state loadable: the engine's state format, the model's SHA-256, the context
+//! per sequence and the KV cache types. llama.cpp's files are read and written here; the MLX
+//! worker writes the same format itself (its state is mlx-lm's safetensors form of a cache),
+//! under a layout this module keys, and both sit under one bound. A file holds a header (magic, the layout hash,
 //! the tokens, the state's length and SHA-256) and the state; one that is truncated, altered
 //! or made under another layout is deleted, never loaded. The whole root is kept under a size
 //! bound, least recently used files first.
