@@ -10,6 +10,7 @@
 #
 #   bench/mlx_server.sh                 # AGENT_TOOLS=30 TOKENS=16
 #   AGENT_TOOLS=2 bench/mlx_server.sh   # Linux CPU: MLX prefills a few tokens a second there
+#   ONLY=clients bench/mlx_server.sh    # just the six-client rows, raw
 set -euo pipefail
 AGENT_TOOLS=${AGENT_TOOLS:-30}
 TOKENS=${TOKENS:-16}
@@ -48,6 +49,16 @@ mlxlm() {
 stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
 
 declare -A REPLAY AFTER CLIENTS
+if [ "${ONLY:-}" = clients ]; then
+  # Just the six-client rows, raw: aggregate tokens/s is total tokens over the wall time, so
+  # the tokens each server generated (an early end of text) and the TTFTs are shown too.
+  for server in opta mlxlm; do
+    $server
+    echo "$server: $("$PY" bench/mlx_server.py --base "http://127.0.0.1:$PORT/v1" --model "$NAME" --tokens "$TOKENS" clients)"
+    stop
+  done
+  exit 0
+fi
 for server in opta mlxlm; do
   echo "== $server: agent replay ($AGENT_TOOLS tools)" >&2
   $server
@@ -80,6 +91,7 @@ print(f"worst warm turn opta-lmx / mlx_lm.server: {warm_o / warm_m:.2f}x (target
 print(f"after restart / cold: opta-lmx {ao['ttft_ms'] / cold_o:.2f}x (target <= 0.2), mlx_lm.server {am['ttft_ms'] / cold_m:.2f}x")
 for kind in ["shared", "distinct"]:
     a, b = co[kind]["aggregate_tps"], cm[kind]["aggregate_tps"]
-    print(f"six clients, {kind} prompts: opta-lmx {a:.2f} tok/s, mlx_lm.server {b:.2f} tok/s: {a / b:.2f}x (target >= 1.0)")
+    print(f"six clients, {kind} prompts: opta-lmx {a:.2f} tok/s ({co[kind]['tokens']} tokens in {co[kind]['wall_s']:.0f} s), "
+          f"mlx_lm.server {b:.2f} tok/s ({cm[kind]['tokens']} in {cm[kind]['wall_s']:.0f} s): {a / b:.2f}x (target >= 1.0)")
 print(f"constrained decode {g['constrained_tps']:.2f} tok/s vs free {g['free_tps']:.2f}: {g['constrained_tps'] / g['free_tps']:.2f}x (target >= 0.9)")
 PYEOF
