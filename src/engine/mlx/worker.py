@@ -630,7 +630,9 @@ def main():
         if not by_uid:
             continue
         steps = {}
-        for r in gen.next_generated():
+        # One step (a decode step and a prefill chunk), then the inbox again: a request that
+        # arrives while another prefills joins that batch instead of waiting for it.
+        for r in gen.next()[1]:
             s = by_uid.get(r.uid)
             if s is None:
                 continue
