@@ -7,7 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=target/test-model/gemma-3-270m-q4_k_m.gguf
 scripts/fetch-model.sh "$MODEL" >/dev/null
 cargo build --release --quiet
-TOOLS=$(bench/build-llama-tools.sh)
+# LLAMA_TOOLS=0: a bench that runs none of llama.cpp's tools skips building them.
+if [ "${LLAMA_TOOLS:-1}" = 1 ]; then TOOLS=$(bench/build-llama-tools.sh); fi
 [ -x target/venv/bin/python ] || python3 -m venv target/venv
 target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai
 

@@ -14,19 +14,8 @@
 set -euo pipefail
 AGENT_TOOLS=${AGENT_TOOLS:-30}
 TOKENS=${TOKENS:-16}
-cd "$(dirname "$0")/.."
-# What bench/common.sh sets up, less llama.cpp's tools (nothing here runs them).
-cargo build --release --quiet
+LLAMA_TOOLS=0 source "$(dirname "$0")/common.sh"
 scripts/fetch-mlx.sh >/dev/null
-[ -x target/venv/bin/python ] || python3 -m venv target/venv
-target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai
-DIR=$(mktemp -d)
-: > "$DIR/config.yaml"
-PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { until curl -sf "http://127.0.0.1:$1/health" >/dev/null || curl -sf "http://127.0.0.1:$1/healthz" >/dev/null; do sleep 0.5; done; }
 MLX=target/test-model/qwen2.5-coder-0.5b-instruct-mlx
 MPY=target/mlx-venv/bin/python
 PY=target/venv/bin/python
