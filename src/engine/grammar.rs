@@ -14,6 +14,29 @@ const MAX_SCHEMA_BYTES: usize = 128 << 10;
 /// Largest grammar (GBNF text) a schema may become.
 const MAX_GRAMMAR_BYTES: usize = 512 << 10;
 
+/// What an engine does with a grammar it could not build: a lazy one (tools under `auto`) is a
+/// safety net the client did not ask for, so tools whose schemas cannot be enforced are still
+/// offered, unguarded (`Ok(None)`); a grammar the client asked for fails the request.
+pub fn unless_lazy<T>(built: Result<T, EngineError>, lazy: bool) -> Result<Option<T>, EngineError> {
+    match built {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if lazy => {
+            tracing::debug!(error = %e, "tool-call grammar skipped");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a request for draft speculation is refused by a model loaded without a draft (either
+/// engine).
+pub fn no_draft_model() -> EngineError {
+    EngineError::InvalidParam {
+        param: "speculation",
+        message: "this model was loaded without a draft model; load it with `speculation: draft` and a `draft_model`, or ask for `ngram` or `off`".into(),
+    }
+}
+
 /// The GBNF grammar for a constraint: llama.cpp's JSON-schema converter for the JSON, its root
 /// renamed, wrapped in the literal prefix and suffix.
 pub fn grammar_for(c: &super::Constraint) -> Result<String, EngineError> {
@@ -182,5 +205,24 @@ mod tests {
         assert!(grammar_for(&plain)
             .unwrap()
             .contains("root ::= wrapped-item\n"));
+    }
+
+    #[test]
+    fn only_a_grammar_the_client_asked_for_fails_the_request() {
+        let bad = || -> Result<String, EngineError> {
+            Err(EngineError::InvalidParam {
+                param: "tool_choice",
+                message: "cannot be enforced".into(),
+            })
+        };
+        assert!(matches!(unless_lazy(bad(), true), Ok(None)));
+        assert!(matches!(
+            unless_lazy(bad(), false),
+            Err(EngineError::InvalidParam {
+                param: "tool_choice",
+                ..
+            })
+        ));
+        assert_eq!(unless_lazy(Ok(1), false).unwrap(), Some(1));
     }
 }

@@ -479,22 +479,13 @@ impl Backend for LlamaEngine {
                 }
                 Ok((sampling, sampler))
             });
-            match built {
-                Ok((sampling, sampler)) => {
-                    req.sampling = sampling;
-                    grammar = Some((sampler, param));
-                }
-                // A lazy grammar (tools under `auto`) is a safety net the client did not ask
-                // for: tools whose schemas it cannot express are still offered, unguarded.
-                Err(e) if lazy => tracing::debug!(error = %e, "tool-call grammar skipped"),
-                Err(e) => return Err(e),
+            if let Some((sampling, sampler)) = super::grammar::unless_lazy(built, lazy)? {
+                req.sampling = sampling;
+                grammar = Some((sampler, param));
             }
         }
         if req.speculation == Some(Speculation::Draft) && self.speculation != Speculation::Draft {
-            return Err(EngineError::InvalidParam {
-                param: "speculation",
-                message: "this model was loaded without a draft model; load it with `speculation: draft` and a `draft_model`, or ask for `ngram` or `off`".into(),
-            });
+            return Err(super::grammar::no_draft_model());
         }
         let n_vocab = self.model.n_vocab();
         // A token id llama.cpp does not know fails the whole batch it is decoded in, so it is

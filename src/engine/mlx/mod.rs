@@ -620,10 +620,7 @@ impl Backend for MlxEngine {
         // the worker decodes without (the output is the same).
         let mode = req.speculation.unwrap_or(self.speculation);
         if mode == Speculation::Draft && self.speculation != Speculation::Draft {
-            return Err(EngineError::InvalidParam {
-                param: "speculation",
-                message: "this model was loaded without a draft model; load it with `speculation: draft` and a `draft_model`, or ask for `ngram` or `off`".into(),
-            });
+            return Err(super::grammar::no_draft_model());
         }
         // The same schema subset and the same refusals as GGUF: one converter makes the
         // grammar, which the worker enforces (lazily, from a trigger on, under `auto`).
@@ -631,8 +628,11 @@ impl Backend for MlxEngine {
         let mut triggers = req.sampling.grammar_triggers.clone();
         if let Some(c) = req.constraint.take() {
             param = c.param;
-            req.sampling.grammar = Some(super::grammar::grammar_for(&c)?);
-            triggers = c.triggers;
+            let lazy = !c.triggers.is_empty();
+            if let Some(g) = super::grammar::unless_lazy(super::grammar::grammar_for(&c), lazy)? {
+                req.sampling.grammar = Some(g);
+                triggers = c.triggers;
+            }
         }
         if let Some(why) = self.shared.failed.lock().expect("failed lock").clone() {
             return Err(EngineError::Decode(why));

@@ -300,7 +300,8 @@ class Prefixes:
         if self.disk is not None:
             t = self.disk.save(entry[0], entry[1])
             if t is not None:
-                self.writes.append(t)
+                # Writers that finished are forgotten: only running ones are joined at exit.
+                self.writes = [w for w in self.writes if w.is_alive()] + [t]
 
     def save_all(self):
         """At shutdown: every long prefix to disk, waiting for the writes."""
@@ -548,6 +549,8 @@ def main():
         grammar = LLMatcher.grammar_from_lark(with_special_tokens(any_to_lark(msg["grammar"]),
                                                                  lltok[1]))
         error = LLMatcher.validate_grammar(grammar, lltok[0])
+        if error and msg.get("triggers"):
+            return None  # a lazy grammar is a safety net: unguarded, as on GGUF
         if error:
             raise GrammarError(error)
         return Guide(lltok[0], grammar, msg.get("triggers") or [], lltok[0].vocab_size)
