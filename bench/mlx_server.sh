@@ -31,7 +31,10 @@ opta() {
 }
 mlxlm() {
   PORT=$(free_port)
-  "$MPY" -m mlx_lm server --model "$MLX" --port "$PORT" --decode-concurrency 6 \
+  # The same BLAS opta-lmx preloads into its worker (models.mlx.blas: auto), so the two
+  # servers differ only in serving.
+  BLAS=$(ls /usr/lib/*-linux-gnu/libopenblas.so.0 2>/dev/null | head -1 || true)
+  LD_PRELOAD=${BLAS:-${LD_PRELOAD:-}} "$MPY" -m mlx_lm server --model "$MLX" --port "$PORT" --decode-concurrency 6 \
     --prompt-concurrency 6 --log-level WARNING >/dev/null 2>&1 &
   PID=$!; wait_up "$PORT"; NAME=default_model
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing opta-lmx needs and is missing: Debian's cmake, clang
 # and libclang-dev (llama.cpp and its bindgen), Python with venv/pip (model fetch and SDK
-# tests), Chromium and systemd-analyze (operations tests), and a Rust toolchain through rustup when cargo is absent. Safe to run repeatedly.
+# tests), Chromium and systemd-analyze (operations tests), OpenBLAS (the MLX worker), and a Rust toolchain through rustup when cargo is absent. Safe to run repeatedly.
 set -euo pipefail
 
 SUDO=""
@@ -22,6 +22,9 @@ command -v cc >/dev/null || missing+=(build-essential)
 # checked by systemd-analyze (installing the package boots nothing).
 command -v chromium >/dev/null || missing+=(chromium)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# OpenBLAS for the MLX worker on Linux: the mlx-cpu wheel's bundled reference BLAS prefills
+# ~40x slower (see src/engine/mlx/blas.rs).
+dpkg -s libopenblas0-pthread >/dev/null 2>&1 || missing+=(libopenblas0-pthread)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"

@@ -254,6 +254,10 @@ pub struct MlxConfig {
     /// next turn), in GB; running sequences count against it. The memory guard drops these
     /// prefixes (long ones to the disk tier) before it evicts a model.
     pub prefix_cache_gb: f64,
+    /// The BLAS the worker's matrix products use on Linux: `auto` preloads a system OpenBLAS
+    /// when there is one (the mlx-cpu wheel's bundled reference BLAS is ~40x slower at
+    /// prefill), `none` keeps the wheel's, or a library's path.
+    pub blas: String,
 }
 
 impl Default for MlxConfig {
@@ -262,6 +266,7 @@ impl Default for MlxConfig {
             python: PathBuf::from("python3"),
             heartbeat_seconds: 60.0,
             prefix_cache_gb: 4.0,
+            blas: "auto".into(),
         }
     }
 }
@@ -639,6 +644,7 @@ impl Config {
             "MLX_PYTHON" => self.models.mlx.python = PathBuf::from(v),
             "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
             "MLX_PREFIX_CACHE_GB" => self.models.mlx.prefix_cache_gb = parse(v)?,
+            "MLX_BLAS" => self.models.mlx.blas = v.to_string(),
             "PREFER" => {
                 self.models.prefer = match v {
                     "gguf" => Format::Gguf,
@@ -704,6 +710,9 @@ impl Config {
                     "needs both `cert` and `key` (PEM files)".into(),
                 ));
             }
+        }
+        if let Err(e) = crate::engine::mlx::blas::preload(&self.models.mlx.blas) {
+            return Err(("models.mlx.blas".into(), e));
         }
         let t = self.memory.threshold_percent;
         if !(t > 0.0 && t <= 100.0) {
@@ -925,6 +934,12 @@ mod tests {
         let f = write("server:\n  drain_seconds: 0\n");
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(err.contains("server.drain_seconds"), "{err}");
+        let f2 = write("models:\n  mlx:\n    blas: /no/such/libopenblas.so\n");
+        let err = Config::load(Some(f2.path()), []).unwrap_err().to_string();
+        assert!(
+            err.contains("models.mlx.blas") && err.contains("/no/such"),
+            "{err}"
+        );
         let cfg = Config::load(
             Some(f.path()),
             [("OPTA_LMX_DRAIN_SECONDS".to_string(), "600".to_string())],

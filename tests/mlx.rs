@@ -133,6 +133,10 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
     assert_eq!(code, 200, "{v}");
     let pid = worker_pid(&s).await;
     assert!(alive(pid));
+    // The worker's matrix products run on the system OpenBLAS (scripts/deps.sh installs it),
+    // not the wheel's reference BLAS (models.mlx.blas: auto).
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("libopenblas"), "no OpenBLAS in the worker");
 
     // Whole, then streamed: the same greedy answer, with usage.
     let (code, v) = s
@@ -168,11 +172,19 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
     .collect();
     assert_eq!(streamed, text);
 
-    // Tools: the chat layer parses what the MLX worker generates, as for GGUF.
+    // Tools: the chat layer parses what the MLX worker generates, as for GGUF. Beside it, at
+    // once, `tool_choice: required` on the same prompt: it waits for the first one's prefill
+    // and starts from its KV, and gives a call whose arguments follow the tool's schema.
     let mut tools = ask(MLX, "read the file README.md", 40);
     tools["tools"] = json!([{"type": "function", "function": {"name": "read_file",
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]);
-    let (code, v) = s.post("/v1/chat/completions", &tools).await;
+    let mut required = tools.clone();
+    required["tool_choice"] = json!("required");
+    required["max_tokens"] = json!(60);
+    let ((code, v), (rcode, r)) = tokio::join!(
+        s.post("/v1/chat/completions", &tools),
+        s.post("/v1/chat/completions", &required)
+    );
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
     let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
@@ -181,20 +193,20 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
         serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap(),
         json!({"path": "README.md"})
     );
-    // `tool_choice: required` (the same prompt: it comes from the prefix cache) gives a call
-    // whose arguments follow the tool's schema.
+    assert_eq!(rcode, 200, "{r}");
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
-    tools["tool_choice"] = json!("required");
-    tools["max_tokens"] = json!(60);
-    let (code, v) = s.post("/v1/chat/completions", &tools).await;
-    assert_eq!(code, 200, "{v}");
-    assert_eq!(cached(&v), prompt - 1, "{v}");
-    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
-    assert_eq!(call["name"], "read_file", "{v}");
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64().unwrap(), prompt, "{r}");
+    assert_eq!(
+        (cached(&v).min(cached(&r)) < 40, cached(&v).max(cached(&r))),
+        (true, prompt - 1),
+        "one computed the prompt, the other reused it: {v} {r}"
+    );
+    let call = &r["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file", "{r}");
     let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
     assert!(
         args["path"].is_string() && args.as_object().unwrap().len() == 1,
-        "{v}"
+        "{r}"
     );
     // Counted from the safetensors headers: Qwen2.5-0.5B's 494 million plus the output
     // matrix, which this copy (made from the GGUF) stores apart from the embeddings.
@@ -292,7 +304,7 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
     // JSON schema output validates over several seeds (sampled, not greedy), at once.
     let schema = json!({"type": "object", "properties": {
         "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+        "population": {"type": "integer", "minimum": 0, "maximum": 9999}},
         "required": ["city", "population"], "additionalProperties": false});
     let asks = [1, 2, 3].map(|seed| {
         let mut body = turn(&[("user", "Describe a European capital as JSON.")], 40);
@@ -314,7 +326,7 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
             "{doc}"
         );
         assert!(
-            doc["population"].as_u64().is_some_and(|p| p <= 99_999_999),
+            doc["population"].as_u64().is_some_and(|p| p <= 9999),
             "{doc}"
         );
     }
@@ -466,9 +478,16 @@ async fn six_streams_at_once_and_a_cancel_frees_its_sequence() {
         .post("/admin/models/load", &json!({"model_id": MLX}))
         .await;
     assert_eq!(code, 200, "{v}");
+    // Six bots with one system prompt, at once: the first prefills it, the other five wait
+    // for that prefill (or find it kept, if they come later) and start from its KV.
+    let system = "You are one of six household bots. Answer in one short plain sentence, \
+                  without lists, code, markdown or questions back, and never mention that \
+                  you are a bot.";
     let streams = (0..6).map(|i| {
-        let mut body = ask(MLX, &format!("Count from {i} upwards."), 3);
-        body["stream"] = json!(true);
+        let body = json!({"model": MLX, "temperature": 0, "max_tokens": 3, "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": format!("Count from {i} upwards.")}]});
         let s = &s;
         async move {
             s.send("/v1/chat/completions", &body)
@@ -478,14 +497,28 @@ async fn six_streams_at_once_and_a_cancel_frees_its_sequence() {
                 .unwrap()
         }
     });
+    let mut reused = Vec::new();
     for text in futures_util::future::join_all(streams).await {
         let data = sse_data(&text);
         assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
         assert!(!text.contains("\"error\""), "{text}");
+        let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+        reused.push(cached(&usage));
     }
+    reused.sort();
+    assert_eq!(
+        reused[0], 0,
+        "the first computes its whole prompt: {reused:?}"
+    );
+    assert!(
+        reused[1..].iter().all(|&n| n >= 40),
+        "five start from the shared system prompt: {reused:?}"
+    );
     // A client that hangs up mid-stream: its sequence is freed.
-    let mut body = ask(MLX, "Tell me a long story about the sea.", 200);
-    body["stream"] = json!(true);
+    // (Its prompt shares the system prompt, kept from the six: only its question is computed.)
+    let body = json!({"model": MLX, "temperature": 0, "max_tokens": 200, "stream": true,
+        "messages": [{"role": "system", "content": system},
+                     {"role": "user", "content": "Tell me a long story about the sea."}]});
     let mut resp = s.send("/v1/chat/completions", &body).await.bytes_stream();
     let _ = resp.next().await;
     drop(resp);

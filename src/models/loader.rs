@@ -67,6 +67,8 @@ pub struct MlxLoader {
     pub heartbeat: Duration,
     /// Each model's in-memory prefix-cache bound.
     pub prefix_cache_bytes: u64,
+    /// The BLAS preloaded into workers (`models.mlx.blas`, resolved).
+    pub blas: Option<PathBuf>,
 }
 
 impl Loader for MlxLoader {
@@ -100,6 +102,7 @@ impl Loader for MlxLoader {
             speculation: opts.speculation,
             draft: opts.draft.clone(),
             draft_max: opts.draft_max,
+            blas: self.blas.clone(),
         };
         Ok(Arc::new(MlxEngine::load(&disk.path, &options)?))
     }

@@ -357,6 +357,9 @@ impl Registry {
                 python: config.models.mlx.python.clone(),
                 heartbeat: Duration::from_secs_f64(config.models.mlx.heartbeat_seconds.max(0.5)),
                 prefix_cache_bytes: (config.models.mlx.prefix_cache_gb.max(0.0) * 1e9) as u64,
+                // Checked when the configuration was read.
+                blas: crate::engine::mlx::blas::preload(&config.models.mlx.blas)
+                    .unwrap_or_default(),
             }),
             config,
             metrics: Metrics::default(),

@@ -13,6 +13,7 @@
 //! bound as llama.cpp's, its own layout key), and turns constraints into the same GBNF as
 //! the GGUF path ([`super::grammar`]), which the worker enforces with llguidance.
 
+pub mod blas;
 pub mod config;
 pub mod tokenizer;
 
@@ -64,6 +65,8 @@ pub struct MlxOptions {
     pub draft: Option<PathBuf>,
     /// Tokens the draft proposes per round.
     pub draft_max: u32,
+    /// A BLAS library preloaded into the worker (see [`blas`]).
+    pub blas: Option<PathBuf>,
 }
 
 /// One request in flight.
@@ -176,7 +179,12 @@ impl MlxEngine {
             .filter(|_| opts.speculation == Speculation::Draft);
         let settings = json!({"cache_bytes": opts.prefix_cache_bytes, "draft": draft,
                               "num_draft": opts.draft_max.max(1)});
-        let mut child = Command::new(&opts.python)
+        let mut cmd = Command::new(&opts.python);
+        if let Some(lib) = &opts.blas {
+            let inherited = std::env::var("LD_PRELOAD").ok();
+            cmd.env("LD_PRELOAD", blas::ld_preload(lib, inherited.as_deref()));
+        }
+        let mut child = cmd
             .arg(&script)
             .arg(dir)
             .arg(opts.parallel.max(1).to_string())

@@ -45,6 +45,11 @@ import traceback
 
 VERSION = 2
 MAGIC = b"OPTAKV01"
+# A request sharing at least this many prompt tokens with one still prefilling waits for that
+# prefill and starts from its KV (six bots with one system prompt arriving together) instead of
+# computing the same tokens beside it: on a compute-bound machine a batched prefill of two
+# costs about two, so waiting never makes the waiter later and saves the shared work.
+MIN_SHARE = 32
 
 
 def rss_bytes():
@@ -228,6 +233,15 @@ class Prefixes:
                 "cached_tokens": self.cached_tokens,
                 "disk_files": None if self.disk is None else len(self.disk.entries),
                 "disk_hits": 0 if self.disk is None else self.disk.hits}
+
+    def peek(self, prompt):
+        """How many tokens of `prompt` memory could give, without copying anything."""
+        best = 0
+        for e in self.entries:
+            m = common_prefix(e[0], prompt)
+            if m == len(e[0]) or self.can_trim(e[1]):
+                best = max(best, min(m, len(prompt) - 1))
+        return best
 
     def fetch(self, prompt):
         """A cache holding the longest reusable prefix of `prompt`, the tokens still to
@@ -466,7 +480,8 @@ def main():
             (n,) = struct.unpack(">I", head)
             msg = json.loads(inp.read(n))
             if msg.get("type") == "ping":
-                send({"type": "pong", "seq": msg["seq"], "active": len(by_uid) + len(spec),
+                send({"type": "pong", "seq": msg["seq"],
+                      "active": len(by_uid) + len(spec) + sum(map(len, waiting.values())),
                       "rss_bytes": rss_bytes(), "cache": prefixes.figures(),
                       "spec": spec_figures})
             else:
@@ -477,10 +492,42 @@ def main():
     send({"type": "ready", "version": VERSION, "pid": os.getpid(), "eos": eos})
 
     class Seq:
-        def __init__(self, rid, cached, logprobs):
+        def __init__(self, rid, cached, logprobs, prompt=()):
             self.rid, self.cached, self.logprobs = rid, cached, logprobs
+            self.prompt = prompt
+            self.prefilling = True
             self.generated = 0
             self.sent_first = False
+
+    waiting = {}  # uid of a sequence still prefilling -> submits waiting for its KV
+
+    def leader_for(prompt):
+        """The prefilling sequence whose KV a new prompt should wait for, if any: the one
+        sharing the most tokens, when that is at least MIN_SHARE and more than memory has."""
+        best, n = None, 0
+        for uid, s in by_uid.items():
+            if s.prefilling:
+                m = min(common_prefix(s.prompt, prompt), len(prompt) - 1)
+                if m > n:
+                    best, n = uid, m
+        if best is None or n < MIN_SHARE or n <= prefixes.peek(prompt):
+            return None
+        return best
+
+    def prefilled(uid):
+        """A sequence's prompt is in its KV (or it left). A prompt that computed something
+        worth sharing is kept with the finished prefixes now, not only when it ends, so a
+        request arriving while it decodes starts from it too; what waited for it starts."""
+        s = by_uid.get(uid)
+        if s is not None and s.prefilling:
+            s.prefilling = False
+            if len(s.prompt) - s.cached >= MIN_SHARE:
+                for cache, tokens in gen.extract_cache([uid]).values():
+                    if tokens:
+                        prefixes.put(list(tokens), cache,
+                                     room=prefixes.max_bytes - gen.prompt_cache_nbytes)
+        for msg in waiting.pop(uid, []):
+            safely(msg)
 
     def logprobs_of(logprobs, token, k):
         lp = logprobs.astype(mx.float32).reshape(-1)
@@ -571,6 +618,10 @@ def main():
             if guide is not None:
                 processors = list(processors) + [guide]
             prompt = msg["prompt"]
+            leader = leader_for(prompt)
+            if leader is not None:
+                waiting.setdefault(leader, []).append(msg)
+                return True
             cache, rest, cached = prefixes.fetch(prompt)
             lp = msg.get("logprobs")
             if speculating(msg, guide, cache):
@@ -581,10 +632,12 @@ def main():
             [uid] = gen.insert([rest], max_tokens=[msg["max_tokens"]], caches=[cache],
                                all_tokens=[prompt[:cached]], samplers=[sampler],
                                logits_processors=[processors])
-            by_uid[uid] = Seq(msg["id"], cached, None if lp is None else int(lp))
+            by_uid[uid] = Seq(msg["id"], cached, None if lp is None else int(lp), prompt)
             # Running sequences' KV counts against the bound too.
             prefixes.shrink(prefixes.max_bytes - gen.prompt_cache_nbytes)
         elif kind == "cancel":
+            for held in waiting.values():
+                held[:] = [m for m in held if m["id"] != msg["id"]]
             if msg["id"] in spec:
                 tokens, cache = spec.pop(msg["id"]).cache()
                 prefixes.put(tokens, cache)
@@ -597,6 +650,7 @@ def main():
                         cache, tokens = caches[uid]
                         if tokens:
                             prefixes.put(list(tokens), cache)
+                    prefilled(uid)
         elif kind == "disk":
             prefixes.disk = DiskTier(msg["dir"], bytes.fromhex(msg["key"]),
                                      int(msg.get("min_tokens", 256)),
@@ -609,25 +663,28 @@ def main():
             return False
         return True
 
-    while True:
-        # Block for work when idle; otherwise take what arrived and step.
+    def safely(msg):
+        """Handles one message; a bad one fails that request, not the worker."""
         try:
-            msg = inbox.get(block=not (by_uid or spec))
-            if not handle(msg):
-                return
-            while True:
-                if not handle(inbox.get_nowait()):
-                    return
-        except queue.Empty:
-            pass
+            return handle(msg)
         except GrammarError as e:
             send({"type": "error", "id": msg.get("id"), "param": "response_format",
                   "message": f"the grammar cannot be enforced: {e}"})
-            continue
-        except Exception as e:  # a bad message fails that request, not the worker
+        except Exception as e:
             send({"type": "error", "id": msg.get("id"), "message": f"{type(e).__name__}: {e}"})
             traceback.print_exc()
-            continue
+        return True
+
+    while True:
+        # Block for work when idle; otherwise take what arrived and step.
+        try:
+            if not safely(inbox.get(block=not (by_uid or spec))):
+                return
+            while True:
+                if not safely(inbox.get_nowait()):
+                    return
+        except queue.Empty:
+            pass
         for rid, sp in list(spec.items()):
             step_speculative(rid, sp)
         if not by_uid:
@@ -635,7 +692,11 @@ def main():
         steps = {}
         # One step (a decode step and a prefill chunk), then the inbox again: a request that
         # arrives while another prefills joins that batch instead of waiting for it.
-        for r in gen.next()[1]:
+        prompt_steps, generated = gen.next()
+        for r in prompt_steps:
+            if r.end_of_prompt:
+                prefilled(r.uid)
+        for r in generated:
             s = by_uid.get(r.uid)
             if s is None:
                 continue
@@ -653,6 +714,7 @@ def main():
                 if r.prompt_cache is not None and r.all_tokens:
                     prefixes.put(list(r.all_tokens), r.prompt_cache,
                                  room=prefixes.max_bytes - gen.prompt_cache_nbytes)
+                prefilled(r.uid)
         for uid, step in steps.items():
             flush(send, by_uid[uid], step)
 
