@@ -10,6 +10,7 @@ source scripts/deps.sh
 scripts/fetch-model.sh target/test-model/gemma-3-270m-q4_k_m.gguf
 scripts/fetch-model.sh qwen target/test-model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 scripts/fetch-mlx.sh
+scripts/fetch-embed-model.sh
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings

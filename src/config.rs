@@ -176,6 +176,9 @@ pub struct ModelsConfig {
     pub prefer: Format,
     /// The disk tier of the prefix cache.
     pub prompt_cache: PromptCacheConfig,
+    /// Embedding inputs longer than the model's context are cut to fit instead of refused
+    /// (OpenAI refuses; a request's `truncate` overrides this).
+    pub embeddings_truncate: bool,
 }
 
 /// Prefixes (an agent's system prompt and tools) kept on disk across evictions, unloads and
@@ -447,6 +450,7 @@ impl Default for ModelsConfig {
             mlx: MlxConfig::default(),
             prefer: Format::platform_default(),
             prompt_cache: PromptCacheConfig::default(),
+            embeddings_truncate: false,
         }
     }
 }
@@ -645,6 +649,7 @@ impl Config {
             "MLX_HEARTBEAT" => self.models.mlx.heartbeat_seconds = parse(v)?,
             "MLX_PREFIX_CACHE_GB" => self.models.mlx.prefix_cache_gb = parse(v)?,
             "MLX_BLAS" => self.models.mlx.blas = v.to_string(),
+            "EMBEDDINGS_TRUNCATE" => self.models.embeddings_truncate = parse(v)?,
             "PREFER" => {
                 self.models.prefer = match v {
                     "gguf" => Format::Gguf,

@@ -272,6 +272,9 @@ pub struct ModelEntry {
     /// From the GGUF header, else from the file name.
     pub quantization: Option<String>,
     pub architecture: Option<String>,
+    /// `llm`, `embedding` or `reranker` (read from the header).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     pub format: &'static str,
     pub loaded: bool,
     /// Context per sequence: the loaded one, else what a load would use.
@@ -357,6 +360,7 @@ fn inventory(state: &AppState) -> Result<serde_json::Value, ApiError> {
                     .as_ref()
                     .and_then(|f| f.file_type.clone())
                     .or(d.quantization),
+                kind: facts.as_ref().map_or("llm", |f| f.kind.as_str()),
                 architecture: facts.map(|f| f.architecture),
                 context,
                 estimated_memory,

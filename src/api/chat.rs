@@ -80,6 +80,9 @@ pub(super) async fn prepare_chat(
     chat: ChatRequest,
     response_format: Option<crate::engine::Constraint>,
 ) -> Result<(ChatPlan, Vec<crate::engine::TokenId>), ApiError> {
+    super::embeddings::require_kind(model, "chat or text generation", |k| {
+        k == crate::engine::ModelKind::Chat
+    })?;
     let mut plan = ChatPlan::new(&chat, model, response_format)
         .map_err(|e| ApiError::invalid("tool_choice", e))?;
     let limits = prompt_limits(state, model);

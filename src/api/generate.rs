@@ -33,6 +33,9 @@ pub(super) fn generation_request(
     prompt: Vec<TokenId>,
     v: &ValidatedSampling,
 ) -> Result<GenerationRequest, ApiError> {
+    super::embeddings::require_kind(model, "chat or text generation", |k| {
+        k == crate::engine::ModelKind::Chat
+    })?;
     let context = model.engine.info().context_per_sequence;
     let prompt_len = prompt.len() as u32;
     if prompt.is_empty() {

@@ -22,6 +22,7 @@ struct Listed {
     /// Context per sequence, when loaded.
     loaded: Option<u32>,
     tools: bool,
+    kind: crate::engine::ModelKind,
 }
 
 /// The models directory with header facts, read on the blocking pool (it touches the disk).
@@ -46,6 +47,7 @@ async fn listed(state: &AppState) -> Result<Vec<Listed>, ApiError> {
                         .and_then(|p| p.facts.file_type.clone())
                         .or(d.quantization.clone()),
                     max_context: plan.as_ref().map(|p| p.facts.context_train),
+                    kind: plan.as_ref().map(|p| p.facts.kind).unwrap_or_default(),
                     loaded: loaded
                         .as_ref()
                         .map(|m| m.engine.info().context_per_sequence),
@@ -82,7 +84,7 @@ pub async fn list_v1(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
                 .into_iter()
                 .collect();
             json!({
-                "type": "llm",
+                "type": m.kind.as_str(),
                 "publisher": publisher(&m.disk),
                 "key": m.disk.id,
                 "display_name": m.disk.id,
@@ -109,7 +111,11 @@ pub async fn list_v0(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
             json!({
                 "id": m.disk.id,
                 "object": "model",
-                "type": "llm",
+                // LM Studio's v0 list says `embeddings` where v1 says `embedding`.
+                "type": match m.kind {
+                    crate::engine::ModelKind::Embedding { .. } => "embeddings",
+                    k => k.as_str(),
+                },
                 "publisher": publisher(&m.disk),
                 "arch": m.architecture,
                 "compatibility_type": m.disk.format,
@@ -157,15 +163,19 @@ pub async fn load(
             )
         })?;
         return Ok(Json(json!({
-            "type": "llm",
+            "type": model.engine.kind().as_str(),
             "instance_id": model.id,
             "load_time_seconds": 0.0,
             "status": "loaded",
         })));
     }
     let report = state.registry.load(&body.model, &overrides).await?;
+    let kind = state
+        .registry
+        .get(&report.model_id)
+        .map_or("llm", |m| m.engine.kind().as_str());
     Ok(Json(json!({
-        "type": "llm",
+        "type": kind,
         "instance_id": report.model_id,
         "load_time_seconds": report.load_seconds,
         "status": "loaded",

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod downloads;
+pub mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod models;
 pub mod observe;
 pub mod openapi;
 pub mod page;
+pub mod rerank;
 pub mod responses;
 pub mod routes;
 pub mod sse;
@@ -199,7 +201,7 @@ fn is_too_large(e: &axum::Error) -> bool {
 }
 
 /// One JSON value, and nothing but whitespace after it.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
     de.end().map_err(|e| ApiError::InvalidRequest {

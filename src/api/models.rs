@@ -19,6 +19,10 @@ fn model_object(state: &AppState, disk: &crate::models::store::DiskModel) -> Mod
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         owned_by: "opta-lmx",
+        kind: match &loaded {
+            Some(m) => m.engine.kind().as_str(),
+            None => state.registry.kind_of(disk).as_str(),
+        },
         loaded: loaded.is_some(),
         size_bytes: disk.size_bytes,
         quantization: disk.quantization.clone(),
@@ -46,11 +50,13 @@ async fn all_models(state: &AppState) -> Result<Vec<crate::models::store::DiskMo
 }
 /// `GET /v1/models`.
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
-    let data = all_models(&state)
-        .await?
-        .iter()
-        .map(|d| model_object(&state, d))
-        .collect();
+    let disks = all_models(&state).await?;
+    // Off the runtime: a model not listed before has its header read for its type.
+    let st = state.clone();
+    let data =
+        tokio::task::spawn_blocking(move || disks.iter().map(|d| model_object(&st, d)).collect())
+            .await
+            .map_err(|e| ApiError::Internal(format!("model list: {e}")))?;
     Ok(Json(ModelList {
         object: "list",
         data,
@@ -70,7 +76,12 @@ pub async fn get_model(
                 .any(|a| a.eq_ignore_ascii_case(&target))
     });
     match found {
-        Some(d) => Ok(Json(model_object(&state, d))),
+        Some(d) => {
+            let (st, d) = (state.clone(), d.clone());
+            tokio::task::spawn_blocking(move || Json(model_object(&st, &d)))
+                .await
+                .map_err(|e| ApiError::Internal(format!("model lookup: {e}")))
+        }
         None => Err(ApiError::ModelNotFound(format!(
             "model `{id}` does not exist"
         ))),

@@ -5,8 +5,8 @@
 use axum::routing::{delete, get, post, MethodRouter};
 
 use super::{
-    admin, anthropic, chat, completions, downloads, lmstudio, models, observe, openapi, page,
-    responses, AppState,
+    admin, anthropic, chat, completions, downloads, embeddings, lmstudio, models, observe, openapi,
+    page, rerank, responses, AppState,
 };
 
 /// Who may call an operation: the router puts the matching check in front of the handler,
@@ -133,6 +133,46 @@ pub const ROUTES: &[Operation] = &[
         Api,
         || get(responses::get),
     ),
+    op(
+        "post",
+        "/v1/embeddings",
+        "OpenAI",
+        "Embeddings of texts or token arrays (embedding models)",
+        Api,
+        || post(embeddings::create),
+    )
+    .body("EmbeddingRequest")
+    .returns("EmbeddingResponse"),
+    op(
+        "post",
+        "/api/v0/embeddings",
+        "LM Studio",
+        "Embeddings (LM Studio's path, OpenAI's shapes)",
+        Api,
+        || post(embeddings::create),
+    )
+    .body("EmbeddingRequest")
+    .returns("EmbeddingResponse"),
+    op(
+        "post",
+        "/v1/rerank",
+        "Rerank",
+        "Documents ordered by relevance to a query (a reranker, or a chat model's yes/no judgement)",
+        Api,
+        || post(rerank::rerank),
+    )
+    .body("RerankRequest")
+    .returns("RerankResponse"),
+    op(
+        "post",
+        "/rerank",
+        "Rerank",
+        "The same, at llama-server's path",
+        Api,
+        || post(rerank::rerank),
+    )
+    .body("RerankRequest")
+    .returns("RerankResponse"),
     op(
         "get",
         "/v1/models",

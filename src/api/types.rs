@@ -814,6 +814,9 @@ pub struct ModelObject {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// `llm`, `embedding` or `reranker` (an extension, as LM Studio's lists have it).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// Whether the model is in memory now (an extension; SDKs ignore unknown fields).
     pub loaded: bool,
     pub size_bytes: u64,

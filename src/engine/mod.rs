@@ -40,6 +40,42 @@ pub struct ModelFacts {
     pub sliding_window: bool,
     /// Weight bytes llama.cpp copies into a repacked CPU layout on top of the mapped file.
     pub repacked_bytes: u64,
+    /// Chat, embedding or reranking: decides which routes serve it and how it is loaded.
+    pub kind: ModelKind,
+}
+
+/// What a model is for, read from its header (a pooling type makes an embedding model, rank
+/// pooling a cross-encoder reranker), so a chat request to an embedder, or the reverse, is a
+/// clear 400 rather than garbage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    #[default]
+    Chat,
+    /// Pooled vectors (`/v1/embeddings`); the pooling is llama.cpp's type number.
+    Embedding { pooling: u32 },
+    /// A cross-encoder scoring (query, document) pairs (rank pooling).
+    Reranker,
+}
+
+impl ModelKind {
+    /// The word LM Studio's lists and the admin inventory use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "llm",
+            Self::Embedding { .. } => "embedding",
+            Self::Reranker => "reranker",
+        }
+    }
+
+    /// llama.cpp's pooling type for this kind (`None` for chat).
+    pub fn from_pooling(pooling: Option<u64>) -> Self {
+        match pooling {
+            None | Some(0) => Self::Chat,
+            Some(4) => Self::Reranker,
+            Some(p) => Self::Embedding { pooling: p as u32 },
+        }
+    }
 }
 
 /// A token id in the model's vocabulary.
@@ -191,6 +227,8 @@ pub struct ModelInfo {
     pub vocab_size: u32,
     /// Whether sequences are decoded one by one for reproducible output (see `LoadOptions`).
     pub batch_invariant: bool,
+    /// Width of the model's hidden state: an embedding model's vector size.
+    pub embedding_length: u32,
 }
 
 /// What loading a model takes, by part, worked out before loading so that the memory guard
@@ -312,4 +350,20 @@ pub trait Backend: Send + Sync {
     }
     /// Drops those prefixes, long ones to the disk tier first. Blocking.
     fn release_prefix_cache(&self) {}
+    /// Chat, embedding or reranking.
+    fn kind(&self) -> ModelKind {
+        ModelKind::Chat
+    }
+    /// Queues whole inputs (tokenized with [`Backend::tokenize`], special tokens added) for
+    /// one vector each (one score each on a reranker); the answer arrives on the channel, in
+    /// input order. Dropping the receiver cancels what has not run.
+    fn embed(&self, _inputs: Vec<Vec<TokenId>>) -> Result<EmbedReceiver, EngineError> {
+        Err(EngineError::InvalidParam {
+            param: "model",
+            message: "this model generates text; it has no embeddings".into(),
+        })
+    }
 }
+
+/// Where an embedding request's vectors arrive.
+pub type EmbedReceiver = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, EngineError>>;

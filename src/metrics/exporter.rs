@@ -88,6 +88,8 @@ pub struct Prometheus {
     e2e: HistFamily<ModelLabel>,
     rejected: Family<ModelReason, Counter>,
     cancelled: Family<ModelLabel, Counter>,
+    embedding_inputs: Family<ModelLabel, Counter>,
+    embedding_tokens: Family<ModelLabel, Counter>,
     loads: Family<ModelOutcome, Counter>,
     unloads: Family<ModelReason, Counter>,
     evictions: Family<ModelReason, Counter>,
@@ -126,6 +128,8 @@ impl Default for Prometheus {
             e2e: Family::new_with_constructor(latency_histogram),
             rejected: Family::default(),
             cancelled: Family::default(),
+            embedding_inputs: Family::default(),
+            embedding_tokens: Family::default(),
             loads: Family::default(),
             unloads: Family::default(),
             evictions: Family::default(),
@@ -201,6 +205,16 @@ impl Default for Prometheus {
             "cancelled_requests",
             "Generations whose client left before the end",
             me.cancelled.clone(),
+        );
+        r.register(
+            "embedding_inputs",
+            "Inputs embedded (or scored by a reranker)",
+            me.embedding_inputs.clone(),
+        );
+        r.register(
+            "embedding_tokens",
+            "Tokens of embedded (or reranked) inputs",
+            me.embedding_tokens.clone(),
         );
         r.register(
             "model_loads",
@@ -376,6 +390,16 @@ impl Prometheus {
         self.rejected
             .get_or_create(&model_reason(m, "queue_full"))
             .inc();
+    }
+
+    /// One embedding (or cross-encoder rerank) request's inputs and their tokens.
+    pub fn record_embeddings(&self, m: &str, inputs: u64, tokens: u64) {
+        self.embedding_inputs
+            .get_or_create(&model(m))
+            .inc_by(inputs);
+        self.embedding_tokens
+            .get_or_create(&model(m))
+            .inc_by(tokens);
     }
 
     /// A generation whose client left.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::llama::embed::EmbedEngine;
 use crate::engine::llama::{footprint, gguf, LlamaEngine, LoadOptions};
 use crate::engine::mlx::{self, MlxEngine, MlxOptions};
 use crate::engine::{Backend, EngineError, MemoryEstimate, ModelFacts};
@@ -57,6 +58,9 @@ impl Loader for GgufLoader {
         facts: &ModelFacts,
         opts: &LoadOptions,
     ) -> Result<Arc<dyn Backend>, EngineError> {
+        if facts.kind != crate::engine::ModelKind::Chat {
+            return Ok(Arc::new(EmbedEngine::load(&disk.path, facts, opts)?));
+        }
         Ok(Arc::new(LlamaEngine::load(&disk.path, facts, opts)?))
     }
 }

@@ -794,6 +794,12 @@ impl Registry {
         f
     }
 
+    /// Whether a model on disk is for chat, embeddings or reranking (its header, cached);
+    /// chat when it cannot be read. Blocking: it may read the header.
+    pub fn kind_of(&self, disk: &DiskModel) -> crate::engine::ModelKind {
+        self.facts(disk).map(|f| f.kind).unwrap_or_default()
+    }
+
     /// What loading a model on disk with `overrides` over its configured settings would be,
     /// its draft model (for draft speculation) included.
     pub fn plan(

@@ -34,12 +34,22 @@ pub fn context_per_sequence(f: &ModelFacts, opts: &LoadOptions) -> u32 {
 /// The estimate from header facts; `gpu` says whether `gpu_layers` will really offload.
 pub fn estimate(f: &ModelFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> MemoryEstimate {
     let per_seq = u64::from(context_per_sequence(f, opts));
+    let embedder = f.kind != crate::engine::ModelKind::Chat;
     let parallel = u64::from(opts.parallel.max(1));
-    let cells = f.kv_heads_all_layers * per_seq * parallel;
+    // An embedding model's one context holds a batch of whole inputs (see `embed`), and it
+    // computes no logits: its output is one vector per sequence.
+    let (cells, vocab, ubatch) = if embedder {
+        let batch = u64::from(super::embed::batch_tokens(per_seq as u32));
+        (f.kv_heads_all_layers * batch, 0, batch)
+    } else {
+        (
+            f.kv_heads_all_layers * per_seq * parallel,
+            u64::from(f.vocab_size),
+            u64::from(micro_batch(f.vocab_size)),
+        )
+    };
     let kv = opts.cache_type_k.bytes(cells * u64::from(f.key_length))
         + opts.cache_type_v.bytes(cells * u64::from(f.value_length));
-    let vocab = u64::from(f.vocab_size);
-    let ubatch = u64::from(micro_batch(f.vocab_size));
     // Logits for a whole micro-batch, activations, and attention over one sequence's
     // context: with flash attention only the f16 mask (two with sliding-window layers);
     // without, the scores of every head (an upper bound: llama.cpp reuses some of it). Fitted
@@ -57,7 +67,11 @@ pub fn estimate(f: &ModelFacts, weights: u64, opts: &LoadOptions, gpu: bool) -> 
         } else {
             f.repacked_bytes
         };
-    let output = parallel * vocab * 4;
+    let output = if embedder {
+        super::embed::MAX_SEQS as u64 * u64::from(f.embedding_length) * 4
+    } else {
+        parallel * vocab * 4
+    };
     let overhead = compute + output + FIXED_OVERHEAD;
     let total = weights + kv + overhead;
     let gpu_bytes = if gpu && opts.gpu_layers > 0 && f.layers > 0 {
@@ -95,6 +109,7 @@ mod tests {
             head_count: 4,
             sliding_window: true,
             repacked_bytes: 13_271_040,
+            kind: crate::engine::ModelKind::Chat,
         }
     }
 

@@ -151,6 +151,7 @@ pub fn read(path: &Path) -> Result<ModelFacts, String> {
         head_count: clamp(heads),
         sliding_window: h.key(&k("attention.sliding_window")).is_some(),
         repacked_bytes: h.repacked_bytes(),
+        kind: crate::engine::ModelKind::from_pooling(h.uint(&k("pooling_type"))),
         architecture: arch,
     })
 }

@@ -4,6 +4,7 @@
 //! pass. This module loads the model, starts the worker and is the [`Backend`] the API sees.
 
 mod draft;
+pub mod embed;
 pub mod footprint;
 pub mod gguf;
 mod picker;
@@ -386,6 +387,7 @@ impl LlamaEngine {
             threads: opts.threads,
             vocab_size: model.n_vocab().max(0) as u32,
             batch_invariant: opts.batch_invariant,
+            embedding_length: facts.embedding_length,
         };
         let control_texts = control_texts(&model);
         Ok(Self {

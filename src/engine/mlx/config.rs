@@ -63,6 +63,7 @@ pub fn read(dir: &Path) -> Result<ModelFacts, String> {
         head_count: clamp(num("num_attention_heads").unwrap_or(1)),
         sliding_window: false,
         repacked_bytes: 0,
+        kind: crate::engine::ModelKind::Chat,
     })
 }
 

@@ -237,6 +237,7 @@ impl MlxEngine {
             threads: 0,
             vocab_size: tok.vocab_size(),
             batch_invariant: false,
+            embedding_length: facts.embedding_length,
         };
         let shared = Arc::new(Shared {
             stdin: Mutex::new(Some(stdin)),
