@@ -19,7 +19,7 @@ cargo test --release
 if [ ! -x target/venv/bin/python ]; then
   python3 -m venv target/venv
 fi
-target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai anthropic pytest jsonschema trustme openapi-spec-validator
+target/venv/bin/python -m pip install --quiet --disable-pip-version-check openai anthropic pytest jsonschema trustme openapi-spec-validator numpy safetensors tokenizers
 target/venv/bin/python -m pytest -q tests/python
 
 # The official TypeScript SDK, as the coding CLI and the bots use it, and the status page in

@@ -140,6 +140,23 @@ async fn the_lm_studio_flow_openclaw_uses_lists_loads_and_embeds() {
         .unwrap()
         .clone();
     assert_eq!(e["type"], "embedding", "{e}");
+    // `opta-lmx models` shows the type.
+    let url = format!("--url={}", s.base);
+    let out =
+        tokio::task::spawn_blocking(move || command().args(["models", &url]).output().unwrap())
+            .await
+            .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines().next().is_some_and(|l| l.contains("models in")),
+        "{text}"
+    );
+    let header = text.lines().find(|l| l.starts_with("MODEL")).expect(&text);
+    assert!(header.contains("TYPE"), "{header}");
+    let row = text.lines().find(|l| l.starts_with(EMBED)).expect(&text);
+    assert!(row.contains("embedding") && row.contains("loaded"), "{row}");
+    let row = text.lines().find(|l| l.starts_with(QWEN)).expect(&text);
+    assert!(row.contains(" llm "), "{row}");
     // LM Studio's own embeddings path answers the same.
     let (code, v2) = s
         .post(

@@ -164,7 +164,7 @@ pub fn models(v: &Value) -> String {
         return out;
     }
     let mut t = Table::new(&[
-        "MODEL", "FORMAT", "QUANT", "SIZE", "STATE", "MEMORY", "CONTEXT", "REQUESTS",
+        "MODEL", "TYPE", "FORMAT", "QUANT", "SIZE", "STATE", "MEMORY", "CONTEXT", "REQUESTS",
     ]);
     for m in &list {
         let loaded = m["loaded"] == true;
@@ -177,6 +177,7 @@ pub fn models(v: &Value) -> String {
         };
         t.row(vec![
             s(m, "/id").to_string(),
+            s(m, "/type").to_string(),
             s(m, "/format").to_string(),
             s(m, "/quantization").to_string(),
             bytes(u(m, "/size_bytes")),

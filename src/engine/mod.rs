@@ -367,3 +367,25 @@ pub trait Backend: Send + Sync {
 
 /// Where an embedding request's vectors arrive.
 pub type EmbedReceiver = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, EngineError>>;
+
+#[cfg(test)]
+mod tests {
+    use super::ModelKind;
+
+    #[test]
+    fn the_pooling_type_says_what_a_model_is_for() {
+        // llama.cpp: 0 none, 1 mean, 2 cls, 3 last, 4 rank.
+        assert_eq!(ModelKind::from_pooling(None), ModelKind::Chat);
+        assert_eq!(ModelKind::from_pooling(Some(0)), ModelKind::Chat);
+        assert_eq!(
+            ModelKind::from_pooling(Some(1)),
+            ModelKind::Embedding { pooling: 1 }
+        );
+        assert_eq!(
+            ModelKind::from_pooling(Some(3)),
+            ModelKind::Embedding { pooling: 3 }
+        );
+        assert_eq!(ModelKind::from_pooling(Some(4)), ModelKind::Reranker);
+        assert_eq!(ModelKind::Reranker.as_str(), "reranker");
+    }
+}

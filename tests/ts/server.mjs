@@ -23,10 +23,12 @@ const freePort = () =>
   });
 
 /** Starts a server; `load` false leaves Qwen on disk, not loaded; `aliases` links Qwen under
- * more names (more models on disk); `env` adds variables. */
-export async function startServer({ load = true, aliases = [], env: extra = {} } = {}) {
+ * more names (more models on disk); `models` links more test models by id; `env` adds
+ * variables. */
+export async function startServer({ load = true, aliases = [], models = [], env: extra = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "opta-lmx-ts-"));
   symlinkSync(join(ROOT, `target/test-model/${QWEN}.gguf`), join(dir, `${QWEN}.gguf`));
+  for (const m of models) symlinkSync(join(ROOT, `target/test-model/${m}.gguf`), join(dir, `${m}.gguf`));
   for (const a of aliases) symlinkSync(join(ROOT, `target/test-model/${QWEN}.gguf`), join(dir, `${a}.gguf`));
   writeFileSync(join(dir, "c.yaml"), "");
   const port = await freePort();
