@@ -133,6 +133,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_embedding_model_has_no_logits_and_one_batch_of_kv() {
+        // all-MiniLM-L6-v2: 6 layers of 12 heads of 32, 30,522 tokens, 512 context.
+        let minilm = ModelFacts {
+            architecture: "bert".into(),
+            layers: 6,
+            kv_heads_all_layers: 72,
+            key_length: 32,
+            value_length: 32,
+            embedding_length: 384,
+            context_train: 512,
+            vocab_size: 30_522,
+            file_type: Some("F32".into()),
+            head_count: 12,
+            sliding_window: false,
+            repacked_bytes: 0,
+            kind: crate::engine::ModelKind::Embedding { pooling: 1 },
+        };
+        let o = opts(512, 8, 0);
+        let e = estimate(&minilm, 90_894_784, &o, false);
+        // KV for one 2,048-token batch (f16), whatever `parallel` says.
+        assert_eq!(e.kv_cache_bytes, 72 * 2048 * 32 * 2 * 2);
+        assert_eq!(estimate(&minilm, 90_894_784, &opts(512, 64, 0), false), e);
+        // Without the embedding kind the same file would reserve logits over its vocabulary.
+        let chat = ModelFacts {
+            kind: crate::engine::ModelKind::Chat,
+            ..minilm
+        };
+        assert!(estimate(&chat, 90_894_784, &o, false).overhead_bytes > e.overhead_bytes);
+        assert!(e.total_bytes < 200 << 20, "{e:?}");
+    }
+
     /// Buffers llama.cpp logged loading Gemma 3 270M at 4096 x 8 (MiB): model (mapped +
     /// repacked), KV, output, compute.
     const LOGGED: [(KvType, KvType, FlashAttention, f64, f64, f64); 4] = [
