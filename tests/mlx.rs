@@ -208,6 +208,17 @@ async fn an_mlx_model_serves_the_api_reuses_and_keeps_prefixes_and_unloads() {
         args["path"].is_string() && args.as_object().unwrap().len() == 1,
         "{r}"
     );
+    // A named tool_choice: the same prompt again, the call forced to that function.
+    let mut named = tools.clone();
+    named["tool_choice"] = json!({"type": "function", "function": {"name": "read_file"}});
+    named["max_tokens"] = json!(60);
+    let (code, n) = s.post("/v1/chat/completions", &named).await;
+    assert_eq!(code, 200, "{n}");
+    assert_eq!(cached(&n), prompt - 1, "{n}");
+    let call = &n["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file", "{n}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["path"].is_string(), "{n}");
     // Counted from the safetensors headers: Qwen2.5-0.5B's 494 million plus the output
     // matrix, which this copy (made from the GGUF) stores apart from the embeddings.
     let (_, inv) = s.get("/admin/models").await;
