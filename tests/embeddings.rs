@@ -492,3 +492,39 @@ async fn rerank_with_a_chat_models_yes_no_judgement_puts_the_relevant_document_f
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn the_new_routes_take_the_api_key_like_any_v1_route() {
+    let s = Server::start(Opts {
+        env: vec![("OPTA_LMX_API_KEY".into(), "sk-embed".into())],
+        ..Opts::default()
+    });
+    std::os::unix::fs::symlink(embed_file(), s.models_dir.join(format!("{EMBED}.gguf"))).unwrap();
+    let client = reqwest::Client::new();
+    for path in [
+        "/v1/embeddings",
+        "/api/v0/embeddings",
+        "/v1/rerank",
+        "/rerank",
+    ] {
+        let body = json!({"model": MODEL, "input": "x", "query": "q", "documents": ["d"]});
+        let r = client.post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path}");
+        // With the key the request reaches the handler (Gemma is a chat model: a 400 that says
+        // so for embeddings; rerank on a chat model runs).
+        let r = client
+            .post(s.url(path))
+            .bearer_auth("sk-embed")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let want = if path.contains("rerank") { 200 } else { 400 };
+        assert_eq!(
+            r.status().as_u16(),
+            want,
+            "{path}: {}",
+            r.text().await.unwrap()
+        );
+    }
+}
