@@ -43,6 +43,17 @@ fn vector(v: &Value, i: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The entry of `list[field]` whose `key` is `id`.
+fn entry(list: &Value, field: &str, key: &str, id: &str) -> Value {
+    list[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {list}"))
+        .iter()
+        .find(|m| m[key] == id)
+        .unwrap_or_else(|| panic!("no {id} in {list}"))
+        .clone()
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -61,8 +72,8 @@ async fn the_lm_studio_flow_openclaw_uses_lists_loads_and_embeds() {
     assert_eq!(m["max_context_length"], 512);
     assert_eq!(m["loaded_instances"], json!([]));
     for chat in [MODEL, QWEN] {
-        let entry = models.iter().find(|m| m["key"] == chat).unwrap();
-        assert_eq!(entry["type"], "llm", "{entry}");
+        let listed = models.iter().find(|m| m["key"] == chat).unwrap();
+        assert_eq!(listed["type"], "llm", "{listed}");
     }
     // 2. Load, as OpenClaw sends it.
     let (code, v) = s
@@ -76,13 +87,7 @@ async fn the_lm_studio_flow_openclaw_uses_lists_loads_and_embeds() {
     assert_eq!(v["type"], "embedding");
     let instance = v["instance_id"].as_str().unwrap().to_string();
     let (_, v) = s.get("/api/v1/models").await;
-    let m = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["key"] == EMBED)
-        .unwrap()
-        .clone();
+    let m = entry(&v, "models", "key", EMBED);
     assert_eq!(m["loaded_instances"][0]["id"], instance.as_str());
     // 3. Embeddings with the instance id.
     let (code, v) = s
@@ -103,13 +108,7 @@ async fn the_lm_studio_flow_openclaw_uses_lists_loads_and_embeds() {
     // The v0 list says `embeddings`, as LM Studio's does; /v1/models and /admin/models say
     // what each model is.
     let (_, v) = s.get("/api/v0/models").await;
-    let e = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == EMBED)
-        .unwrap()
-        .clone();
+    let e = entry(&v, "data", "id", EMBED);
     assert_eq!(
         (e["type"].as_str(), e["state"].as_str()),
         (Some("embeddings"), Some("loaded"))
@@ -132,13 +131,7 @@ async fn the_lm_studio_flow_openclaw_uses_lists_loads_and_embeds() {
     );
     assert!(kinds.contains(&(QWEN.into(), "llm".into())), "{kinds:?}");
     let (_, v) = s.get("/admin/models").await;
-    let e = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == EMBED)
-        .unwrap()
-        .clone();
+    let e = entry(&v, "models", "id", EMBED);
     assert_eq!(e["type"], "embedding", "{e}");
     // `opta-lmx models` shows the type.
     let url = format!("--url={}", s.base);

@@ -369,6 +369,10 @@ impl Backend for EmbedEngine {
     fn embed(&self, inputs: Vec<Vec<TokenId>>) -> Result<EmbedReceiver, EngineError> {
         let (tx, rx) = oneshot::channel();
         let n = inputs.len();
+        if n == 0 {
+            let _ = tx.send(Ok(Vec::new()));
+            return Ok(rx);
+        }
         let job = Job {
             out: vec![Vec::new(); n],
             inputs,
@@ -383,12 +387,6 @@ impl Backend for EmbedEngine {
         self.shared.active.fetch_add(1, Ordering::Relaxed);
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         self.shared.inputs.fetch_add(n as u64, Ordering::Relaxed);
-        if n == 0 {
-            self.shared.active.fetch_sub(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Ok(Vec::new()));
-            return Ok(rx);
-        }
         sender.send(job).map_err(|_| EngineError::Unloaded)?;
         Ok(rx)
     }
