@@ -521,3 +521,59 @@ async fn the_new_routes_take_the_api_key_like_any_v1_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_embedding_model_evicts_and_is_evicted_like_a_chat_model() {
+    // One model at a time: Gemma is loaded at start.
+    let s = Server::start(Opts {
+        env: vec![("OPTA_LMX_MAX_LOADED_MODELS".into(), "1".into())],
+        ..Opts::default()
+    });
+    std::os::unix::fs::symlink(embed_file(), s.models_dir.join(format!("{EMBED}.gguf"))).unwrap();
+    let loaded = |v: &Value| -> Vec<String> {
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["loaded"] == true)
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": EMBED}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["evicted"], json!([MODEL]), "{v}");
+    let (_, inv) = s.get("/admin/models").await;
+    assert_eq!(loaded(&inv), vec![EMBED.to_string()]);
+    let e = entry(&inv, "models", "id", EMBED);
+    assert!(e["memory_bytes"].as_u64().unwrap() > 90_000_000, "{e}");
+    let (code, _) = s
+        .post("/v1/embeddings", &json!({"model": EMBED, "input": "kept"}))
+        .await;
+    assert_eq!(code, 200);
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": MODEL}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["evicted"], json!([EMBED]), "{v}");
+    let (code, v) = s
+        .post("/v1/embeddings", &json!({"model": EMBED, "input": "gone"}))
+        .await;
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+    // Unloaded explicitly too.
+    let (code, _) = s
+        .post("/admin/models/load", &json!({"model_id": EMBED}))
+        .await;
+    assert_eq!(code, 200);
+    let (code, v) = s
+        .post("/admin/models/unload", &json!({"model_id": EMBED}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let (_, inv) = s.get("/admin/models").await;
+    assert!(loaded(&inv).is_empty(), "{inv}");
+}
