@@ -858,3 +858,68 @@ async fn a_draft_model_speculates_without_changing_greedy_output() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn reuse_with_sliding_window_caches_keeps_greedy_output() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[]);
+    // A tiny random-weight Gemma 3 with a 16-token window on every other layer: mlx-lm gives
+    // those layers rotating caches, which cannot be cut back once past their window.
+    let made = std::process::Command::new(root().join("target/mlx-venv/bin/python"))
+        .arg(root().join("scripts/make-sliding-mlx-model.py"))
+        .arg(mlx_dir())
+        .arg(s.models_dir.join("tiny-sliding"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": "tiny-sliding"}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let body = |history: &[(&str, &str)]| {
+        let mut messages = vec![json!({"role": "system", "content":
+            "You are the house assistant for a family of four. Keep answers short and plain, \
+             mention no brands, and never ask a question back."})];
+        messages.extend(
+            history
+                .iter()
+                .map(|(r, c)| json!({"role": r, "content": c})),
+        );
+        json!({"model": "tiny-sliding", "temperature": 0, "max_tokens": 6, "messages": messages})
+    };
+    let (code, first) = s
+        .post(
+            "/v1/chat/completions",
+            &body(&[("user", "What is for dinner?")]),
+        )
+        .await;
+    assert_eq!(code, 200, "{first}");
+    let prompt1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt1 > 40,
+        "the prompt must pass the 16-token window: {first}"
+    );
+    let a1 = content(&first);
+    let turn2 = body(&[
+        ("user", "What is for dinner?"),
+        ("assistant", &a1),
+        ("user", "And for lunch tomorrow?"),
+    ]);
+    let (_, warm) = s.post("/v1/chat/completions", &turn2).await;
+    // The first prompt's caches are reused whole (kept when its prefill ended).
+    assert!(cached(&warm) >= prompt1, "{warm}");
+    // A fresh worker computes everything (short prompts are not written to disk): the same
+    // greedy text.
+    let (code, _) = s
+        .post("/admin/models/unload", &json!({"model_id": "tiny-sliding"}))
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = s
+        .post("/admin/models/load", &json!({"model_id": "tiny-sliding"}))
+        .await;
+    assert_eq!(code, 200);
+    let (_, cold) = s.post("/v1/chat/completions", &turn2).await;
+    assert_eq!(cached(&cold), 0, "{cold}");
+    assert_eq!(warm["usage"]["completion_tokens"], 6, "{warm}");
+    assert_eq!(content(&warm), content(&cold));
+}
