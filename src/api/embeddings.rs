@@ -135,11 +135,8 @@ fn tokenized(
             ));
         }
         let mut toks = model.engine.tokenize(t, true, false);
-        if toks.len() > context && truncate {
-            // Keep the model's closing token (BERT's [SEP]) after the cut.
-            let last = *toks.last().expect("non-empty");
-            toks.truncate(context - 1);
-            toks.push(last);
+        if truncate {
+            cut_keeping_last(&mut toks, context);
         }
         out.push((i, toks));
     }
@@ -183,6 +180,16 @@ fn tokenized(
         ));
     }
     Ok(out.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Cuts `tokens` to `context`, keeping the last one (the model's closing token, BERT's
+/// `[SEP]`), as llama-server does for long inputs.
+pub fn cut_keeping_last(tokens: &mut Vec<TokenId>, context: usize) {
+    if tokens.len() > context {
+        let last = *tokens.last().expect("non-empty");
+        tokens.truncate(context.saturating_sub(1));
+        tokens.push(last);
+    }
 }
 
 /// The first `dims` dimensions of a unit vector, scaled back to unit length.
@@ -300,6 +307,16 @@ mod tests {
         let v = shortened(&[0.6, 0.0, 0.8], 2);
         assert_eq!(v, vec![1.0, 0.0]);
         assert_eq!(shortened(&[0.6, 0.8], 5), vec![0.6, 0.8]);
+    }
+
+    #[test]
+    fn a_cut_keeps_the_closing_token() {
+        let mut t = vec![101, 1, 2, 3, 102];
+        cut_keeping_last(&mut t, 3);
+        assert_eq!(t, vec![101, 1, 102]);
+        let mut short = vec![101, 102];
+        cut_keeping_last(&mut short, 3);
+        assert_eq!(short, vec![101, 102]);
     }
 
     #[test]

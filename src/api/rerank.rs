@@ -10,7 +10,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::embeddings::require_kind;
+use super::embeddings::{cut_keeping_last, require_kind};
 use super::error::ApiError;
 use super::{from_value, parse_json, read_body, AppState};
 use crate::engine::options::Speculation;
@@ -226,12 +226,8 @@ fn pairs_for(
     docs.iter()
         .map(|d| {
             let mut pair = pair_tokens(&q, &model.engine.tokenize(d.text(), false, false), closed);
-            if pair.len() > context {
-                // A long document is judged on its beginning, as llama-server does.
-                let last = *pair.last().expect("non-empty");
-                pair.truncate(context - 1);
-                pair.push(last);
-            }
+            // A long document is judged on its beginning.
+            cut_keeping_last(&mut pair, context);
             Ok(pair)
         })
         .collect()

@@ -6,7 +6,6 @@
 //! shares each batch with a one-input request that arrived after it instead of making it wait
 //! for all 2,048.
 
-use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -16,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -40,13 +40,13 @@ pub fn batch_tokens(per_seq: u32) -> u32 {
     per_seq.max(2048)
 }
 
-/// One request: its inputs, where each one's vector goes, and how many are still to come.
+/// One request: its inputs, where each one's vector goes, and the first input not yet run
+/// (a batch runs every input it picks, so inputs before `next` are done).
 struct Job {
     inputs: Vec<Vec<TokenId>>,
     out: Vec<Vec<f32>>,
     next: usize,
-    done: usize,
-    reply: Option<oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
 }
 
 /// Which inputs go into the next batch: round-robin over the requests in arrival order, one
@@ -95,7 +95,6 @@ struct Shared {
     /// Requests with inputs still to run.
     active: AtomicU32,
     requests: AtomicU64,
-    inputs: AtomicU64,
     tokens: AtomicU64,
     cancelled: AtomicU64,
     rates: Mutex<RateWindow>,
@@ -152,126 +151,7 @@ impl EmbedEngine {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    let packer = Packer {
-                        max_tokens: batch as usize,
-                        max_seqs: MAX_SEQS,
-                    };
-                    let mut jobs: VecDeque<Job> = VecDeque::new();
-                    let mut lb = LlamaBatch::new(batch as usize, MAX_SEQS as i32);
-                    loop {
-                        // Block for work when idle; otherwise take what arrived and run.
-                        if jobs.is_empty() {
-                            match rx.recv() {
-                                Ok(j) => jobs.push_back(j),
-                                Err(_) => return,
-                            }
-                        }
-                        while let Ok(j) = rx.try_recv() {
-                            jobs.push_back(j);
-                        }
-                        if shared.shutdown.load(Ordering::Relaxed) {
-                            for mut j in jobs.drain(..) {
-                                if let Some(r) = j.reply.take() {
-                                    let _ = r.send(Err(EngineError::Unloaded));
-                                }
-                            }
-                            return;
-                        }
-                        // A client that left loses its remaining inputs.
-                        jobs.retain(|j| {
-                            let gone = j.reply.as_ref().is_none_or(|r| r.is_closed());
-                            if gone {
-                                shared.cancelled.fetch_add(1, Ordering::Relaxed);
-                                shared.active.fetch_sub(1, Ordering::Relaxed);
-                            }
-                            !gone
-                        });
-                        if jobs.is_empty() {
-                            continue;
-                        }
-                        let lens: Vec<Vec<usize>> = jobs
-                            .iter()
-                            .map(|j| j.inputs[j.next..].iter().map(Vec::len).collect())
-                            .collect();
-                        let views: Vec<&[usize]> = lens.iter().map(Vec::as_slice).collect();
-                        let picked = packer.pick(&views);
-                        if picked.is_empty() {
-                            // Only an input longer than a batch is left (the API refuses
-                            // those first); fail it rather than spin.
-                            if let Some(r) = jobs[0].reply.take() {
-                                let _ = r.send(Err(EngineError::Decode(
-                                    "an input is longer than a batch".into(),
-                                )));
-                            }
-                            continue;
-                        }
-                        let picked: Vec<(usize, usize)> = picked
-                            .into_iter()
-                            .map(|(j, k)| (j, jobs[j].next + k))
-                            .collect();
-                        lb.clear();
-                        let mut ok = true;
-                        for (seq, &(j, i)) in picked.iter().enumerate() {
-                            let toks = &jobs[j].inputs[i];
-                            for (pos, &t) in toks.iter().enumerate() {
-                                // Every token is an output: pooling reads them all (llama.cpp
-                                // would override it, with a warning per batch).
-                                if lb
-                                    .add(LlamaToken(t), pos as i32, &[seq as i32], true)
-                                    .is_err()
-                                {
-                                    ok = false;
-                                }
-                            }
-                        }
-                        let result = if ok {
-                            ctx.clear_kv_cache();
-                            ctx.decode(&mut lb).map_err(|e| e.to_string())
-                        } else {
-                            Err("an input does not fit the batch".into())
-                        };
-                        let mut tokens = 0u64;
-                        for (seq, &(j, i)) in picked.iter().enumerate() {
-                            let job = &mut jobs[j];
-                            tokens += job.inputs[i].len() as u64;
-                            let vector = match &result {
-                                Ok(()) => ctx
-                                    .embeddings_seq_ith(seq as i32)
-                                    .map(|v| if rank { v.to_vec() } else { normalized(v) })
-                                    .map_err(|e| e.to_string()),
-                                Err(e) => Err(e.clone()),
-                            };
-                            match vector {
-                                Ok(v) => job.out[i] = v,
-                                Err(e) => {
-                                    if let Some(r) = job.reply.take() {
-                                        let _ = r.send(Err(EngineError::Decode(e)));
-                                    }
-                                }
-                            }
-                            job.done += 1;
-                        }
-                        // Inputs are picked in order within a job, so `next` moves past them.
-                        for (j, job) in jobs.iter_mut().enumerate() {
-                            job.next += picked.iter().filter(|p| p.0 == j).count();
-                        }
-                        shared.tokens.fetch_add(tokens, Ordering::Relaxed);
-                        shared
-                            .rates
-                            .lock()
-                            .expect("rates lock")
-                            .record(Instant::now(), tokens, 0);
-                        jobs.retain_mut(|j| {
-                            if j.done < j.inputs.len() && j.reply.is_some() {
-                                return true;
-                            }
-                            if let Some(r) = j.reply.take() {
-                                let _ = r.send(Ok(std::mem::take(&mut j.out)));
-                            }
-                            shared.active.fetch_sub(1, Ordering::Relaxed);
-                            false
-                        });
-                    }
+                    serve(&mut ctx, &rx, &shared, batch, rank);
                 })
                 .map_err(|e| EngineError::Load(format!("embedding thread: {e}")))?
         };
@@ -302,6 +182,140 @@ impl EmbedEngine {
             thread: Mutex::new(Some(thread)),
         })
     }
+}
+
+/// The batching thread's loop: takes what arrived (blocking when idle), drops requests whose
+/// client left, runs one batch, answers the requests it finished. Returns at unload.
+fn serve(
+    ctx: &mut LlamaContext<'_>,
+    rx: &std_mpsc::Receiver<Job>,
+    shared: &Shared,
+    batch: u32,
+    rank: bool,
+) {
+    let packer = Packer {
+        max_tokens: batch as usize,
+        max_seqs: MAX_SEQS,
+    };
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut lb = LlamaBatch::new(batch as usize, MAX_SEQS as i32);
+    loop {
+        if jobs.is_empty() {
+            match rx.recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => return,
+            }
+        }
+        jobs.extend(rx.try_iter());
+        if shared.shutdown.load(Ordering::Relaxed) {
+            for j in jobs.drain(..) {
+                let _ = j.reply.send(Err(EngineError::Unloaded));
+            }
+            return;
+        }
+        // A client that left loses its remaining inputs.
+        jobs.retain(|j| {
+            let gone = j.reply.is_closed();
+            if gone {
+                shared.cancelled.fetch_add(1, Ordering::Relaxed);
+                shared.active.fetch_sub(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        if jobs.is_empty() {
+            continue;
+        }
+        let lens: Vec<Vec<usize>> = jobs
+            .iter()
+            .map(|j| j.inputs[j.next..].iter().map(Vec::len).collect())
+            .collect();
+        let views: Vec<&[usize]> = lens.iter().map(Vec::as_slice).collect();
+        let picked: Vec<(usize, usize)> = packer
+            .pick(&views)
+            .into_iter()
+            .map(|(j, k)| (j, jobs[j].next + k))
+            .collect();
+        let failed = if picked.is_empty() {
+            // Only an input longer than a batch is left (the API refuses those first): fail
+            // its request rather than spin.
+            vec![(0, "an input is longer than a batch".to_string())]
+        } else {
+            run_batch(ctx, &mut lb, &mut jobs, &picked, rank, shared)
+        };
+        // Answer what finished or failed; the rest stay for the next batch.
+        let mut kept = Vec::with_capacity(jobs.len());
+        for (index, mut j) in jobs.drain(..).enumerate() {
+            let failure = failed.iter().find(|(f, _)| *f == index);
+            if failure.is_none() && j.next < j.inputs.len() {
+                kept.push(j);
+                continue;
+            }
+            let answer = match failure {
+                Some((_, e)) => Err(EngineError::Decode(e.clone())),
+                None => Ok(std::mem::take(&mut j.out)),
+            };
+            // Uncounted before the answer goes: a client that has it may load another model
+            // at once, and a busy model cannot be evicted.
+            shared.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = j.reply.send(answer);
+        }
+        jobs = kept;
+    }
+}
+
+/// Runs the `picked` (job, input) pairs as one forward pass, one sequence each, and stores
+/// their vectors; returns the jobs that failed, with why.
+fn run_batch(
+    ctx: &mut LlamaContext<'_>,
+    lb: &mut LlamaBatch,
+    jobs: &mut [Job],
+    picked: &[(usize, usize)],
+    rank: bool,
+    shared: &Shared,
+) -> Vec<(usize, String)> {
+    lb.clear();
+    let mut ok = true;
+    for (seq, &(j, i)) in picked.iter().enumerate() {
+        for (pos, &t) in jobs[j].inputs[i].iter().enumerate() {
+            // Every token is an output: pooling reads them all (llama.cpp would override it,
+            // with a warning per batch).
+            ok &= lb
+                .add(LlamaToken(t), pos as i32, &[seq as i32], true)
+                .is_ok();
+        }
+    }
+    let result = if ok {
+        ctx.clear_kv_cache();
+        ctx.decode(lb).map_err(|e| e.to_string())
+    } else {
+        Err("an input does not fit the batch".into())
+    };
+    let mut failed = Vec::new();
+    let mut tokens = 0u64;
+    for (seq, &(j, i)) in picked.iter().enumerate() {
+        tokens += jobs[j].inputs[i].len() as u64;
+        let vector = match &result {
+            Ok(()) => ctx
+                .embeddings_seq_ith(seq as i32)
+                .map(|v| if rank { v.to_vec() } else { normalized(v) })
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        match vector {
+            Ok(v) => jobs[j].out[i] = v,
+            Err(e) if !failed.iter().any(|(f, _)| *f == j) => failed.push((j, e)),
+            Err(_) => {}
+        }
+        // Inputs are picked in order within a job, so `next` moves past each.
+        jobs[j].next = i + 1;
+    }
+    shared.tokens.fetch_add(tokens, Ordering::Relaxed);
+    shared
+        .rates
+        .lock()
+        .expect("rates lock")
+        .record(Instant::now(), tokens, 0);
+    failed
 }
 
 /// A vector scaled to unit length (what OpenAI's embeddings and llama-server return), so a dot
@@ -368,26 +382,25 @@ impl Backend for EmbedEngine {
 
     fn embed(&self, inputs: Vec<Vec<TokenId>>) -> Result<EmbedReceiver, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let n = inputs.len();
-        if n == 0 {
+        if inputs.is_empty() {
             let _ = tx.send(Ok(Vec::new()));
             return Ok(rx);
         }
         let job = Job {
-            out: vec![Vec::new(); n],
+            out: vec![Vec::new(); inputs.len()],
             inputs,
             next: 0,
-            done: 0,
-            reply: Some(tx),
+            reply: tx,
         };
         let guard = self.jobs.lock().expect("jobs lock");
-        let Some(sender) = guard.as_ref() else {
-            return Err(EngineError::Unloaded);
-        };
+        let sender = guard.as_ref().ok_or(EngineError::Unloaded)?;
+        // Counted before the send: the thread may finish (and uncount) it at once.
         self.shared.active.fetch_add(1, Ordering::Relaxed);
+        if sender.send(job).is_err() {
+            self.shared.active.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Unloaded);
+        }
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
-        self.shared.inputs.fetch_add(n as u64, Ordering::Relaxed);
-        sender.send(job).map_err(|_| EngineError::Unloaded)?;
         Ok(rx)
     }
 
