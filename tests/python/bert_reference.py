@@ -1,6 +1,8 @@
 """An embedding implementation independent of llama.cpp: the HF tokenizer (tokenizers) and a
 numpy forward pass of a BERT encoder over the model's own safetensors, mean-pooled and
-normalised as its sentence-transformers config says."""
+normalised as its sentence-transformers config says; and a cross-encoder's score (the pooler's
+[CLS] dense + tanh, the classifier's logit, a logistic) for the one make-embedding-model.py
+writes with --cross-encoder."""
 import json
 import math
 from pathlib import Path
@@ -32,11 +34,26 @@ class Bert:
         return self.tok.encode(text).ids
 
     def embed(self, text):
-        ids = self.tokens(text)
+        pooled = self._hidden(self.tokens(text), [0]).mean(0)
+        return pooled / np.linalg.norm(pooled)
+
+    def pair_tokens(self, query, document):
+        return self.tok.encode(query, document).ids
+
+    def score(self, query, document):
+        """The relevance a cross-encoder gives the pair, in (0, 1)."""
+        enc = self.tok.encode(query, document)
+        cls = self._hidden(enc.ids, enc.type_ids)[0]
+        pooled = np.tanh(self._lin(cls, "pooler.dense"))
+        logit = float(self._lin(pooled, "classifier")[0])
+        return 1 / (1 + math.exp(-logit))
+
+    def _hidden(self, ids, types):
         w, heads = self.w, self.cfg["num_attention_heads"]
+        types = np.broadcast_to(np.asarray(types), (len(ids),))
         x = (w["embeddings.word_embeddings.weight"][ids]
              + w["embeddings.position_embeddings.weight"][: len(ids)]
-             + w["embeddings.token_type_embeddings.weight"][0])
+             + w["embeddings.token_type_embeddings.weight"][types])
         x = self._ln(x, "embeddings.LayerNorm")
         d = x.shape[-1] // heads
         erf = np.vectorize(math.erf)
@@ -52,5 +69,4 @@ class Bert:
             h = self._lin(x, p + "intermediate.dense")
             h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
             x = self._ln(x + self._lin(h, p + "output.dense"), p + "output.LayerNorm")
-        pooled = x.mean(0)
-        return pooled / np.linalg.norm(pooled)
+        return x

@@ -97,3 +97,78 @@ def test_too_long_is_a_400_with_the_numbers(embed_server):
         client.embeddings.create(model=EMBED, input="word " * 600)
     assert e.value.code == "context_length_exceeded"
     assert "602 tokens" in str(e.value) and "512" in str(e.value)
+
+
+# A decoder embedder (Qwen3-Embedding's layout: causal attention, last-token pooling after an
+# appended <|endoftext|>) and a cross-encoder reranker (rank pooling), both tiny random-weight
+# models made by scripts/fetch-embed-model.sh, each checked against its own numpy forward pass.
+DECODER = "tiny-qwen3-embedding"
+CROSS = "minilm-cross-encoder"
+
+
+@pytest.fixture(scope="module")
+def decoder_server():
+    yield from _start(["--parallel", "4"], model_id=DECODER, context="512")
+
+
+@pytest.fixture(scope="module")
+def cross_server():
+    yield from _start(["--parallel", "4"], model_id=CROSS, context="512")
+
+
+def test_a_decoder_embedder_agrees_with_an_independent_forward_pass(decoder_server):
+    from qwen3_reference import Qwen3
+    reference = Qwen3(ROOT / f"target/test-model/{DECODER}")
+    client = OpenAI(base_url=decoder_server + "/v1", api_key="x")
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed[DECODER].model_extra["type"] == "embedding"
+    batched = client.embeddings.create(model=DECODER, input=SENTENCES, encoding_format="float")
+    # The appended end-of-text token is counted, as the reference counts it.
+    assert batched.usage.prompt_tokens == sum(len(reference.tokens(s)) for s in SENTENCES)
+    for s, d in zip(SENTENCES, batched.data):
+        assert len(d.embedding) == 64
+        assert cos(d.embedding, reference.embed(s)) >= 0.999
+    # Alone, each sequence attends only to itself: the same vector as in the shared batch.
+    for s, d in zip(SENTENCES[:4], batched.data):
+        single = client.embeddings.create(model=DECODER, input=s).data[0].embedding
+        assert cos(single, d.embedding) >= 0.9999
+    # An embedder cannot chat.
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=DECODER, messages=[{"role": "user", "content": "hi"}])
+    assert DECODER in str(e.value) and "embedding" in str(e.value)
+
+
+def _json(url, body=None):
+    """GET (or POST `body`) and decode the answer; rerank is not in the openai SDK."""
+    import json
+    import urllib.request
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+        return json.load(r)
+
+
+def test_a_cross_encoder_scores_pairs_as_its_reference(cross_server):
+    reference = Bert(ROOT / f"target/test-model/{CROSS}")
+    query = "Where is the Eiffel tower?"
+    docs = SENTENCES[:8]
+    models = _json(cross_server + "/v1/models")["data"]
+    assert {m["id"]: m["type"] for m in models}[CROSS] == "reranker"
+    body = _json(cross_server + "/v1/rerank", {
+        "model": CROSS, "query": query, "documents": docs, "return_documents": True})
+    expected = [reference.score(query, d) for d in docs]
+    got = {x["index"]: x["relevance_score"] for x in body["results"]}
+    assert sorted(got) == list(range(len(docs)))
+    for i, e in enumerate(expected):
+        assert abs(got[i] - e) < 1e-3, (i, got[i], e)
+    # Sorted by score, the reference's order, each with its document.
+    assert [x["index"] for x in body["results"]] == sorted(range(len(docs)), key=lambda i: -expected[i])
+    assert all(x["document"]["text"] == docs[x["index"]] for x in body["results"])
+    # Each pair is [CLS] query [SEP] document [SEP], as the HF tokenizer frames it.
+    assert body["usage"]["prompt_tokens"] == sum(len(reference.pair_tokens(query, d)) for d in docs)
+    # llama-server's path and top_n.
+    top = _json(cross_server + "/rerank", {
+        "model": CROSS, "query": query, "documents": docs, "top_n": 3})
+    assert [x["index"] for x in top["results"]] == [x["index"] for x in body["results"][:3]]
