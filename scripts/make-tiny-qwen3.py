@@ -56,7 +56,7 @@ def weights(vocab, seed=7):
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": rng.standard_normal((vocab, h)).astype(np.float32),
+    w = {"model.embed_tokens.weight": (0.3 * rng.standard_normal((vocab, h))).astype(np.float32),
          "model.norm.weight": norm(h)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -923,3 +923,92 @@ async fn reuse_with_sliding_window_caches_keeps_greedy_output() {
     assert_eq!(warm["usage"]["completion_tokens"], 6, "{warm}");
     assert_eq!(content(&warm), content(&cold));
 }
+
+#[tokio::test]
+async fn reuse_with_a_thinking_template_keeps_greedy_output() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(2, &[]);
+    // A tiny random-weight Qwen 3 whose template opens <think> for the answer and renders
+    // past assistant turns without their reasoning: turn 2's prompt shares turn 1's prompt
+    // only up to that opened block, so the cached sequence must be cut back, not reused whole.
+    let made = std::process::Command::new(root().join("target/mlx-venv/bin/python"))
+        .arg(root().join("scripts/make-tiny-qwen3.py"))
+        .arg("thinking")
+        .arg(mlx_dir())
+        .arg(s.models_dir.join("tiny-thinking"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let (code, v) = s
+        .post("/admin/models/load", &json!({"model_id": "tiny-thinking"}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let system = json!({"role": "system", "content":
+        "You are the house assistant for a family of four. Keep answers short and plain, \
+         mention no brands, and never ask a question back."});
+    let ask = json!({"role": "user", "content": "What is for dinner?"});
+    let (code, first) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "tiny-thinking", "temperature": 0, "max_tokens": 8,
+                    "messages": [system, ask]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{first}");
+    let prompt1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let message = &first["choices"][0]["message"];
+    // The model never closes the block, so everything it wrote is reasoning.
+    let reasoning = message["reasoning_content"].as_str().unwrap();
+    assert!(!reasoning.is_empty(), "{first}");
+    assert_eq!(message["content"], "", "{first}");
+    let turn2 = json!({"model": "tiny-thinking", "temperature": 0, "max_tokens": 8,
+        "logprobs": true, "top_logprobs": 3, "messages": [system, ask,
+        {"role": "assistant", "content": "", "reasoning_content": reasoning},
+        {"role": "user", "content": "And for lunch tomorrow?"}]});
+    let (code, warm) = s.post("/v1/chat/completions", &turn2).await;
+    assert_eq!(code, 200, "{warm}");
+    // Everything before `<think>` is reused; the opened block and the reasoning are not.
+    let reused = cached(&warm);
+    assert!(
+        reused < prompt1 && reused + 8 >= prompt1,
+        "{reused} of {prompt1}: {warm}"
+    );
+    let (code, _) = s
+        .post(
+            "/admin/models/unload",
+            &json!({"model_id": "tiny-thinking"}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = s
+        .post("/admin/models/load", &json!({"model_id": "tiny-thinking"}))
+        .await;
+    assert_eq!(code, 200);
+    let (_, cold) = s.post("/v1/chat/completions", &turn2).await;
+    assert_eq!(cached(&cold), 0, "{cold}");
+    let said = |v: &Value| v["choices"][0]["message"]["reasoning_content"].clone();
+    assert_eq!(said(&warm), said(&cold));
+    // Not only the same picks: the same distributions, alternatives included, to float noise
+    // (a stale or misplaced cache entry moves these by far more).
+    let steps = |v: &Value| {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let (w, c) = (steps(&warm), steps(&cold));
+    assert_eq!(w.len(), 8);
+    for (a, b) in w.iter().zip(&c) {
+        let alternatives = |x: &Value| -> Vec<f64> {
+            x["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["logprob"].as_f64().unwrap())
+                .collect()
+        };
+        for (x, y) in alternatives(a).iter().zip(alternatives(b)) {
+            assert!((x - y).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+}
