@@ -76,15 +76,29 @@ pub fn process_rss_bytes() -> u64 {
 /// This process's anonymous (heap) resident memory: the part of its footprint that the OS
 /// counts as used. On Linux it comes from `/proc/self/status`; elsewhere the whole RSS.
 pub fn process_anon_bytes() -> u64 {
-    let from_proc = std::fs::read_to_string("/proc/self/status")
+    anon_from_proc("self").unwrap_or_else(process_rss_bytes)
+}
+
+/// A child process's anonymous resident memory (an MLX worker's arrays), measured the same
+/// way, so the memory guard can tell the server's own workers from other programs.
+pub fn worker_anon_bytes(pid: u32) -> u64 {
+    anon_from_proc(&pid.to_string()).unwrap_or_else(|| {
+        let pid = sysinfo::Pid::from_u32(pid);
+        let mut sys = sysinfo::System::new();
+        sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), false);
+        sys.process(pid).map(|p| p.memory()).unwrap_or(0)
+    })
+}
+
+fn anon_from_proc(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("RssAnon:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map(|kb| kb * 1024);
-    from_proc.unwrap_or_else(process_rss_bytes)
+        .map(|kb| kb * 1024)
 }
 
 /// GPU memory llama.cpp can see, summed over its GPU devices; `None` without a GPU.

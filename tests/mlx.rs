@@ -1012,3 +1012,106 @@ async fn reuse_with_a_thinking_template_keeps_greedy_output() {
         }
     }
 }
+
+/// The "needs about N MB" of a refused load, in bytes.
+fn needed_bytes(refusal: &Value) -> u64 {
+    let msg = refusal["error"]["message"].as_str().unwrap();
+    let mb: u64 = msg
+        .split("needs about ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {msg}"));
+    mb * 1_000_000
+}
+
+#[tokio::test]
+async fn the_guard_drops_cached_prefixes_before_it_evicts_and_never_for_a_refused_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // Measure: what the MLX model needs, what the GGUF copy needs at 32k x 8 and x 32 (read
+    // from the refusals a 1% threshold gives), and what the machine uses now.
+    let big = json!({"model_id": QWEN, "context": 32768, "parallel": 8});
+    let hopeless = json!({"model_id": QWEN, "context": 32768, "parallel": 32});
+    let (mlx_need, big_need, hopeless_need, used, total) = {
+        let probe = server(2, &[("OPTA_LMX_MEMORY_THRESHOLD", "1")]);
+        let (_, inv) = probe.get("/admin/models").await;
+        let mlx_need = inv["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == MLX)
+            .unwrap_or_else(|| panic!("{inv}"))["estimated_memory"]["ram_bytes"]
+            .as_u64()
+            .unwrap();
+        let (_, a) = probe.post("/admin/models/load", &big).await;
+        let (_, b) = probe.post("/admin/models/load", &hopeless).await;
+        let (_, st) = probe.get("/admin/status").await;
+        (
+            mlx_need,
+            needed_bytes(&a),
+            needed_bytes(&b),
+            st["memory"]["used_bytes"].as_u64().unwrap() as f64,
+            st["memory"]["total_bytes"].as_u64().unwrap() as f64,
+        )
+    };
+    // Room for the MLX model and half the big load: the big load fits only once the MLX model
+    // is gone, the hopeless one never.
+    assert!(
+        mlx_need > big_need / 2 + 300_000_000,
+        "{mlx_need} vs {big_need}"
+    );
+    assert!(hopeless_need > mlx_need + big_need, "{hopeless_need}");
+    let threshold = (used + mlx_need as f64 + big_need as f64 / 2.0) / total * 100.0;
+    let s = server(
+        2,
+        &[("OPTA_LMX_MEMORY_THRESHOLD", &format!("{threshold:.3}"))],
+    );
+    load_mlx(&s).await;
+    let (code, v) = s
+        .post(
+            "/v1/chat/completions",
+            &ask(MLX, "Name three colours of the rainbow.", 4),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let prefix_bytes = |st: &Value| {
+        st["loaded_models"][0]["scheduler"]["prompt_cache_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    // The worker reports its cache figures after the answer: wait for that state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let (_, st) = s.get("/admin/status").await;
+        if prefix_bytes(&st) > 0 {
+            break prefix_bytes(&st);
+        }
+        assert!(Instant::now() < deadline, "no prefix cache: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Refused even with the prefixes dropped and the MLX model gone: refused at once, and the
+    // prefixes are still there.
+    let (code, v) = s.post("/admin/models/load", &hopeless).await;
+    assert_eq!(code, 503, "{v}");
+    let (_, st) = s.get("/admin/status").await;
+    assert_eq!(prefix_bytes(&st), held, "{st}");
+    assert!(!s.log_text().contains("prefix_cache_dropped"));
+
+    // Short of memory: the prefixes go first, then (not enough) the idle MLX model.
+    let (code, v) = s.post("/admin/models/load", &big).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["evicted"], json!([MLX]), "{v}");
+    let log = s.log_text();
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("no {needle} in {log}"))
+    };
+    let dropped = at("event=\"prefix_cache_dropped\"");
+    assert!(dropped < at("event=\"model_evicted\""), "{log}");
+    let line = log[dropped..].lines().next().unwrap();
+    assert!(
+        line.contains(&format!("for_model={QWEN}")) && line.contains(&format!("bytes={held}")),
+        "{line}"
+    );
+}

@@ -41,7 +41,8 @@ pub enum Refusal {
         /// `RAM` or `GPU memory`.
         resource: &'static str,
         needed: u64,
-        /// Headroom now plus what evicting every evictable model would free.
+        /// Headroom now plus what dropping cached prefixes and evicting every evictable
+        /// model would free.
         obtainable: u64,
         /// Models that hold memory but may not be evicted, with the reason.
         held: Vec<String>,
@@ -85,16 +86,15 @@ pub fn next_step(
         return Step::Load;
     }
 
+    // Every refusal is decided before anything is dropped: a load refused anyway must not
+    // cost the other models their cached prefixes.
     let prefixes: u64 = resident.iter().map(|r| r.prefix_cache_bytes).sum();
-    if !(ram_ok && gpu_ok) && prefixes > 0 {
-        return Step::DropPrefixes;
-    }
     let free_ram: u64 = evictable.iter().map(|r| r.estimate.ram_bytes).sum();
-    if need.ram_bytes > room.ram_headroom + free_ram {
+    if need.ram_bytes > room.ram_headroom + free_ram + prefixes {
         return Step::Refuse(Refusal::Memory {
             resource: "RAM",
             needed: need.ram_bytes,
-            obtainable: room.ram_headroom + free_ram,
+            obtainable: room.ram_headroom + free_ram + prefixes,
             held,
         });
     }
@@ -113,6 +113,10 @@ pub fn next_step(
         if resident.len() - evictable.len() >= m as usize {
             return Step::Refuse(Refusal::Count { max: m, held });
         }
+    }
+    // Prefixes are cheaper to lose than a model: they go first when memory is short.
+    if !(ram_ok && gpu_ok) && prefixes > 0 {
+        return Step::DropPrefixes;
     }
     let lru = evictable
         .iter()
@@ -160,8 +164,24 @@ mod tests {
         // A count limit is not helped by dropping prefixes.
         held.prefix_cache_bytes = 300;
         assert!(matches!(
-            next_step(&need(10), room(1000), &[held, idle], Some(2)),
+            next_step(&need(10), room(1000), &[held.clone(), idle.clone()], Some(2)),
             Step::Evict { ref id, reason: "max_loaded_models" } if id == "b"
+        ));
+        // A load refused anyway keeps everyone's prefixes: more than headroom, prefixes and
+        // the idle model together is refused at once, with the prefixes counted as obtainable.
+        assert!(matches!(
+            next_step(&need(1001), room(200), &[held.clone(), idle.clone()], None),
+            Step::Refuse(Refusal::Memory {
+                obtainable: 1000,
+                ..
+            })
+        ));
+        // And so is one the count limit refuses (nothing may be evicted).
+        let mut busy = idle;
+        busy.busy = true;
+        assert!(matches!(
+            next_step(&need(400), room(200), &[held, busy], Some(2)),
+            Step::Refuse(Refusal::Count { .. })
         ));
     }
 

@@ -20,7 +20,9 @@ use crate::engine::ModelFacts;
 use crate::engine::{Backend, EngineError, MemoryEstimate};
 use crate::metrics::Metrics;
 use crate::models::loader::{GgufLoader, Loader, MlxLoader};
-use crate::system::{gpu_memory, process_anon_bytes, process_rss_bytes, MemorySnapshot};
+use crate::system::{
+    gpu_memory, process_anon_bytes, process_rss_bytes, worker_anon_bytes, MemorySnapshot,
+};
 
 impl From<LookupError> for RegistryError {
     fn from(e: LookupError) -> Self {
@@ -590,15 +592,25 @@ impl Registry {
     }
 
     /// Memory left under the threshold now. Other programs are measured by the OS; this
-    /// process counts as the larger of its resident size and its models' estimates, because
-    /// mapped weights show as reclaimable cache rather than used memory.
+    /// process and its model workers count as the larger of their resident size and their
+    /// models' estimates, because mapped weights show as reclaimable cache rather than used
+    /// memory. A worker's memory is ours, not another program's: counted in both it was
+    /// counted twice, and an MLX model seemed to hold double its size.
     fn room(&self) -> Room {
         let mem = MemorySnapshot::read();
         let threshold = self.config.memory.threshold_percent;
         let budget = mem.limit_bytes(threshold);
-        let others = mem.used_bytes.saturating_sub(process_anon_bytes());
-        let estimated: u64 = self.loaded().iter().map(|m| m.estimate.ram_bytes).sum();
-        let ours = process_rss_bytes().max(estimated);
+        let loaded = self.loaded();
+        let workers: u64 = loaded
+            .iter()
+            .filter_map(|m| m.engine.worker())
+            .map(|(pid, _)| worker_anon_bytes(pid))
+            .sum();
+        let others = mem
+            .used_bytes
+            .saturating_sub(process_anon_bytes() + workers);
+        let estimated: u64 = loaded.iter().map(|m| m.estimate.ram_bytes).sum();
+        let ours = (process_rss_bytes() + workers).max(estimated);
         let gpu_headroom = gpu_memory()
             .map(|(total, free)| MemorySnapshot::from_parts(total, free).headroom_bytes(threshold));
         Room {
