@@ -1013,6 +1013,23 @@ async fn reuse_with_a_thinking_template_keeps_greedy_output() {
     }
 }
 
+/// Waits until no MLX worker runs on the machine: the one an earlier test's server left
+/// exits after it, and while it does its memory skews what this test measures.
+async fn no_workers_left() {
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("opta-lmx-mlx-worker-"))
+                && alive(e.file_name().to_string_lossy().parse().unwrap_or(0))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running() {
+        assert!(Instant::now() < deadline, "an MLX worker is still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The "needs about N MB" of a refused load, in bytes.
 fn needed_bytes(refusal: &Value) -> u64 {
     let msg = refusal["error"]["message"].as_str().unwrap();
@@ -1028,6 +1045,7 @@ fn needed_bytes(refusal: &Value) -> u64 {
 #[tokio::test]
 async fn the_guard_drops_cached_prefixes_before_it_evicts_and_never_for_a_refused_load() {
     let _serial = ONE_AT_A_TIME.lock().await;
+    no_workers_left().await;
     // Measure: what the MLX model needs, what the GGUF copy needs at 32k x 8 and x 32 (read
     // from the refusals a 1% threshold gives), and what the machine uses now.
     let big = json!({"model_id": QWEN, "context": 32768, "parallel": 8});
