@@ -4,13 +4,16 @@
 #   1. the five-turn agent replay (bench/agent_replay.py): TTFT per turn, then each server
 #      restarted and turn 4 sent again (opta-lmx restores the prefix from its disk tier);
 #   2. six clients at once, sharing a system prompt and with distinct ones: aggregate tokens/s;
-#   3. opta-lmx alone: json_schema-constrained decode rate next to free decode.
+#   3. opta-lmx alone: json_schema-constrained decode rate next to free decode;
+#   4. opta-lmx alone: prompt lookup (speculation ngram) next to plain decoding on
+#      bench/speculation.py's workloads (an edit that re-emits a file, a story), one stream.
 # Targets (issue 22): warm turns <= 0.2x a cold turn and <= mlx_lm.server's warm TTFT;
 # after-restart <= 0.2x cold; aggregate >= 1.0x mlx_lm.server; constrained >= 0.9x free.
 #
 #   bench/mlx_server.sh                 # AGENT_TOOLS=30 TOKENS=16
 #   AGENT_TOOLS=2 bench/mlx_server.sh   # Linux CPU: MLX prefills a few tokens a second there
 #   ONLY=clients bench/mlx_server.sh    # just the six-client rows, raw
+#   ONLY=lookup bench/mlx_server.sh     # just the prompt-lookup rows (LOOKUP_TOKENS=128)
 set -euo pipefail
 AGENT_TOOLS=${AGENT_TOOLS:-30}
 TOKENS=${TOKENS:-16}
@@ -41,6 +44,29 @@ mlxlm() {
 stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
 
 declare -A REPLAY AFTER CLIENTS
+lookup() {
+  # The same server, speculation chosen per request: plain decoding, then prompt lookup.
+  OPTA_LMX_SPECULATION=ngram opta
+  for mode in off ngram; do
+    LOOKUP[$mode]=$("$PY" bench/speculation.py --base "http://127.0.0.1:$PORT/v1" --model "$NAME" \
+      --tokens "${LOOKUP_TOKENS:-128}" --speculation "$mode")
+    echo "lookup $mode: ${LOOKUP[$mode]}" >&2
+  done
+  stop
+  python3 - "${LOOKUP[off]}" "${LOOKUP[ngram]}" <<'PYEOF'
+import json, sys
+off, on = (json.loads(a) for a in sys.argv[1:])
+for w in ("edit", "free"):
+    same = "same text" if off[w]["text"] == on[w]["text"] else "TEXT DIFFERS"
+    print(f"prompt lookup, {w}: {on[w]['tps']:.2f} tok/s vs plain {off[w]['tps']:.2f}: "
+          f"{on[w]['tps'] / off[w]['tps']:.2f}x ({same}; target >= 0.97 on free, > 1 on edit)")
+PYEOF
+}
+declare -A LOOKUP
+if [ "${ONLY:-}" = lookup ]; then
+  lookup
+  exit 0
+fi
 if [ "${ONLY:-}" = clients ]; then
   # Just the six-client rows, raw: aggregate tokens/s is total tokens over the wall time, so
   # the tokens each server generated (an early end of text) and the TTFTs are shown too.
@@ -87,3 +113,4 @@ for kind in ["shared", "distinct"]:
           f"mlx_lm.server {b:.2f} tok/s ({cm[kind]['tokens']} in {cm[kind]['wall_s']:.0f} s): {a / b:.2f}x (target >= 1.0)")
 print(f"constrained decode {g['constrained_tps']:.2f} tok/s vs free {g['free_tps']:.2f}: {g['constrained_tps'] / g['free_tps']:.2f}x (target >= 0.9)")
 PYEOF
+lookup

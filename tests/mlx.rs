@@ -838,6 +838,44 @@ async fn a_draft_model_speculates_without_changing_greedy_output() {
         assert!(Instant::now() < deadline, "no speculation counted: {st}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Prompt lookup needs no second model: a request that re-emits its prompt (an edit)
+    // proposes from it, and the greedy text is the same as without.
+    unload_mlx(&s).await;
+    let (code, v) = s
+        .post(
+            "/admin/models/load",
+            &json!({"model_id": MLX, "speculation": "ngram"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let edit = "Rewrite this function with `total` renamed to `sum`, nothing else:\n\
+                def add_all(values):\n    total = 0\n    for v in values:\n        \
+                total += v\n    return total\n";
+    let mut off = ask(MLX, edit, 24);
+    off["speculation"] = json!("off");
+    let plain = content(&s.post("/v1/chat/completions", &off).await.1);
+    let (code, v) = s.post("/v1/chat/completions", &ask(MLX, edit, 24)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(content(&v), plain);
+    assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = s.get("/admin/status").await;
+        let spec = &st["loaded_models"][0]["scheduler"]["speculation"];
+        assert_eq!(spec["mode"], "ngram", "{st}");
+        let (p, a) = (
+            spec["proposed_tokens_total"].as_u64().unwrap(),
+            spec["accepted_tokens_total"].as_u64().unwrap(),
+        );
+        if p > 0 {
+            // The function is re-emitted: most proposals hold.
+            assert!(a > 0 && a <= p, "{spec}");
+            println!("prompt lookup: {a} of {p} proposals accepted");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no prompt lookup counted: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // A draft that is not in the target's format is refused by name before anything loads.
     let (code, v) = s
         .post(

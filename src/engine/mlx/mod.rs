@@ -126,7 +126,7 @@ pub struct MlxEngine {
     info: ModelInfo,
     shared: Arc<Shared>,
     max_queue: u32,
-    /// `Draft` when a draft model was loaded (requests may still ask for `off`).
+    /// The mode the load asked for (`Draft` only with its draft model loaded); requests may name another.
     speculation: Speculation,
     pid: u32,
 }
@@ -171,8 +171,6 @@ impl MlxEngine {
         let facts = config::read(dir).map_err(EngineError::Load)?;
         let tok = MlxTokenizer::load(dir, &opts.rendered_markers)?;
         let script = worker_script()?;
-        // Only `draft` is done by the worker; `ngram` (prompt lookup) is a hint MLX decodes
-        // without, with the same output.
         let draft = opts
             .draft
             .as_ref()
@@ -283,10 +281,9 @@ impl MlxEngine {
             info,
             shared,
             max_queue: opts.max_queue,
-            speculation: if draft.is_some() {
-                Speculation::Draft
-            } else {
-                Speculation::Off
+            speculation: match opts.speculation {
+                Speculation::Draft if draft.is_none() => Speculation::Off,
+                mode => mode,
             },
             pid,
         })
@@ -625,8 +622,8 @@ impl Backend for MlxEngine {
         &self,
         mut req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
-        // A draft model it does not have is refused by name, as on GGUF; `ngram` is a hint
-        // the worker decodes without (the output is the same).
+        // A draft model it does not have is refused by name, as on GGUF; prompt lookup needs
+        // nothing loaded.
         let mode = req.speculation.unwrap_or(self.speculation);
         if mode == Speculation::Draft && self.speculation != Speculation::Draft {
             return Err(super::grammar::no_draft_model());
@@ -683,7 +680,11 @@ impl Backend for MlxEngine {
             "frequency_penalty": s.frequency_penalty, "logit_bias": bias,
             "logprobs": req.logprobs,
             "grammar": s.grammar, "triggers": triggers,
-            "speculate": mode == Speculation::Draft,
+            "speculate": match mode {
+                Speculation::Draft => Some("draft"),
+                Speculation::Ngram => Some("ngram"),
+                Speculation::Off => None,
+            },
         });
         let (tx, rx) = mpsc::unbounded_channel();
         requests.insert(

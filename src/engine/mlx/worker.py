@@ -13,7 +13,7 @@ null), num_draft}.
                             repeat_penalty, presence_penalty, frequency_penalty, logit_bias,
                             logprobs (null, or how many alternatives),
                             grammar (GBNF or null), triggers ([regex], lazy grammar),
-                            speculate (bool)}
+                            speculate ("draft", "ngram" or null)}
                     cancel {id}    ping {seq}    shutdown {}
                     disk {dir, key (hex), min_tokens}     (the disk tier is ready)
                     trim_cache {seq, bytes}               (drop prefixes past `bytes`)
@@ -371,11 +371,11 @@ class Speculative:
             mx.array(prompt[cached:]), model, draft, num_draft_tokens=num_draft,
             max_tokens=max_tokens, sampler=sampler, logits_processors=processors or None,
             prompt_cache=self.model_cache + draft_cache)
-        self.max_tokens = max_tokens
+        self.max_tokens, self.num_draft = max_tokens, num_draft
 
     def round(self):
-        """One draft-and-verify round: [(token, logprobs)], accepted drafts, and whether the
-        generator is exhausted (max_tokens)."""
+        """One draft-and-verify round: [(token, logprobs)], accepted and proposed drafts, and
+        whether the generator is exhausted (max_tokens)."""
         out, accepted = [], 0
         for token, logprobs, from_draft in self.steps:
             out.append((int(token), logprobs))
@@ -383,8 +383,93 @@ class Speculative:
             if from_draft:
                 accepted += 1
             else:
-                return out, accepted, False
-        return out, accepted, True
+                return out, accepted, self.num_draft, False
+        # Cut by max_tokens: fewer than `num_draft` were verified.
+        return out, accepted, accepted, True
+
+    def cache(self):
+        """The target KV and the tokens it holds."""
+        held = self.model_cache[0].offset
+        return self.tokens[:held], self.model_cache
+
+# Prompt lookup, as the GGUF path does it (src/engine/speculation.rs): the longest suffix of
+# NGRAM_MAX down to NGRAM_MIN tokens found earlier in the last LOOKUP_WINDOW tokens proposes
+# what followed it.
+NGRAM_MAX, NGRAM_MIN, LOOKUP_WINDOW = 4, 2, 8192
+# Below this acceptance rate a sequence stops proposing. Measured on the CPU build (Qwen 0.5B
+# float32, OpenBLAS): a pass over 6 tokens costs 1.47x a one-token step, so five proposals pay
+# once about half a token is accepted per round, a rate near 0.33.
+LOOKUP_MIN_RATE = 0.35
+
+
+def ngram_proposal(history, most):
+    """Tokens that followed the most recent earlier occurrence of the history's last few
+    tokens, at most `most`."""
+    n = len(history)
+    if most <= 0 or n < NGRAM_MIN + 1:
+        return []
+    start = max(0, n - LOOKUP_WINDOW)
+    for size in range(min(NGRAM_MAX, n - 1), NGRAM_MIN - 1, -1):
+        suffix = history[n - size:]
+        for i in range(n - size - 1, start - 1, -1):
+            if history[i:i + size] == suffix:
+                return history[i + size:min(i + size + most, n)]
+    return []
+
+
+class Lookup:
+    """One sequence decoded with prompt lookup: each round feeds the newest token and the
+    tokens that followed the same few tokens earlier, keeps the proposals the model itself
+    picks (each sampled from the model's own distribution, so the output is what plain
+    decoding gives), plus the model's token where they part. Same interface as Speculative;
+    it runs alone for the same reason. A sequence whose proposals keep missing stops
+    proposing (a decayed acceptance rate, as on GGUF) and decodes one token a round."""
+
+    def __init__(self, model, prompt, cache, cached, max_tokens, sampler, num_draft):
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+        self.model, self.sampler, self.num_draft = model, sampler, num_draft
+        self.trim = trim_prompt_cache
+        self.model_cache = cache if cache is not None else make_prompt_cache(model)
+        # The cache holds every token but the newest, which each round feeds first.
+        if cached >= len(prompt):
+            trim_prompt_cache(self.model_cache, cached - len(prompt) + 1)
+            cached = len(prompt) - 1
+        for done in range(cached, len(prompt) - 1, 512):
+            chunk = prompt[done:min(done + 512, len(prompt) - 1)]
+            model(mx.array(chunk)[None], cache=self.model_cache)
+            mx.eval([c.state for c in self.model_cache])
+        self.tokens = list(prompt)
+        self.max_tokens, self.generated = max_tokens, 0
+        self.accepted, self.rejected = 1.0, 1.0  # a prior of one hit and one miss
+
+    def round(self):
+        import mlx.core as mx
+        left = self.max_tokens - self.generated
+        rate = self.accepted / (self.accepted + self.rejected)
+        proposal = (ngram_proposal(self.tokens, min(self.num_draft, left - 1))
+                    if rate >= LOOKUP_MIN_RATE else [])
+        logits = self.model(mx.array([self.tokens[-1]] + proposal)[None],
+                            cache=self.model_cache)[0]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = self.sampler(logprobs)
+        mx.eval(picked, logprobs)
+        out, accepted = [], 0
+        for i, token in enumerate(picked.tolist()):
+            out.append((int(token), logprobs[i]))
+            if i < len(proposal) and token == proposal[i]:
+                accepted += 1
+                continue
+            break
+        if proposal:
+            missed = 0 if accepted == len(proposal) else 1
+            self.accepted = 0.9 * self.accepted + accepted
+            self.rejected = 0.9 * self.rejected + missed
+        # The cache took every proposal; those after the first miss go.
+        self.trim(self.model_cache, len(proposal) - accepted)
+        self.tokens += [t for t, _ in out]
+        self.generated += len(out)
+        return out, accepted, len(proposal), self.generated >= self.max_tokens
 
     def cache(self):
         """The target KV and the tokens it holds."""
@@ -541,26 +626,31 @@ def main():
             top = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
         return [float(lp[token].item()), [[int(i), float(v)] for i, v in top]]
 
-    def speculating(msg, guide, cache):
-        """Whether a request decodes with the draft: asked for, nothing else decoding, no
-        grammar (its state would follow rejected drafts), and acceptance high enough to pay
-        (below 30% over 64 proposals, speculation stops for this worker)."""
+    def speculating(msg, guide, processors, cache):
+        """How a request decodes: "draft" or "ngram" where asked for and possible (nothing
+        else decoding, no grammar, whose state would follow rejected proposals, a cache that
+        can be cut back; for prompt lookup no other logits processor either), else None. Draft
+        speculation stops for this worker below 30% acceptance over 64 proposals."""
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
-        if not (msg.get("speculate") and draft is not None) or guide is not None:
-            return False
-        if by_uid or spec:
-            return False
-        if spec_figures["proposed"] >= 64 and spec_figures["accepted"] < 0.3 * spec_figures["proposed"]:
-            return False
-        return can_trim_prompt_cache(cache if cache is not None else make_prompt_cache(model))
+        mode = msg.get("speculate")
+        if mode not in ("draft", "ngram") or guide is not None or by_uid or spec:
+            return None
+        if mode == "draft" and (draft is None or (
+                spec_figures["proposed"] >= 64
+                and spec_figures["accepted"] < 0.3 * spec_figures["proposed"])):
+            return None
+        if mode == "ngram" and processors:
+            return None
+        trimmable = can_trim_prompt_cache(cache if cache is not None else make_prompt_cache(model))
+        return mode if trimmable else None
 
     def step_speculative(rid, sp):
         s = sp.seq
-        tokens, accepted, exhausted = sp.round()
-        spec_figures["steps"] += 1
-        # A full round verified `num_draft` proposals; the last, cut by max_tokens, fewer.
-        spec_figures["proposed"] += accepted if exhausted else num_draft
-        spec_figures["accepted"] += accepted
+        tokens, accepted, proposed, exhausted = sp.round()
+        if proposed:
+            spec_figures["steps"] += 1
+            spec_figures["proposed"] += proposed
+            spec_figures["accepted"] += accepted
         step = {"tokens": [], "logprobs": []}
         reason = None
         for token, logprobs in tokens:
@@ -628,9 +718,14 @@ def main():
                 processors = list(processors) + [guide]
             cache, rest, cached = prefixes.fetch(prompt)
             lp = msg.get("logprobs")
-            if speculating(msg, guide, cache):
+            mode = speculating(msg, guide, processors, cache)
+            if mode == "draft":
                 spec[msg["id"]] = Speculative(model, draft, prompt, cache, cached,
                                               msg["max_tokens"], sampler, processors, num_draft)
+            elif mode == "ngram":
+                spec[msg["id"]] = Lookup(model, prompt, cache, cached, msg["max_tokens"],
+                                         sampler, num_draft)
+            if mode is not None:
                 spec[msg["id"]].seq = Seq(msg["id"], cached, None if lp is None else int(lp))
                 return True
             [uid] = gen.insert([rest], max_tokens=[msg["max_tokens"]], caches=[cache],
