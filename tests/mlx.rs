@@ -1171,3 +1171,23 @@ async fn the_guard_drops_cached_prefixes_before_it_evicts_and_never_for_a_refuse
         "{line}"
     );
 }
+
+#[test]
+fn the_lazy_tool_call_grammar_engages_at_its_trigger() {
+    // The worker's grammar class on the real tokenizer and llguidance, step by step: free
+    // text untouched until `<tool_call>`, then only what the call's grammar allows; without
+    // triggers (tool_choice required) constrained from the first token.
+    let out = std::process::Command::new(root().join("target/mlx-venv/bin/python"))
+        .arg(root().join("tests/mlx_python/lazy_grammar.py"))
+        .arg(root().join("src/engine/mlx/worker.py"))
+        .arg(mlx_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lazy grammar: "));
+}
