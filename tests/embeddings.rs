@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use base64::Engine as _;
 use common::*;
@@ -330,13 +331,14 @@ async fn every_input_shape_and_option_and_every_refusal() {
 }
 
 #[tokio::test]
-async fn many_inputs_batch_together_and_a_chat_stream_beside_them_finishes() {
+async fn the_largest_request_batches_with_small_ones_which_finish_first_and_chat_goes_on() {
     let s = server();
     for id in [EMBED] {
         let (code, v) = s.post("/admin/models/load", &json!({"model_id": id})).await;
         assert_eq!(code, 200, "{v}");
     }
-    let texts: Vec<String> = (0..300)
+    // The most inputs one request may send.
+    let texts: Vec<String> = (0..2048)
         .map(|i| format!("Note {i}: the bot remembered item {} for later.", i * 7))
         .collect();
     // Singly first, then all in one request and in four at once: batching changes nothing.
@@ -348,13 +350,37 @@ async fn many_inputs_batch_together_and_a_chat_stream_beside_them_finishes() {
         single.push(vector(&v, 0));
     }
     let big_body = json!({"model": EMBED, "input": texts});
-    let big = s.post("/v1/embeddings", &big_body);
+    let big = async {
+        let r = s.post("/v1/embeddings", &big_body).await;
+        (r, Instant::now())
+    };
+    // The small requests are sent once the large one is in the engine, so they come after it.
+    let started = async {
+        loop {
+            let (_, st) = s.get("/admin/status").await;
+            let active = st["loaded_models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["id"] == EMBED)
+                .map(|m| m["scheduler"]["active_sequences"].as_u64().unwrap());
+            if active == Some(1) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    let started = futures_util::future::FutureExt::shared(Box::pin(started));
     let smalls = (0..4).map(|i| {
         let s = &s;
         let t = texts[i].clone();
+        let started = started.clone();
         async move {
-            s.post("/v1/embeddings", &json!({"model": EMBED, "input": [t]}))
-                .await
+            started.await;
+            let r = s
+                .post("/v1/embeddings", &json!({"model": EMBED, "input": [t]}))
+                .await;
+            (r, Instant::now())
         }
     });
     let mut chat = json!({"model": MODEL, "max_tokens": 12, "stream": true, "temperature": 0,
@@ -367,7 +393,7 @@ async fn many_inputs_batch_together_and_a_chat_stream_beside_them_finishes() {
             .await
             .unwrap()
     };
-    let ((code, v), rest, streamed) =
+    let (((code, v), big_done), rest, streamed) =
         tokio::join!(big, futures_util::future::join_all(smalls), stream);
     assert_eq!(
         code,
@@ -375,7 +401,7 @@ async fn many_inputs_batch_together_and_a_chat_stream_beside_them_finishes() {
         "{}",
         &v.to_string()[..200.min(v.to_string().len())]
     );
-    assert_eq!(v["data"].as_array().unwrap().len(), 300);
+    assert_eq!(v["data"].as_array().unwrap().len(), 2048);
     for (i, want) in single.iter().enumerate() {
         assert!(
             dot(&vector(&v, i), want) > 0.9999,
@@ -383,9 +409,15 @@ async fn many_inputs_batch_together_and_a_chat_stream_beside_them_finishes() {
         );
         assert_eq!(v["data"][i]["index"], i);
     }
-    for (i, (code, r)) in rest.iter().enumerate() {
+    // Inputs are taken round-robin across requests: the small ones ride in the first
+    // batches instead of waiting behind 2,048 inputs (32 batches of 64).
+    for (i, ((code, r), done)) in rest.iter().enumerate() {
         assert_eq!(*code, 200, "{r}");
         assert!(dot(&vector(r, 0), &single[i]) > 0.9999);
+        assert!(
+            *done < big_done,
+            "small request {i} waited for the large one"
+        );
     }
     let data = sse_data(&streamed);
     assert_eq!(
