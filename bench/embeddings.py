@@ -1,8 +1,12 @@
-"""Embeddings throughput against one OpenAI-compatible server: inputs/s and tokens/s for 1,
-64 and 1,024 short inputs per request, from one client and from eight at once. Prints one
-JSON object; bench/embeddings.sh runs it against opta-lmx and llama-server side by side."""
+"""Embeddings throughput of two OpenAI-compatible servers side by side: inputs/s and tokens/s
+for 1, 64 and 1,024 short inputs per request, from one client and from eight at once. Both
+servers run for the whole bench and take turns cell by cell, REPEATS times, and each cell
+reports its median, so drift in the machine's speed falls on both alike (one server, then
+the other, moved single cells by 20% between runs). Prints a table; bench/embeddings.sh
+starts opta-lmx and llama-server on the same GGUF and threads."""
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -37,15 +41,34 @@ def run(client, model, size, clients, rounds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True)
+    ap.add_argument("--opta", required=True, help="opta-lmx's base URL (…/v1)")
+    ap.add_argument("--llama", required=True, help="llama-server's base URL (…/v1)")
     ap.add_argument("--model", required=True)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    client = OpenAI(base_url=a.base, api_key="x", max_retries=0, timeout=600)
-    client.embeddings.create(model=a.model, input="warm up")
+    servers = {name: OpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
+               for name, url in (("opta", a.opta), ("llama", a.llama))}
+    for client in servers.values():
+        client.embeddings.create(model=a.model, input="warm up")
+    print("inputs x clients | opta-lmx inputs/s (tokens/s) | llama-server inputs/s (tokens/s) | ratio")
     out = {}
-    for size, rounds in [(1, 64), (64, 4), (1024, 1)]:
+    cells = os.environ.get("CELLS", "").split()  # e.g. CELLS="1x1 64x8": only these
+    for size, rounds in [(1, 128), (64, 16), (1024, 2)]:
         for clients in [1, 8]:
-            out[f"{size}x{clients}"] = run(client, a.model, size, clients, rounds)
+            if cells and f"{size}x{clients}" not in cells:
+                continue
+            runs = {name: [] for name in servers}
+            for _ in range(a.repeats):
+                for name, client in servers.items():
+                    runs[name].append(run(client, a.model, size, clients, rounds))
+            med = {name: sorted(r, key=lambda x: x["inputs_per_s"])[len(r) // 2]
+                   for name, r in runs.items()}
+            o, l = med["opta"], med["llama"]
+            key = f"{size}x{clients}"
+            out[key] = med
+            print(f"{key:>16} | {o['inputs_per_s']:8.1f} ({o['tokens_per_s']:7.0f}) | "
+                  f"{l['inputs_per_s']:8.1f} ({l['tokens_per_s']:7.0f}) | "
+                  f"{o['inputs_per_s'] / l['inputs_per_s']:.2f}x", flush=True)
     print(json.dumps(out))
 
 
