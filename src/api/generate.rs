@@ -59,6 +59,8 @@ pub(super) fn generation_request(
         constraint: v.constraint.clone(),
         logprobs: v.logprobs,
         speculation: v.speculation,
+        priority: v.priority,
+        client: None,
     })
 }
 /// Everything a finished non-streaming generation produced.
@@ -138,6 +140,12 @@ pub(super) async fn submit_choices(
             "n",
             format!("n is {n}, more than the {parallel} sequences this model is loaded with"),
         ));
+    }
+    // Who asked and how urgently: the body's `priority` first, then `x-priority`.
+    let mut gen = gen;
+    if let Some(caller) = super::caller::current() {
+        gen.priority = gen.priority.or(caller.priority);
+        gen.client = Some(caller.client);
     }
     let constrained = gen.constraint.is_some();
     let engine = std::sync::Arc::clone(&model.engine);

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod anthropic;
 pub mod auth;
+pub mod caller;
 pub mod chat;
 pub mod completions;
 pub mod downloads;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub responses: Arc<responses::ResponseStore>,
     /// Where admin actions are recorded.
     pub audit: Arc<Audit>,
+    /// Client names seen in requests' headers, bounded.
+    pub clients: Arc<caller::ClientNames>,
 }
 
 impl AppState {
@@ -82,6 +85,7 @@ impl AppState {
             cpu: Arc::new(Semaphore::new(cores)),
             secret: uuid::Uuid::new_v4().simple().to_string(),
             responses: Arc::default(),
+            clients: Arc::default(),
         }
     }
 
@@ -289,10 +293,15 @@ pub fn router(state: AppState) -> Router {
         let audited = || middleware::from_fn_with_state(state.clone(), observe::audit_admin);
         route = match r.access {
             Access::Open => route,
-            Access::Api => route.route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::require_api_key,
-            )),
+            Access::Api => route
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    caller::identify,
+                ))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    auth::require_api_key,
+                )),
             Access::Admin => {
                 route
                     .route_layer(audited())

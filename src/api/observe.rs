@@ -26,6 +26,8 @@ use crate::metrics::exporter::RequestLabels;
 struct Notes {
     route: Option<String>,
     model: Option<String>,
+    /// The client the request named (see [`super::caller`]), bounded.
+    caller: Option<Arc<str>>,
 }
 
 tokio::task_local! {
@@ -35,6 +37,11 @@ tokio::task_local! {
 /// Records the model that serves the current request (for its log line and metrics).
 pub fn note_model(id: &str) {
     let _ = NOTES.try_with(|n| n.lock().expect("notes lock").model = Some(id.to_string()));
+}
+
+/// Records who sent the current request (for its log line).
+pub fn note_caller(name: &Arc<str>) {
+    let _ = NOTES.try_with(|n| n.lock().expect("notes lock").caller = Some(Arc::clone(name)));
 }
 
 /// Route layer: records the matched route pattern.
@@ -92,7 +99,11 @@ pub async fn log_requests(State(state): State<AppState>, req: Request, next: Nex
     let started = Instant::now();
     let notes = Arc::new(Mutex::new(Notes::default()));
     let resp = NOTES.scope(Arc::clone(&notes), next.run(req)).await;
-    let Notes { route, model } = std::mem::take(&mut *notes.lock().expect("notes lock"));
+    let Notes {
+        route,
+        model,
+        caller,
+    } = std::mem::take(&mut *notes.lock().expect("notes lock"));
     let route = route.unwrap_or_else(|| "unmatched".into());
     let status = resp.status().as_u16();
     tracing::info!(
@@ -103,6 +114,7 @@ pub async fn log_requests(State(state): State<AppState>, req: Request, next: Nex
         status,
         model = model.as_deref().unwrap_or(""),
         client,
+        caller = caller.as_deref().unwrap_or(""),
         ms = started.elapsed().as_millis() as u64,
     );
     state.metrics.prometheus().record_request(RequestLabels {

@@ -274,6 +274,8 @@ async fn judged(
             // and the rest are among its 20 most likely.
             logprobs: Some(20),
             speculation: Some(Speculation::Off),
+            priority: None,
+            client: None,
         };
         receivers.push(model.engine.submit(gen)?);
     }

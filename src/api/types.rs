@@ -52,6 +52,8 @@ pub struct SamplingFields {
     /// opta-lmx extension: this request's speculation (`off`, `ngram`, `draft`) instead of
     /// the model's; `draft` needs a model loaded with a draft.
     pub speculation: Option<Speculation>,
+    /// vLLM's scheduling priority (lower runs first), which OpenClaw sends to local servers.
+    pub priority: Option<i64>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -99,6 +101,9 @@ pub struct ValidatedSampling {
     pub logprobs: Option<u8>,
     /// The request's own speculation mode, if it names one.
     pub speculation: Option<Speculation>,
+    /// The body's `priority`, if it names one (the `x-priority` header and the client's
+    /// default apply otherwise).
+    pub priority: Option<crate::engine::admission::Priority>,
     /// Choices to generate for the one prompt.
     pub n: u32,
     pub stream: bool,
@@ -251,6 +256,7 @@ impl SamplingFields {
             constraint,
             logprobs,
             speculation: self.speculation,
+            priority: self.priority.map(crate::engine::admission::clamp),
             n,
             stream: self.stream,
             include_usage: self

@@ -2,6 +2,7 @@
 //! prompt tokens and sampling settings and receives a stream of [`Event`]s, so the scheduler
 //! and the backends (llama.cpp, MLX) can change without touching the API.
 
+pub mod admission;
 pub mod grammar;
 pub mod llama;
 pub mod mlx;
@@ -126,6 +127,10 @@ pub struct GenerationRequest {
     pub logprobs: Option<u8>,
     /// This request's speculation instead of the model's; `None` uses the model's.
     pub speculation: Option<options::Speculation>,
+    /// Admission order (lower first, vLLM's meaning); `None` is 0. See [`admission`].
+    pub priority: Option<admission::Priority>,
+    /// Who sent it, for fair shares between clients; `None` is one anonymous client.
+    pub client: Option<std::sync::Arc<str>>,
 }
 
 /// One generated token's log-probability, and the most likely alternatives at its place.

@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use super::draft::{Drafter, Want};
 use super::picker::{Pending, Picked, Picker, Progress, Slice};
 use super::{Job, Shared, Ticket};
+use crate::engine::admission;
 use crate::engine::options::Speculation;
 use crate::engine::prompt_cache::DiskCache;
 use crate::engine::sampling::logprobs;
@@ -99,6 +101,8 @@ struct Wait {
 /// A request occupying a slot.
 struct Active {
     id: u64,
+    /// Who sent it (empty: no name), for fair shares at admission.
+    client: Arc<str>,
     slot: usize,
     events: mpsc::UnboundedSender<Event>,
     prompt: Vec<TokenId>,
@@ -441,10 +445,28 @@ impl<'m> Worker<'m> {
             .fetch_add(cancelled, Ordering::Relaxed);
     }
 
-    /// Moves queued requests, oldest first, into free sequences.
+    /// The queued request a free sequence takes next (see [`crate::engine::admission`]):
+    /// priority, aged by waiting, then the client with fewer running sequences, then the
+    /// oldest.
+    fn next_queued(&mut self) -> Option<Job> {
+        let running: Vec<&str> = self.active.iter().map(|a| &*a.client).collect();
+        let waiting: Vec<admission::Waiting<'_>> = self
+            .queue
+            .iter()
+            .map(|j| admission::Waiting {
+                priority: j.req.priority.unwrap_or(0),
+                client: j.req.client.as_deref().unwrap_or(""),
+                since: j.submitted,
+            })
+            .collect();
+        let at = admission::next(&waiting, &running, Instant::now())?;
+        self.queue.remove(at)
+    }
+
+    /// Moves queued requests into free sequences, in [`Self::next_queued`]'s order.
     fn admit(&mut self) {
         while self.slots.busy() < self.slots.len() {
-            let Some(mut job) = self.queue.pop_front() else {
+            let Some(mut job) = self.next_queued() else {
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -483,6 +505,7 @@ impl<'m> Worker<'m> {
             self.next_id += 1;
             self.active.push(Active {
                 id: self.next_id,
+                client: req.client.clone().unwrap_or_else(|| Arc::from("")),
                 slot: assignment.slot,
                 events: job.events,
                 prompt: req.prompt,

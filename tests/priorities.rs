@@ -1,0 +1,124 @@
+//! Priorities between clients (issue 24): with every sequence busy, a waiting request with a
+//! better priority (the body's `priority`, vLLM's meaning, or the `x-priority` header) is
+//! admitted before older ones; equal priorities keep arrival order.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Opts, Server};
+use serde_json::{json, Value};
+
+/// A request's label, headers and extra body fields.
+type Arrival = (&'static str, &'static [(&'static str, &'static str)], Value);
+
+fn server() -> Server {
+    Server::start(Opts {
+        parallel: 1,
+        ..Opts::default()
+    })
+}
+
+/// Sends a short greedy chat with these extra headers and body fields; returns when it ended.
+fn spawn_chat(
+    s: &Server,
+    label: &'static str,
+    headers: &[(&'static str, &'static str)],
+    extra: Value,
+) -> tokio::task::JoinHandle<(&'static str, u16, Instant)> {
+    let mut body = json!({"model": common::MODEL, "max_tokens": 3, "temperature": 0,
+        "messages": [{"role": "user", "content": format!("Say {label}.")}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let mut req = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    tokio::spawn(async move {
+        let r = req.send().await.unwrap();
+        let code = r.status().as_u16();
+        let _ = r.text().await;
+        (label, code, Instant::now())
+    })
+}
+
+#[tokio::test]
+async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
+    let s = server();
+    // One sequence, held by a long stream.
+    let holder = tokio::spawn({
+        let url = s.url("/v1/chat/completions");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(
+                    &json!({"model": common::MODEL, "max_tokens": 2000, "stream": true,
+                    "messages": [{"role": "user", "content": "Count to a thousand."}]}),
+                )
+                .send()
+                .await
+                .unwrap();
+            let _ = r.text().await;
+        }
+    });
+    s.wait_for("active_requests", 1, Duration::from_secs(30))
+        .await;
+    // Queued in this order: two bots' ordinary requests, a cron job's low one, then the
+    // person's turn (header) and an OpenClaw interactive turn (body priority).
+    let mut handles = Vec::new();
+    let arrivals: [Arrival; 5] = [
+        ("first-bot", &[("x-client-id", "bot-1")], json!({})),
+        ("second-bot", &[("x-client-id", "bot-2")], json!({})),
+        ("cron", &[("x-client-id", "cron")], json!({"priority": 5})),
+        ("keyboard", &[("x-priority", "high")], json!({})),
+        (
+            "interactive",
+            &[("x-openclaw-agent-id", "main")],
+            json!({"priority": -1}),
+        ),
+    ];
+    for (i, (label, headers, extra)) in arrivals.into_iter().enumerate() {
+        handles.push(spawn_chat(&s, label, headers, extra));
+        s.wait_for("queued_requests", i as u64 + 1, Duration::from_secs(30))
+            .await;
+    }
+    // Free the sequence: the client of the long stream hangs up.
+    holder.abort();
+    let mut ended = Vec::new();
+    for h in handles {
+        let (label, code, at) = h.await.unwrap();
+        assert_eq!(code, 200, "{label}");
+        ended.push((at, label));
+    }
+    ended.sort();
+    let order: Vec<&str> = ended.iter().map(|(_, l)| *l).collect();
+    assert_eq!(
+        order,
+        ["keyboard", "interactive", "first-bot", "second-bot", "cron"]
+    );
+    // The request log names each client (bounded names; none named: anonymous).
+    let log = s.log_text();
+    for name in ["bot-1", "bot-2", "cron", "main", "anonymous"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("opta_lmx::http") && l.contains(&format!("caller=\"{name}\""))),
+            "{name} not in {log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_priority_that_is_not_an_integer_is_a_400() {
+    let s = server();
+    let (code, v) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": common::MODEL, "max_tokens": 1, "priority": "urgent",
+                "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+}
