@@ -43,6 +43,38 @@ pub struct Config {
     pub hub: HubConfig,
     pub requests: RequestsConfig,
     pub audit: AuditConfig,
+    /// The clients this server knows by key (the coding CLI, each bot).
+    pub clients: Vec<ClientConfig>,
+}
+
+/// One client: its own API key (several may be valid at once; removing one revokes it), the
+/// priority its requests get unless they ask, the best it may ask for, and how many of its
+/// requests may be in flight at once.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Shown in logs and status: letters, digits and `._:@-`, at most 64.
+    pub name: String,
+    /// Accepted wherever the API key is; a request with it is this client's.
+    pub key: Option<String>,
+    /// Priority of its requests that name none (lower runs first; default 0).
+    pub priority: Option<i32>,
+    /// The lowest priority number its requests may use; asking for better gets this.
+    pub best_priority: Option<i32>,
+    /// Requests in flight (running or queued) at once; more get 429 with `Retry-After`.
+    pub max_requests: Option<u32>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("priority", &self.priority)
+            .field("best_priority", &self.best_priority)
+            .field("max_requests", &self.max_requests)
+            .finish()
+    }
 }
 
 /// The audit log of admin actions (see `crate::audit`).
@@ -581,6 +613,43 @@ impl Config {
         })
     }
 
+    /// Client names must be fit for logs and unique, keys unique and not the admin key.
+    fn check_clients(&self) -> Result<(), (String, String)> {
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let fit = !c.name.is_empty()
+                && c.name.len() <= 64
+                && c.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b));
+            if !fit {
+                return Err((
+                    format!("clients[{i}].name"),
+                    format!("`{}` is not 1 to 64 letters, digits or ._:@-", c.name),
+                ));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err((
+                    format!("clients[{i}].name"),
+                    format!("`{}` is listed twice", c.name),
+                ));
+            }
+            if let Some(k) = &c.key {
+                if k.is_empty()
+                    || !keys.insert(k.as_str())
+                    || Some(k) == self.server.admin_key.as_ref()
+                {
+                    return Err((
+                        format!("clients[{i}].key"),
+                        "is empty, another client's, or the admin key".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one `OPTA_LMX_<KEY>` variable. Unknown keys are errors: a typo must not pass.
     fn set_env(&mut self, key: &str, v: &str) -> Result<(), String> {
         fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
@@ -691,6 +760,7 @@ impl Config {
 
     /// Normalises paths and checks ranges that serde cannot express; the error names the key.
     pub fn finish(&mut self) -> Result<(), (String, String)> {
+        self.check_clients()?;
         self.models.directory = expand_tilde(&self.models.directory);
         if let Some(f) = &self.logging.file {
             self.logging.file = Some(expand_tilde(f));

@@ -122,3 +122,108 @@ async fn a_priority_that_is_not_an_integer_is_a_400() {
         .await;
     assert_eq!(code, 400, "{v}");
 }
+
+const CLIENTS: &str = "
+clients:
+  - name: opta-cli
+    key: key-cli
+    priority: -10
+  - name: bot
+    key: key-bot
+    best_priority: 0
+    max_requests: 1
+";
+
+#[tokio::test]
+async fn configured_clients_have_their_keys_priorities_and_caps() {
+    let s = Server::start(Opts {
+        parallel: 1,
+        config: CLIENTS.into(),
+        ..Opts::default()
+    });
+    let chat = |key: &str, max_tokens: u32, extra: Value| {
+        let mut body = json!({"model": common::MODEL, "max_tokens": max_tokens,
+            "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": "Count to a thousand."}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let code = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let text = r.text().await.unwrap();
+            (code, retry, text, Instant::now())
+        })
+    };
+    // A key nobody has (or a client's removed one) is refused; each client's key works.
+    let (code, _, text, _) = chat("key-gone", 1, json!({})).await.unwrap();
+    assert_eq!(code, 401, "{text}");
+    // The bot holds the one sequence with a long stream; a second bot request at once is a
+    // 429 for the bot alone, with Retry-After.
+    let holder = chat("key-bot", 2000, json!({}));
+    s.wait_for("active_requests", 1, Duration::from_secs(30))
+        .await;
+    let (code, retry, text, _) = chat("key-bot", 1, json!({})).await.unwrap();
+    assert_eq!(code, 429, "{text}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(text.contains("client `bot`"), "{text}");
+    // The person's CLI queues behind the holder with its configured -10; a later bot request
+    // could not ask for better than 0 anyway (and is capped while the holder runs).
+    let cli = chat("key-cli", 2, json!({}));
+    s.wait_for("queued_requests", 1, Duration::from_secs(30))
+        .await;
+    holder.abort();
+    let (code, _, text, _) = cli.await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The bot's place was freed by its stream's end: it may send again.
+    s.wait_for("active_requests", 0, Duration::from_secs(30))
+        .await;
+    let (code, _, text, _) = chat("key-bot", 1, json!({"priority": -100})).await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    // Each key's requests are logged under its client's name.
+    let log = s.log_text();
+    for name in ["opta-cli", "bot"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("opta_lmx::http") && l.contains(&format!("caller=\"{name}\""))),
+            "{name} not in {log}"
+        );
+    }
+}
+
+#[test]
+fn a_client_listed_twice_or_with_the_admin_key_is_a_config_error() {
+    for (config, key) in [
+        (
+            "clients:\n  - {name: a}\n  - {name: a}\n",
+            "clients[1].name",
+        ),
+        ("clients:\n  - {name: 'a b'}\n", "clients[0].name"),
+        (
+            "server: {admin_key: k}\nclients:\n  - {name: a, key: k}\n",
+            "clients[0].key",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_opta-lmx"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .args(["--port", "0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{config}: {err}");
+    }
+}

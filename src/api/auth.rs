@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::{observe, AppState};
-use crate::config::ServerConfig;
+use crate::config::{ClientConfig, Config, ServerConfig};
 
 /// The key a request presented, from `Authorization: Bearer` or `X-Admin-Key`.
 pub(super) fn presented_key(headers: &HeaderMap, admin: bool) -> Option<&str> {
@@ -48,12 +48,31 @@ fn keys_match(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// Whether the request carries the API key, or none is configured.
-fn api_key_ok(server: &ServerConfig, headers: &HeaderMap) -> bool {
-    server
+/// Whether the request carries a key that opens the inference routes: the server's API key
+/// or a configured client's; with no key configured at all, every request does.
+fn api_key_ok(config: &Config, headers: &HeaderMap) -> bool {
+    let mut keys = config
+        .server
         .api_key
-        .as_ref()
-        .is_none_or(|key| presented_key(headers, false).is_some_and(|k| keys_match(k, key)))
+        .iter()
+        .chain(config.clients.iter().filter_map(|c| c.key.as_ref()))
+        .peekable();
+    if keys.peek().is_none() {
+        return true;
+    }
+    presented_key(headers, false).is_some_and(|p| keys.any(|k| keys_match(p, k)))
+}
+
+/// The configured client whose key the request carries, if any.
+pub(super) fn client_of_key<'c>(
+    config: &'c Config,
+    headers: &HeaderMap,
+) -> Option<&'c ClientConfig> {
+    let presented = presented_key(headers, false)?;
+    config
+        .clients
+        .iter()
+        .find(|c| c.key.as_deref().is_some_and(|k| keys_match(presented, k)))
 }
 
 /// Route layer of [`super::routes::Access::Api`]: the API key, when one is configured.
@@ -62,7 +81,7 @@ pub(super) async fn require_api_key(
     req: Request,
     next: Next,
 ) -> Response {
-    if api_key_ok(&state.config.server, req.headers()) {
+    if api_key_ok(&state.config, req.headers()) {
         return next.run(req).await;
     }
     observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
@@ -152,7 +171,7 @@ pub(super) async fn require_admin_unless_loaded(
     let Err(admin_err) = admin_access(server, peer_ip(&req), req.headers()) else {
         return next.run(req).await;
     };
-    if api_key_ok(server, req.headers()) {
+    if api_key_ok(&state.config, req.headers()) {
         let (parts, body) = req.into_parts();
         let bytes = match super::read_body_of(body, &state).await {
             Ok(b) => b,

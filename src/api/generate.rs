@@ -144,7 +144,7 @@ pub(super) async fn submit_choices(
     // Who asked and how urgently: the body's `priority` first, then `x-priority`.
     let mut gen = gen;
     if let Some(caller) = super::caller::current() {
-        gen.priority = gen.priority.or(caller.priority);
+        gen.priority = caller.priority_for(gen.priority);
         gen.client = Some(caller.client);
     }
     let constrained = gen.constraint.is_some();

@@ -105,6 +105,8 @@ pub struct Opts {
     /// A command the server is started through (its arguments, then the server's command
     /// line): a private mount namespace with a small disk, say.
     pub wrap: Vec<String>,
+    /// The config file's YAML (empty by default).
+    pub config: String,
 }
 
 impl Default for Opts {
@@ -118,6 +120,7 @@ impl Default for Opts {
             env: Vec::new(),
             also_link: Vec::new(),
             wrap: Vec::new(),
+            config: String::new(),
         }
     }
 }
@@ -151,7 +154,7 @@ impl Server {
             }
         }
         let config = dir.join(".config.yaml");
-        std::fs::write(&config, "").unwrap();
+        std::fs::write(&config, &opts.config).unwrap();
         // Appends, so a restarted server's log follows the first one's.
         let log = dir.join(".server.log");
         let log_file = std::fs::OpenOptions::new()
