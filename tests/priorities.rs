@@ -54,10 +54,12 @@ async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
         async move {
             let r = reqwest::Client::new()
                 .post(url)
-                .json(
-                    &json!({"model": common::MODEL, "max_tokens": 2000, "stream": true,
-                    "messages": [{"role": "user", "content": "Count to a thousand."}]}),
-                )
+                .json(&{
+                    // End of text is banned: it holds the sequence until it is cancelled.
+                    let mut body = common::fleet::chat(common::MODEL, 2000);
+                    body["stream"] = json!(true);
+                    body
+                })
                 .send()
                 .await
                 .unwrap();
@@ -85,6 +87,37 @@ async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
         s.wait_for("queued_requests", i as u64 + 1, Duration::from_secs(30))
             .await;
     }
+    // The status shows each client's running and queued requests and best priority.
+    // The scheduler publishes them when it next looks at its queue: wait for that state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let clients = loop {
+        let (_, st) = s.get("/admin/status").await;
+        let clients = st["loaded_models"][0]["clients"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let queued: u64 = clients.iter().map(|c| c["queued"].as_u64().unwrap()).sum();
+        if queued == 5 || Instant::now() > deadline {
+            break clients;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let of = |name: &str| {
+        clients
+            .iter()
+            .find(|c| c["client"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {clients:?}"))
+            .clone()
+    };
+    assert_eq!(of("anonymous")["running"], 1, "{clients:?}"); // the long stream
+    assert_eq!(of("anonymous")["queued"], 1, "{clients:?}"); // the keyboard's turn
+    assert_eq!(of("anonymous")["priority"], -10, "{clients:?}");
+    assert_eq!(
+        (of("cron")["queued"].clone(), of("cron")["priority"].clone()),
+        (json!(1), json!(5))
+    );
+    assert_eq!(of("main")["priority"], -1, "{clients:?}");
+    assert_eq!(clients.len(), 5, "{clients:?}");
     // Free the sequence: the client of the long stream hangs up.
     holder.abort();
     let mut ended = Vec::new();
@@ -99,6 +132,21 @@ async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
         order,
         ["keyboard", "interactive", "first-bot", "second-bot", "cron"]
     );
+    // Metrics count requests by client.
+    let text = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in ["bot-1", "bot-2", "cron", "main", "anonymous"] {
+        assert!(
+            text.contains(&format!(
+                "opta_lmx_client_requests_total{{client=\"{name}\"}}"
+            )),
+            "{name}: {text}"
+        );
+    }
     // The request log names each client (bounded names; none named: anonymous).
     let log = s.log_text();
     for name in ["bot-1", "bot-2", "cron", "main", "anonymous"] {
@@ -168,7 +216,7 @@ async fn configured_clients_have_their_keys_priorities_and_caps() {
     assert_eq!(code, 401, "{text}");
     // The bot holds the one sequence with a long stream; a second bot request at once is a
     // 429 for the bot alone, with Retry-After.
-    let holder = chat("key-bot", 2000, json!({}));
+    let holder = chat("key-bot", 2000, json!({"logit_bias": common::no_eos()}));
     s.wait_for("active_requests", 1, Duration::from_secs(30))
         .await;
     let (code, retry, text, _) = chat("key-bot", 1, json!({})).await.unwrap();
@@ -226,4 +274,42 @@ fn a_client_listed_twice_or_with_the_admin_key_is_a_config_error() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{config}: {err}");
     }
+}
+
+#[tokio::test]
+async fn ten_thousand_client_names_keep_the_labels_bounded() {
+    let s = server();
+    let client = reqwest::Client::new();
+    for i in 0..10_000 {
+        // A cheap route that still names its client: an unknown model is a 404.
+        let r = client
+            .post(s.url("/v1/chat/completions"))
+            .header("x-client-id", format!("made-up-{i}"))
+            .json(
+                &json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    let text = client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("opta_lmx_client_requests_total{"))
+        .collect();
+    // The first 64 names, then everything else as `other`.
+    assert_eq!(series.len(), 65, "{series:?}");
+    let other = series
+        .iter()
+        .find(|l| l.contains("client=\"other\""))
+        .unwrap();
+    assert!(other.ends_with(" 9936"), "{other}");
 }

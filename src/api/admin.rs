@@ -527,6 +527,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
                 "queued_requests": stats.queued_requests,
                 "cache_hit_ratio": hit_ratio(stats.cached_prompt_tokens_total, stats.prompt_tokens_total),
                 "scheduler": stats,
+                "clients": m.engine.clients(),
                 "request_count": m.request_count(),
                 "format": m.disk.format,
                 "worker_pid": m.engine.worker().map(|w| w.0),

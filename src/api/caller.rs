@@ -161,6 +161,10 @@ pub async fn identify(State(state): State<AppState>, req: Request, next: Next) -
         Some(max) => match state.clients.enter(&caller.client, max) {
             Some(p) => Some(p),
             None => {
+                state
+                    .metrics
+                    .prometheus()
+                    .record_client(&caller.client, true);
                 return ApiError::RateLimited {
                     message: format!(
                         "client `{}` has {max} requests in flight, its limit \
@@ -169,10 +173,14 @@ pub async fn identify(State(state): State<AppState>, req: Request, next: Next) -
                     ),
                     retry_after_secs: 1,
                 }
-                .into_response()
+                .into_response();
             }
         },
     };
+    state
+        .metrics
+        .prometheus()
+        .record_client(&caller.client, false);
     let resp = CALLER.scope(caller, next.run(req)).await;
     match place {
         None => resp,

@@ -265,6 +265,17 @@ impl MemoryEstimate {
     }
 }
 
+/// One client's share of a model's scheduler now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientLoad {
+    /// Its name (empty: requests that named none and came without a configured key).
+    pub client: String,
+    pub running: u32,
+    pub queued: u32,
+    /// The best (lowest) priority among its requests.
+    pub priority: admission::Priority,
+}
+
 /// Live counters of one model's scheduler.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct SchedulerStats {
@@ -348,6 +359,10 @@ pub trait Backend: Send + Sync {
     /// Stops the scheduler: queued and running requests end with [`EngineError::Unloaded`].
     /// Blocks until the model's memory is released.
     fn shutdown(&self);
+    /// Each client's running and waiting requests, for `/admin/status`.
+    fn clients(&self) -> Vec<ClientLoad> {
+        Vec::new()
+    }
     /// Memory held by reusable prefixes beyond the model's fixed footprint (the MLX worker's
     /// prefix cache), which the memory guard may reclaim before it evicts a model.
     fn prefix_cache_bytes(&self) -> u64 {

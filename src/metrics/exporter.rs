@@ -61,6 +61,13 @@ struct ScopeLabel {
     scope: String,
 }
 
+/// A client's name: configured, or one of the first names seen (the rest fold into `other`,
+/// see `api::caller`), so the label's values stay bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabel {
+    client: String,
+}
+
 type F64Gauge = Gauge<f64, AtomicU64>;
 
 /// Latency buckets from 5 ms to about 80 s, doubling.
@@ -97,6 +104,8 @@ pub struct Prometheus {
     downloads: Family<OutcomeLabel, Counter>,
     verification_failures: Counter,
     auth_failures: Family<ScopeLabel, Counter>,
+    client_requests: Family<ClientLabel, Counter>,
+    client_rejected: Family<ClientLabel, Counter>,
     // Read at scrape time.
     queue_depth: Family<ModelLabel, Gauge>,
     active_sequences: Family<ModelLabel, Gauge>,
@@ -137,6 +146,8 @@ impl Default for Prometheus {
             downloads: Family::default(),
             verification_failures: Counter::default(),
             auth_failures: Family::default(),
+            client_requests: Family::default(),
+            client_rejected: Family::default(),
             queue_depth: Family::default(),
             active_sequences: Family::default(),
             model_memory: Family::default(),
@@ -251,6 +262,16 @@ impl Default for Prometheus {
             "auth_failures",
             "Requests refused for a missing or wrong key, by scope (api, admin)",
             me.auth_failures.clone(),
+        );
+        r.register(
+            "client_requests",
+            "Inference requests by client (bounded names; see clients in the config)",
+            me.client_requests.clone(),
+        );
+        r.register(
+            "client_rejected",
+            "Requests refused with 429 because their client had max_requests in flight",
+            me.client_rejected.clone(),
         );
         r.register(
             "queue_depth",
@@ -444,6 +465,17 @@ impl Prometheus {
     /// A downloaded file failed its hash check.
     pub fn record_verification_failure(&self) {
         self.verification_failures.inc();
+    }
+
+    /// One inference request from `client`; `rejected` when its client was at its cap.
+    pub fn record_client(&self, client: &str, rejected: bool) {
+        let label = ClientLabel {
+            client: client.to_string(),
+        };
+        self.client_requests.get_or_create(&label).inc();
+        if rejected {
+            self.client_rejected.get_or_create(&label).inc();
+        }
     }
 
     /// A request with a missing or wrong key: `api` or `admin`.

@@ -171,6 +171,8 @@ struct Shared {
     /// Moving average of a request's time in the scheduler, for `Retry-After`.
     avg_request_ms: AtomicU64,
     rates: Mutex<RateWindow>,
+    /// Each client's running and queued requests, as the scheduler last saw them.
+    clients: Mutex<Vec<super::ClientLoad>>,
 }
 
 /// One admitted-or-waiting request's share of [`Shared::pending`]; dropping it (finish,
@@ -578,6 +580,10 @@ impl Backend for LlamaEngine {
                 speculative_steps_total: s.speculative_steps.load(Ordering::Relaxed),
             },
         }
+    }
+
+    fn clients(&self) -> Vec<super::ClientLoad> {
+        self.shared.clients.lock().expect("clients lock").clone()
     }
 
     fn shutdown(&self) {

@@ -24,7 +24,9 @@ use crate::engine::sampling::logprobs;
 use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable};
 use crate::engine::speculation::{ngram_proposal, Acceptance, SpecCosts};
 use crate::engine::text::TextAssembler;
-use crate::engine::{EngineError, Event, FinishReason, TokenId, TokenLogprob, TokenText, Usage};
+use crate::engine::{
+    ClientLoad, EngineError, Event, FinishReason, TokenId, TokenLogprob, TokenText, Usage,
+};
 
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
 pub(super) const BATCH_TOKENS: usize = 512;
@@ -103,6 +105,8 @@ struct Active {
     id: u64,
     /// Who sent it (empty: no name), for fair shares at admission.
     client: Arc<str>,
+    /// Its admission priority, shown in `/admin/status`.
+    priority: admission::Priority,
     slot: usize,
     events: mpsc::UnboundedSender<Event>,
     prompt: Vec<TokenId>,
@@ -417,6 +421,35 @@ impl<'m> Worker<'m> {
         self.shared
             .active
             .store(self.active.len() as u32, Ordering::Relaxed);
+        // (client, priority, running) of every request the scheduler holds.
+        let held = self
+            .active
+            .iter()
+            .map(|a| (&*a.client, a.priority, true))
+            .chain(self.queue.iter().map(|j| {
+                let client = j.req.client.as_deref().unwrap_or("");
+                (client, j.req.priority.unwrap_or(0), false)
+            }));
+        let mut by_client: std::collections::BTreeMap<&str, ClientLoad> = Default::default();
+        for (client, priority, running) in held {
+            let c = by_client.entry(client).or_insert_with(|| ClientLoad {
+                client: client.to_string(),
+                running: 0,
+                queued: 0,
+                priority: admission::Priority::MAX,
+            });
+            c.priority = c.priority.min(priority);
+            if running {
+                c.running += 1;
+            } else {
+                c.queued += 1;
+            }
+        }
+        let clients: Vec<ClientLoad> = by_client.into_values().collect();
+        let mut published = self.shared.clients.lock().expect("clients lock");
+        if *published != clients {
+            *published = clients;
+        }
     }
 
     /// Requests whose client hung up leave at once, queued or running; a running one's slot is
@@ -506,6 +539,7 @@ impl<'m> Worker<'m> {
             self.active.push(Active {
                 id: self.next_id,
                 client: req.client.clone().unwrap_or_else(|| Arc::from("")),
+                priority: req.priority.unwrap_or(0),
                 slot: assignment.slot,
                 events: job.events,
                 prompt: req.prompt,
