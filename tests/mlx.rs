@@ -1191,3 +1191,58 @@ fn the_lazy_tool_call_grammar_engages_at_its_trigger() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("lazy grammar: "));
 }
+
+#[tokio::test]
+async fn the_server_decides_which_waiting_request_the_worker_gets_next() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(1, &[]);
+    load_mlx(&s).await;
+    // One sequence, held by a long stream.
+    let mut long = ask(
+        MLX,
+        "Count from one to five hundred, one number per line.",
+        400,
+    );
+    long["stream"] = json!(true);
+    let holder = tokio::spawn({
+        let url = s.url("/v1/chat/completions");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&long)
+                .send()
+                .await
+                .unwrap();
+            let _ = r.text().await;
+        }
+    });
+    s.wait_for("active_requests", 1, Duration::from_secs(60))
+        .await;
+    let send = |label: &'static str, priority: Option<&'static str>| {
+        let mut req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .header("x-client-id", label)
+            .json(&ask(MLX, &format!("Say {label}."), 2));
+        if let Some(p) = priority {
+            req = req.header("x-priority", p);
+        }
+        tokio::spawn(async move {
+            let code = req.send().await.unwrap().status().as_u16();
+            (label, code, Instant::now())
+        })
+    };
+    // Waiting here, not in the worker: low first, then the person's turn.
+    let low = send("cron", Some("low"));
+    s.wait_for("queued_requests", 1, Duration::from_secs(30))
+        .await;
+    let high = send("keyboard", Some("high"));
+    s.wait_for("queued_requests", 2, Duration::from_secs(30))
+        .await;
+    let (_, st) = s.get("/admin/status").await;
+    let clients = &st["loaded_models"][0]["clients"];
+    assert_eq!(clients.as_array().unwrap().len(), 3, "{st}");
+    holder.abort();
+    let (a, b) = (high.await.unwrap(), low.await.unwrap());
+    assert_eq!((a.1, b.1), (200, 200));
+    assert!(a.2 < b.2, "the low-priority request went first");
+}

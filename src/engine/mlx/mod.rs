@@ -81,6 +81,11 @@ struct Request {
     first_token: Option<Instant>,
     /// The request field a worker-side refusal names (`response_format`, `tool_choice`).
     param: &'static str,
+    /// Its submit message while it waits here for a sequence; `None` once the worker has it.
+    /// The server, not the worker, decides who goes next (see [`Shared::dispatch`]).
+    held: Option<Value>,
+    priority: crate::engine::admission::Priority,
+    client: Arc<str>,
 }
 
 /// The worker's prefix-cache figures, from its last pong or trim answer.
@@ -119,6 +124,8 @@ struct Shared {
     trimmed: (Mutex<u64>, std::sync::Condvar),
     /// The disk tier's root and bound, which this side keeps the whole tree under.
     disk: Option<DiskCacheConfig>,
+    /// Sequences the worker decodes at once: more requests wait here, not in the worker.
+    parallel: usize,
 }
 
 /// A loaded MLX model and its worker.
@@ -257,6 +264,7 @@ impl MlxEngine {
             cache: Mutex::new(CacheFigures::default()),
             trimmed: (Mutex::new(0), std::sync::Condvar::new()),
             disk: opts.disk.clone(),
+            parallel: opts.parallel.max(1) as usize,
         });
         if let Some(cfg) = opts.disk.clone() {
             open_disk_tier(&shared, dir.to_path_buf(), cfg);
@@ -336,18 +344,107 @@ impl Shared {
         write_msg(w, msg).map_err(|e| EngineError::Decode(format!("the MLX worker is gone: {e}")))
     }
 
-    /// Ends a request whose client left, in the worker too.
+    /// Ends a request whose client left, in the worker too if it had it.
     fn cancel(&self, id: u64) {
-        if self
-            .requests
-            .lock()
-            .expect("requests lock")
-            .remove(&id)
-            .is_some()
-        {
+        let removed = self.requests.lock().expect("requests lock").remove(&id);
+        if let Some(r) = removed {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
-            let _ = self.send(&json!({"type": "cancel", "id": id}));
+            if r.held.is_none() {
+                let _ = self.send(&json!({"type": "cancel", "id": id}));
+            }
+            self.dispatch();
         }
+    }
+
+    /// Hands waiting requests to the worker while it has free sequences, in the GGUF
+    /// scheduler's order (priority, aged; the client with fewer running; the oldest), so the
+    /// worker never queues and the order is the server's. Called after every submit and
+    /// every end of a request.
+    fn dispatch(&self) {
+        use crate::engine::admission;
+        let mut out = Vec::new();
+        {
+            let mut requests = self.requests.lock().expect("requests lock");
+            // Waiting requests whose client left go without reaching the worker.
+            let gone: Vec<u64> = requests
+                .iter()
+                .filter(|(_, r)| r.held.is_some() && r.events.is_closed())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                requests.remove(&id);
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            loop {
+                let running: Vec<&str> = requests
+                    .values()
+                    .filter(|r| r.held.is_none())
+                    .map(|r| &*r.client)
+                    .collect();
+                if running.len() >= self.parallel {
+                    break;
+                }
+                let mut ids: Vec<u64> = requests
+                    .iter()
+                    .filter(|(_, r)| r.held.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.sort_unstable();
+                let waiting: Vec<admission::Waiting<'_>> = ids
+                    .iter()
+                    .map(|id| {
+                        let r = &requests[id];
+                        admission::Waiting {
+                            priority: r.priority,
+                            client: &r.client,
+                            since: r.submitted,
+                        }
+                    })
+                    .collect();
+                let Some(at) = admission::next(&waiting, &running, Instant::now()) else {
+                    break;
+                };
+                let id = ids[at];
+                let r = requests.get_mut(&id).expect("a held request");
+                let msg = r.held.take().expect("held");
+                out.push((id, msg, r.prompt_tokens));
+            }
+        }
+        for (id, msg, prompt) in out {
+            match self.send(&msg) {
+                Ok(()) => {
+                    self.requests_total.fetch_add(1, Ordering::Relaxed);
+                    self.prompt_tokens
+                        .fetch_add(u64::from(prompt), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if let Some(r) = self.requests.lock().expect("requests lock").remove(&id) {
+                        let _ = r.events.send(Event::Error(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each client's running and waiting requests.
+    fn clients(&self) -> Vec<super::ClientLoad> {
+        let requests = self.requests.lock().expect("requests lock");
+        let mut by: std::collections::BTreeMap<&str, super::ClientLoad> = Default::default();
+        for r in requests.values() {
+            let c = by.entry(&r.client).or_insert_with(|| super::ClientLoad {
+                client: r.client.to_string(),
+                running: 0,
+                queued: 0,
+                priority: crate::engine::admission::Priority::MAX,
+            });
+            c.priority = c.priority.min(r.priority);
+            if r.held.is_some() {
+                c.queued += 1;
+            } else {
+                c.running += 1;
+            }
+        }
+        by.into_values().collect()
     }
 
     fn note_cache(&self, v: &Value, spec: &Value) {
@@ -502,6 +599,7 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                     drop(requests);
                     let _ = shared.send(&json!({"type": "cancel", "id": id}));
                     finish(shared, r, FinishReason::Stop);
+                    shared.dispatch();
                 }
             }
             Some("done") => {
@@ -513,6 +611,7 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                         _ => FinishReason::Stop,
                     };
                     finish(shared, r, reason);
+                    shared.dispatch();
                 }
             }
             Some("pong") => {
@@ -554,6 +653,7 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                         EngineError::Decode(message)
                     };
                     let _ = r.events.send(Event::Error(e));
+                    shared.dispatch();
                 }
             }
             _ => tracing::warn!(event = "mlx_unknown_message", message = %msg),
@@ -698,32 +798,28 @@ impl Backend for MlxEngine {
                 submitted: Instant::now(),
                 first_token: None,
                 param,
+                held: Some(msg),
+                priority: req.priority.unwrap_or(0),
+                client: req.client.clone().unwrap_or_else(|| Arc::from("")),
             },
         );
         drop(requests);
-        if let Err(e) = self.shared.send(&msg) {
-            self.shared
-                .requests
-                .lock()
-                .expect("requests lock")
-                .remove(&id);
-            return Err(e);
-        }
-        self.shared.requests_total.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .prompt_tokens
-            .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+        self.shared.dispatch();
         Ok(rx)
     }
 
     fn stats(&self) -> SchedulerStats {
         let s = &self.shared;
-        let active = s.requests.lock().expect("requests lock").len() as u32;
+        let (active, queued) = {
+            let requests = s.requests.lock().expect("requests lock");
+            let queued = requests.values().filter(|r| r.held.is_some()).count() as u32;
+            (requests.len() as u32 - queued, queued)
+        };
         let (prompt_rate, decode_rate) = s.rates.lock().expect("rates lock").rates(Instant::now());
         let cache = *s.cache.lock().expect("cache lock");
         SchedulerStats {
-            active_sequences: active.min(self.info.parallel),
-            queued_requests: active.saturating_sub(self.info.parallel),
+            active_sequences: active,
+            queued_requests: queued,
             max_queue: self.max_queue,
             requests_total: s.requests_total.load(Ordering::Relaxed),
             cancelled_total: s.cancelled.load(Ordering::Relaxed),
@@ -751,6 +847,10 @@ impl Backend for MlxEngine {
 
     fn worker(&self) -> Option<(u32, u64)> {
         Some((self.pid, self.shared.rss_bytes.load(Ordering::Relaxed)))
+    }
+
+    fn clients(&self) -> Vec<super::ClientLoad> {
+        self.shared.clients()
     }
 
     fn prefix_cache_bytes(&self) -> u64 {
