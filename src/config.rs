@@ -125,6 +125,9 @@ pub struct RequestsConfig {
     /// milliseconds, before the request ends with a 400 naming this limit. The work is done in
     /// shares of the scheduler's steps, so other requests are never held by it.
     pub grammar_ms_per_token: u64,
+    /// Seconds of waiting that better a queued request's priority by one step, so a low one
+    /// is admitted in the end under constant higher-priority load.
+    pub priority_aging_seconds: f64,
 }
 
 impl Default for RequestsConfig {
@@ -136,6 +139,7 @@ impl Default for RequestsConfig {
             max_prompt_chars: None,
             special_tokens_in_content: false,
             grammar_ms_per_token: 5000,
+            priority_aging_seconds: 10.0,
         }
     }
 }
@@ -700,6 +704,7 @@ impl Config {
             "BODY_TIMEOUT" => self.requests.body_timeout_seconds = parse(v)?,
             "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
             "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
+            "PRIORITY_AGING_SECONDS" => self.requests.priority_aging_seconds = parse(v)?,
             "MAX_PROMPT_CHARS" => self.requests.max_prompt_chars = Some(parse(v)?),
             "GRAMMAR_MS_PER_TOKEN" => self.requests.grammar_ms_per_token = parse(v)?,
             "SPECIAL_TOKENS_IN_CONTENT" => self.requests.special_tokens_in_content = parse(v)?,
@@ -833,6 +838,10 @@ impl Config {
             (
                 "requests.body_timeout_seconds",
                 self.requests.body_timeout_seconds,
+            ),
+            (
+                "requests.priority_aging_seconds",
+                self.requests.priority_aging_seconds,
             ),
         ] {
             if !(0.1..=3600.0).contains(&secs) {

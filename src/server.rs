@@ -35,6 +35,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::engine::llama::set_pick_limit(std::time::Duration::from_millis(
         config.requests.grammar_ms_per_token,
     ));
+    crate::engine::admission::set_age_step(std::time::Duration::from_secs_f64(
+        config.requests.priority_aging_seconds,
+    ));
     let audit = Arc::new(match config.audit_path() {
         Some(path) => Audit::open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,

@@ -313,3 +313,126 @@ async fn ten_thousand_client_names_keep_the_labels_bounded() {
         .unwrap();
     assert!(other.ends_with(" 9936"), "{other}");
 }
+
+#[tokio::test]
+async fn a_low_priority_request_is_aged_up_under_constant_high_priority_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    // One step of aging per 100 ms: `low` (10) against fresh `high` (-10) requests catches
+    // up after about two seconds of waiting.
+    let s = Arc::new(Server::start(Opts {
+        parallel: 1,
+        env: vec![("OPTA_LMX_PRIORITY_AGING_SECONDS".into(), "0.1".into())],
+        ..Opts::default()
+    }));
+    let low_done = Arc::new(AtomicBool::new(false));
+    let highs_done = Arc::new(AtomicU32::new(0));
+    const HIGHS: u32 = 150;
+    // Three senders, each sending high-priority requests one after another: one runs, two
+    // always wait, each fresh.
+    let senders: Vec<_> = (0..3)
+        .map(|_| {
+            let (s, low_done, highs_done) = (s.clone(), low_done.clone(), highs_done.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !low_done.load(Ordering::SeqCst) && highs_done.load(Ordering::SeqCst) < HIGHS
+                {
+                    let r = client
+                        .post(s.url("/v1/chat/completions"))
+                        .header("x-priority", "high")
+                        .json(
+                            &json!({"model": common::MODEL, "max_tokens": 2, "temperature": 0,
+                            "messages": [{"role": "user", "content": "Hi"}]}),
+                        )
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    let _ = r.text().await;
+                    highs_done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    // The load is on: the low one arrives into a queue that never empties.
+    s.wait_for("queued_requests", 2, Duration::from_secs(30))
+        .await;
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-priority", "low")
+        .json(
+            &json!({"model": common::MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let behind = highs_done.load(Ordering::SeqCst);
+    low_done.store(true, Ordering::SeqCst);
+    for t in senders {
+        t.await.unwrap();
+    }
+    // Served while the high-priority load still ran (strict priorities would have made it
+    // wait for all of it).
+    assert!(
+        behind < HIGHS,
+        "served only after {behind} high-priority requests"
+    );
+    println!("the low-priority request was served after {behind} high-priority ones");
+}
+
+#[tokio::test]
+async fn a_flooding_client_does_not_take_the_next_sequence_from_a_quiet_one() {
+    let s = server_with_parallel(2);
+    let send = |client: &'static str, n: usize, max_tokens: u32| {
+        let mut body = common::fleet::chat(common::MODEL, max_tokens);
+        body["messages"][0]["content"] = json!(format!("Count with me ({client} {n}): one, two,"));
+        let req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .header("x-client-id", client)
+            .json(&body);
+        tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let _ = r.text().await;
+            Instant::now()
+        })
+    };
+    // The flooder's four: two run, two wait. Then the quiet client's one.
+    let mut flood = Vec::new();
+    for n in 0..4 {
+        flood.push(send("flood", n, 40));
+        if n >= 2 {
+            s.wait_for("queued_requests", n as u64 - 1, Duration::from_secs(30))
+                .await;
+        } else {
+            s.wait_for("active_requests", n as u64 + 1, Duration::from_secs(30))
+                .await;
+        }
+    }
+    let quiet = send("quiet", 0, 2);
+    s.wait_for("queued_requests", 3, Duration::from_secs(30))
+        .await;
+    let quiet_done = quiet.await.unwrap();
+    let flood_done: Vec<Instant> = futures_util::future::join_all(flood)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    // The first sequence to free goes to the client running none, though the flooder's third
+    // request is older: the quiet one ends before the flooder's third and fourth.
+    assert!(
+        quiet_done < flood_done[2],
+        "the quiet client waited for the flooder"
+    );
+    assert!(quiet_done < flood_done[3]);
+}
+
+fn server_with_parallel(parallel: u32) -> Server {
+    Server::start(Opts {
+        parallel,
+        ..Opts::default()
+    })
+}

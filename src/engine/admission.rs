@@ -4,14 +4,25 @@
 //! the fewest running sequences goes first, so a client sending twenty requests at once does
 //! not take every sequence from another one. Oldest first among equals (what FIFO did).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A request's priority as vLLM reads it: lower runs first; 0 when nothing says otherwise.
 pub type Priority = i32;
 
-/// Waiting this long lowers a request's effective priority by one step, so under constant
-/// higher-priority load a low one is admitted within `AGE_STEP` times the gap between them.
-pub const AGE_STEP: Duration = Duration::from_secs(10);
+/// Waiting this long betters a request's effective priority by one step, so under constant
+/// higher-priority load a low one is admitted within the step times the gap between them.
+/// One process-wide setting (`requests.priority_aging_seconds`), read by every scheduler.
+static AGE_STEP_MS: AtomicU64 = AtomicU64::new(10_000);
+
+/// Sets the aging step (at startup, from the config).
+pub fn set_age_step(step: Duration) {
+    AGE_STEP_MS.store((step.as_millis() as u64).max(1), Ordering::Relaxed);
+}
+
+fn age_step_ms() -> u64 {
+    AGE_STEP_MS.load(Ordering::Relaxed)
+}
 
 /// Priority named by the `x-priority` header (the first Python Opta-LMX's lanes) or a number.
 pub fn parse_priority(text: &str) -> Option<Priority> {
@@ -37,9 +48,10 @@ pub struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
-    /// The priority after aging: one step better per `AGE_STEP` waited.
+    /// The priority after aging: one step better per aging step waited.
     pub fn effective(&self, now: Instant) -> i64 {
-        let steps = now.saturating_duration_since(self.since).as_secs() / AGE_STEP.as_secs();
+        let waited = now.saturating_duration_since(self.since).as_millis() as u64;
+        let steps = waited / age_step_ms();
         i64::from(self.priority) - steps as i64
     }
 }
