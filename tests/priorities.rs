@@ -118,6 +118,26 @@ async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
     );
     assert_eq!(of("main")["priority"], -1, "{clients:?}");
     assert_eq!(clients.len(), 5, "{clients:?}");
+    // And `opta-lmx status` shows them: client, model, running, queued, priority.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_opta-lmx"))
+        .args(["status", &format!("--url={}", s.base)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in {text}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        row("cron"),
+        ["cron", common::MODEL, "0", "1", "5"],
+        "{text}"
+    );
+    assert_eq!(row("anonymous")[2..], ["1", "1", "-10"], "{text}");
     // Free the sequence: the client of the long stream hangs up.
     holder.abort();
     let mut ended = Vec::new();

@@ -146,6 +146,11 @@ pub fn status(st: &Value) -> String {
             ]);
         }
         out.push_str(&t.render());
+        let clients = clients_table(&models);
+        if !clients.is_empty() {
+            out.push('\n');
+            out.push_str(&clients);
+        }
     }
     let downloads = st["downloads"].as_array().cloned().unwrap_or_default();
     if !downloads.is_empty() {
@@ -153,6 +158,30 @@ pub fn status(st: &Value) -> String {
         out.push_str(&downloads_table(&downloads));
     }
     out
+}
+
+/// Who is running and waiting on each model (empty when nobody is).
+fn clients_table(models: &[Value]) -> String {
+    let mut t = Table::new(&["CLIENT", "MODEL", "RUNNING", "QUEUED", "PRIORITY"]);
+    let mut any = false;
+    for m in models {
+        for c in m["clients"].as_array().into_iter().flatten() {
+            any = true;
+            let name = s(c, "/client");
+            t.row(vec![
+                if name.is_empty() { "-" } else { name }.to_string(),
+                s(m, "/id").to_string(),
+                u(c, "/running").to_string(),
+                u(c, "/queued").to_string(),
+                c["priority"].as_i64().unwrap_or(0).to_string(),
+            ]);
+        }
+    }
+    if any {
+        t.render()
+    } else {
+        String::new()
+    }
 }
 
 /// `opta-lmx models`: what is on disk, and what of it is loaded.
@@ -245,7 +274,9 @@ mod tests {
             "loaded_models": [{"id": "qwen", "format": "gguf", "memory_bytes": 800_000_000u64,
                                "context": 4096, "active_sequences": 1, "parallel": 4,
                                "queued_requests": 0, "request_count": 3,
-                               "scheduler": {"decode_tokens_per_second": 42.5}}],
+                               "scheduler": {"decode_tokens_per_second": 42.5},
+                               "clients": [{"client": "opta-cli", "running": 1,
+                                            "queued": 2, "priority": -10}]}],
             "downloads": [],
         });
         let text = status(&st);
@@ -256,5 +287,12 @@ mod tests {
         assert!(text.contains("[#---------] 10%"), "{text}");
         assert!(text.contains("1/4"), "{text}");
         assert!(text.contains("42.5"), "{text}");
+        // The clients table: name, model, running, queued, best priority.
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("opta-cli"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["opta-cli", "qwen", "1", "2", "-10"], "{text}");
     }
 }
