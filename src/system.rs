@@ -64,10 +64,11 @@ pub fn release_freed_memory() {
 
 /// Resident memory of this process, for the idle-footprint target and `/admin/status`.
 pub fn process_rss_bytes() -> u64 {
-    let pid = match sysinfo::get_current_pid() {
-        Ok(p) => p,
-        Err(_) => return 0,
-    };
+    sysinfo::get_current_pid().map_or(0, rss_of)
+}
+
+/// Resident memory of process `pid` as sysinfo reads it (0 if it is gone).
+fn rss_of(pid: sysinfo::Pid) -> u64 {
     let mut sys = sysinfo::System::new();
     sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), false);
     sys.process(pid).map(|p| p.memory()).unwrap_or(0)
@@ -82,12 +83,7 @@ pub fn process_anon_bytes() -> u64 {
 /// A child process's anonymous resident memory (an MLX worker's arrays), measured the same
 /// way, so the memory guard can tell the server's own workers from other programs.
 pub fn worker_anon_bytes(pid: u32) -> u64 {
-    anon_from_proc(&pid.to_string()).unwrap_or_else(|| {
-        let pid = sysinfo::Pid::from_u32(pid);
-        let mut sys = sysinfo::System::new();
-        sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), false);
-        sys.process(pid).map(|p| p.memory()).unwrap_or(0)
-    })
+    anon_from_proc(&pid.to_string()).unwrap_or_else(|| rss_of(sysinfo::Pid::from_u32(pid)))
 }
 
 fn anon_from_proc(pid: &str) -> Option<u64> {

@@ -334,6 +334,17 @@ async fn ten_thousand_client_names_keep_the_labels_bounded() {
     assert!(other.ends_with(" 9936"), "{other}");
 }
 
+/// A two-token greedy "Hi" with this `x-priority`.
+fn hi(client: &reqwest::Client, s: &Server, priority: &str) -> reqwest::RequestBuilder {
+    client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-priority", priority)
+        .json(
+            &json!({"model": common::MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+}
+
 #[tokio::test]
 async fn a_low_priority_request_is_aged_up_under_constant_high_priority_load() {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -357,16 +368,7 @@ async fn a_low_priority_request_is_aged_up_under_constant_high_priority_load() {
                 let client = reqwest::Client::new();
                 while !low_done.load(Ordering::SeqCst) && highs_done.load(Ordering::SeqCst) < HIGHS
                 {
-                    let r = client
-                        .post(s.url("/v1/chat/completions"))
-                        .header("x-priority", "high")
-                        .json(
-                            &json!({"model": common::MODEL, "max_tokens": 2, "temperature": 0,
-                            "messages": [{"role": "user", "content": "Hi"}]}),
-                        )
-                        .send()
-                        .await
-                        .unwrap();
+                    let r = hi(&client, &s, "high").send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     let _ = r.text().await;
                     highs_done.fetch_add(1, Ordering::SeqCst);
@@ -377,16 +379,7 @@ async fn a_low_priority_request_is_aged_up_under_constant_high_priority_load() {
     // The load is on: the low one arrives into a queue that never empties.
     s.wait_for("queued_requests", 2, Duration::from_secs(30))
         .await;
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .header("x-priority", "low")
-        .json(
-            &json!({"model": common::MODEL, "max_tokens": 2, "temperature": 0,
-            "messages": [{"role": "user", "content": "Hi"}]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = hi(&reqwest::Client::new(), &s, "low").send().await.unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.text().await;
     let behind = highs_done.load(Ordering::SeqCst);

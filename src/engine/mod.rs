@@ -276,6 +276,31 @@ pub struct ClientLoad {
     pub priority: admission::Priority,
 }
 
+impl ClientLoad {
+    /// Each client's share of `held`: (client, priority, running) for every request a
+    /// scheduler holds. One tally for both engines.
+    pub fn tally<'a>(
+        held: impl IntoIterator<Item = (&'a str, admission::Priority, bool)>,
+    ) -> Vec<ClientLoad> {
+        let mut by: std::collections::BTreeMap<&str, ClientLoad> = Default::default();
+        for (client, priority, running) in held {
+            let c = by.entry(client).or_insert_with(|| ClientLoad {
+                client: client.to_string(),
+                running: 0,
+                queued: 0,
+                priority: admission::Priority::MAX,
+            });
+            c.priority = c.priority.min(priority);
+            if running {
+                c.running += 1;
+            } else {
+                c.queued += 1;
+            }
+        }
+        by.into_values().collect()
+    }
+}
+
 /// Live counters of one model's scheduler.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct SchedulerStats {

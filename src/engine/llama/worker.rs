@@ -161,6 +161,10 @@ pub(super) struct Worker<'m> {
     queue: VecDeque<Job>,
     active: Vec<Active>,
     next_id: u64,
+    /// Jobs taken from the channel so far; with `next_id` and the two lengths, what
+    /// [`Self::publish_counts`] compares to know the clients' tally is unchanged.
+    received: u64,
+    clients_mark: (u64, u64, usize, usize),
     /// Control tokens rendered as their text (markers the chat layer parses).
     rendered: HashSet<i32>,
     disk: DiskTier,
@@ -241,6 +245,8 @@ impl<'m> Worker<'m> {
             queue: VecDeque::new(),
             active: Vec::new(),
             next_id: 0,
+            received: 0,
+            clients_mark: (0, 0, 0, 0),
             rendered,
             disk,
             costs: StepCosts::default(),
@@ -265,13 +271,13 @@ impl<'m> Worker<'m> {
             if self.active.is_empty() && self.queue.is_empty() {
                 self.publish_counts();
                 match jobs.recv() {
-                    Ok(job) => self.queue.push_back(job),
+                    Ok(job) => self.receive(job),
                     Err(_) => break,
                 }
             }
             loop {
                 match jobs.try_recv() {
-                    Ok(job) => self.queue.push_back(job),
+                    Ok(job) => self.receive(job),
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
                         self.shared.shutdown.store(true, Ordering::SeqCst);
@@ -417,11 +423,22 @@ impl<'m> Worker<'m> {
         len
     }
 
-    fn publish_counts(&self) {
+    fn publish_counts(&mut self) {
         self.shared
             .active
             .store(self.active.len() as u32, Ordering::Relaxed);
-        // (client, priority, running) of every request the scheduler holds.
+        // The clients' tally changes only when a request arrives, is admitted or leaves, and
+        // each of those moves one of these: no rebuild on the decode steps in between.
+        let mark = (
+            self.received,
+            self.next_id,
+            self.active.len(),
+            self.queue.len(),
+        );
+        if mark == self.clients_mark {
+            return;
+        }
+        self.clients_mark = mark;
         let held = self
             .active
             .iter()
@@ -430,26 +447,13 @@ impl<'m> Worker<'m> {
                 let client = j.req.client.as_deref().unwrap_or("");
                 (client, j.req.priority.unwrap_or(0), false)
             }));
-        let mut by_client: std::collections::BTreeMap<&str, ClientLoad> = Default::default();
-        for (client, priority, running) in held {
-            let c = by_client.entry(client).or_insert_with(|| ClientLoad {
-                client: client.to_string(),
-                running: 0,
-                queued: 0,
-                priority: admission::Priority::MAX,
-            });
-            c.priority = c.priority.min(priority);
-            if running {
-                c.running += 1;
-            } else {
-                c.queued += 1;
-            }
-        }
-        let clients: Vec<ClientLoad> = by_client.into_values().collect();
-        let mut published = self.shared.clients.lock().expect("clients lock");
-        if *published != clients {
-            *published = clients;
-        }
+        *self.shared.clients.lock().expect("clients lock") = ClientLoad::tally(held);
+    }
+
+    /// Queues a job that arrived.
+    fn receive(&mut self, job: Job) {
+        self.received += 1;
+        self.queue.push_back(job);
     }
 
     /// Requests whose client hung up leave at once, queued or running; a running one's slot is

@@ -429,22 +429,11 @@ impl Shared {
     /// Each client's running and waiting requests.
     fn clients(&self) -> Vec<super::ClientLoad> {
         let requests = self.requests.lock().expect("requests lock");
-        let mut by: std::collections::BTreeMap<&str, super::ClientLoad> = Default::default();
-        for r in requests.values() {
-            let c = by.entry(&r.client).or_insert_with(|| super::ClientLoad {
-                client: r.client.to_string(),
-                running: 0,
-                queued: 0,
-                priority: crate::engine::admission::Priority::MAX,
-            });
-            c.priority = c.priority.min(r.priority);
-            if r.held.is_some() {
-                c.queued += 1;
-            } else {
-                c.running += 1;
-            }
-        }
-        by.into_values().collect()
+        super::ClientLoad::tally(
+            requests
+                .values()
+                .map(|r| (&*r.client, r.priority, r.held.is_none())),
+        )
     }
 
     fn note_cache(&self, v: &Value, spec: &Value) {
