@@ -128,6 +128,9 @@ pub struct RequestsConfig {
     /// Seconds of waiting that better a queued request's priority by one step, so a low one
     /// is admitted in the end under constant higher-priority load.
     pub priority_aging_seconds: f64,
+    /// Priorities, client shares and preemption; off, each model serves first come, first
+    /// served (what the priority benchmark compares against).
+    pub priorities: bool,
 }
 
 impl Default for RequestsConfig {
@@ -140,6 +143,7 @@ impl Default for RequestsConfig {
             special_tokens_in_content: false,
             grammar_ms_per_token: 5000,
             priority_aging_seconds: 10.0,
+            priorities: true,
         }
     }
 }
@@ -705,6 +709,7 @@ impl Config {
             "MAX_BODY_BYTES" => self.requests.max_body_bytes = parse(v)?,
             "MAX_MESSAGES" => self.requests.max_messages = parse(v)?,
             "PRIORITY_AGING_SECONDS" => self.requests.priority_aging_seconds = parse(v)?,
+            "PRIORITIES" => self.requests.priorities = parse(v)?,
             "MAX_PROMPT_CHARS" => self.requests.max_prompt_chars = Some(parse(v)?),
             "GRAMMAR_MS_PER_TOKEN" => self.requests.grammar_ms_per_token = parse(v)?,
             "SPECIAL_TOKENS_IN_CONTENT" => self.requests.special_tokens_in_content = parse(v)?,

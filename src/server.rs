@@ -38,6 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::engine::admission::set_age_step(std::time::Duration::from_secs_f64(
         config.requests.priority_aging_seconds,
     ));
+    crate::engine::admission::set_priorities(config.requests.priorities);
     let audit = Arc::new(match config.audit_path() {
         Some(path) => Audit::open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,

@@ -449,3 +449,126 @@ fn server_with_parallel(parallel: u32) -> Server {
         ..Opts::default()
     })
 }
+
+/// A long greedy stream (end of text banned) at low priority: its text (from the chunks, in
+/// order), its usage, and the instant it ended. `ready` is told after `after` content chunks.
+fn long_low_stream(
+    s: &Server,
+    ready: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> tokio::task::JoinHandle<(String, Value, Instant)> {
+    use futures_util::StreamExt;
+    let mut body = common::fleet::chat(common::MODEL, 96);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["priority"] = json!(10);
+    let req = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-client-id", "cron")
+        .json(&body);
+    tokio::spawn(async move {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let mut ready = ready;
+        let (mut raw, mut text, mut usage, mut chunks) =
+            (String::new(), String::new(), Value::Null, 0);
+        let mut bytes = r.bytes_stream();
+        while let Some(b) = bytes.next().await {
+            raw.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+            while let Some(end) = raw.find("\n\n") {
+                let event: String = raw.drain(..end + 2).collect();
+                let Some(data) = event.trim().strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).unwrap();
+                if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(c);
+                    chunks += 1;
+                }
+                if !v["usage"].is_null() {
+                    usage = v["usage"].clone();
+                }
+                if ready.as_ref().is_some_and(|(after, _)| chunks >= *after) {
+                    let _ = ready.take().unwrap().1.send(());
+                }
+            }
+        }
+        (text, usage, Instant::now())
+    })
+}
+
+#[tokio::test]
+async fn a_paused_and_resumed_stream_equals_an_uninterrupted_one() {
+    let s = server();
+    // Uninterrupted, alone.
+    let (alone, alone_usage, _) = long_low_stream(&s, None).await.unwrap();
+    assert_eq!(alone_usage["completion_tokens"], 96, "{alone_usage}");
+    let status = |v: &Value| v["loaded_models"][0]["scheduler"]["preemption"].clone();
+    let (_, st) = s.get("/admin/status").await;
+    assert_eq!(status(&st)["paused_total"], 0, "{st}");
+    // Again; once it has streamed a while, the person's turn arrives with every sequence
+    // (the one) busy: the low stream is paused, the turn runs, the stream resumes.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let low = long_low_stream(&s, Some((8, tx)));
+    rx.await.unwrap();
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-priority", "high")
+        .json(
+            &json!({"model": common::MODEL, "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let turn_done = Instant::now();
+    let (resumed, usage, low_done) = low.await.unwrap();
+    assert!(turn_done < low_done);
+    // Greedy output equal, token for token, and the same usage.
+    assert_eq!(resumed, alone);
+    assert_eq!(usage["completion_tokens"], 96, "{usage}");
+    assert_eq!(usage["prompt_tokens"], alone_usage["prompt_tokens"]);
+    // It was paused once, and its resume computed nothing again: every token it had
+    // (its prompt and at least the 8 streamed but the last) came back from the saved state.
+    let (_, st) = s.get("/admin/status").await;
+    let p = status(&st);
+    assert_eq!(p["paused_total"], 1, "{p}");
+    assert_eq!(p["recomputed_tokens_total"], 0, "{p}");
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let restored = p["restored_tokens_total"].as_u64().unwrap();
+    assert!(
+        restored >= prompt + 7 && restored < prompt + 96,
+        "restored {restored} of a {prompt}-token prompt"
+    );
+    let log = s.log_text();
+    assert!(
+        log.lines().any(
+            |l| l.contains("sequence paused for a higher-priority request")
+                && l.contains("client=cron")
+        ),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("paused sequence resumed")
+            && l.contains(&format!("restored={restored}"))
+            && l.contains("recomputed=0")),
+        "{log}"
+    );
+    // And the metric says the same.
+    let m = common::metrics::Scrape::parse(
+        &reqwest::get(s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        m.get("opta_lmx_preemptions", &[("model", common::MODEL)]),
+        1.0
+    );
+}

@@ -4,7 +4,7 @@
 //! the fewest running sequences goes first, so a client sending twenty requests at once does
 //! not take every sequence from another one. Oldest first among equals (what FIFO did).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A request's priority as vLLM reads it: lower runs first; 0 when nothing says otherwise.
@@ -22,6 +22,19 @@ pub fn set_age_step(step: Duration) {
 
 fn age_step_ms() -> u64 {
     AGE_STEP_MS.load(Ordering::Relaxed)
+}
+
+/// Whether priorities, client shares and preemption apply (`requests.priorities`); off, every
+/// scheduler is first come, first served (the baseline the priority benchmark measures).
+static PRIORITIES_ON: AtomicBool = AtomicBool::new(true);
+
+/// Turns priorities on or off (at startup, from the config).
+pub fn set_priorities(on: bool) {
+    PRIORITIES_ON.store(on, Ordering::Relaxed);
+}
+
+fn priorities_on() -> bool {
+    PRIORITIES_ON.load(Ordering::Relaxed)
 }
 
 /// Priority named by the `x-priority` header (the first Python Opta-LMX's lanes) or a number.
@@ -59,12 +72,71 @@ impl Waiting<'_> {
 /// The index in `queue` to admit next, or `None` when it is empty. `running` names the
 /// client of every running sequence.
 pub fn next(queue: &[Waiting<'_>], running: &[&str], now: Instant) -> Option<usize> {
+    if !priorities_on() {
+        return queue
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, w)| (w.since, *i))
+            .map(|(i, _)| i);
+    }
     let share = |client: &str| running.iter().filter(|c| **c == client).count();
     queue
         .iter()
         .enumerate()
         .min_by_key(|(i, w)| (w.effective(now), share(w.client), w.since, *i))
         .map(|(i, _)| i)
+}
+
+/// One running sequence, as preemption sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Running {
+    /// Its effective priority when it was admitted (or resumed): a request that got its
+    /// sequence by aging keeps that standing, so fresh requests of the priority it aged to
+    /// cannot take the sequence back from it.
+    pub standing: i64,
+    /// When it was admitted or resumed: among equals, the latest is paused (it has the least
+    /// of its answer out, so its client notices least).
+    pub admitted: Instant,
+    /// Whether it can be paused now (not mid-way through a grammar pick or a prefix copy).
+    pub pausable: bool,
+}
+
+/// The running sequence to pause so a waiting request of `priority` (its own, not aged: aging
+/// orders the queue but never takes a sequence from anyone) can run now: the one with the worst
+/// standing, if that is strictly worse than `priority`. `None` with priorities off.
+pub fn victim(priority: Priority, running: &[Running]) -> Option<usize> {
+    if !priorities_on() {
+        return None;
+    }
+    running
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.pausable && r.standing > i64::from(priority))
+        .max_by_key(|(_, r)| (r.standing, r.admitted))
+        .map(|(i, _)| i)
+}
+
+/// The order in which requests that are prefilling share a step's prompt budget: better
+/// standing first; within one, each client's oldest before anyone's second (prefill is shared
+/// between clients, not between requests); then the oldest. Indices into `prefilling`, given
+/// as (standing, client, submitted).
+pub fn prefill_order(prefilling: &[(i64, &str, Instant)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..prefilling.len()).collect();
+    if !priorities_on() {
+        order.sort_by_key(|&i| (prefilling[i].2, i));
+        return order;
+    }
+    // Each request's rank among its client's prefilling requests, oldest first.
+    let rank = |i: usize| {
+        let (_, client, since) = prefilling[i];
+        prefilling
+            .iter()
+            .enumerate()
+            .filter(|&(j, p)| p.1 == client && (p.2, j) < (since, i))
+            .count()
+    };
+    order.sort_by_cached_key(|&i| (prefilling[i].0, rank(i), prefilling[i].2, i));
+    order
 }
 
 #[cfg(test)]
@@ -115,6 +187,53 @@ mod tests {
         // Priority still comes before share.
         let q = [w(-1, "flood", 0, now), w(0, "quiet", 9, now)];
         assert_eq!(next(&q, &["flood", "flood"], now), Some(0));
+    }
+
+    fn r(standing: i64, admitted_s_ago: u64, pausable: bool, now: Instant) -> Running {
+        Running {
+            standing,
+            admitted: now - Duration::from_secs(admitted_s_ago),
+            pausable,
+        }
+    }
+
+    #[test]
+    fn the_worst_running_standing_is_paused_only_for_a_strictly_better_priority() {
+        let now = Instant::now();
+        let running = [
+            r(0, 50, true, now),
+            r(10, 40, true, now),
+            r(10, 5, true, now),
+            r(-10, 1, true, now),
+        ];
+        // The two lows: the one admitted last.
+        assert_eq!(victim(-10, &running), Some(2));
+        assert_eq!(victim(0, &running), Some(2));
+        // Nothing is worse than a low request's own priority: it waits.
+        assert_eq!(victim(10, &running), None);
+        // A sequence mid-way through a grammar pick is left alone.
+        let running = [r(0, 50, true, now), r(10, 5, false, now)];
+        assert_eq!(victim(-10, &running), Some(0));
+        // A low request that aged to -10 before it got its sequence keeps it against a fresh
+        // high one.
+        assert_eq!(victim(-10, &[r(-10, 3, true, now)]), None);
+        assert_eq!(victim(-10, &[]), None);
+    }
+
+    #[test]
+    fn prefill_goes_by_standing_then_one_request_per_client_then_age() {
+        let now = Instant::now();
+        let at = |s: u64| now - Duration::from_secs(s);
+        let p = [
+            (0, "flood", at(9)),
+            (0, "flood", at(8)),
+            (0, "flood", at(7)),
+            (0, "quiet", at(1)),
+            (-10, "me", at(0)),
+        ];
+        // The person first; then the flooder's oldest and the quiet client's one (each a
+        // client's first), oldest first; then the flooder's others.
+        assert_eq!(prefill_order(&p), [4, 0, 3, 1, 2]);
     }
 
     #[test]

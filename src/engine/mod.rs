@@ -320,6 +320,8 @@ pub struct SchedulerStats {
     /// Prompt tokens served from the prefix cache instead of being computed.
     pub cached_prompt_tokens_total: u64,
     pub completion_tokens_total: u64,
+    /// Sequences paused for higher-priority requests, and what their resumes cost.
+    pub preemption: PreemptionStats,
     /// Prompt tokens computed per second, over the last few seconds.
     pub prompt_tokens_per_second: f64,
     /// Tokens generated per second across all sequences, over the last few seconds.
@@ -333,6 +335,18 @@ pub struct SchedulerStats {
     /// Requests that reused a cached prefix.
     pub prompt_cache_hits_total: u64,
     pub speculation: SpeculationStats,
+}
+
+/// What preemption did for one model: a resume that loses nothing restores every token and
+/// recomputes none.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PreemptionStats {
+    /// Running sequences paused so a higher-priority request could run.
+    pub paused_total: u64,
+    /// Tokens whose KV a resumed request got back without computing them.
+    pub restored_tokens_total: u64,
+    /// Tokens a resumed request had to compute again (its KV could not be kept).
+    pub recomputed_tokens_total: u64,
 }
 
 /// What speculation did for one model: acceptance is `accepted / proposed`.

@@ -111,6 +111,7 @@ pub struct Prometheus {
     active_sequences: Family<ModelLabel, Gauge>,
     model_memory: Family<ModelLabel, Gauge>,
     spec_proposed: Family<ModelLabel, Gauge>,
+    preemptions: Family<ModelLabel, Gauge>,
     spec_accepted: Family<ModelLabel, Gauge>,
     prefix_hits: Family<ModelLabel, Gauge>,
     prefix_bytes: Family<ModelLabel, Gauge>,
@@ -152,6 +153,7 @@ impl Default for Prometheus {
             active_sequences: Family::default(),
             model_memory: Family::default(),
             spec_proposed: Family::default(),
+            preemptions: Family::default(),
             spec_accepted: Family::default(),
             prefix_hits: Family::default(),
             prefix_bytes: Family::default(),
@@ -292,6 +294,11 @@ impl Default for Prometheus {
             "speculation_accepted_tokens",
             "Of those, the tokens the model kept",
             me.spec_accepted.clone(),
+        );
+        r.register(
+            "preemptions",
+            "Sequences paused since the model was loaded so a higher-priority request could run",
+            me.preemptions.clone(),
         );
         r.register(
             "prompt_cache_hits",
@@ -493,6 +500,7 @@ impl Prometheus {
         self.active_sequences.clear();
         self.model_memory.clear();
         self.spec_proposed.clear();
+        self.preemptions.clear();
         self.spec_accepted.clear();
         self.prefix_hits.clear();
         self.prefix_bytes.clear();
@@ -517,6 +525,9 @@ impl Prometheus {
             self.spec_accepted
                 .get_or_create(&l)
                 .set(clamp_i64(spec.accepted_tokens_total));
+            self.preemptions
+                .get_or_create(&l)
+                .set(clamp_i64(stats.preemption.paused_total));
             self.prefix_hits
                 .get_or_create(&l)
                 .set(clamp_i64(stats.prompt_cache_hits_total));

@@ -164,6 +164,11 @@ struct Shared {
     completion_tokens: AtomicU64,
     cancelled: AtomicU64,
     rejected: AtomicU64,
+    /// Preemption: sequences paused for higher-priority requests, and on resume the tokens
+    /// whose KV came back as it was and those computed again.
+    paused: AtomicU64,
+    resumed_tokens: AtomicU64,
+    recomputed_tokens: AtomicU64,
     /// Speculation: tokens proposed and verified, those accepted, steps that verified any.
     proposed_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
@@ -565,6 +570,11 @@ impl Backend for LlamaEngine {
             prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
             cached_prompt_tokens_total: s.cached_tokens.load(Ordering::Relaxed),
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
+            preemption: super::PreemptionStats {
+                paused_total: s.paused.load(Ordering::Relaxed),
+                restored_tokens_total: s.resumed_tokens.load(Ordering::Relaxed),
+                recomputed_tokens_total: s.recomputed_tokens.load(Ordering::Relaxed),
+            },
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
             prompt_cache_bytes: None,

@@ -107,6 +107,13 @@ struct Active {
     client: Arc<str>,
     /// Its admission priority, shown in `/admin/status`.
     priority: admission::Priority,
+    /// Its effective priority when it got its sequence (see [`admission::Running`]).
+    standing: i64,
+    /// When it got its sequence (admitted or resumed).
+    admitted: Instant,
+    /// Its prompt's length as the client sent it: a resumed request's `prompt` also holds
+    /// what it generated before it was paused.
+    prompt_tokens: u32,
     slot: usize,
     events: mpsc::UnboundedSender<Event>,
     prompt: Vec<TokenId>,
@@ -148,6 +155,22 @@ struct Active {
     _ticket: Ticket,
 }
 
+/// A request paused so a higher-priority one could run: everything it had, and its
+/// sequence's KV (saved with llama.cpp's state API) so it resumes without recomputing.
+struct Paused {
+    a: Active,
+    /// The tokens whose KV `state` holds: its prompt so far, or its prompt and its answer
+    /// but the last sampled token (which is fed on resume).
+    tokens: Vec<TokenId>,
+    state: Option<Vec<u8>>,
+}
+
+/// What a free sequence takes next.
+enum Next {
+    New(Job),
+    Resume(Box<Paused>),
+}
+
 /// State owned by the scheduler thread.
 pub(super) struct Worker<'m> {
     model: &'m LlamaModel,
@@ -160,6 +183,10 @@ pub(super) struct Worker<'m> {
     invariant: bool,
     queue: VecDeque<Job>,
     active: Vec<Active>,
+    /// Requests paused for higher-priority ones; they wait with the queue (counted as
+    /// queued) and resume as sequences free. At most one per sequence, so their saved KV
+    /// never exceeds the context's own.
+    paused: Vec<Paused>,
     next_id: u64,
     /// Jobs taken from the channel so far; with `next_id` and the two lengths, what
     /// [`Self::publish_counts`] compares to know the clients' tally is unchanged.
@@ -244,6 +271,7 @@ impl<'m> Worker<'m> {
             invariant,
             queue: VecDeque::new(),
             active: Vec::new(),
+            paused: Vec::new(),
             next_id: 0,
             received: 0,
             clients_mark: (0, 0, 0, 0),
@@ -268,7 +296,7 @@ impl<'m> Worker<'m> {
         let mut batch = LlamaBatch::new(BATCH_TOKENS, 1);
         loop {
             // Wait for work when idle; otherwise just collect what arrived.
-            if self.active.is_empty() && self.queue.is_empty() {
+            if self.active.is_empty() && self.queue.is_empty() && self.paused.is_empty() {
                 self.publish_counts();
                 match jobs.recv() {
                     Ok(job) => self.receive(job),
@@ -303,6 +331,9 @@ impl<'m> Worker<'m> {
         for a in self.active.drain(..) {
             let _ = a.events.send(Event::Error(EngineError::Unloaded));
             self.slots.release(a.slot);
+        }
+        for p in self.paused.drain(..) {
+            let _ = p.a.events.send(Event::Error(EngineError::Unloaded));
         }
         self.shared.queued.store(0, Ordering::SeqCst);
         self.shared.active.store(0, Ordering::SeqCst);
@@ -431,9 +462,9 @@ impl<'m> Worker<'m> {
         // each of those moves one of these: no rebuild on the decode steps in between.
         let mark = (
             self.received,
-            self.next_id,
+            self.next_id + self.shared.paused.load(Ordering::Relaxed),
             self.active.len(),
-            self.queue.len(),
+            self.queue.len() + self.paused.len(),
         );
         if mark == self.clients_mark {
             return;
@@ -446,7 +477,12 @@ impl<'m> Worker<'m> {
             .chain(self.queue.iter().map(|j| {
                 let client = j.req.client.as_deref().unwrap_or("");
                 (client, j.req.priority.unwrap_or(0), false)
-            }));
+            }))
+            .chain(
+                self.paused
+                    .iter()
+                    .map(|p| (&*p.a.client, p.a.priority, false)),
+            );
         *self.shared.clients.lock().expect("clients lock") = ClientLoad::tally(held);
     }
 
@@ -466,6 +502,17 @@ impl<'m> Worker<'m> {
             tracing::debug!(count = gone, "queued requests cancelled by their clients");
             self.shared.queued.fetch_sub(gone, Ordering::SeqCst);
         }
+        let before = self.paused.len();
+        self.paused.retain(|p| !p.a.events.is_closed());
+        let left_paused = (before - self.paused.len()) as u32;
+        if left_paused > 0 {
+            tracing::debug!(
+                count = left_paused,
+                "paused requests cancelled by their clients"
+            );
+            self.shared.queued.fetch_sub(left_paused, Ordering::SeqCst);
+        }
+        let gone = gone + left_paused;
         let before = self.active.len();
         let slots = &mut self.slots;
         self.active.retain(|a| {
@@ -485,7 +532,8 @@ impl<'m> Worker<'m> {
     /// The queued request a free sequence takes next (see [`crate::engine::admission`]):
     /// priority, aged by waiting, then the client with fewer running sequences, then the
     /// oldest.
-    fn next_queued(&mut self) -> Option<Job> {
+    /// Paused requests wait beside the queue, with their first arrival as their age.
+    fn next_queued(&self) -> Option<(usize, i64)> {
         let running: Vec<&str> = self.active.iter().map(|a| &*a.client).collect();
         let waiting: Vec<admission::Waiting<'_>> = self
             .queue
@@ -495,16 +543,196 @@ impl<'m> Worker<'m> {
                 client: j.req.client.as_deref().unwrap_or(""),
                 since: j.submitted,
             })
+            .chain(self.paused.iter().map(|p| admission::Waiting {
+                priority: p.a.priority,
+                client: &p.a.client,
+                since: p.a.submitted,
+            }))
             .collect();
-        let at = admission::next(&waiting, &running, Instant::now())?;
-        self.queue.remove(at)
+        let now = Instant::now();
+        let at = admission::next(&waiting, &running, now)?;
+        Some((at, waiting[at].effective(now)))
+    }
+
+    /// Takes the `at`th waiting request ([`Self::next_queued`]'s numbering).
+    fn take_waiting(&mut self, at: usize) -> Next {
+        if at < self.queue.len() {
+            Next::New(self.queue.remove(at).expect("in the queue"))
+        } else {
+            Next::Resume(Box::new(self.paused.remove(at - self.queue.len())))
+        }
+    }
+
+    /// The raw priority of the `at`th waiting request.
+    fn waiting_priority(&self, at: usize) -> admission::Priority {
+        match self.queue.get(at) {
+            Some(j) => j.req.priority.unwrap_or(0),
+            None => self.paused[at - self.queue.len()].a.priority,
+        }
+    }
+
+    /// With every sequence busy, the running request to pause for a waiting one of
+    /// `priority` (see [`admission::victim`]); at most one paused request per sequence.
+    fn victim_for(&self, priority: admission::Priority) -> Option<usize> {
+        if self.paused.len() >= self.slots.len() {
+            return None;
+        }
+        let running: Vec<admission::Running> = self
+            .active
+            .iter()
+            .map(|a| admission::Running {
+                standing: a.standing,
+                admitted: a.admitted,
+                pausable: a.pending.is_none() && a.wait.is_none(),
+            })
+            .collect();
+        admission::victim(priority, &running)
+    }
+
+    /// Pauses the running request at `i` of `active`: its sequence's KV is copied out with
+    /// llama.cpp's state API and the sequence freed; its client sees only a pause in the
+    /// stream. Returns false (nothing changed) when the KV is not what the bookkeeping says.
+    fn pause(&mut self, i: usize) -> bool {
+        let slot = self.active[i].slot;
+        let seq = self.slots.get(slot).seq;
+        let tokens = self.slots.get(slot).cached.clone();
+        let state = if tokens.is_empty() {
+            None
+        } else {
+            if self.ctx.kv_cache_seq_pos_max(seq) != tokens.len() as i32 - 1 {
+                return false;
+            }
+            let flags = LlamaStateSeqFlags::empty();
+            let size = self.ctx.state_seq_get_size_ext(seq, flags);
+            let mut state = vec![0u8; size];
+            // SAFETY: the buffer holds the size llama.cpp just reported for this sequence.
+            let n = unsafe {
+                self.ctx
+                    .state_seq_get_data_ext(state.as_mut_ptr(), seq, flags)
+            };
+            if n != size {
+                return false;
+            }
+            Some(state)
+        };
+        let a = self.active.remove(i);
+        self.slots.release(slot);
+        tracing::info!(
+            client = %a.client,
+            priority = a.priority,
+            tokens = tokens.len(),
+            bytes = state.as_ref().map_or(0, Vec::len),
+            "sequence paused for a higher-priority request"
+        );
+        self.shared.paused.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        self.paused.push(Paused { a, tokens, state });
+        true
+    }
+
+    /// Puts a paused request back into a free sequence: the longest prefix the caches hold,
+    /// else its saved state; only what neither gives is computed again (normally nothing).
+    /// The token it sampled last is fed as the last of its "prompt", so it goes on exactly
+    /// where it stopped.
+    fn resume(&mut self, p: Paused) {
+        let Paused {
+            mut a,
+            tokens,
+            state,
+        } = p;
+        if let Some(next) = a.next.take() {
+            let mut all = tokens.clone();
+            all.push(next);
+            a.prompt = all;
+        }
+        let assignment = self.slots.assign(&a.prompt).expect("a slot is free");
+        if let Some((slot, old)) = self.slots.take_dropped() {
+            let seq = self.slots.get(slot).seq;
+            let kept = match assignment.reuse {
+                Reuse::Own { len } => len,
+                _ => 0,
+            };
+            drop(self.save_to_disk(slot, seq, old, kept));
+        }
+        let slot = assignment.slot;
+        self.prompt_len[slot] = a.prompt_tokens as usize;
+        let mut have = self.apply_reuse(slot, assignment.reuse);
+        if have < tokens.len() {
+            if let Some(state) = &state {
+                have = self.restore_state(slot, &tokens, state).unwrap_or(have);
+            }
+        }
+        if have < tokens.len() {
+            have = self.restore_from_disk(slot, &a.prompt, have);
+        }
+        let s = self.shared;
+        s.resumed_tokens
+            .fetch_add(have.min(tokens.len()) as u64, Ordering::Relaxed);
+        s.recomputed_tokens
+            .fetch_add(tokens.len().saturating_sub(have) as u64, Ordering::Relaxed);
+        tracing::info!(
+            client = %a.client,
+            restored = have.min(tokens.len()),
+            recomputed = tokens.len().saturating_sub(have),
+            "paused sequence resumed"
+        );
+        a.slot = slot;
+        a.prompt_done = have;
+        a.wait = None;
+        a.standing = admission::Waiting {
+            priority: a.priority,
+            client: "",
+            since: a.submitted,
+        }
+        .effective(Instant::now());
+        a.admitted = Instant::now();
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        self.active.push(a);
+    }
+
+    /// Loads a paused sequence's saved state into `slot`; the tokens it holds, or `None`
+    /// when llama.cpp refused it (the sequence is then empty).
+    fn restore_state(&mut self, slot: usize, tokens: &[TokenId], state: &[u8]) -> Option<usize> {
+        let seq = self.slots.get(slot).seq;
+        let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+        // SAFETY: the state was written by `state_seq_get_data_ext` from this same context.
+        let loaded = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(state, seq, LlamaStateSeqFlags::empty())
+        };
+        if !loaded || self.ctx.kv_cache_seq_pos_max(seq) != tokens.len() as i32 - 1 {
+            let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+            self.slots.forget(slot);
+            return None;
+        }
+        let cached = &mut self.slots.get_mut(slot).cached;
+        cached.clear();
+        cached.extend_from_slice(tokens);
+        Some(tokens.len())
     }
 
     /// Moves queued requests into free sequences, in [`Self::next_queued`]'s order.
+    /// With every sequence busy, a waiting request with a better priority than a running
+    /// one's standing pauses it (see [`Self::pause`]) and takes its sequence.
     fn admit(&mut self) {
-        while self.slots.busy() < self.slots.len() {
-            let Some(mut job) = self.next_queued() else {
+        loop {
+            let Some((at, standing)) = self.next_queued() else {
                 break;
+            };
+            if self.slots.busy() == self.slots.len() {
+                let Some(victim) = self.victim_for(self.waiting_priority(at)) else {
+                    break;
+                };
+                if !self.pause(victim) {
+                    break;
+                }
+            }
+            let mut job = match self.take_waiting(at) {
+                Next::New(job) => job,
+                Next::Resume(p) => {
+                    self.resume(*p);
+                    continue;
+                }
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             let picker = match Picker::new(&job.req.sampling, self.model, job.grammar.take()) {
@@ -544,6 +772,9 @@ impl<'m> Worker<'m> {
                 id: self.next_id,
                 client: req.client.clone().unwrap_or_else(|| Arc::from("")),
                 priority: req.priority.unwrap_or(0),
+                standing,
+                admitted: Instant::now(),
+                prompt_tokens: req.prompt.len() as u32,
                 slot: assignment.slot,
                 events: job.events,
                 prompt: req.prompt,
@@ -702,8 +933,9 @@ impl<'m> Worker<'m> {
     }
 
     /// Decides what each request feeds this step: one token for every generating sequence,
-    /// then prompt chunks, oldest request first, in whatever room is left (a smaller share
-    /// while others are generating, so their streams do not stall behind a long prompt).
+    /// then prompt chunks in whatever room is left (a smaller share while others are
+    /// generating, so their streams do not stall behind a long prompt), in
+    /// [`admission::prefill_order`]: better priority first, then one request per client.
     ///
     /// The last prompt token always goes alone, in a step after the rest of its prompt: its
     /// logits (what the first sampled token comes from) are then computed the same way whether
@@ -729,10 +961,25 @@ impl<'m> Worker<'m> {
         // (Batch-invariant mode: every sequence decodes alone, in chunks of the same size
         // whatever else is running, so it takes no share of this room.)
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
-        for a in &mut self.active {
-            if a.next.is_some() || !a.prefilling() || a.wait.is_some() {
-                continue;
-            }
+        let prefilling: Vec<usize> = (0..self.active.len())
+            .filter(|&i| {
+                let a = &self.active[i];
+                a.next.is_none() && a.prefilling() && a.wait.is_none()
+            })
+            .collect();
+        let keys: Vec<(i64, &str, Instant)> = prefilling
+            .iter()
+            .map(|&i| {
+                let a = &self.active[i];
+                (a.standing, &*a.client, a.submitted)
+            })
+            .collect();
+        let order: Vec<usize> = admission::prefill_order(&keys)
+            .into_iter()
+            .map(|k| prefilling[k])
+            .collect();
+        for i in order {
+            let a = &mut self.active[i];
             let cap = if self.invariant { BATCH_TOKENS } else { room };
             if cap == 0 {
                 continue;
@@ -1125,7 +1372,7 @@ impl<'m> Worker<'m> {
         let _ = a.events.send(Event::Done {
             finish_reason: reason,
             usage: Usage {
-                prompt_tokens: a.prompt.len() as u32,
+                prompt_tokens: a.prompt_tokens,
                 completion_tokens: a.generated,
                 cached_tokens: a.cached_tokens,
             },

@@ -816,6 +816,7 @@ impl Backend for MlxEngine {
             prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
             cached_prompt_tokens_total: s.cached_tokens.load(Ordering::Relaxed),
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
+            preemption: Default::default(),
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
             prompt_cache_files: cache.disk_files,
