@@ -167,7 +167,7 @@ struct Paused {
 
 /// What a free sequence takes next.
 enum Next {
-    New(Job),
+    New(Box<Job>),
     Resume(Box<Paused>),
 }
 
@@ -557,7 +557,7 @@ impl<'m> Worker<'m> {
     /// Takes the `at`th waiting request ([`Self::next_queued`]'s numbering).
     fn take_waiting(&mut self, at: usize) -> Next {
         if at < self.queue.len() {
-            Next::New(self.queue.remove(at).expect("in the queue"))
+            Next::New(Box::new(self.queue.remove(at).expect("in the queue")))
         } else {
             Next::Resume(Box::new(self.paused.remove(at - self.queue.len())))
         }
@@ -715,10 +715,7 @@ impl<'m> Worker<'m> {
     /// With every sequence busy, a waiting request with a better priority than a running
     /// one's standing pauses it (see [`Self::pause`]) and takes its sequence.
     fn admit(&mut self) {
-        loop {
-            let Some((at, standing)) = self.next_queued() else {
-                break;
-            };
+        while let Some((at, standing)) = self.next_queued() {
             if self.slots.busy() == self.slots.len() {
                 let Some(victim) = self.victim_for(self.waiting_priority(at)) else {
                     break;
@@ -728,7 +725,7 @@ impl<'m> Worker<'m> {
                 }
             }
             let mut job = match self.take_waiting(at) {
-                Next::New(job) => job,
+                Next::New(job) => *job,
                 Next::Resume(p) => {
                     self.resume(*p);
                     continue;
