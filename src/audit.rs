@@ -18,7 +18,9 @@ pub struct AuditEvent {
     /// RFC 3339, UTC.
     pub time: String,
     /// `model_load`, `model_unload`, `model_delete`, `download_start`, `download_cancel`,
-    /// `download_resume`, `download_finish`, `auth_failure`.
+    /// `download_resume`, `download_finish`, `auth_failure`; for configured clients,
+    /// `client_key_used` (a key's first request since start: which client it is) and
+    /// `client_limited` (a request refused by its client's caps).
     pub action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -36,6 +38,9 @@ pub struct AuditEvent {
     /// Fingerprint of the key the client presented (see [`fingerprint`]), never the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The configured client (`clients[].name`) that key belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
     /// Refusals of this client not written since its last line (see [`RefusalLimiter`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
@@ -53,6 +58,7 @@ impl AuditEvent {
             route: None,
             client: None,
             key: None,
+            caller: None,
             suppressed: None,
         }
     }

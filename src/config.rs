@@ -48,8 +48,8 @@ pub struct Config {
 }
 
 /// One client: its own API key (several may be valid at once; removing one revokes it), the
-/// priority its requests get unless they ask, the best it may ask for, and how many of its
-/// requests may be in flight at once.
+/// priority its requests get unless they ask, the best it may ask for, how many of its
+/// requests may be in flight at once and how many tokens it may use a minute.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
@@ -63,6 +63,9 @@ pub struct ClientConfig {
     pub best_priority: Option<i32>,
     /// Requests in flight (running or queued) at once; more get 429 with `Retry-After`.
     pub max_requests: Option<u32>,
+    /// Tokens (prompt and generated, of finished generations) over the last minute; once
+    /// reached, its requests get 429 with `Retry-After` until enough of them age out.
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -73,6 +76,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("priority", &self.priority)
             .field("best_priority", &self.best_priority)
             .field("max_requests", &self.max_requests)
+            .field("tokens_per_minute", &self.tokens_per_minute)
             .finish()
     }
 }
@@ -636,6 +640,17 @@ impl Config {
                     format!("clients[{i}].name"),
                     format!("`{}` is not 1 to 64 letters, digits or ._:@-", c.name),
                 ));
+            }
+            for (field, v) in [
+                ("max_requests", c.max_requests.map(u64::from)),
+                ("tokens_per_minute", c.tokens_per_minute),
+            ] {
+                if v == Some(0) {
+                    return Err((
+                        format!("clients[{i}].{field}"),
+                        "is 0: the client could send nothing (remove the client instead)".into(),
+                    ));
+                }
             }
             if !names.insert(c.name.as_str()) {
                 return Err((

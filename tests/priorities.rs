@@ -277,6 +277,10 @@ fn a_client_listed_twice_or_with_the_admin_key_is_a_config_error() {
         ),
         ("clients:\n  - {name: 'a b'}\n", "clients[0].name"),
         (
+            "clients:\n  - {name: a, tokens_per_minute: 0}\n",
+            "clients[0].tokens_per_minute",
+        ),
+        (
             "server: {admin_key: k}\nclients:\n  - {name: a, key: k}\n",
             "clients[0].key",
         ),
@@ -570,5 +574,213 @@ async fn a_paused_and_resumed_stream_equals_an_uninterrupted_one() {
     assert_eq!(
         m.get("opta_lmx_preemptions", &[("model", common::MODEL)]),
         1.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_sees_its_own_place_in_the_queue() {
+    let s = server();
+    let send = |client: &'static str, priority: Option<i32>, max_tokens: u32| {
+        let mut body = common::fleet::chat(common::MODEL, max_tokens);
+        if let Some(p) = priority {
+            body["priority"] = json!(p);
+        }
+        let req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .header("x-client-id", client)
+            .json(&body);
+        tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let _ = r.text().await;
+        })
+    };
+    // The one sequence is held by a high-priority stream nothing preempts.
+    let holder = send("holder", Some(-10), 2000);
+    s.wait_for("active_requests", 1, Duration::from_secs(30))
+        .await;
+    let mut waiting = Vec::new();
+    for (i, client) in ["flood", "flood", "flood", "quiet"].into_iter().enumerate() {
+        waiting.push(send(client, None, 2));
+        s.wait_for("queued_requests", i as u64 + 1, Duration::from_secs(30))
+            .await;
+    }
+    let queue_of = |client: &'static str| {
+        let url = s.url("/v1/queue");
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("x-client-id", client)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    // The scheduler publishes what it holds when it next looks at its queue.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let quiet = loop {
+        let q = queue_of("quiet").await;
+        if q["data"].as_array().unwrap().len() == 1 || Instant::now() > deadline {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(quiet["client"], "quiet", "{quiet}");
+    // The flooder's oldest goes first; then the quiet client's one, since the flooder would
+    // then run one and it none; then the flooder's others.
+    let places = |q: &Value| -> Vec<(String, Value)> {
+        q["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["state"].as_str().unwrap().to_string(),
+                    r["position"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        places(&quiet),
+        [("queued".to_string(), json!(2))],
+        "{quiet}"
+    );
+    let flood = queue_of("flood").await;
+    assert_eq!(
+        places(&flood),
+        [
+            ("queued".to_string(), json!(1)),
+            ("queued".to_string(), json!(3)),
+            ("queued".to_string(), json!(4))
+        ],
+        "{flood}"
+    );
+    let holder_view = queue_of("holder").await;
+    assert_eq!(places(&holder_view), [("running".to_string(), Value::Null)]);
+    assert_eq!(holder_view["data"][0]["priority"], -10);
+    let m = &quiet["models"][0];
+    assert_eq!(
+        (
+            m["model"].as_str(),
+            m["running"].as_u64(),
+            m["queued"].as_u64(),
+            m["parallel"].as_u64()
+        ),
+        (Some(common::MODEL), Some(1), Some(4), Some(1)),
+        "{quiet}"
+    );
+    // Someone with nothing in flight sees no requests of theirs.
+    assert_eq!(queue_of("nobody").await["data"], json!([]));
+    holder.abort();
+    for w in waiting {
+        w.await.unwrap();
+    }
+}
+
+const METERED: &str = "
+clients:
+  - name: metered
+    key: key-metered
+    tokens_per_minute: 30
+  - name: other
+    key: key-other
+";
+
+#[tokio::test]
+async fn a_client_past_its_tokens_per_minute_gets_429_and_keys_are_audited() {
+    let s = Server::start(Opts {
+        parallel: 1,
+        config: METERED.into(),
+        ..Opts::default()
+    });
+    let chat = |key: &'static str| {
+        let req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&common::fleet::chat(common::MODEL, 24));
+        async move {
+            let r = req.send().await.unwrap();
+            let code = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u32>().unwrap());
+            (code, retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    // The first request is served: its prompt and 24 tokens pass the 30 of the minute.
+    let (code, _, v) = chat("key-metered").await;
+    assert_eq!(code, 200, "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used >= 30, "{v}");
+    // The next is refused for this client, until the first ages out of the minute.
+    let (code, retry, v) = chat("key-metered").await;
+    assert_eq!(code, 429, "{v}");
+    let retry = retry.expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let (message, kind, _, _) = common::error_fields(&v);
+    assert!(
+        message.contains("client `metered`")
+            && message.contains(&format!("used {used} tokens"))
+            && message.contains("tokens_per_minute"),
+        "{message}"
+    );
+    assert_eq!(kind, "rate_limit_exceeded");
+    // Another client is not held by it; the metered one may still read its queue.
+    let (code, _, v) = chat("key-other").await;
+    assert_eq!(code, 200, "{v}");
+    let r = reqwest::Client::new()
+        .get(s.url("/v1/queue"))
+        .bearer_auth("key-metered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["client"], "metered");
+    // A key nobody has (a removed one) is refused.
+    let (code, _, _) = chat("key-removed").await;
+    assert_eq!(code, 401);
+    // The audit log maps each key (by fingerprint) to its client, once per key, and records
+    // the refusals.
+    let fp = |k: &str| {
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            &hex::encode(sha2::Sha256::digest(k.as_bytes()))[..12]
+        )
+    };
+    let lines = s.audit_lines();
+    let used_lines: Vec<(String, String)> = lines
+        .iter()
+        .filter(|l| l["action"] == "client_key_used")
+        .map(|l| {
+            (
+                l["caller"].as_str().unwrap().into(),
+                l["key"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        used_lines,
+        [
+            ("metered".to_string(), fp("key-metered")),
+            ("other".to_string(), fp("key-other"))
+        ],
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l["action"] == "client_limited"
+            && l["caller"] == "metered"
+            && l["status"] == 429
+            && l["key"] == fp("key-metered").as_str()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l["action"] == "auth_failure"
+            && l["key"] == fp("key-removed").as_str()
+            && l.get("caller").is_none()),
+        "{lines:?}"
     );
 }

@@ -1,8 +1,10 @@
 //! Who is asking, and how urgently: the configured client whose key a request carries, else
 //! the client it names (`X-Client-ID`, or OpenClaw's `x-openclaw-agent-id`); the priority its
 //! `x-priority` header asks for, else its client's default; and, for a client with
-//! `max_requests`, a place among its requests in flight (429 with `Retry-After` past it, for
-//! that client only). Both reach the
+//! `max_requests`, a place among its requests in flight, and for one with `tokens_per_minute`,
+//! its tokens over the last minute (429 with `Retry-After` past either, for that client only).
+//! A configured key's first request since start is audited with its client's name. Both
+//! reach the
 //! engine's admission (see [`crate::engine::admission`]) through [`submit_choices`], which
 //! every generating dialect calls: the handler runs inside [`identify`]'s scope, so no handler
 //! has to pass them along.
@@ -12,9 +14,10 @@
 //!
 //! [`submit_choices`]: super::generate::submit_choices
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -43,6 +46,55 @@ pub struct Caller {
     pub priority: Option<Priority>,
     /// The best (lowest) priority this client may use; better requests get this.
     pub best: Option<Priority>,
+    /// Where its tokens are counted, for a client with `tokens_per_minute`.
+    pub meter: Option<Arc<TokenMeter>>,
+}
+
+/// The window `tokens_per_minute` counts over.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A client's tokens over the last minute: each finished generation adds its prompt and
+/// generated tokens; a request that finds the sum at the cap waits until enough age out.
+#[derive(Debug, Default)]
+pub struct TokenMeter(Mutex<VecDeque<(Instant, u64)>>);
+
+impl TokenMeter {
+    /// Counts `tokens` used at `now`.
+    pub fn add(&self, tokens: u64, now: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let mut used = self.0.lock().expect("meter lock");
+        used.push_back((now, tokens));
+        while used
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= MINUTE)
+        {
+            used.pop_front();
+        }
+    }
+
+    /// `None` while the last minute's tokens are under `cap`; else how long until enough
+    /// of them age out that they are, and how many there are.
+    pub fn wait(&self, cap: u64, now: Instant) -> Option<(Duration, u64)> {
+        let used = self.0.lock().expect("meter lock");
+        let recent = || {
+            used.iter()
+                .filter(|(t, _)| now.saturating_duration_since(*t) < MINUTE)
+        };
+        let total: u64 = recent().map(|(_, n)| n).sum();
+        if total < cap {
+            return None;
+        }
+        let mut left = total;
+        for (t, n) in recent() {
+            left -= n;
+            if left < cap {
+                return Some(((*t + MINUTE).saturating_duration_since(now), total));
+            }
+        }
+        Some((MINUTE, total))
+    }
 }
 
 impl Caller {
@@ -73,6 +125,10 @@ pub struct ClientNames {
     seen: Mutex<HashSet<Arc<str>>>,
     /// Requests in flight per configured client with a `max_requests`.
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    /// Token meters per configured client with a `tokens_per_minute`.
+    meters: Mutex<HashMap<String, Arc<TokenMeter>>>,
+    /// Configured clients whose key has been used since start (audited once each).
+    keys_used: Mutex<HashSet<String>>,
 }
 
 /// One of a client's requests in flight; dropping it (the response's end) frees the place.
@@ -85,6 +141,25 @@ impl Drop for InFlight {
 }
 
 impl ClientNames {
+    /// The token meter of a configured client.
+    pub fn meter(&self, client: &str) -> Arc<TokenMeter> {
+        Arc::clone(
+            self.meters
+                .lock()
+                .expect("meters lock")
+                .entry(client.to_string())
+                .or_default(),
+        )
+    }
+
+    /// Whether this is the first request with `client`'s key since start.
+    fn first_use(&self, client: &str) -> bool {
+        self.keys_used
+            .lock()
+            .expect("keys lock")
+            .insert(client.to_string())
+    }
+
     /// A place for one more of `client`'s requests, or `None` with `max` in flight.
     pub fn enter(&self, client: &str, max: u32) -> Option<InFlight> {
         let counter = Arc::clone(
@@ -147,6 +222,7 @@ pub fn from_headers(
             .and_then(parse_priority)
             .or(configured.and_then(|c| c.priority)),
         best: configured.and_then(|c| c.best_priority),
+        meter: None,
     }
 }
 
@@ -154,26 +230,61 @@ pub fn from_headers(
 /// holds a capped client's place until the response's last byte (a stream's end).
 pub async fn identify(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let configured = super::auth::client_of_key(&state.config, req.headers());
-    let caller = from_headers(&state.clients, configured, req.headers());
+    let mut caller = from_headers(&state.clients, configured, req.headers());
     super::observe::note_caller(&caller.client);
-    let place = match configured.and_then(|c| c.max_requests) {
+    if let Some(c) = configured.filter(|c| state.clients.first_use(&c.name)) {
+        super::observe::audit_client(&state, &req, "client_key_used", "ok", &c.name, None);
+    }
+    // Caps gate the requests that make work; a capped client may still read its queue and
+    // the model list.
+    let configured_caps = configured.filter(|_| req.method() == axum::http::Method::POST);
+    let refuse = |message: String, retry_after_secs: u32| {
+        state
+            .metrics
+            .prometheus()
+            .record_client(&caller.client, true);
+        super::observe::audit_client(
+            &state,
+            &req,
+            "client_limited",
+            "refused",
+            &caller.client,
+            Some(429),
+        );
+        ApiError::RateLimited {
+            message,
+            retry_after_secs,
+        }
+        .into_response()
+    };
+    if let Some(cap) = configured_caps.and_then(|c| c.tokens_per_minute) {
+        let meter = state.clients.meter(&caller.client);
+        if let Some((wait, used)) = meter.wait(cap, Instant::now()) {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u32;
+            return refuse(
+                format!(
+                    "client `{}` used {used} tokens in the last minute, its limit is {cap} \
+                     (clients[].tokens_per_minute); retry in {secs} s",
+                    caller.client
+                ),
+                secs,
+            );
+        }
+        caller.meter = Some(meter);
+    }
+    let place = match configured_caps.and_then(|c| c.max_requests) {
         None => None,
         Some(max) => match state.clients.enter(&caller.client, max) {
             Some(p) => Some(p),
             None => {
-                state
-                    .metrics
-                    .prometheus()
-                    .record_client(&caller.client, true);
-                return ApiError::RateLimited {
-                    message: format!(
+                return refuse(
+                    format!(
                         "client `{}` has {max} requests in flight, its limit \
                          (clients[].max_requests); retry when one has finished",
                         caller.client
                     ),
-                    retry_after_secs: 1,
-                }
-                .into_response();
+                    1,
+                );
             }
         },
     };
@@ -243,6 +354,23 @@ mod tests {
             from_headers(&names, Some(&bot), &h).priority_for(None),
             Some(5)
         );
+    }
+
+    #[test]
+    fn the_token_meter_counts_one_minute_and_says_when_room_comes_back() {
+        let m = TokenMeter::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        m.add(40, at(0));
+        m.add(30, at(10));
+        assert_eq!(m.wait(100, at(20)), None);
+        m.add(50, at(20));
+        // 120 used; under 100 once the first 40 age out, at 60 s.
+        assert_eq!(m.wait(100, at(30)), Some((Duration::from_secs(30), 120)));
+        // Under 51 needs the first two gone: at 70 s.
+        assert_eq!(m.wait(51, at(30)), Some((Duration::from_secs(40), 120)));
+        assert_eq!(m.wait(100, at(61)), None);
+        assert_eq!(m.wait(1, at(80)), None);
     }
 
     #[test]

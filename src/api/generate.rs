@@ -143,9 +143,11 @@ pub(super) async fn submit_choices(
     }
     // Who asked and how urgently: the body's `priority` first, then `x-priority`.
     let mut gen = gen;
+    let mut meter = None;
     if let Some(caller) = super::caller::current() {
         gen.priority = caller.priority_for(gen.priority);
         gen.client = Some(caller.client);
+        meter = caller.meter;
     }
     let constrained = gen.constraint.is_some();
     let engine = std::sync::Arc::clone(&model.engine);
@@ -166,6 +168,8 @@ pub(super) async fn submit_choices(
                     metrics: metrics.clone(),
                     model: id.clone(),
                     ended: false,
+                    // The prompt is counted once, with the first choice.
+                    meter: meter.clone().map(|m| (m, i == 0)),
                 })
             })
             .collect()
@@ -187,6 +191,9 @@ pub(super) struct ChoiceEvents {
     model: String,
     /// A `Done` or `Error` was seen: dropping now cancels nothing.
     ended: bool,
+    /// The client's token meter (`tokens_per_minute`), and whether this choice counts the
+    /// prompt too.
+    meter: Option<(std::sync::Arc<super::caller::TokenMeter>, bool)>,
 }
 
 impl Drop for ChoiceEvents {
@@ -219,6 +226,11 @@ impl futures_util::Stream for ChoiceEvents {
                     *time_to_first_token,
                     *total_time,
                 );
+                if let Some((meter, with_prompt)) = &self.meter {
+                    let prompt = if *with_prompt { usage.prompt_tokens } else { 0 };
+                    let tokens = u64::from(prompt) + u64::from(usage.completion_tokens);
+                    meter.add(tokens, std::time::Instant::now());
+                }
                 self.ended = true;
             }
             std::task::Poll::Ready(Some(Event::Error(_)) | None) => self.ended = true,

@@ -17,6 +17,7 @@ pub mod models;
 pub mod observe;
 pub mod openapi;
 pub mod page;
+pub mod queue;
 pub mod rerank;
 pub mod responses;
 pub mod routes;

@@ -222,6 +222,29 @@ fn write_audit(
     state.audit.record(&e);
 }
 
+/// Audits a configured client's key at its first use since start (which client it is) or a
+/// request refused by its client's caps (rate-limited per address like key refusals).
+pub fn audit_client(
+    state: &AppState,
+    req: &Request,
+    action: &'static str,
+    outcome: &'static str,
+    caller: &str,
+    status: Option<u16>,
+) {
+    let mut e = AuditEvent::now(action, outcome);
+    e.status = status;
+    e.route = Some(bounded(req.uri().path(), LOGGED_PATH_CHARS));
+    e.client = peer(req).map(|p| p.ip().to_string());
+    e.key = presented_key(req.headers(), false).map(fingerprint);
+    e.caller = Some(caller.to_string());
+    if status.is_some() {
+        state.audit.record_refusal(e);
+    } else {
+        state.audit.record(&e);
+    }
+}
+
 /// Counts and audits a request refused for its key (`scope`: `api` or `admin`).
 pub fn auth_failed(state: &AppState, req: &Request, scope: &'static str, status: StatusCode) {
     state.metrics.prometheus().record_auth_failure(scope);

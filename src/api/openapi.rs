@@ -36,6 +36,7 @@ use super::AppState;
     super::embeddings::EmbeddingResponse,
     super::rerank::RerankRequest,
     super::rerank::RerankResponse,
+    super::queue::QueueView,
     super::admin::LoadBody,
     super::admin::UnloadBody,
     super::admin::DeleteBody,

@@ -6,7 +6,7 @@ use axum::routing::{delete, get, post, MethodRouter};
 
 use super::{
     admin, anthropic, chat, completions, downloads, embeddings, lmstudio, models, observe, openapi,
-    page, rerank, responses, AppState,
+    page, queue, rerank, responses, AppState,
 };
 
 /// Who may call an operation: the router puts the matching check in front of the handler,
@@ -182,6 +182,15 @@ pub const ROUTES: &[Operation] = &[
         || get(models::list_models),
     )
     .returns("ModelList"),
+    op(
+        "get",
+        "/v1/queue",
+        "Scheduling",
+        "The caller's own requests: running, or waiting with their place in the admission order",
+        Api,
+        || get(queue::own),
+    )
+    .returns("QueueView"),
     op(
         "get",
         "/v1/models/{*id}",

@@ -87,6 +87,25 @@ pub fn next(queue: &[Waiting<'_>], running: &[&str], now: Instant) -> Option<usi
         .map(|(i, _)| i)
 }
 
+/// The order in which `queue` would be admitted as sequences free, if nothing else arrived:
+/// indices into `queue`, first to go first. Each admitted one counts as running for the
+/// client shares of the rest. What `GET /v1/queue` reports as positions.
+pub fn order(queue: &[Waiting<'_>], running: &[&str], now: Instant) -> Vec<usize> {
+    let mut left: Vec<usize> = (0..queue.len()).collect();
+    let mut running: Vec<&str> = running.to_vec();
+    let mut out = Vec::with_capacity(queue.len());
+    while !left.is_empty() {
+        let rest: Vec<Waiting<'_>> = left.iter().map(|&i| queue[i]).collect();
+        let Some(k) = next(&rest, &running, now) else {
+            break;
+        };
+        let i = left.remove(k);
+        running.push(queue[i].client);
+        out.push(i);
+    }
+    out
+}
+
 /// One running sequence, as preemption sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Running {
@@ -234,6 +253,24 @@ mod tests {
         // The person first; then the flooder's oldest and the quiet client's one (each a
         // client's first), oldest first; then the flooder's others.
         assert_eq!(prefill_order(&p), [4, 0, 3, 1, 2]);
+    }
+
+    #[test]
+    fn the_queue_order_interleaves_clients_within_a_priority() {
+        let now = Instant::now();
+        let q = [
+            w(0, "flood", 9, now),
+            w(0, "flood", 8, now),
+            w(0, "flood", 7, now),
+            w(0, "quiet", 1, now),
+            w(-10, "me", 0, now),
+        ];
+        // The person; then the flooder's oldest (nobody runs yet), the quiet client's one
+        // (it runs none), then the flooder's others.
+        assert_eq!(order(&q, &[], now), [4, 0, 3, 1, 2]);
+        // With the flooder already running two, the quiet one goes before its first.
+        assert_eq!(order(&q, &["flood", "flood"], now), [4, 3, 0, 1, 2]);
+        assert!(order(&[], &["x"], now).is_empty());
     }
 
     #[test]

@@ -265,6 +265,17 @@ impl MemoryEstimate {
     }
 }
 
+/// One request a scheduler holds, as `GET /v1/queue` and the status show it.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub client: std::sync::Arc<str>,
+    pub priority: admission::Priority,
+    /// When it reached the engine: its age in the admission order.
+    pub since: std::time::Instant,
+    /// Holding a sequence (else waiting for one, or paused).
+    pub running: bool,
+}
+
 /// One client's share of a model's scheduler now.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClientLoad {
@@ -400,6 +411,14 @@ pub trait Backend: Send + Sync {
     fn shutdown(&self);
     /// Each client's running and waiting requests, for `/admin/status`.
     fn clients(&self) -> Vec<ClientLoad> {
+        ClientLoad::tally(
+            self.held()
+                .iter()
+                .map(|h| (&*h.client, h.priority, h.running)),
+        )
+    }
+    /// Every request the scheduler holds now, running or waiting.
+    fn held(&self) -> Vec<Held> {
         Vec::new()
     }
     /// Memory held by reusable prefixes beyond the model's fixed footprint (the MLX worker's

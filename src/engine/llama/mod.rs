@@ -177,7 +177,7 @@ struct Shared {
     avg_request_ms: AtomicU64,
     rates: Mutex<RateWindow>,
     /// Each client's running and queued requests, as the scheduler last saw them.
-    clients: Mutex<Vec<super::ClientLoad>>,
+    held: Mutex<Vec<super::Held>>,
 }
 
 /// One admitted-or-waiting request's share of [`Shared::pending`]; dropping it (finish,
@@ -592,8 +592,8 @@ impl Backend for LlamaEngine {
         }
     }
 
-    fn clients(&self) -> Vec<super::ClientLoad> {
-        self.shared.clients.lock().expect("clients lock").clone()
+    fn held(&self) -> Vec<super::Held> {
+        self.shared.held.lock().expect("held lock").clone()
     }
 
     fn shutdown(&self) {

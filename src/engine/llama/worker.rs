@@ -25,7 +25,7 @@ use crate::engine::scheduler::{common_prefix, isolate_failures, Reuse, SlotTable
 use crate::engine::speculation::{ngram_proposal, Acceptance, SpecCosts};
 use crate::engine::text::TextAssembler;
 use crate::engine::{
-    ClientLoad, EngineError, Event, FinishReason, TokenId, TokenLogprob, TokenText, Usage,
+    EngineError, Event, FinishReason, Held, TokenId, TokenLogprob, TokenText, Usage,
 };
 
 /// Most tokens in one decode call (generation tokens plus prompt chunks).
@@ -470,20 +470,25 @@ impl<'m> Worker<'m> {
             return;
         }
         self.clients_mark = mark;
+        let held = |a: &Active, running| Held {
+            client: Arc::clone(&a.client),
+            priority: a.priority,
+            since: a.submitted,
+            running,
+        };
         let held = self
             .active
             .iter()
-            .map(|a| (&*a.client, a.priority, true))
-            .chain(self.queue.iter().map(|j| {
-                let client = j.req.client.as_deref().unwrap_or("");
-                (client, j.req.priority.unwrap_or(0), false)
+            .map(|a| held(a, true))
+            .chain(self.queue.iter().map(|j| Held {
+                client: j.req.client.clone().unwrap_or_else(|| Arc::from("")),
+                priority: j.req.priority.unwrap_or(0),
+                since: j.submitted,
+                running: false,
             }))
-            .chain(
-                self.paused
-                    .iter()
-                    .map(|p| (&*p.a.client, p.a.priority, false)),
-            );
-        *self.shared.clients.lock().expect("clients lock") = ClientLoad::tally(held);
+            .chain(self.paused.iter().map(|p| held(&p.a, false)))
+            .collect();
+        *self.shared.held.lock().expect("held lock") = held;
     }
 
     /// Queues a job that arrived.

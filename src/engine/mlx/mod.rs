@@ -426,14 +426,18 @@ impl Shared {
         }
     }
 
-    /// Each client's running and waiting requests.
-    fn clients(&self) -> Vec<super::ClientLoad> {
+    /// Every request in flight, running or waiting here.
+    fn held(&self) -> Vec<super::Held> {
         let requests = self.requests.lock().expect("requests lock");
-        super::ClientLoad::tally(
-            requests
-                .values()
-                .map(|r| (&*r.client, r.priority, r.held.is_none())),
-        )
+        requests
+            .values()
+            .map(|r| super::Held {
+                client: Arc::clone(&r.client),
+                priority: r.priority,
+                since: r.submitted,
+                running: r.held.is_none(),
+            })
+            .collect()
     }
 
     fn note_cache(&self, v: &Value, spec: &Value) {
@@ -839,8 +843,8 @@ impl Backend for MlxEngine {
         Some((self.pid, self.shared.rss_bytes.load(Ordering::Relaxed)))
     }
 
-    fn clients(&self) -> Vec<super::ClientLoad> {
-        self.shared.clients()
+    fn held(&self) -> Vec<super::Held> {
+        self.shared.held()
     }
 
     fn prefix_cache_bytes(&self) -> u64 {
