@@ -71,6 +71,7 @@ pub async fn own(State(state): State<AppState>) -> Json<QueueView> {
                 priority: h.priority,
                 client: &h.client,
                 since: h.since,
+                aging_from: h.aging_from,
             })
             .collect();
         let mut position = vec![0; waiting.len()];

@@ -3,8 +3,14 @@
 //! waited long enough is aged up so nothing starves, and within one priority the client with
 //! the fewest running sequences goes first, so a client sending twenty requests at once does
 //! not take every sequence from another one. Oldest first among equals (what FIFO did).
+//!
+//! Aging counts from a request's arrival or from the last time its client got a sequence at
+//! that priority, whichever is later: a client being served is not starving, so a flood of
+//! its requests does not age past a quiet client's one.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A request's priority as vLLM reads it: lower runs first; 0 when nothing says otherwise.
@@ -57,15 +63,45 @@ pub fn clamp(p: i64) -> Priority {
 pub struct Waiting<'a> {
     pub priority: Priority,
     pub client: &'a str,
+    /// When it arrived: the oldest goes first among equals.
     pub since: Instant,
+    /// Where its aging counts from (see [`Served::aging_from`]).
+    pub aging_from: Instant,
 }
 
 impl Waiting<'_> {
     /// The priority after aging: one step better per aging step waited.
     pub fn effective(&self, now: Instant) -> i64 {
-        let waited = now.saturating_duration_since(self.since).as_millis() as u64;
+        let waited = now.saturating_duration_since(self.aging_from).as_millis() as u64;
         let steps = waited / age_step_ms();
         i64::from(self.priority) - steps as i64
+    }
+}
+
+/// When each client last got a sequence, by priority: where its waiting requests' aging
+/// starts. One per scheduler.
+#[derive(Debug, Default)]
+pub struct Served(HashMap<(Arc<str>, Priority), Instant>);
+
+impl Served {
+    /// Clients are bounded upstream (64 names, `other`, the configured ones); this bounds the
+    /// map whatever the priorities asked.
+    const MOST: usize = 4096;
+
+    /// Notes that `client` got a sequence for a request of `priority` at `now`.
+    pub fn admitted(&mut self, client: &Arc<str>, priority: Priority, now: Instant) {
+        if self.0.len() >= Self::MOST {
+            self.0.clear();
+        }
+        self.0.insert((Arc::clone(client), priority), now);
+    }
+
+    /// Where aging starts for a request of `client` at `priority` that arrived at `since`.
+    pub fn aging_from(&self, client: &Arc<str>, priority: Priority, since: Instant) -> Instant {
+        match self.0.get(&(Arc::clone(client), priority)) {
+            Some(&last) => last.max(since),
+            None => since,
+        }
     }
 }
 
@@ -108,7 +144,8 @@ pub fn order(queue: &[Waiting<'_>], running: &[&str], now: Instant) -> Vec<usize
 
 /// One running sequence, as preemption sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct Running {
+pub struct Running<'a> {
+    pub client: &'a str,
     /// Its effective priority when it was admitted (or resumed): a request that got its
     /// sequence by aging keeps that standing, so fresh requests of the priority it aged to
     /// cannot take the sequence back from it.
@@ -120,19 +157,41 @@ pub struct Running {
     pub pausable: bool,
 }
 
-/// The running sequence to pause so a waiting request of `priority` (its own, not aged: aging
-/// orders the queue but never takes a sequence from anyone) can run now: the one with the worst
-/// standing, if that is strictly worse than `priority`. `None` with priorities off.
-pub fn victim(priority: Priority, running: &[Running]) -> Option<usize> {
+/// The running sequence to pause so a waiting request of `client` at `priority` (its own, not
+/// aged: aging orders the queue but never takes a sequence from anyone) can run now. First by
+/// priority: the one with the worst standing, if that is strictly worse than `priority`.
+/// Else by share: a sequence of no better standing whose client runs at least two more than
+/// `client` does (so the move cannot be undone by the same rule), from the client running the
+/// most. The latest admitted among equals. `None` with priorities off.
+pub fn victim(priority: Priority, client: &str, running: &[Running<'_>]) -> Option<usize> {
     if !priorities_on() {
         return None;
     }
-    running
+    let by_priority = running
         .iter()
         .enumerate()
         .filter(|(_, r)| r.pausable && r.standing > i64::from(priority))
         .max_by_key(|(_, r)| (r.standing, r.admitted))
+        .map(|(i, _)| i);
+    if by_priority.is_some() {
+        return by_priority;
+    }
+    let share = |c: &str| running.iter().filter(|r| r.client == c).count();
+    let mine = share(client);
+    running
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            r.pausable && r.standing >= i64::from(priority) && share(r.client) >= mine + 2
+        })
+        .max_by_key(|(_, r)| (share(r.client), r.admitted))
         .map(|(i, _)| i)
+}
+
+/// Whether a request of `standing` goes before every stream of `than` (the best standing
+/// among them), so its prompt may take whole steps. Never with priorities off.
+pub fn outranks(standing: i64, than: i64) -> bool {
+    priorities_on() && standing < than
 }
 
 /// The order in which requests that are prefilling share a step's prompt budget: better
@@ -167,6 +226,7 @@ mod tests {
             priority,
             client,
             since: now - Duration::from_secs(age_s),
+            aging_from: now - Duration::from_secs(age_s),
         }
     }
 
@@ -208,8 +268,19 @@ mod tests {
         assert_eq!(next(&q, &["flood", "flood"], now), Some(0));
     }
 
-    fn r(standing: i64, admitted_s_ago: u64, pausable: bool, now: Instant) -> Running {
+    fn r(standing: i64, admitted_s_ago: u64, pausable: bool, now: Instant) -> Running<'static> {
+        rc("bot", standing, admitted_s_ago, pausable, now)
+    }
+
+    fn rc(
+        client: &str,
+        standing: i64,
+        admitted_s_ago: u64,
+        pausable: bool,
+        now: Instant,
+    ) -> Running<'_> {
         Running {
+            client,
             standing,
             admitted: now - Duration::from_secs(admitted_s_ago),
             pausable,
@@ -226,17 +297,60 @@ mod tests {
             r(-10, 1, true, now),
         ];
         // The two lows: the one admitted last.
-        assert_eq!(victim(-10, &running), Some(2));
-        assert_eq!(victim(0, &running), Some(2));
-        // Nothing is worse than a low request's own priority: it waits.
-        assert_eq!(victim(10, &running), None);
+        assert_eq!(victim(-10, "me", &running), Some(2));
+        assert_eq!(victim(0, "me", &running), Some(2));
+        // Nothing is worse than a low request's own priority, and its client runs them all.
+        assert_eq!(victim(10, "bot", &running), None);
         // A sequence mid-way through a grammar pick is left alone.
         let running = [r(0, 50, true, now), r(10, 5, false, now)];
-        assert_eq!(victim(-10, &running), Some(0));
+        assert_eq!(victim(-10, "me", &running), Some(0));
         // A low request that aged to -10 before it got its sequence keeps it against a fresh
         // high one.
-        assert_eq!(victim(-10, &[r(-10, 3, true, now)]), None);
-        assert_eq!(victim(-10, &[]), None);
+        assert_eq!(victim(-10, "me", &[r(-10, 3, true, now)]), None);
+        assert_eq!(victim(-10, "me", &[]), None);
+    }
+
+    #[test]
+    fn a_client_running_two_more_than_another_gives_it_a_sequence() {
+        let now = Instant::now();
+        let running = [
+            rc("flood", 0, 9, true, now),
+            rc("flood", 0, 8, true, now),
+            rc("flood", 0, 7, true, now),
+            rc("one", 0, 6, true, now),
+        ];
+        // A quiet client running none takes the flooder's latest.
+        assert_eq!(victim(0, "quiet", &running), Some(2));
+        // A client running one is two behind the flooder: it takes one too.
+        assert_eq!(victim(0, "one", &running), Some(2));
+        // The flooder itself takes nothing; a worse priority takes nothing by share.
+        assert_eq!(victim(0, "flood", &running), None);
+        assert_eq!(victim(5, "quiet", &running), None);
+        // Two against one: no move (it would only swap who runs more).
+        let running = [rc("a", 0, 9, true, now), rc("b", 0, 8, true, now)];
+        assert_eq!(victim(0, "a", &running), None);
+        // A flood request that aged into its sequence keeps it.
+        let running = [rc("flood", -1, 9, true, now), rc("flood", -1, 8, true, now)];
+        assert_eq!(victim(0, "quiet", &running), None);
+    }
+
+    #[test]
+    fn a_client_being_served_does_not_age() {
+        let now = Instant::now();
+        let mut served = Served::default();
+        let (flood, quiet): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("quiet"));
+        let long_ago = now - Duration::from_secs(300);
+        // The flooder got a sequence a second ago: its 300 s old request ages from then.
+        served.admitted(&flood, 0, now - Duration::from_secs(1));
+        assert_eq!(
+            served.aging_from(&flood, 0, long_ago),
+            now - Duration::from_secs(1)
+        );
+        // Not at another priority, and not another client.
+        assert_eq!(served.aging_from(&flood, 10, long_ago), long_ago);
+        assert_eq!(served.aging_from(&quiet, 0, long_ago), long_ago);
+        // A request that arrived after the last admission ages from its arrival.
+        assert_eq!(served.aging_from(&flood, 0, now), now);
     }
 
     #[test]

@@ -272,6 +272,8 @@ pub struct Held {
     pub priority: admission::Priority,
     /// When it reached the engine: its age in the admission order.
     pub since: std::time::Instant,
+    /// Where its priority's aging counts from (see [`admission::Served`]).
+    pub aging_from: std::time::Instant,
     /// Holding a sequence (else waiting for one, or paused).
     pub running: bool,
 }

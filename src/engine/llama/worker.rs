@@ -187,6 +187,8 @@ pub(super) struct Worker<'m> {
     /// queued) and resume as sequences free. At most one per sequence, so their saved KV
     /// never exceeds the context's own.
     paused: Vec<Paused>,
+    /// When each client last got a sequence: where its waiting requests' aging starts.
+    served: admission::Served,
     next_id: u64,
     /// Jobs taken from the channel so far; with `next_id` and the two lengths, what
     /// [`Self::publish_counts`] compares to know the clients' tally is unchanged.
@@ -272,6 +274,7 @@ impl<'m> Worker<'m> {
             queue: VecDeque::new(),
             active: Vec::new(),
             paused: Vec::new(),
+            served: admission::Served::default(),
             next_id: 0,
             received: 0,
             clients_mark: (0, 0, 0, 0),
@@ -470,21 +473,28 @@ impl<'m> Worker<'m> {
             return;
         }
         self.clients_mark = mark;
+        let served = &self.served;
         let held = |a: &Active, running| Held {
             client: Arc::clone(&a.client),
             priority: a.priority,
             since: a.submitted,
+            aging_from: served.aging_from(&a.client, a.priority, a.submitted),
             running,
         };
         let held = self
             .active
             .iter()
             .map(|a| held(a, true))
-            .chain(self.queue.iter().map(|j| Held {
-                client: j.req.client.clone().unwrap_or_else(|| Arc::from("")),
-                priority: j.req.priority.unwrap_or(0),
-                since: j.submitted,
-                running: false,
+            .chain(self.queue.iter().map(|j| {
+                let client = job_client(j);
+                let priority = j.req.priority.unwrap_or(0);
+                Held {
+                    aging_from: served.aging_from(&client, priority, j.submitted),
+                    client,
+                    priority,
+                    since: j.submitted,
+                    running: false,
+                }
             }))
             .chain(self.paused.iter().map(|p| held(&p.a, false)))
             .collect();
@@ -540,18 +550,29 @@ impl<'m> Worker<'m> {
     /// Paused requests wait beside the queue, with their first arrival as their age.
     fn next_queued(&self) -> Option<(usize, i64)> {
         let running: Vec<&str> = self.active.iter().map(|a| &*a.client).collect();
+        let clients: Vec<Arc<str>> = self.queue.iter().map(job_client).collect();
         let waiting: Vec<admission::Waiting<'_>> = self
             .queue
             .iter()
-            .map(|j| admission::Waiting {
-                priority: j.req.priority.unwrap_or(0),
-                client: j.req.client.as_deref().unwrap_or(""),
-                since: j.submitted,
+            .zip(&clients)
+            .map(|(j, client)| {
+                let priority = j.req.priority.unwrap_or(0);
+                admission::Waiting {
+                    priority,
+                    client,
+                    since: j.submitted,
+                    aging_from: self.served.aging_from(client, priority, j.submitted),
+                }
             })
-            .chain(self.paused.iter().map(|p| admission::Waiting {
-                priority: p.a.priority,
-                client: &p.a.client,
-                since: p.a.submitted,
+            .chain(self.paused.iter().map(|p| {
+                admission::Waiting {
+                    priority: p.a.priority,
+                    client: &p.a.client,
+                    since: p.a.submitted,
+                    aging_from: self
+                        .served
+                        .aging_from(&p.a.client, p.a.priority, p.a.submitted),
+                }
             }))
             .collect();
         let now = Instant::now();
@@ -568,30 +589,35 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// The raw priority of the `at`th waiting request.
-    fn waiting_priority(&self, at: usize) -> admission::Priority {
+    /// The raw priority and client of the `at`th waiting request.
+    fn waiting_at(&self, at: usize) -> (admission::Priority, Arc<str>) {
         match self.queue.get(at) {
-            Some(j) => j.req.priority.unwrap_or(0),
-            None => self.paused[at - self.queue.len()].a.priority,
+            Some(j) => (j.req.priority.unwrap_or(0), job_client(j)),
+            None => {
+                let a = &self.paused[at - self.queue.len()].a;
+                (a.priority, Arc::clone(&a.client))
+            }
         }
     }
 
-    /// With every sequence busy, the running request to pause for a waiting one of
-    /// `priority` (see [`admission::victim`]); at most one paused request per sequence.
-    fn victim_for(&self, priority: admission::Priority) -> Option<usize> {
+    /// With every sequence busy, the running request to pause for the `at`th waiting one
+    /// (see [`admission::victim`]); at most one paused request per sequence.
+    fn victim_for(&self, at: usize) -> Option<usize> {
         if self.paused.len() >= self.slots.len() {
             return None;
         }
+        let (priority, client) = self.waiting_at(at);
         let running: Vec<admission::Running> = self
             .active
             .iter()
             .map(|a| admission::Running {
+                client: &a.client,
                 standing: a.standing,
                 admitted: a.admitted,
                 pausable: a.pending.is_none() && a.wait.is_none(),
             })
             .collect();
-        admission::victim(priority, &running)
+        admission::victim(priority, &client, &running)
     }
 
     /// Pauses the running request at `i` of `active`: its sequence's KV is copied out with
@@ -684,13 +710,16 @@ impl<'m> Worker<'m> {
         a.slot = slot;
         a.prompt_done = have;
         a.wait = None;
+        let now = Instant::now();
         a.standing = admission::Waiting {
             priority: a.priority,
             client: "",
             since: a.submitted,
+            aging_from: self.served.aging_from(&a.client, a.priority, a.submitted),
         }
-        .effective(Instant::now());
-        a.admitted = Instant::now();
+        .effective(now);
+        self.served.admitted(&a.client, a.priority, now);
+        a.admitted = now;
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         self.active.push(a);
     }
@@ -722,7 +751,7 @@ impl<'m> Worker<'m> {
     fn admit(&mut self) {
         while let Some((at, standing)) = self.next_queued() {
             if self.slots.busy() == self.slots.len() {
-                let Some(victim) = self.victim_for(self.waiting_priority(at)) else {
+                let Some(victim) = self.victim_for(at) else {
                     break;
                 };
                 if !self.pause(victim) {
@@ -770,10 +799,13 @@ impl<'m> Worker<'m> {
                 s.cache_hits.fetch_add(1, Ordering::Relaxed);
             }
             self.next_id += 1;
+            let client = req.client.clone().unwrap_or_else(|| Arc::from(""));
+            let priority = req.priority.unwrap_or(0);
+            self.served.admitted(&client, priority, Instant::now());
             self.active.push(Active {
                 id: self.next_id,
-                client: req.client.clone().unwrap_or_else(|| Arc::from("")),
-                priority: req.priority.unwrap_or(0),
+                client,
+                priority,
                 standing,
                 admitted: Instant::now(),
                 prompt_tokens: req.prompt.len() as u32,
@@ -954,7 +986,21 @@ impl<'m> Worker<'m> {
             }
         }
         let proposed = self.plan_proposals(generating);
-        let prefill_room = if generating > 0 {
+        // A prompt of better priority than every stream takes whole batches: the streams
+        // slow down for the person's turn, not the other way round.
+        let best = |f: fn(&Active) -> bool| {
+            self.active
+                .iter()
+                .filter(|a| f(a))
+                .map(|a| a.standing)
+                .min()
+        };
+        let waiting_prompt = best(|a| a.next.is_none() && a.prefilling() && a.wait.is_none());
+        let urgent = match (waiting_prompt, best(|a| a.next.is_some())) {
+            (Some(p), Some(g)) => admission::outranks(p, g),
+            _ => false,
+        };
+        let prefill_room = if generating > 0 && !urgent {
             self.costs.prefill_budget()
         } else {
             BATCH_TOKENS
@@ -1383,6 +1429,11 @@ impl<'m> Worker<'m> {
         });
         self.slots.release(a.slot);
     }
+}
+
+/// The client a queued job names (empty: none).
+fn job_client(j: &Job) -> Arc<str> {
+    j.req.client.clone().unwrap_or_else(|| Arc::from(""))
 }
 
 /// Streams one sampled token of `a` (its log-probabilities first, when asked), with `position`

@@ -104,6 +104,8 @@ struct Shared {
     stdin: Mutex<Option<ChildStdin>>,
     child: Mutex<Child>,
     requests: Mutex<HashMap<u64, Request>>,
+    /// When each client last got a sequence (locked after `requests`).
+    served: Mutex<crate::engine::admission::Served>,
     tok: MlxTokenizer,
     next_id: AtomicU64,
     /// Why the worker is gone, once it is.
@@ -248,6 +250,7 @@ impl MlxEngine {
             stdin: Mutex::new(Some(stdin)),
             child: Mutex::new(child),
             requests: Mutex::new(HashMap::new()),
+            served: Mutex::default(),
             tok,
             next_id: AtomicU64::new(1),
             failed: Mutex::new(None),
@@ -365,6 +368,7 @@ impl Shared {
         let mut out = Vec::new();
         {
             let mut requests = self.requests.lock().expect("requests lock");
+            let mut served = self.served.lock().expect("served lock");
             // Waiting requests whose client left go without reaching the worker.
             let gone: Vec<u64> = requests
                 .iter()
@@ -398,6 +402,7 @@ impl Shared {
                             priority: r.priority,
                             client: &r.client,
                             since: r.submitted,
+                            aging_from: served.aging_from(&r.client, r.priority, r.submitted),
                         }
                     })
                     .collect();
@@ -407,6 +412,7 @@ impl Shared {
                 let id = ids[at];
                 let r = requests.get_mut(&id).expect("a held request");
                 let msg = r.held.take().expect("held");
+                served.admitted(&r.client, r.priority, Instant::now());
                 out.push((id, msg, r.prompt_tokens));
             }
         }
@@ -429,12 +435,14 @@ impl Shared {
     /// Every request in flight, running or waiting here.
     fn held(&self) -> Vec<super::Held> {
         let requests = self.requests.lock().expect("requests lock");
+        let served = self.served.lock().expect("served lock");
         requests
             .values()
             .map(|r| super::Held {
                 client: Arc::clone(&r.client),
                 priority: r.priority,
                 since: r.submitted,
+                aging_from: served.aging_from(&r.client, r.priority, r.submitted),
                 running: r.held.is_none(),
             })
             .collect()
