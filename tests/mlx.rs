@@ -1246,3 +1246,104 @@ async fn the_server_decides_which_waiting_request_the_worker_gets_next() {
     assert_eq!((a.1, b.1), (200, 200));
     assert!(a.2 < b.2, "the low-priority request went first");
 }
+
+/// A greedy low-priority stream on the MLX model: its text, usage, and when it ended; `ready`
+/// is told after that many content chunks.
+fn low_stream(
+    s: &Server,
+    ready: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> tokio::task::JoinHandle<(String, Value, Instant)> {
+    use futures_util::StreamExt;
+    let mut body = ask(
+        MLX,
+        "Count from one to five hundred, one number per line.",
+        64,
+    );
+    // Qwen's end-of-text tokens banned: the answer runs to max_tokens.
+    body["logit_bias"] = json!({"151643": -100, "151645": -100});
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let req = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-client-id", "cron")
+        .header("x-priority", "low")
+        .json(&body);
+    tokio::spawn(async move {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let mut ready = ready;
+        let (mut raw, mut text, mut usage, mut chunks) =
+            (String::new(), String::new(), Value::Null, 0);
+        let mut bytes = r.bytes_stream();
+        while let Some(b) = bytes.next().await {
+            raw.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+            while let Some(end) = raw.find("\n\n") {
+                let event: String = raw.drain(..end + 2).collect();
+                let Some(data) = event.trim().strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).unwrap();
+                if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(c);
+                    chunks += 1;
+                }
+                if !v["usage"].is_null() {
+                    usage = v["usage"].clone();
+                }
+                if ready.as_ref().is_some_and(|(after, _)| chunks >= *after) {
+                    let _ = ready.take().unwrap().1.send(());
+                }
+            }
+        }
+        (text, usage, Instant::now())
+    })
+}
+
+#[tokio::test]
+async fn a_paused_mlx_stream_resumes_from_its_parked_kv_with_the_same_text() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server(1, &[]);
+    load_mlx(&s).await;
+    let (alone, alone_usage, _) = low_stream(&s, None).await.unwrap();
+    assert_eq!(alone_usage["completion_tokens"], 64, "{alone_usage}");
+    // Again; after 8 chunks the person's turn arrives with the one sequence busy: the worker
+    // parks the low stream's KV, runs the turn, and the stream resumes from it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let low = low_stream(&s, Some((8, tx)));
+    rx.await.unwrap();
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-priority", "high")
+        .json(&ask(MLX, "Say hello.", 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let turn_done = Instant::now();
+    let (resumed, usage, low_done) = low.await.unwrap();
+    assert!(turn_done < low_done);
+    assert_eq!(resumed, alone);
+    assert_eq!(usage["completion_tokens"], 64, "{usage}");
+    assert_eq!(usage["prompt_tokens"], alone_usage["prompt_tokens"]);
+    let (_, st) = s.get("/admin/status").await;
+    let p = &st["loaded_models"][0]["scheduler"]["preemption"];
+    assert_eq!(p["paused_total"], 1, "{st}");
+    assert_eq!(p["recomputed_tokens_total"], 0, "{p}");
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let restored = p["restored_tokens_total"].as_u64().unwrap();
+    assert!(
+        restored >= prompt + 7 && restored < prompt + 64,
+        "restored {restored} of a {prompt}-token prompt"
+    );
+    assert!(
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("paused sequence resumed") && l.contains("recomputed=0")),
+        "{}",
+        s.log_text()
+    );
+}

@@ -86,6 +86,26 @@ struct Request {
     held: Option<Value>,
     priority: crate::engine::admission::Priority,
     client: Arc<str>,
+    /// Preemption (see [`Shared::dispatch`]): the submit message as first sent, kept while
+    /// the request can be paused (never with a grammar, whose state the worker would have
+    /// to replay); the tokens it generated (its resume prompt is its prompt and these); its
+    /// standing and admission time; a pause asked of the worker and not yet answered.
+    pause: Option<PauseState>,
+    /// Tokens generated before its last resume: the worker counts from zero again.
+    generated_before: u32,
+    /// The length of its resume prompt, while its first tokens since resuming are awaited.
+    resume_len: Option<u32>,
+    /// A sequence is being paused for this request: it takes the sequence when it frees.
+    jump: bool,
+}
+
+/// What a running MLX request keeps so it can be paused and resumed.
+struct PauseState {
+    submit: Value,
+    tokens: Vec<TokenId>,
+    standing: i64,
+    admitted: Instant,
+    pausing: bool,
 }
 
 /// The worker's prefix-cache figures, from its last pong or trim answer.
@@ -128,6 +148,11 @@ struct Shared {
     disk: Option<DiskCacheConfig>,
     /// Sequences the worker decodes at once: more requests wait here, not in the worker.
     parallel: usize,
+    /// Preemption: requests paused, and on resume the tokens whose KV came back and those
+    /// computed again.
+    paused: AtomicU64,
+    restored_tokens: AtomicU64,
+    recomputed_tokens: AtomicU64,
 }
 
 /// A loaded MLX model and its worker.
@@ -268,6 +293,9 @@ impl MlxEngine {
             trimmed: (Mutex::new(0), std::sync::Condvar::new()),
             disk: opts.disk.clone(),
             parallel: opts.parallel.max(1) as usize,
+            paused: AtomicU64::new(0),
+            restored_tokens: AtomicU64::new(0),
+            recomputed_tokens: AtomicU64::new(0),
         });
         if let Some(cfg) = opts.disk.clone() {
             open_disk_tier(&shared, dir.to_path_buf(), cfg);
@@ -352,7 +380,8 @@ impl Shared {
         let removed = self.requests.lock().expect("requests lock").remove(&id);
         if let Some(r) = removed {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
-            if r.held.is_none() {
+            // A paused one's KV is parked in the worker: the cancel frees it.
+            if r.held.is_none() || r.resume_len.is_some() {
                 let _ = self.send(&json!({"type": "cancel", "id": id}));
             }
             self.dispatch();
@@ -366,6 +395,8 @@ impl Shared {
     fn dispatch(&self) {
         use crate::engine::admission;
         let mut out = Vec::new();
+        let mut parked_gone = Vec::new();
+        let mut pause = None;
         {
             let mut requests = self.requests.lock().expect("requests lock");
             let mut served = self.served.lock().expect("served lock");
@@ -376,7 +407,9 @@ impl Shared {
                 .map(|(id, _)| *id)
                 .collect();
             for id in gone {
-                requests.remove(&id);
+                if requests.remove(&id).is_some_and(|r| r.resume_len.is_some()) {
+                    parked_gone.push(id);
+                }
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
             }
             loop {
@@ -385,9 +418,6 @@ impl Shared {
                     .filter(|r| r.held.is_none())
                     .map(|r| &*r.client)
                     .collect();
-                if running.len() >= self.parallel {
-                    break;
-                }
                 let mut ids: Vec<u64> = requests
                     .iter()
                     .filter(|(_, r)| r.held.is_some())
@@ -406,18 +436,81 @@ impl Shared {
                         }
                     })
                     .collect();
-                let Some(at) = admission::next(&waiting, &running, Instant::now()) else {
+                let now = Instant::now();
+                // The request a sequence was paused for goes first; then the usual order.
+                let jumper = ids.iter().position(|id| requests[id].jump);
+                let Some(at) = jumper.or_else(|| admission::next(&waiting, &running, now)) else {
                     break;
                 };
+                if running.len() >= self.parallel {
+                    // Every sequence busy: pause one for this request if the rules say so,
+                    // one pause at a time (it frees a sequence when the worker answers).
+                    let candidate = &waiting[at];
+                    let pausing = requests
+                        .values()
+                        .any(|r| r.pause.as_ref().is_some_and(|p| p.pausing));
+                    if !pausing {
+                        let held_ids: Vec<u64> = requests
+                            .iter()
+                            .filter(|(_, r)| r.held.is_none())
+                            .map(|(id, _)| *id)
+                            .collect();
+                        let runs: Vec<admission::Running<'_>> = held_ids
+                            .iter()
+                            .map(|id| {
+                                let r = &requests[id];
+                                admission::Running {
+                                    client: &r.client,
+                                    standing: r.pause.as_ref().map_or(i64::MIN, |p| p.standing),
+                                    admitted: r.pause.as_ref().map_or(r.submitted, |p| p.admitted),
+                                    // Generating (its prompt is in) and without a grammar.
+                                    pausable: r.pause.is_some() && r.first_token.is_some(),
+                                }
+                            })
+                            .collect();
+                        pause = admission::victim(candidate.priority, candidate.client, &runs)
+                            .map(|v| (held_ids[v], ids[at]));
+                    }
+                    break;
+                }
+                let standing = waiting[at].effective(now);
                 let id = ids[at];
                 let r = requests.get_mut(&id).expect("a held request");
                 let msg = r.held.take().expect("held");
-                served.admitted(&r.client, r.priority, Instant::now());
+                r.jump = false;
+                served.admitted(&r.client, r.priority, now);
+                if r.pause.is_none() && r.resume_len.is_none() && msg["grammar"].is_null() {
+                    r.pause = Some(PauseState {
+                        submit: msg.clone(),
+                        tokens: Vec::new(),
+                        standing,
+                        admitted: now,
+                        pausing: false,
+                    });
+                } else if let Some(p) = r.pause.as_mut() {
+                    p.standing = standing;
+                    p.admitted = now;
+                }
                 out.push((id, msg, r.prompt_tokens));
             }
+            if let Some((id, for_id)) = pause {
+                if let Some(p) = requests.get_mut(&id).and_then(|r| r.pause.as_mut()) {
+                    p.pausing = true;
+                }
+                if let Some(r) = requests.get_mut(&for_id) {
+                    r.jump = true;
+                }
+            }
+        }
+        for id in parked_gone {
+            let _ = self.send(&json!({"type": "cancel", "id": id}));
+        }
+        if let Some((id, _)) = pause {
+            let _ = self.send(&json!({"type": "pause", "id": id}));
         }
         for (id, msg, prompt) in out {
             match self.send(&msg) {
+                Ok(()) if msg["resume"].as_bool() == Some(true) => {}
                 Ok(()) => {
                     self.requests_total.fetch_add(1, Ordering::Relaxed);
                     self.prompt_tokens
@@ -482,6 +575,22 @@ impl Shared {
             let _ = r.events.send(Event::Error(e));
         }
     }
+}
+
+/// The submit message that resumes a paused request: its prompt and what it generated, the
+/// answer's remaining length, and `resume` so the worker takes its parked KV.
+fn resume_message(r: &mut Request) -> Option<Value> {
+    let p = r.pause.as_mut()?;
+    p.pausing = false;
+    let mut msg = p.submit.clone();
+    let mut prompt: Vec<Value> = msg["prompt"].as_array().cloned().unwrap_or_default();
+    prompt.extend(p.tokens.iter().map(|&t| json!(t)));
+    r.resume_len = Some(prompt.len() as u32);
+    let max = msg["max_tokens"].as_u64().unwrap_or(0);
+    msg["max_tokens"] = json!(max.saturating_sub(u64::from(r.generated)).max(1));
+    msg["prompt"] = Value::Array(prompt);
+    msg["resume"] = json!(true);
+    Some(msg)
 }
 
 fn finish(shared: &Shared, mut r: Request, reason: FinishReason) {
@@ -552,11 +661,30 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                 };
                 let now = Instant::now();
                 let tokens = msg["tokens"].as_array().map_or(0, Vec::len) as u64;
-                if let Some(c) = msg["cached"].as_u64() {
-                    r.cached = (c as u32).min(r.prompt_tokens);
-                    shared
-                        .cached_tokens
-                        .fetch_add(u64::from(r.cached), Ordering::Relaxed);
+                match (msg["cached"].as_u64(), r.resume_len.take()) {
+                    (Some(c), Some(len)) => {
+                        // Resumed: all but the last token of its resume prompt were in its
+                        // parked KV, unless that could not be kept.
+                        let held = u64::from(len.saturating_sub(1));
+                        let c = c.min(held);
+                        shared.restored_tokens.fetch_add(c, Ordering::Relaxed);
+                        shared
+                            .recomputed_tokens
+                            .fetch_add(held - c, Ordering::Relaxed);
+                        tracing::info!(
+                            client = %r.client,
+                            restored = c,
+                            recomputed = held - c,
+                            "paused sequence resumed"
+                        );
+                    }
+                    (Some(c), None) => {
+                        r.cached = (c as u32).min(r.prompt_tokens);
+                        shared
+                            .cached_tokens
+                            .fetch_add(u64::from(r.cached), Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
                 // The first tokens mean the prompt was prefilled (what was not reused).
                 let prompt = if r.first_token.is_none() {
@@ -582,6 +710,9 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                     }
                     r.generated += 1;
                     r.first_token.get_or_insert_with(Instant::now);
+                    if let Some(p) = r.pause.as_mut() {
+                        p.tokens.push(tok);
+                    }
                     let out = r.text.push(shared.tok.piece(tok));
                     if !out.text.is_empty() && r.events.send(Event::Text(out.text)).is_err() {
                         gone = true;
@@ -603,10 +734,36 @@ fn read_loop(shared: &Shared, mut out: BufReader<ChildStdout>) {
                     shared.dispatch();
                 }
             }
+            Some("paused") => {
+                let mut requests = shared.requests.lock().expect("requests lock");
+                if let Some(r) = requests.get_mut(&id) {
+                    r.held = resume_message(r);
+                    r.generated_before = r.generated;
+                    shared.paused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        client = %r.client,
+                        priority = r.priority,
+                        tokens = msg["tokens"].as_u64().unwrap_or(0),
+                        "sequence paused for a higher-priority request"
+                    );
+                }
+                drop(requests);
+                shared.dispatch();
+            }
+            Some("pause_refused") => {
+                // It finished, or is not pausable right now: it keeps its sequence, and is
+                // not asked again.
+                if let Some(r) = shared.requests.lock().expect("requests lock").get_mut(&id) {
+                    r.pause = None;
+                }
+                shared.dispatch();
+            }
             Some("done") => {
                 let r = shared.requests.lock().expect("requests lock").remove(&id);
                 if let Some(mut r) = r {
-                    r.generated = msg["generated"].as_u64().map_or(r.generated, |g| g as u32);
+                    r.generated = msg["generated"]
+                        .as_u64()
+                        .map_or(r.generated, |g| r.generated_before + g as u32);
                     let reason = match msg["reason"].as_str() {
                         Some("length") => FinishReason::Length,
                         _ => FinishReason::Stop,
@@ -802,6 +959,10 @@ impl Backend for MlxEngine {
                 held: Some(msg),
                 priority: req.priority.unwrap_or(0),
                 client: req.client.clone().unwrap_or_else(|| Arc::from("")),
+                pause: None,
+                generated_before: 0,
+                resume_len: None,
+                jump: false,
             },
         );
         drop(requests);
@@ -828,7 +989,11 @@ impl Backend for MlxEngine {
             prompt_tokens_total: s.prompt_tokens.load(Ordering::Relaxed),
             cached_prompt_tokens_total: s.cached_tokens.load(Ordering::Relaxed),
             completion_tokens_total: s.completion_tokens.load(Ordering::Relaxed),
-            preemption: Default::default(),
+            preemption: super::PreemptionStats {
+                paused_total: s.paused.load(Ordering::Relaxed),
+                restored_tokens_total: s.restored_tokens.load(Ordering::Relaxed),
+                recomputed_tokens_total: s.recomputed_tokens.load(Ordering::Relaxed),
+            },
             prompt_tokens_per_second: prompt_rate,
             decode_tokens_per_second: decode_rate,
             prompt_cache_files: cache.disk_files,

@@ -588,6 +588,34 @@ def main():
             self.sent_first = False
 
     waiting = {}  # uid of a sequence still prefilling -> submits waiting for its KV
+    # Requests the server paused for higher-priority ones: id -> (tokens, cache), their KV
+    # kept whole (not in the bounded prefix cache) until they resume or are cancelled.
+    parked = {}
+
+    def pause(rid):
+        """Takes a generating sequence out of the batch with its KV; None if it cannot be
+        paused now (prefilling, waiting for a leader, or gone)."""
+        if rid in spec:
+            return spec.pop(rid).cache()
+        for uid, s in list(by_uid.items()):
+            if s.rid == rid and not s.prefilling:
+                caches = gen.remove([uid], return_prompt_caches=True)
+                del by_uid[uid]
+                if uid not in caches:
+                    return None
+                cache, tokens = caches[uid]
+                return list(tokens), cache
+        return None
+
+    def unpark(rid, prompt):
+        """The parked KV of a resumed request, cut to what its new prompt (its prompt and
+        what it generated) shares with it, with at least one token left to compute."""
+        tokens, cache = parked.pop(rid)
+        m = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        if m < len(tokens) and not (prefixes.can_trim(cache)
+                                    and prefixes.trim(cache, len(tokens) - m)):
+            return prefixes.fetch(prompt)
+        return cache, prompt[m:], m
 
     def leader_for(prompt):
         """The prefilling sequence whose KV a new prompt should wait for, if any: the one
@@ -699,8 +727,9 @@ def main():
         kind = msg.get("type")
         if kind == "submit":
             prompt = msg["prompt"]
+            resume = msg.get("resume") and msg["id"] in parked
             # Before any work on the request: a held one is handled again when released.
-            leader = leader_for(prompt)
+            leader = None if resume else leader_for(prompt)
             if leader is not None:
                 waiting.setdefault(leader, []).append(msg)
                 return True
@@ -716,7 +745,7 @@ def main():
             guide = guide_for(msg)
             if guide is not None:
                 processors = list(processors) + [guide]
-            cache, rest, cached = prefixes.fetch(prompt)
+            cache, rest, cached = unpark(msg["id"], prompt) if resume else prefixes.fetch(prompt)
             lp = msg.get("logprobs")
             mode = speculating(msg, guide, processors, cache)
             if mode == "draft":
@@ -734,7 +763,15 @@ def main():
             by_uid[uid] = Seq(msg["id"], cached, None if lp is None else int(lp), prompt)
             # Running sequences' KV counts against the bound too.
             prefixes.shrink(prefixes.max_bytes - gen.prompt_cache_nbytes)
+        elif kind == "pause":
+            kept = pause(msg["id"])
+            if kept is None:
+                send({"type": "pause_refused", "id": msg["id"]})
+            else:
+                parked[msg["id"]] = kept
+                send({"type": "paused", "id": msg["id"], "tokens": len(kept[0])})
         elif kind == "cancel":
+            parked.pop(msg["id"], None)
             for held in waiting.values():
                 held[:] = [m for m in held if m["id"] != msg["id"]]
             if msg["id"] in spec:
