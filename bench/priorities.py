@@ -113,13 +113,17 @@ async def agent_phase(args, client):
     while await active(args.base) < args.parallel:
         await asyncio.sleep(0.2)
     await asyncio.sleep(5)
+    # A turn arrives every `gap` seconds whether or not the last one is done (under FIFO they
+    # queue up); the bots are measured over the same fixed window in both modes, so the
+    # agent's work falls in it either way.
     start = time.perf_counter()
-    turns = []
-    for n in range(args.turns):
-        due = start + n * args.gap
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        turns.append(await agent_turn(client, args.model, n + 2))
-    end = time.perf_counter()
+
+    async def turn_at(n):
+        await asyncio.sleep(max(0.0, start + n * args.gap - time.perf_counter()))
+        return await agent_turn(client, args.model, n + 2)
+
+    turns = await asyncio.gather(*(turn_at(n) for n in range(args.turns)))
+    end = start + args.turns * args.gap
     stop.set()
     for b in bots:
         b.cancel()

@@ -63,6 +63,9 @@ pub struct ClientConfig {
     pub best_priority: Option<i32>,
     /// Requests in flight (running or queued) at once; more get 429 with `Retry-After`.
     pub max_requests: Option<u32>,
+    /// Requests waiting for a sequence on one model at once (paused ones included); more get
+    /// 429 with `Retry-After`.
+    pub max_queued: Option<u32>,
     /// Tokens (prompt and generated, of finished generations) over the last minute; once
     /// reached, its requests get 429 with `Retry-After` until enough of them age out.
     pub tokens_per_minute: Option<u64>,
@@ -76,6 +79,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("priority", &self.priority)
             .field("best_priority", &self.best_priority)
             .field("max_requests", &self.max_requests)
+            .field("max_queued", &self.max_queued)
             .field("tokens_per_minute", &self.tokens_per_minute)
             .finish()
     }
@@ -643,6 +647,7 @@ impl Config {
             }
             for (field, v) in [
                 ("max_requests", c.max_requests.map(u64::from)),
+                ("max_queued", c.max_queued.map(u64::from)),
                 ("tokens_per_minute", c.tokens_per_minute),
             ] {
                 if v == Some(0) {

@@ -784,3 +784,76 @@ async fn a_client_past_its_tokens_per_minute_gets_429_and_keys_are_audited() {
         "{lines:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_past_its_queued_requests_gets_429_while_others_queue() {
+    let s = Server::start(Opts {
+        parallel: 1,
+        config: "clients:\n  - {name: queuer, key: key-q, max_queued: 1}\n  - {name: other, key: key-o}\n"
+            .into(),
+        ..Opts::default()
+    });
+    let send = |key: &'static str, max_tokens: u32| {
+        let mut body = common::fleet::chat(common::MODEL, max_tokens);
+        body["stream"] = json!(true);
+        let req = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let code = r.status().as_u16();
+            let retry = r.headers().get("retry-after").cloned();
+            (code, retry, r.text().await.unwrap())
+        })
+    };
+    // The one sequence is busy with someone else's long stream.
+    let holder = send("key-o", 2000);
+    s.wait_for("active_requests", 1, Duration::from_secs(30))
+        .await;
+    // The client's first waits; its second would be its second waiting: 429 at once.
+    let first = send("key-q", 2);
+    s.wait_for("queued_requests", 1, Duration::from_secs(30))
+        .await;
+    // The scheduler publishes what it holds when it next looks: wait for that state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = s.get("/admin/status").await;
+        let clients = st["loaded_models"][0]["clients"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if clients
+            .iter()
+            .any(|c| c["client"] == "queuer" && c["queued"] == 1)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, retry, text) = send("key-q", 2).await.unwrap();
+    assert_eq!(code, 429, "{text}");
+    assert_eq!(retry.unwrap(), "1");
+    assert!(
+        text.contains("client `queuer`") && text.contains("max_queued"),
+        "{text}"
+    );
+    // Anyone else still queues.
+    let other = send("key-o", 2);
+    s.wait_for("queued_requests", 2, Duration::from_secs(30))
+        .await;
+    holder.abort();
+    let (code, _, text) = first.await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(other.await.unwrap().0, 200);
+    let m = common::metrics::Scrape::parse(
+        &reqwest::get(s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(m.get("opta_lmx_client_rejected_total", &[("client", "queuer")]) >= 1.0);
+}

@@ -48,6 +48,8 @@ pub struct Caller {
     pub best: Option<Priority>,
     /// Where its tokens are counted, for a client with `tokens_per_minute`.
     pub meter: Option<Arc<TokenMeter>>,
+    /// Its `max_queued`: most of its requests waiting on one model.
+    pub max_queued: Option<u32>,
 }
 
 /// The window `tokens_per_minute` counts over.
@@ -223,6 +225,7 @@ pub fn from_headers(
             .or(configured.and_then(|c| c.priority)),
         best: configured.and_then(|c| c.best_priority),
         meter: None,
+        max_queued: configured.and_then(|c| c.max_queued),
     }
 }
 

@@ -145,6 +145,30 @@ pub(super) async fn submit_choices(
     let mut gen = gen;
     let mut meter = None;
     if let Some(caller) = super::caller::current() {
+        if let Some(cap) = caller.max_queued {
+            let held = model.engine.held();
+            let running = held.iter().filter(|h| h.running).count() as u32;
+            let queued = held
+                .iter()
+                .filter(|h| !h.running && h.client == caller.client)
+                .count() as u32;
+            // With every sequence busy this one would wait too: past its cap, the client
+            // hears so at once.
+            if queued >= cap && running >= parallel {
+                state
+                    .metrics
+                    .prometheus()
+                    .record_client_refused(&caller.client);
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "client `{}` has {queued} requests waiting for `{}`, its limit is {cap} \
+                         (clients[].max_queued); retry when one has started",
+                        caller.client, model.id
+                    ),
+                    retry_after_secs: 1,
+                });
+            }
+        }
         gen.priority = caller.priority_for(gen.priority);
         gen.client = Some(caller.client);
         meter = caller.meter;

@@ -474,6 +474,15 @@ impl Prometheus {
         self.verification_failures.inc();
     }
 
+    /// A request from `client` already counted, refused later at one of its caps
+    /// (`clients[].max_queued`, checked against the model it names).
+    pub fn record_client_refused(&self, client: &str) {
+        let label = ClientLabel {
+            client: client.to_string(),
+        };
+        self.client_rejected.get_or_create(&label).inc();
+    }
+
     /// One inference request from `client`; `rejected` when its client was at its cap.
     pub fn record_client(&self, client: &str, rejected: bool) {
         let label = ClientLabel {
