@@ -1286,7 +1286,10 @@ fn low_stream(
                     continue;
                 }
                 let v: Value = serde_json::from_str(data).unwrap();
-                if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                if let Some(c) = v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .filter(|c| !c.is_empty())
+                {
                     text.push_str(c);
                     chunks += 1;
                 }
