@@ -122,7 +122,12 @@ async def agent_phase(args, client):
         await asyncio.sleep(max(0.0, start + n * args.gap - time.perf_counter()))
         return await agent_turn(client, args.model, n + 2)
 
-    turns = await asyncio.gather(*(turn_at(n) for n in range(args.turns)))
+    if args.bots_only:
+        # The bots' rate with no agent at all: what the agent's turns cost them, either mode.
+        await asyncio.sleep(args.turns * args.gap)
+        turns = []
+    else:
+        turns = await asyncio.gather(*(turn_at(n) for n in range(args.turns)))
     end = start + args.turns * args.gap
     stop.set()
     for b in bots:
@@ -161,6 +166,7 @@ async def main():
     ap.add_argument("--model", default="qwen")
     ap.add_argument("--phase", choices=["agent", "flood"], required=True)
     ap.add_argument("--idle", action="store_true")
+    ap.add_argument("--bots-only", action="store_true")
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--gap", type=float, default=20.0)

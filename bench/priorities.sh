@@ -4,7 +4,8 @@
 #  - six bots keep every sequence busy with long answers while a coding-agent turn (30 tools,
 #    ~4k-token prompt, x-priority high) arrives every GAP seconds: the turns' time to first
 #    token against the same turns on an idle server (target with priorities on: <= 1.3x), and
-#    the bots' aggregate tokens/s (target on: >= 0.9x FIFO's);
+#    the bots' aggregate tokens/s (target on: >= 0.9x FIFO's; also against the bots alone,
+#    no agent, over the same window);
 #  - one client floods 20 requests, then five clients send one each: each of the five's
 #    tokens/s against an equal share of everyone's (target on: >= 0.8x).
 #
@@ -42,6 +43,9 @@ if [ "$ONLY" != flood ]; then
   serve true "$PARALLEL" 6144
   (cd bench && $PY --base "$(BASE)" --phase agent --idle --turns "$TURNS") > "$DIR/idle.json"
   stop
+  serve true "$PARALLEL" 6144
+  (cd bench && $PY --base "$(BASE)" --phase agent --bots-only --parallel "$PARALLEL" --turns "$TURNS" --gap "$GAP") > "$DIR/bots.json"
+  stop
   for mode in false true; do
     serve "$mode" "$PARALLEL" 6144
     (cd bench && $PY --base "$(BASE)" --phase agent --parallel "$PARALLEL" --turns "$TURNS" --gap "$GAP") > "$DIR/agent-$mode.json"
@@ -72,6 +76,9 @@ if only != "flood":
         ratios = [r["ttft_ms"] / t["ttft_ms"] for r, t in zip(runs[m]["turns"], idle)]
         print(f"{name}: agent TTFT / idle: median {statistics.median(ratios):.2f}x, worst {max(ratios):.2f}x"
               f"{' (target <= 1.3x)' if m == 'true' else ''}; bots {runs[m]['bot_tokens_per_s']:.1f} tok/s")
+    alone = load("bots.json")["bot_tokens_per_s"]
+    print(f"bots alone (no agent turns): {alone:.1f} tok/s; FIFO {runs['false']['bot_tokens_per_s'] / alone:.2f}x of it, "
+          f"priorities on {runs['true']['bot_tokens_per_s'] / alone:.2f}x")
     print(f"bots' tokens/s, on / FIFO: {runs['true']['bot_tokens_per_s'] / runs['false']['bot_tokens_per_s']:.2f}x (target >= 0.9x)")
 if only != "agent":
     for m, name in (("false", "FIFO"), ("true", "priorities on")):
