@@ -1253,7 +1253,6 @@ fn low_stream(
     s: &Server,
     ready: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
 ) -> tokio::task::JoinHandle<(String, Value, Instant)> {
-    use futures_util::StreamExt;
     let mut body = ask(
         MLX,
         "Count from one to five hundred, one number per line.",
@@ -1268,41 +1267,7 @@ fn low_stream(
         .header("x-client-id", "cron")
         .header("x-priority", "low")
         .json(&body);
-    tokio::spawn(async move {
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let mut ready = ready;
-        let (mut raw, mut text, mut usage, mut chunks) =
-            (String::new(), String::new(), Value::Null, 0);
-        let mut bytes = r.bytes_stream();
-        while let Some(b) = bytes.next().await {
-            raw.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
-            while let Some(end) = raw.find("\n\n") {
-                let event: String = raw.drain(..end + 2).collect();
-                let Some(data) = event.trim().strip_prefix("data: ") else {
-                    continue;
-                };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(data).unwrap();
-                if let Some(c) = v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .filter(|c| !c.is_empty())
-                {
-                    text.push_str(c);
-                    chunks += 1;
-                }
-                if !v["usage"].is_null() {
-                    usage = v["usage"].clone();
-                }
-                if ready.as_ref().is_some_and(|(after, _)| chunks >= *after) {
-                    let _ = ready.take().unwrap().1.send(());
-                }
-            }
-        }
-        (text, usage, Instant::now())
-    })
+    tokio::spawn(async move { common::read_chat_stream(req.send().await.unwrap(), ready).await })
 }
 
 #[tokio::test]

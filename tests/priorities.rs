@@ -460,7 +460,6 @@ fn long_low_stream(
     s: &Server,
     ready: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
 ) -> tokio::task::JoinHandle<(String, Value, Instant)> {
-    use futures_util::StreamExt;
     let mut body = common::fleet::chat(common::MODEL, 96);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -469,41 +468,7 @@ fn long_low_stream(
         .post(s.url("/v1/chat/completions"))
         .header("x-client-id", "cron")
         .json(&body);
-    tokio::spawn(async move {
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let mut ready = ready;
-        let (mut raw, mut text, mut usage, mut chunks) =
-            (String::new(), String::new(), Value::Null, 0);
-        let mut bytes = r.bytes_stream();
-        while let Some(b) = bytes.next().await {
-            raw.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
-            while let Some(end) = raw.find("\n\n") {
-                let event: String = raw.drain(..end + 2).collect();
-                let Some(data) = event.trim().strip_prefix("data: ") else {
-                    continue;
-                };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(data).unwrap();
-                if let Some(c) = v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .filter(|c| !c.is_empty())
-                {
-                    text.push_str(c);
-                    chunks += 1;
-                }
-                if !v["usage"].is_null() {
-                    usage = v["usage"].clone();
-                }
-                if ready.as_ref().is_some_and(|(after, _)| chunks >= *after) {
-                    let _ = ready.take().unwrap().1.send(());
-                }
-            }
-        }
-        (text, usage, Instant::now())
-    })
+    tokio::spawn(async move { common::read_chat_stream(req.send().await.unwrap(), ready).await })
 }
 
 #[tokio::test]
@@ -566,14 +531,7 @@ async fn a_paused_and_resumed_stream_equals_an_uninterrupted_one() {
         "{log}"
     );
     // And the metric says the same.
-    let m = common::metrics::Scrape::parse(
-        &reqwest::get(s.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let m = s.scrape().await;
     assert_eq!(
         m.get("opta_lmx_preemptions", &[("model", common::MODEL)]),
         1.0
@@ -850,13 +808,6 @@ async fn a_client_past_its_queued_requests_gets_429_while_others_queue() {
     let (code, _, text) = first.await.unwrap();
     assert_eq!(code, 200, "{text}");
     assert_eq!(other.await.unwrap().0, 200);
-    let m = common::metrics::Scrape::parse(
-        &reqwest::get(s.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let m = s.scrape().await;
     assert!(m.get("opta_lmx_client_rejected_total", &[("client", "queuer")]) >= 1.0);
 }

@@ -449,3 +449,57 @@ impl Server {
         }
     }
 }
+
+/// Reads a chat completion stream: its text (non-empty content deltas, in order), its usage
+/// (with `stream_options.include_usage`), and when it ended. `ready` is told once that many
+/// content chunks (so at least that many tokens) have arrived.
+pub async fn read_chat_stream(
+    r: reqwest::Response,
+    ready: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> (String, Value, Instant) {
+    use futures_util::StreamExt;
+    assert_eq!(r.status(), 200);
+    let mut ready = ready;
+    let (mut raw, mut text, mut usage, mut chunks) = (String::new(), String::new(), Value::Null, 0);
+    let mut bytes = r.bytes_stream();
+    while let Some(b) = bytes.next().await {
+        raw.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+        while let Some(end) = raw.find("\n\n") {
+            let event: String = raw.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            if let Some(c) = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+            {
+                text.push_str(c);
+                chunks += 1;
+            }
+            if !v["usage"].is_null() {
+                usage = v["usage"].clone();
+            }
+            if ready.as_ref().is_some_and(|(after, _)| chunks >= *after) {
+                let _ = ready.take().unwrap().1.send(());
+            }
+        }
+    }
+    (text, usage, Instant::now())
+}
+
+impl Server {
+    /// `GET /metrics`, parsed.
+    pub async fn scrape(&self) -> metrics::Scrape {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics::Scrape::parse(&text)
+    }
+}

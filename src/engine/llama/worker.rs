@@ -385,8 +385,20 @@ impl<'m> Worker<'m> {
         if tokens.len() < disk.min_tokens() || disk.holds(&tokens) {
             return None;
         }
-        if self.ctx.kv_cache_seq_pos_max(seq) != tokens.len() as i32 - 1 {
-            return None; // the KV is not what the bookkeeping says; keep nothing
+        let state = self.copy_state(seq, tokens.len())?;
+        tracing::debug!(
+            tokens = tokens.len(),
+            bytes = state.len(),
+            "prompt cache: saving a prefix"
+        );
+        Some(disk.save(tokens, state))
+    }
+
+    /// A copy of sequence `seq`'s KV (llama.cpp's state API), which must hold `len` tokens;
+    /// `None` when it does not (the bookkeeping and the KV disagree: keep nothing).
+    fn copy_state(&mut self, seq: i32, len: usize) -> Option<Vec<u8>> {
+        if self.ctx.kv_cache_seq_pos_max(seq) != len as i32 - 1 {
+            return None;
         }
         let flags = LlamaStateSeqFlags::empty();
         let size = self.ctx.state_seq_get_size_ext(seq, flags);
@@ -400,16 +412,11 @@ impl<'m> Worker<'m> {
             tracing::warn!(
                 expected = size,
                 written = n,
-                "prompt cache: state size changed while saving"
+                "state size changed while copying a sequence"
             );
             return None;
         }
-        tracing::debug!(
-            tokens = tokens.len(),
-            bytes = size,
-            "prompt cache: saving a prefix"
-        );
-        Some(disk.save(tokens, state))
+        Some(state)
     }
 
     /// Restores a longer prefix of `prompt` from the disk tier than the memory tiers gave
@@ -630,20 +637,9 @@ impl<'m> Worker<'m> {
         let state = if tokens.is_empty() {
             None
         } else {
-            if self.ctx.kv_cache_seq_pos_max(seq) != tokens.len() as i32 - 1 {
+            let Some(state) = self.copy_state(seq, tokens.len()) else {
                 return false;
-            }
-            let flags = LlamaStateSeqFlags::empty();
-            let size = self.ctx.state_seq_get_size_ext(seq, flags);
-            let mut state = vec![0u8; size];
-            // SAFETY: the buffer holds the size llama.cpp just reported for this sequence.
-            let n = unsafe {
-                self.ctx
-                    .state_seq_get_data_ext(state.as_mut_ptr(), seq, flags)
             };
-            if n != size {
-                return false;
-            }
             Some(state)
         };
         let a = self.active.remove(i);
@@ -676,15 +672,7 @@ impl<'m> Worker<'m> {
             all.push(next);
             a.prompt = all;
         }
-        let assignment = self.slots.assign(&a.prompt).expect("a slot is free");
-        if let Some((slot, old)) = self.slots.take_dropped() {
-            let seq = self.slots.get(slot).seq;
-            let kept = match assignment.reuse {
-                Reuse::Own { len } => len,
-                _ => 0,
-            };
-            drop(self.save_to_disk(slot, seq, old, kept));
-        }
+        let assignment = self.assign(&a.prompt);
         let slot = assignment.slot;
         self.prompt_len[slot] = a.prompt_tokens as usize;
         let mut have = self.apply_reuse(slot, assignment.reuse);
@@ -722,6 +710,21 @@ impl<'m> Worker<'m> {
         a.admitted = now;
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         self.active.push(a);
+    }
+
+    /// A free sequence for `prompt` (see [`SlotTable::assign`]); the cache it replaces may
+    /// be worth keeping on disk, and the KV still holds it until the reuse is applied.
+    fn assign(&mut self, prompt: &[TokenId]) -> crate::engine::scheduler::Assignment {
+        let assignment = self.slots.assign(prompt).expect("a slot is free");
+        if let Some((slot, old)) = self.slots.take_dropped() {
+            let seq = self.slots.get(slot).seq;
+            let kept = match assignment.reuse {
+                Reuse::Own { len } => len,
+                _ => 0,
+            };
+            drop(self.save_to_disk(slot, seq, old, kept));
+        }
+        assignment
     }
 
     /// Loads a paused sequence's saved state into `slot`; the tokens it holds, or `None`
@@ -774,17 +777,7 @@ impl<'m> Worker<'m> {
                     continue;
                 }
             };
-            let assignment = self.slots.assign(&job.req.prompt).expect("a slot is free");
-            // The cache this assignment replaces may be worth keeping on disk; the KV still
-            // holds it until the reuse is applied.
-            if let Some((slot, old)) = self.slots.take_dropped() {
-                let seq = self.slots.get(slot).seq;
-                let kept = match assignment.reuse {
-                    Reuse::Own { len } => len,
-                    _ => 0,
-                };
-                drop(self.save_to_disk(slot, seq, old, kept));
-            }
+            let assignment = self.assign(&job.req.prompt);
             self.prompt_len[assignment.slot] = job.req.prompt.len();
             let reused = self.apply_reuse(assignment.slot, assignment.reuse);
             let reused = self.restore_from_disk(assignment.slot, &job.req.prompt, reused);
