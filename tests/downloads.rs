@@ -397,12 +397,7 @@ async fn a_file_that_does_not_match_its_hash_leaves_nothing_behind() {
     ];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = reqwest::get(s.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = s.metrics_text().await;
         let finish: Vec<Value> = s
             .audit_lines()
             .into_iter()

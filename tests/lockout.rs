@@ -30,15 +30,6 @@ async fn raw(port: u16, request: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-async fn metrics_text(s: &Server) -> String {
-    reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn made_up_methods_and_paths_stay_bounded_in_metrics_and_logs() {
     let s = Server::start(Opts {
@@ -46,7 +37,7 @@ async fn made_up_methods_and_paths_stay_bounded_in_metrics_and_logs() {
         env: vec![("OPTA_LMX_METRICS_OPEN".into(), "true".into())],
         ..Opts::default()
     });
-    let before = metrics_text(&s).await.len();
+    let before = s.metrics_text().await.len();
     let log_before = s.log_text().len();
     for i in 0..50 {
         let method = format!("M{i:04}{}", "Y".repeat(10_000));
@@ -58,7 +49,7 @@ async fn made_up_methods_and_paths_stay_bounded_in_metrics_and_logs() {
         .await;
         assert!(head.starts_with("HTTP/1.1 4"), "{head}");
     }
-    let text = metrics_text(&s).await;
+    let text = s.metrics_text().await;
     assert!(
         text.len() < before + 4_000,
         "/metrics grew from {before} to {} bytes",

@@ -153,12 +153,7 @@ async fn with_every_sequence_busy_the_better_priority_is_admitted_first() {
         ["keyboard", "interactive", "first-bot", "second-bot", "cron"]
     );
     // Metrics count requests by client.
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     for name in ["bot-1", "bot-2", "cron", "main", "anonymous"] {
         assert!(
             text.contains(&format!(

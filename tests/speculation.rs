@@ -195,12 +195,7 @@ async fn ngram_speculation_keeps_greedy_output_and_counts_what_it_accepts() {
     assert!(accepted * 2 >= proposed, "{st}");
     assert!(st["speculative_steps_total"].as_u64().unwrap() > 0, "{st}");
     // The same counts for Prometheus.
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let line = format!("opta_lmx_speculation_accepted_tokens{{model=\"{QWEN}\"}} {accepted}");
     assert!(text.contains(&line), "{line} not in {text}");
 

@@ -109,7 +109,7 @@ pub async fn own(State(state): State<AppState>) -> Json<QueueView> {
             parallel: m.engine.info().parallel,
         });
     }
-    data.sort_by_key(|r| (r.model.clone(), r.position));
+    data.sort_by(|a, b| (&a.model, a.position).cmp(&(&b.model, b.position)));
     Json(QueueView {
         object: "queue",
         client,

@@ -70,18 +70,27 @@ pub struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
-    /// The priority after aging: one step better per aging step waited.
+    /// The priority after aging (see [`effective`]).
     pub fn effective(&self, now: Instant) -> i64 {
-        let waited = now.saturating_duration_since(self.aging_from).as_millis() as u64;
-        let steps = waited / age_step_ms();
-        i64::from(self.priority) - steps as i64
+        effective(self.priority, self.aging_from, now)
     }
 }
 
+/// A priority after aging from `aging_from` until `now`: one step better per aging step.
+/// What orders the queue, and a request's standing when it gets its sequence.
+pub fn effective(priority: Priority, aging_from: Instant, now: Instant) -> i64 {
+    let waited = now.saturating_duration_since(aging_from).as_millis() as u64;
+    let steps = waited / age_step_ms();
+    i64::from(priority) - steps as i64
+}
+
 /// When each client last got a sequence, by priority: where its waiting requests' aging
-/// starts. One per scheduler.
+/// starts. One per scheduler; looked up by name, so ordering the queue clones nothing.
 #[derive(Debug, Default)]
-pub struct Served(HashMap<(Arc<str>, Priority), Instant>);
+pub struct Served {
+    by_priority: HashMap<Priority, HashMap<Arc<str>, Instant>>,
+    entries: usize,
+}
 
 impl Served {
     /// Clients are bounded upstream (64 names, `other`, the configured ones); this bounds the
@@ -90,15 +99,19 @@ impl Served {
 
     /// Notes that `client` got a sequence for a request of `priority` at `now`.
     pub fn admitted(&mut self, client: &Arc<str>, priority: Priority, now: Instant) {
-        if self.0.len() >= Self::MOST {
-            self.0.clear();
+        if self.entries >= Self::MOST {
+            self.by_priority.clear();
+            self.entries = 0;
         }
-        self.0.insert((Arc::clone(client), priority), now);
+        let clients = self.by_priority.entry(priority).or_default();
+        if clients.insert(Arc::clone(client), now).is_none() {
+            self.entries += 1;
+        }
     }
 
     /// Where aging starts for a request of `client` at `priority` that arrived at `since`.
-    pub fn aging_from(&self, client: &Arc<str>, priority: Priority, since: Instant) -> Instant {
-        match self.0.get(&(Arc::clone(client), priority)) {
+    pub fn aging_from(&self, client: &str, priority: Priority, since: Instant) -> Instant {
+        match self.by_priority.get(&priority).and_then(|c| c.get(client)) {
             Some(&last) => last.max(since),
             None => since,
         }

@@ -492,14 +492,18 @@ pub async fn read_chat_stream(
 }
 
 impl Server {
-    /// `GET /metrics`, parsed.
-    pub async fn scrape(&self) -> metrics::Scrape {
-        let text = reqwest::get(self.url("/metrics"))
+    /// `GET /metrics`, as text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        metrics::Scrape::parse(&text)
+            .unwrap()
+    }
+
+    /// `GET /metrics`, parsed.
+    pub async fn scrape(&self) -> metrics::Scrape {
+        metrics::Scrape::parse(&self.metrics_text().await)
     }
 }

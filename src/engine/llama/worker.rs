@@ -557,12 +557,11 @@ impl<'m> Worker<'m> {
     /// Paused requests wait beside the queue, with their first arrival as their age.
     fn next_queued(&self) -> Option<(usize, i64)> {
         let running: Vec<&str> = self.active.iter().map(|a| &*a.client).collect();
-        let clients: Vec<Arc<str>> = self.queue.iter().map(job_client).collect();
         let waiting: Vec<admission::Waiting<'_>> = self
             .queue
             .iter()
-            .zip(&clients)
-            .map(|(j, client)| {
+            .map(|j| {
+                let client = j.req.client.as_deref().unwrap_or("");
                 let priority = j.req.priority.unwrap_or(0);
                 admission::Waiting {
                     priority,
@@ -608,11 +607,8 @@ impl<'m> Worker<'m> {
     }
 
     /// With every sequence busy, the running request to pause for the `at`th waiting one
-    /// (see [`admission::victim`]); at most one paused request per sequence.
+    /// (see [`admission::victim`]).
     fn victim_for(&self, at: usize) -> Option<usize> {
-        if self.paused.len() >= self.slots.len() {
-            return None;
-        }
         let (priority, client) = self.waiting_at(at);
         let running: Vec<admission::Running> = self
             .active
@@ -699,13 +695,8 @@ impl<'m> Worker<'m> {
         a.prompt_done = have;
         a.wait = None;
         let now = Instant::now();
-        a.standing = admission::Waiting {
-            priority: a.priority,
-            client: "",
-            since: a.submitted,
-            aging_from: self.served.aging_from(&a.client, a.priority, a.submitted),
-        }
-        .effective(now);
+        let aging_from = self.served.aging_from(&a.client, a.priority, a.submitted);
+        a.standing = admission::effective(a.priority, aging_from, now);
         self.served.admitted(&a.client, a.priority, now);
         a.admitted = now;
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -752,8 +743,16 @@ impl<'m> Worker<'m> {
     /// With every sequence busy, a waiting request with a better priority than a running
     /// one's standing pauses it (see [`Self::pause`]) and takes its sequence.
     fn admit(&mut self) {
-        while let Some((at, standing)) = self.next_queued() {
-            if self.slots.busy() == self.slots.len() {
+        loop {
+            let full = self.slots.busy() == self.slots.len();
+            // Full, and every sequence's worth of paused requests already: nothing can move.
+            if full && self.paused.len() >= self.slots.len() {
+                break;
+            }
+            let Some((at, standing)) = self.next_queued() else {
+                break;
+            };
+            if full {
                 let Some(victim) = self.victim_for(at) else {
                     break;
                 };
@@ -981,15 +980,20 @@ impl<'m> Worker<'m> {
         let proposed = self.plan_proposals(generating);
         // A prompt of better priority than every stream takes whole batches: the streams
         // slow down for the person's turn, not the other way round.
-        let best = |f: fn(&Active) -> bool| {
-            self.active
-                .iter()
-                .filter(|a| f(a))
-                .map(|a| a.standing)
-                .min()
-        };
-        let waiting_prompt = best(|a| a.next.is_none() && a.prefilling() && a.wait.is_none());
-        let urgent = match (waiting_prompt, best(|a| a.next.is_some())) {
+        let prefilling: Vec<usize> = (0..self.active.len())
+            .filter(|&i| {
+                let a = &self.active[i];
+                a.next.is_none() && a.prefilling() && a.wait.is_none()
+            })
+            .collect();
+        let best_prompt = prefilling.iter().map(|&i| self.active[i].standing).min();
+        let best_stream = self
+            .active
+            .iter()
+            .filter(|a| a.next.is_some())
+            .map(|a| a.standing)
+            .min();
+        let urgent = match (best_prompt, best_stream) {
             (Some(p), Some(g)) => admission::outranks(p, g),
             _ => false,
         };
@@ -1002,12 +1006,6 @@ impl<'m> Worker<'m> {
         // (Batch-invariant mode: every sequence decodes alone, in chunks of the same size
         // whatever else is running, so it takes no share of this room.)
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
-        let prefilling: Vec<usize> = (0..self.active.len())
-            .filter(|&i| {
-                let a = &self.active[i];
-                a.next.is_none() && a.prefilling() && a.wait.is_none()
-            })
-            .collect();
         let keys: Vec<(i64, &str, Instant)> = prefilling
             .iter()
             .map(|&i| {

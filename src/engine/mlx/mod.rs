@@ -413,11 +413,13 @@ impl Shared {
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
             }
             loop {
-                let running: Vec<&str> = requests
-                    .values()
-                    .filter(|r| r.held.is_none())
-                    .map(|r| &*r.client)
+                let running_ids: Vec<u64> = requests
+                    .iter()
+                    .filter(|(_, r)| r.held.is_none())
+                    .map(|(id, _)| *id)
                     .collect();
+                let running: Vec<&str> =
+                    running_ids.iter().map(|id| &*requests[id].client).collect();
                 let mut ids: Vec<u64> = requests
                     .iter()
                     .filter(|(_, r)| r.held.is_some())
@@ -450,12 +452,7 @@ impl Shared {
                         .values()
                         .any(|r| r.pause.as_ref().is_some_and(|p| p.pausing));
                     if !pausing {
-                        let held_ids: Vec<u64> = requests
-                            .iter()
-                            .filter(|(_, r)| r.held.is_none())
-                            .map(|(id, _)| *id)
-                            .collect();
-                        let runs: Vec<admission::Running<'_>> = held_ids
+                        let runs: Vec<admission::Running<'_>> = running_ids
                             .iter()
                             .map(|id| {
                                 let r = &requests[id];
@@ -469,7 +466,7 @@ impl Shared {
                             })
                             .collect();
                         pause = admission::victim(candidate.priority, candidate.client, &runs)
-                            .map(|v| (held_ids[v], ids[at]));
+                            .map(|v| (running_ids[v], ids[at]));
                     }
                     break;
                 }
