@@ -72,7 +72,7 @@ async def agent_turn(client, model, n):
         if chunk.usage is not None:
             usage = chunk.usage
     details = getattr(usage, "prompt_tokens_details", None)
-    return {"ttft_ms": ((first or time.perf_counter()) - sent) * 1000,
+    return {"ttft_ms": ((first or time.perf_counter()) - sent) * 1000, "done_at": time.perf_counter(),
             "prompt_tokens": usage.prompt_tokens if usage else 0,
             "cached_tokens": (details.cached_tokens or 0) if details else 0}
 
@@ -128,12 +128,19 @@ async def agent_phase(args, client):
         turns = []
     else:
         turns = await asyncio.gather(*(turn_at(n) for n in range(args.turns)))
-    end = start + args.turns * args.gap
+    # The window closes when the last turn is done (never before the last turn was due): under
+    # FIFO the turns queue behind the bots, and a window that closed on time would leave part
+    # of the agent's work outside it, crediting FIFO with bot tokens bought by deferring it.
+    end = max([start + args.turns * args.gap] + [t["done_at"] for t in turns])
+    if end > time.perf_counter():
+        await asyncio.sleep(end - time.perf_counter())
     stop.set()
     for b in bots:
         b.cancel()
     await asyncio.gather(*bots, return_exceptions=True)
     in_window = sum(1 for t in stamps if start <= t <= end)
+    for t in turns:
+        t["done_at"] -= start
     return {"turns": turns, "bot_tokens_per_s": in_window / (end - start), "window_s": end - start}
 
 

@@ -75,7 +75,8 @@ if only != "flood":
     for m, name in (("false", "FIFO"), ("true", "priorities on")):
         ratios = [r["ttft_ms"] / t["ttft_ms"] for r, t in zip(runs[m]["turns"], idle)]
         print(f"{name}: agent TTFT / idle: median {statistics.median(ratios):.2f}x, worst {max(ratios):.2f}x"
-              f"{' (target <= 1.3x)' if m == 'true' else ''}; bots {runs[m]['bot_tokens_per_s']:.1f} tok/s")
+              f"{' (target <= 1.3x)' if m == 'true' else ''}; bots {runs[m]['bot_tokens_per_s']:.1f} tok/s"
+              f" over {runs[m]['window_s']:.0f} s (until the last turn was done)")
     alone = load("bots.json")["bot_tokens_per_s"]
     print(f"bots alone (no agent turns): {alone:.1f} tok/s; FIFO {runs['false']['bot_tokens_per_s'] / alone:.2f}x of it, "
           f"priorities on {runs['true']['bot_tokens_per_s'] / alone:.2f}x")
