@@ -456,3 +456,62 @@ async fn keep_alive_comments_flow_during_a_long_prefill() {
     let data = sse_data(&body);
     assert_eq!(data.last().unwrap(), "[DONE]");
 }
+
+#[tokio::test]
+async fn a_cached_prompt_answers_before_two_cold_prompts_that_came_first() {
+    // Issue 25: a bot's retry whose prompt was all cached waited behind other bots' cold
+    // prompts, because prompt chunks went to the oldest request first.
+    let s = Server::start(Opts {
+        parallel: 4,
+        context: 6144,
+        ..Opts::default()
+    });
+    let warm = system_prompt("the cached bot", 2400);
+    let ask = |system: &str| chat(system, "Say yes.", 1, false);
+    // Its prefix computed once (and how long the cached request takes alone, for the log).
+    let (code, v) = s.post("/v1/chat/completions", &ask(&warm)).await;
+    assert_eq!(code, 200, "{v}");
+    let alone = Instant::now();
+    let (code, v) = s.post("/v1/chat/completions", &ask(&warm)).await;
+    assert_eq!(code, 200, "{v}");
+    let idle_ms = alone.elapsed().as_millis();
+
+    // Two cold prompts, each many steps of prefill, admitted first.
+    let started = Instant::now();
+    let spawn = |system: String| {
+        let (url, body) = (s.url("/v1/chat/completions"), ask(&system));
+        tokio::spawn(async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            let code = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (code, v, Instant::now())
+        })
+    };
+    let cold = [
+        spawn(system_prompt("the first cold bot", 3600)),
+        spawn(system_prompt("the second cold bot, another one", 3600)),
+    ];
+    s.wait_for("active_requests", 2, SETTLE).await;
+    let cached_sent = Instant::now();
+    let (code, v) = s.post("/v1/chat/completions", &ask(&warm)).await;
+    let cached_done = Instant::now();
+    assert_eq!(code, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&v["usage"]) >= prompt - 1, "all but the last token reused: {v}");
+    for c in cold {
+        let (code, v, done) = c.await.unwrap();
+        assert_eq!(code, 200, "{v}");
+        assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 3000, "{v}");
+        assert!(
+            cached_done < done,
+            "the cached request ({} ms after it was sent, {idle_ms} ms alone) ended after a \
+             cold one ({} ms after they were sent)",
+            (cached_done - cached_sent).as_millis(),
+            (done - started).as_millis()
+        );
+    }
+    println!(
+        "cached request beside two cold prefills: {} ms (alone: {idle_ms} ms)",
+        (cached_done - cached_sent).as_millis()
+    );
+}

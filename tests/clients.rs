@@ -339,6 +339,35 @@ async fn lm_studio_rest_api_for_openclaws_bundled_provider() {
         "{states:?}"
     );
 
+    // OpenClaw's next preload asks for a larger context than the model is loaded with (its
+    // prompts are 11-12k tokens): the model is loaded again with it, and the answer says so.
+    let long = "Tell me about the sea, the tides and the moon in detail. ".repeat(220);
+    let ask = json!({"model": QWEN, "max_tokens": 1,
+                     "messages": [{"role": "user", "content": long}]});
+    let (code, v) = s.post("/v1/chat/completions", &ask).await;
+    assert_eq!(code, 400, "a ~2.9k-token prompt does not fit 2,048: {v}");
+    let (code, v) = s
+        .post(
+            "/api/v1/models/load",
+            &json!({"model": QWEN, "context_length": 4096, "echo_load_config": true}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["load_config"]["context_length"], 4096, "{v}");
+    assert_eq!(v["status"], "loaded");
+    let (code, v) = s.post("/v1/chat/completions", &ask).await;
+    assert_eq!(code, 200, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 2048, "{v}");
+    // The same context again changes nothing.
+    let (code, v) = s
+        .post(
+            "/api/v1/models/load",
+            &json!({"model": QWEN, "context_length": 4096}),
+        )
+        .await;
+    assert_eq!((code, v["load_time_seconds"].as_f64()), (200, Some(0.0)), "{v}");
+    assert!(s.log_text().contains("model_reload"));
+
     let (code, v) = s
         .post("/api/v1/models/unload", &json!({"instance_id": QWEN}))
         .await;

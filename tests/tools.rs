@@ -113,6 +113,16 @@ async fn the_model_s_call_is_parsed_streamed_and_not_and_a_tool_result_is_answer
     assert_eq!(calls[0].1, "read_file");
     assert_eq!(calls[0].2, call["function"]["arguments"].as_str().unwrap());
     assert_ne!(calls[0].0, id, "call ids must be fresh per answer");
+    // Both answers are counted as the finish the client was sent.
+    let scrape = s.scrape().await;
+    let counted = |reason: &str| {
+        scrape.get(
+            "opta_lmx_completions_total",
+            &[("model", common::QWEN), ("finish_reason", reason)],
+        )
+    };
+    assert_eq!(counted("tool_calls"), 2.0);
+    assert_eq!(counted("stop"), 0.0);
 
     // The next turn: the call in the history, the tool's result, and a text answer.
     let mut history = user.as_array().unwrap().clone();

@@ -245,6 +245,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     gen.constraint = plan.constraint;
     model.touch();
     let rxs = submit_choices(&state, &model, gen, 1).await?;
+    let rxs = reading_calls(rxs, &plan.answer);
     let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
 
     if !v.stream {
@@ -566,7 +567,7 @@ mod tests {
         let mut e = EventEncoder {
             message: json!({"id": "msg_1"}),
             answer: AnswerSpec {
-                parse_calls: true,
+                tools: Some(crate::chat::toolset::ToolSet::declared(&["f"])),
                 ..AnswerSpec::default()
             }
             .stream(),
@@ -621,6 +622,37 @@ mod tests {
         assert_eq!(bodies[9]["delta"]["partial_json"], r#"{"x": 1}"#);
         assert_eq!(bodies[11]["delta"]["stop_reason"], "tool_use");
         assert_eq!(bodies[11]["usage"]["output_tokens"], 4);
+    }
+
+    #[test]
+    fn a_call_to_an_undeclared_tool_is_text_and_two_bare_calls_are_two_tool_uses() {
+        let mut e = EventEncoder {
+            message: json!({"id": "msg_1"}),
+            answer: AnswerSpec {
+                tools: Some(crate::chat::toolset::ToolSet::declared(&["ls"])),
+                ..AnswerSpec::default()
+            }
+            .stream(),
+            blocks: 0,
+            open: None,
+            stop: "end_turn",
+        };
+        let mut blocks = Vec::new();
+        for piece in [
+            Piece::Start,
+            Piece::Text("<tool_call>{\"name\": \"session:agent:bot1:load1\", \"arguments\": {}}</tool_call>\n".into()),
+            Piece::Text("{\"name\": \"ls\", \"arguments\": {\"path\": \"a\"}}\n{\"name\": \"ls\", \"arguments\": \"\"}".into()),
+            Piece::Finish(FinishReason::Stop),
+        ] {
+            for (name, body) in e.events(piece) {
+                if name == "content_block_start" {
+                    blocks.push(body["content_block"].clone());
+                }
+            }
+        }
+        let kinds: Vec<&str> = blocks.iter().map(|b| b["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["text", "tool_use", "tool_use"], "{blocks:?}");
+        assert!(blocks.iter().skip(1).all(|b| b["name"] == "ls"));
     }
 
     #[test]

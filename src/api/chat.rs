@@ -33,6 +33,7 @@ pub async fn chat_completions(
     gen.constraint = plan.constraint;
     model.touch();
     let rxs = submit_choices(&state, &model, gen, v.n).await?;
+    let rxs = reading_calls(rxs, &plan.answer);
     let head = ChunkHead {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: now_secs(),

@@ -194,6 +194,7 @@ pub(super) async fn submit_choices(
                     ended: false,
                     // The prompt is counted once, with the first choice.
                     meter: meter.clone().map(|m| (m, i == 0)),
+                    answer: None,
                 })
             })
             .collect()
@@ -218,6 +219,26 @@ pub(super) struct ChoiceEvents {
     /// The client's token meter (`tokens_per_minute`), and whether this choice counts the
     /// prompt too.
     meter: Option<(std::sync::Arc<super::caller::TokenMeter>, bool)>,
+    /// The answer read as the dialect reads it, when tools were offered: an answer that ended
+    /// in calls is counted as `tool_calls`, the finish the client was sent.
+    answer: Option<crate::chat::answer::AnswerStream>,
+}
+
+impl ChoiceEvents {
+    /// Reads the answer's tool calls as `spec` does, for the finish reason counted.
+    pub(super) fn reading_calls(mut self, spec: &crate::chat::answer::AnswerSpec) -> Self {
+        self.answer = spec.tools.is_some().then(|| spec.stream());
+        self
+    }
+}
+
+/// Every choice of a chat request reads its calls as `spec` does (see
+/// [`ChoiceEvents::reading_calls`]).
+pub(super) fn reading_calls(
+    rxs: Vec<ChoiceEvents>,
+    spec: &crate::chat::answer::AnswerSpec,
+) -> Vec<ChoiceEvents> {
+    rxs.into_iter().map(|r| r.reading_calls(spec)).collect()
 }
 
 impl Drop for ChoiceEvents {
@@ -237,15 +258,25 @@ impl futures_util::Stream for ChoiceEvents {
     ) -> std::task::Poll<Option<Event>> {
         let polled = self.rx.poll_recv(cx);
         match &polled {
+            std::task::Poll::Ready(Some(Event::Text(t))) => {
+                if let Some(a) = self.answer.as_mut() {
+                    a.push(t);
+                }
+            }
             std::task::Poll::Ready(Some(Event::Done {
                 usage,
                 time_to_first_token,
                 total_time,
                 finish_reason,
             })) => {
+                let calls = self.answer.as_mut().is_some_and(|a| {
+                    a.finish();
+                    a.calls() > 0
+                });
+                let finish = crate::chat::answer::finish_reason(*finish_reason, calls);
                 self.metrics.record_completion(
                     &self.model,
-                    finish_reason.as_str(),
+                    finish.as_str(),
                     usage,
                     *time_to_first_token,
                     *total_time,

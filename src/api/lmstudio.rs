@@ -128,26 +128,38 @@ pub async fn list_v0(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-/// `POST /api/v1/models/load` body (LM Studio's llama.cpp knobs that mean nothing here are
-/// accepted and ignored, so a client's preload never fails on them).
+/// `POST /api/v1/models/load` body. `context_length` is each sequence's context (what one
+/// request's prompt and answer may use, as an LM Studio client means it); `flash_attention`
+/// applies to a fresh load. LM Studio's other llama.cpp knobs (`eval_batch_size`,
+/// `num_experts`, `offload_kv_cache_to_gpu`) mean nothing here and are accepted and ignored,
+/// so a client's preload never fails on them.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LoadBody {
     pub model: String,
     pub context_length: Option<u32>,
+    pub flash_attention: Option<bool>,
+    /// LM Studio answers with the configuration in effect only when asked; it is always here.
+    pub echo_load_config: Option<bool>,
     #[serde(flatten)]
     pub _other: serde_json::Map<String, Value>,
 }
 
-/// `POST /api/v1/models/load`: the same range checks as `/admin/model/load`. Let through
-/// without the admin key only for a model already loaded ([`AlreadyLoaded`]), and then it
-/// changes nothing.
+/// `POST /api/v1/models/load`: the same range checks as `/admin/model/load`. A model already
+/// loaded with another context is loaded again with this one (LM Studio would start a second
+/// instance; here the model's one instance is what requests naming it reach, so it must be the
+/// one with the context asked for). Without the admin key only for a model already loaded
+/// ([`AlreadyLoaded`]), and then it changes nothing: a context change needs the key.
 pub async fn load(
     State(state): State<AppState>,
     already: Option<Extension<AlreadyLoaded>>,
     ApiJson(body): ApiJson<LoadBody>,
 ) -> Result<Json<Value>, ApiError> {
+    use crate::engine::options::FlashAttention;
     let overrides = LoadOverrides {
         context: body.context_length,
+        flash_attention: body
+            .flash_attention
+            .map(|on| if on { FlashAttention::On } else { FlashAttention::Off }),
         ..LoadOverrides::default()
     };
     if let Err((_, reason)) = check_settings("", &overrides) {
@@ -162,24 +174,43 @@ pub async fn load(
                 "missing or invalid admin key (X-Admin-Key or Authorization: Bearer)".into(),
             )
         })?;
-        return Ok(Json(json!({
-            "type": model.engine.kind().as_str(),
-            "instance_id": model.id,
-            "load_time_seconds": 0.0,
-            "status": "loaded",
-        })));
+        if model.differs_from(&overrides) {
+            return Err(ApiError::Unauthorized(format!(
+                "`{}` is loaded with a context of {} tokens; loading it with {} needs the admin \
+                 key (X-Admin-Key or Authorization: Bearer)",
+                model.id,
+                model.engine.info().context_per_sequence,
+                overrides.context.unwrap_or_default()
+            )));
+        }
+        return Ok(Json(loaded_answer(&model, 0.0)));
     }
     let report = state.registry.load(&body.model, &overrides).await?;
-    let kind = state
+    let model = state
         .registry
         .get(&report.model_id)
-        .map_or("llm", |m| m.engine.kind().as_str());
-    Ok(Json(json!({
-        "type": kind,
-        "instance_id": report.model_id,
-        "load_time_seconds": report.load_seconds,
+        .ok_or_else(|| ApiError::Internal("the model went away right after loading".into()))?;
+    let seconds = if report.status == "already_loaded" {
+        0.0
+    } else {
+        report.load_seconds
+    };
+    Ok(Json(loaded_answer(&model, seconds)))
+}
+
+/// LM Studio's answer to a load, with the configuration in effect.
+fn loaded_answer(model: &crate::models::registry::LoadedModel, seconds: f64) -> Value {
+    let info = model.engine.info();
+    json!({
+        "type": model.engine.kind().as_str(),
+        "instance_id": model.id,
+        "load_time_seconds": seconds,
         "status": "loaded",
-    })))
+        "load_config": {
+            "context_length": info.context_per_sequence,
+            "parallel": info.parallel,
+        },
+    })
 }
 
 /// `POST /api/v1/models/unload` body.

@@ -315,6 +315,7 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     gen.constraint = plan.constraint;
     model.touch();
     let rxs = submit_choices(&state, &model, gen, 1).await?;
+    let rxs = reading_calls(rxs, &plan.answer);
     let base = json!({
         "id": format!("resp_{}", uuid::Uuid::new_v4().simple()),
         "object": "response",
@@ -741,7 +742,7 @@ mod tests {
     #[test]
     fn a_thinking_model_streams_a_reasoning_item_then_a_call_in_order() {
         let spec = AnswerSpec {
-            parse_calls: true,
+            tools: Some(crate::chat::toolset::ToolSet::declared(&["read_file"])),
             ..AnswerSpec::default()
         };
         let events = run(
@@ -783,6 +784,35 @@ mod tests {
         assert_eq!(done["output"][1]["call_id"], events[7].1["item"]["call_id"]);
         assert_eq!(done["usage"]["input_tokens_details"]["cached_tokens"], 2);
         assert_eq!(done["usage"]["total_tokens"], 12);
+    }
+
+    #[test]
+    fn only_calls_to_declared_tools_with_json_arguments_become_function_calls() {
+        let spec = AnswerSpec {
+            tools: Some(crate::chat::toolset::ToolSet::declared(&["ls"])),
+            ..AnswerSpec::default()
+        };
+        // Recorded shapes: a tool's description as its name with arguments that are not JSON,
+        // then two bare calls on two lines.
+        let events = run(
+            spec,
+            &[
+                "<tool_call>{\"name\": \"list directory entries in binary filename order\", ",
+                "\"arguments\": path=.}</tool_call>\n{\"name\": \"ls\", \"arguments\": {\"path\": \"a\"}}",
+                "\n{\"name\": \"ls\", \"arguments\": {}}",
+            ],
+        );
+        let done = &events.last().unwrap().1["response"];
+        let output = done["output"].as_array().unwrap();
+        let kinds: Vec<&str> = output.iter().map(|o| o["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["message", "function_call", "function_call"], "{output:?}");
+        assert!(output[0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("list directory entries"));
+        assert_eq!(output[1]["name"], "ls");
+        assert_eq!(output[1]["arguments"], r#"{"path": "a"}"#);
+        assert_eq!(output[2]["arguments"], "{}");
     }
 
     #[test]

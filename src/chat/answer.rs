@@ -5,13 +5,16 @@ use super::dialect::{ThinkMarkers, THINK_MARKERS};
 use super::reasoning::{Part, ReasoningSplitter};
 use super::request::ToolCall;
 use super::tools::{Delta, ToolCallParser};
+use super::toolset::ToolSet;
+use std::sync::Arc;
 use crate::engine::FinishReason;
 
 /// How to read one request's answers: fixed once the prompt is built, shared by its choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AnswerSpec {
-    /// Tools were offered, so calls are parsed out.
-    pub parse_calls: bool,
+    /// The offered tools, when there are any: calls to them are parsed out (and only calls
+    /// to them, fitting their schemas).
+    pub tools: Option<Arc<ToolSet>>,
     /// `parallel_tool_calls: false`: calls after the first are dropped.
     pub one_call: bool,
     /// The prompt left the model inside a thinking block.
@@ -23,7 +26,7 @@ pub struct AnswerSpec {
 impl Default for AnswerSpec {
     fn default() -> Self {
         Self {
-            parse_calls: false,
+            tools: None,
             one_call: false,
             opens_thinking: false,
             think: THINK_MARKERS[0],
@@ -36,7 +39,7 @@ impl AnswerSpec {
     pub fn stream(&self) -> AnswerStream {
         AnswerStream {
             split: ReasoningSplitter::with_markers(self.think, self.opens_thinking),
-            calls: self.parse_calls.then(ToolCallParser::new),
+            calls: self.tools.clone().map(ToolCallParser::new),
             one_call: self.one_call,
         }
     }
@@ -91,17 +94,6 @@ pub struct AnswerStream {
 }
 
 impl AnswerStream {
-    /// `parse_calls` when tools were offered; `thinking_opened` when the prompt left the model
-    /// inside a `<think>` block.
-    pub fn new(parse_calls: bool, thinking_opened: bool) -> Self {
-        AnswerSpec {
-            parse_calls,
-            opens_thinking: thinking_opened,
-            ..AnswerSpec::default()
-        }
-        .stream()
-    }
-
     /// Tool calls seen so far.
     pub fn calls(&self) -> usize {
         self.calls.as_ref().map_or(0, ToolCallParser::calls)
@@ -149,7 +141,11 @@ mod tests {
 
     #[test]
     fn a_thinking_model_can_still_call_a_tool() {
-        let mut a = AnswerStream::new(true, false);
+        let with_tools = |names: &[&str]| AnswerSpec {
+            tools: Some(ToolSet::declared(names)),
+            ..AnswerSpec::default()
+        };
+        let mut a = with_tools(&["read_file"]).stream();
         let mut d =
             a.push("<think>I should read it.</think>\n<tool_call>{\"name\": \"read_file\", ");
         d.extend(a.push("\"arguments\": {\"path\": \"a\"}}</tool_call>"));
@@ -158,9 +154,8 @@ mod tests {
         assert!(matches!(&d[1], Delta::CallStart { name, .. } if name == "read_file"));
         assert_eq!(a.calls(), 1);
         let mut one = AnswerSpec {
-            parse_calls: true,
             one_call: true,
-            ..AnswerSpec::default()
+            ..with_tools(&["a", "b"])
         }
         .stream();
         let two = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
@@ -174,7 +169,7 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["a"]);
-        let mut plain = AnswerStream::new(false, false);
+        let mut plain = AnswerSpec::default().stream();
         assert_eq!(
             plain.push("Hi <tool_call>"),
             [Delta::Content("Hi <tool_call>".into())]

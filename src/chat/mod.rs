@@ -10,3 +10,4 @@ pub mod reasoning;
 pub mod request;
 pub mod template;
 pub mod tools;
+pub mod toolset;

@@ -9,6 +9,7 @@ use super::answer::AnswerSpec;
 use super::prompt::{chat_prompt, PromptError, PromptLimits};
 use super::request::{ChatRequest, ToolChoice};
 use super::tools::call_constraint;
+use super::toolset::ToolSet;
 use crate::engine::{Constraint, TokenId};
 use crate::models::registry::LoadedModel;
 
@@ -47,7 +48,7 @@ impl ChatPlan {
         };
         Ok(Self {
             answer: AnswerSpec {
-                parse_calls: !tools.is_empty(),
+                tools: (!tools.is_empty()).then(|| std::sync::Arc::new(ToolSet::new(tools))),
                 one_call: !req.parallel_tool_calls,
                 opens_thinking: false,
                 think: dialect.think,

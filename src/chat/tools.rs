@@ -6,12 +6,21 @@
 //! call, so a marker never leaks into `content`. The same parser runs over a whole answer for
 //! non-streaming responses, so both give exactly the same calls.
 //!
-//! A call's arguments stream as the raw JSON text the model writes; once a call's JSON ends,
-//! its arguments are complete. Re-parsing the (short) text of the open call on each piece keeps
-//! the state machine small: the only state is the open call's text and what was sent of it.
+//! A call goes out whole, once its JSON has ended and [`ToolSet::check`] has passed it: a name
+//! the request declared, arguments that are a JSON object fitting the tool's schema. A call
+//! that fails the check (or is cut short by `max_tokens`) is given as the content it was
+//! written as, so the client never receives a call it cannot execute. Re-parsing the (short)
+//! text of the open call on each piece keeps the state machine small: the only state is the
+//! open call's text.
+//!
+//! Small models also write calls as bare JSON objects, one per line; a `{` opens a call at the
+//! start of the answer or of any line, and one that turns out not to be a call is content.
+
+use std::sync::Arc;
 
 use super::dialect::ToolFormat;
 use super::request::{Tool, ToolChoice};
+use super::toolset::ToolSet;
 use crate::engine::Constraint;
 
 /// The grammar that keeps tool calls valid, in the model's own format, or `None` when nothing
@@ -124,13 +133,14 @@ pub enum Delta {
     Content(String),
     /// Thinking, kept out of the content (from the reasoning splitter, never this parser).
     Reasoning(String),
-    /// A call begins: its index in this answer, a fresh id and the function's name.
+    /// A call: its index in this answer, a fresh id and the function's name (its arguments
+    /// follow at once, in [`Delta::CallArgs`]).
     CallStart {
         index: usize,
         id: String,
         name: String,
     },
-    /// More of a call's arguments (JSON text, in fragments that concatenate).
+    /// A call's arguments (JSON text; fragments of one call concatenate).
     CallArgs {
         index: usize,
         fragment: String,
@@ -144,7 +154,7 @@ enum Opener {
     Hermes,
     /// ```` ```json ```` … ```` ``` ````.
     Fence,
-    /// `{` as the first thing in the answer.
+    /// `{` as the first thing in the answer or on a line.
     Bare,
     /// `<function=` name `>` … `</function>`.
     Function,
@@ -215,6 +225,8 @@ enum Progress {
 /// Streams tool calls out of an answer.
 #[derive(Debug, Default)]
 pub struct ToolCallParser {
+    /// What a call must name and fit to go out (`None`: unchecked, the parser's own tests).
+    tools: Option<Arc<ToolSet>>,
     /// Text not yet given out: held-back content, or the open call's text after its opener.
     buf: String,
     open: Option<OpenCall>,
@@ -231,17 +243,6 @@ pub struct ToolCallParser {
 struct OpenCall {
     opener: Opener,
     index: usize,
-    /// Whether the start delta (id and name) went out.
-    announced: bool,
-    /// Bytes of the arguments text already sent.
-    sent: usize,
-    /// Arguments given as a JSON string are decoded and sent whole at the end.
-    string_args: bool,
-}
-
-impl OpenCall {
-    /// Marks string arguments as sent (they go out once, whole).
-    const SENT_WHOLE: usize = usize::MAX;
 }
 
 /// A fresh call id: `call_` and 24 hex digits.
@@ -251,8 +252,17 @@ fn call_id() -> String {
 }
 
 impl ToolCallParser {
-    /// A parser for one answer.
-    pub fn new() -> Self {
+    /// A parser for one answer to a request that offered `tools`.
+    pub fn new(tools: Arc<ToolSet>) -> Self {
+        Self {
+            tools: Some(tools),
+            ..Self::default()
+        }
+    }
+
+    /// A parser that lets any well-formed call out (the format tests).
+    #[cfg(test)]
+    fn unchecked() -> Self {
         Self::default()
     }
 
@@ -292,21 +302,13 @@ impl ToolCallParser {
                 continue;
             }
             // Content up to the first opener; hold back what may begin one.
-            if !self.started {
-                let trimmed = self.buf.trim_start();
-                if trimmed.starts_with('{') {
-                    let skip = self.buf.len() - trimmed.len();
-                    self.buf.drain(..skip);
-                    self.start_call(Opener::Bare);
-                    continue;
-                }
-                if trimmed.is_empty() {
-                    return;
-                }
+            if !self.started && self.buf.trim_start().is_empty() {
+                return;
             }
             let found = TRIGGERS
                 .iter()
                 .filter_map(|o| self.buf.find(o.text()).map(|i| (i, *o)))
+                .chain(self.line_brace().map(|i| (i, Opener::Bare)))
                 .min_by_key(|(i, _)| *i);
             match found {
                 Some((i, opener)) => {
@@ -325,14 +327,27 @@ impl ToolCallParser {
         }
     }
 
+    /// Where a `{` opens a bare call: the first one at the start of a line (or of the answer,
+    /// or right after a call), with nothing but spaces before it on that line.
+    fn line_brace(&self) -> Option<usize> {
+        let at_line_start = !self.started || self.after_call || self.ws.contains('\n');
+        let mut line_start = at_line_start.then_some(0);
+        for (i, ch) in self.buf.char_indices() {
+            match ch {
+                '\n' => line_start = Some(i + 1),
+                '{' if line_start.is_some() => return Some(i),
+                ' ' | '\t' | '\r' => {}
+                _ => line_start = None,
+            }
+        }
+        None
+    }
+
     fn start_call(&mut self, opener: Opener) {
         self.started = true;
         self.open = Some(OpenCall {
             opener,
             index: self.calls,
-            announced: false,
-            sent: 0,
-            string_args: false,
         });
     }
 
@@ -364,11 +379,10 @@ impl ToolCallParser {
 
     /// Moves the open call along; returns whether the loop should go on (it closed or failed).
     fn step_call(&mut self, out: &mut Vec<Delta>, at_end: bool) -> bool {
-        let call = self.open.as_mut().expect("an open call");
-        let progress = parse_call(&self.buf, call.opener);
+        let opener = self.open.as_ref().expect("an open call").opener;
+        let progress = parse_call(&self.buf, opener);
         match progress {
             Progress::NotACall => {
-                let opener = call.opener;
                 self.open = None;
                 // The opener was content after all; go on scanning after it.
                 let text = format!("{}{}", opener.text(), std::mem::take(&mut self.buf));
@@ -385,26 +399,19 @@ impl ToolCallParser {
                 args,
                 args_done,
             } => {
-                if at_end && name.is_some() {
-                    // Cut short (max_tokens): a started call is given as far as it got.
-                    let args = args.unwrap_or_default();
-                    self.emit(out, name.as_deref(), &args, true);
-                    self.buf.clear();
-                    self.close();
-                    return true;
-                }
                 if at_end {
-                    // Never became a call: content.
-                    let opener = call.opener;
+                    // Never finished (cut short by max_tokens, or never a call): content,
+                    // unless only the closer is missing from a call that passes the check.
+                    if let (Some(name), Some(args), true) = (name, args, args_done) {
+                        if self.emit(out, &name, &args) {
+                            self.buf.clear();
+                            return true;
+                        }
+                    }
                     self.open = None;
                     let text = format!("{}{}", opener.text(), std::mem::take(&mut self.buf));
                     self.content(out, &text);
                     return false;
-                }
-                if let Some(args) = args {
-                    self.emit(out, name.as_deref(), &args, args_done);
-                } else {
-                    self.emit(out, name.as_deref(), "", false);
                 }
                 false
             }
@@ -414,9 +421,12 @@ impl ToolCallParser {
                 used,
                 more,
             } => {
-                self.emit(out, Some(&name), &args, true);
-                self.buf.drain(..used);
-                self.close();
+                let raw: String = self.buf.drain(..used).collect();
+                if !self.emit(out, &name, &args) {
+                    // Written like a call, but not one the client could execute.
+                    self.open = None;
+                    self.content(out, &format!("{}{raw}", opener.text()));
+                }
                 if more {
                     self.start_call(Opener::MistralItem);
                 }
@@ -425,52 +435,48 @@ impl ToolCallParser {
         }
     }
 
-    /// Sends the start of the open call once its name is known, then any new arguments text.
-    fn emit(&mut self, out: &mut Vec<Delta>, name: Option<&str>, args: &str, done: bool) {
-        let call = self.open.as_mut().expect("an open call");
-        let Some(name) = name else {
-            return;
-        };
-        if !call.announced {
-            call.announced = true;
-            self.ws.clear(); // whitespace before a call is not content
-            out.push(Delta::CallStart {
-                index: call.index,
-                id: call_id(),
-                name: name.to_string(),
-            });
-        }
-        if args.starts_with('"') {
-            call.string_args = true;
-        }
-        if call.string_args {
-            // `"arguments": "{\"a\": 1}"`: the decoded string is the arguments, sent whole.
-            if done && call.sent != OpenCall::SENT_WHOLE {
-                call.sent = OpenCall::SENT_WHOLE;
-                let decoded = serde_json::from_str::<String>(args).unwrap_or_default();
-                out.push(Delta::CallArgs {
-                    index: call.index,
-                    fragment: decoded,
-                });
+    /// Sends the open call whole if it passes the check (its arguments written as a JSON
+    /// string are decoded first) and closes it; returns whether it went out.
+    fn emit(&mut self, out: &mut Vec<Delta>, name: &str, args: &str) -> bool {
+        let decoded;
+        let args = if args.starts_with('"') {
+            // `"arguments": "{\"a\": 1}"`: the decoded string is the arguments.
+            match serde_json::from_str::<String>(args) {
+                Ok(d) => {
+                    decoded = d;
+                    decoded.as_str()
+                }
+                Err(_) => return false,
             }
-            return;
-        }
-        if args.len() > call.sent {
+        } else {
+            args
+        };
+        let args = match &self.tools {
+            Some(tools) => match tools.check(name, args) {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::debug!(tool = name, reason = %why, "a written tool call stays content");
+                    return false;
+                }
+            },
+            None => args.to_string(),
+        };
+        let call = self.open.take().expect("an open call");
+        self.ws.clear(); // whitespace before a call is not content
+        out.push(Delta::CallStart {
+            index: call.index,
+            id: call_id(),
+            name: name.to_string(),
+        });
+        if !args.is_empty() {
             out.push(Delta::CallArgs {
                 index: call.index,
-                fragment: args[call.sent..].to_string(),
+                fragment: args,
             });
-            call.sent = args.len();
         }
-    }
-
-    fn close(&mut self) {
-        if let Some(call) = self.open.take() {
-            if call.announced {
-                self.calls += 1;
-                self.after_call = true;
-            }
-        }
+        self.calls += 1;
+        self.after_call = true;
+        true
     }
 }
 
@@ -876,19 +882,19 @@ mod tests {
     /// single characters, and checks that every way gives the same content and calls.
     fn parse_every_way(text: &str) -> (String, Vec<(String, String)>) {
         let whole = {
-            let mut p = ToolCallParser::new();
+            let mut p = ToolCallParser::unchecked();
             let mut d = p.push(text);
             d.extend(p.finish());
             assemble(&d)
         };
         for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
-            let mut p = ToolCallParser::new();
+            let mut p = ToolCallParser::unchecked();
             let mut d = p.push(&text[..cut]);
             d.extend(p.push(&text[cut..]));
             d.extend(p.finish());
             assert_eq!(assemble(&d), whole, "cut at {cut} of {text:?}");
         }
-        let mut p = ToolCallParser::new();
+        let mut p = ToolCallParser::unchecked();
         let mut d = Vec::new();
         for ch in text.chars() {
             d.extend(p.push(&ch.to_string()));
@@ -1077,14 +1083,10 @@ mod tests {
     }
 
     #[test]
-    fn truncated_calls_keep_what_came_and_malformed_ones_are_content() {
-        // Cut by max_tokens inside the arguments: the call as far as it got.
-        let (content, calls) =
-            parse_every_way("<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": \"xy");
-        assert_eq!(
-            (content.as_str(), calls),
-            ("", vec![call("f", "{\"a\": \"xy")])
-        );
+    fn truncated_calls_and_malformed_ones_are_content() {
+        // Cut by max_tokens inside the arguments: not a call the client could execute.
+        let text = "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": \"xy";
+        assert_eq!(parse_every_way(text), (text.to_string(), vec![]));
         // Cut before the name ends: not a call.
         let text = "<tool_call>{\"na";
         assert_eq!(parse_every_way(text), (text.to_string(), vec![]));
@@ -1100,21 +1102,111 @@ mod tests {
     }
 
     #[test]
-    fn streaming_sends_the_name_before_the_arguments_end() {
-        let mut p = ToolCallParser::new();
-        let mut d = p.push("<tool_call>{\"name\": \"read_file\", \"arguments\": {\"pa");
+    fn a_call_goes_out_whole_once_its_json_has_ended() {
+        let mut p = ToolCallParser::unchecked();
+        assert!(p
+            .push("<tool_call>{\"name\": \"read_file\", \"arguments\": {\"pa")
+            .is_empty());
+        let d = p.push("th\": \"x\"}}</tool_call>");
         assert!(
-            matches!(&d[..], [Delta::CallStart { name, .. }, Delta::CallArgs { fragment, .. }] if name == "read_file" && fragment == "{\"pa")
-        );
-        d = p.push("th\": \"x\"}}</tool_call>");
-        assert_eq!(
-            d,
-            [Delta::CallArgs {
-                index: 0,
-                fragment: "th\": \"x\"}".into()
-            }]
+            matches!(&d[..], [Delta::CallStart { name, .. }, Delta::CallArgs { fragment, .. }] if name == "read_file" && fragment == "{\"path\": \"x\"}"),
+            "{d:?}"
         );
         assert_eq!(p.calls(), 1);
         assert!(p.finish().is_empty());
+    }
+
+    /// Parses `text` whole and piece by piece with a parser that checks against `tools`.
+    fn checked(tools: &[Tool], text: &str) -> (String, Vec<(String, String)>) {
+        let tools = Arc::new(ToolSet::new(tools));
+        let mut p = ToolCallParser::new(Arc::clone(&tools));
+        let mut d = p.push(text);
+        d.extend(p.finish());
+        let whole = assemble(&d);
+        let mut p = ToolCallParser::new(tools);
+        let mut d = Vec::new();
+        for ch in text.chars() {
+            d.extend(p.push(&ch.to_string()));
+        }
+        d.extend(p.finish());
+        assert_eq!(assemble(&d), whole, "char by char: {text:?}");
+        whole
+    }
+
+    fn openclaw_tools() -> Vec<Tool> {
+        use serde_json::json;
+        let t = |name: &str, description: &str, parameters: serde_json::Value| Tool {
+            name: name.into(),
+            description: Some(description.into()),
+            parameters,
+        };
+        vec![
+            t(
+                "ls",
+                "list directory entries in binary filename order, including dotfiles and links",
+                json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            ),
+            t(
+                "apply_patch",
+                "apply a patch",
+                json!({"type": "object", "properties": {"input": {"type": "string"}},
+                       "required": ["input"]}),
+            ),
+            t("session_status", "this session's status", json!({"type": "object", "properties": {}})),
+        ]
+    }
+
+    #[test]
+    fn recorded_calls_a_client_cannot_execute_stay_content() {
+        let tools = openclaw_tools();
+        // Recorded from Qwen2.5-Coder-0.5B under the real OpenClaw: a description as the name
+        // with arguments that are not JSON; an undeclared name; a session key as a name.
+        for text in [
+            "<tool_call>\n{\"name\": \"list directory entries in binary filename order, including dotfiles and links\", \"arguments\": {\"path\": \".\"}}\n</tool_call>",
+            "<function=ls>path=.</function>",
+            "{\"name\": \"openclaw\", \"arguments\": {\"cmd\": \"status\"}}",
+            "<tool_call>{\"name\": \"session:agent:bot1:load1\", \"arguments\": {}}</tool_call>",
+            "<tool_call>{\"name\": \"apply_patch\", \"arguments\": \"\"}</tool_call>",
+            "<tool_call>{\"name\": \"ls\", \"arguments\": {\"path\": 7}}</tool_call>",
+        ] {
+            let (content, calls) = checked(&tools, text);
+            assert!(calls.is_empty(), "{text:?} gave {calls:?}");
+            assert_eq!(content, text.trim(), "the text is kept as written");
+        }
+        // Empty-string arguments are `{}` where the schema allows an empty object.
+        assert_eq!(
+            checked(&tools, "<tool_call>{\"name\": \"session_status\", \"arguments\": \"\"}</tool_call>"),
+            (String::new(), vec![call("session_status", "{}")])
+        );
+        // A valid call between invalid ones keeps its index 0.
+        let (content, calls) = checked(
+            &tools,
+            "<tool_call>{\"name\": \"openclaw\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"ls\", \"arguments\": {\"path\": \"src\"}}</tool_call>",
+        );
+        assert_eq!(calls, [call("ls", r#"{"path": "src"}"#)]);
+        assert!(content.contains("openclaw"), "{content:?}");
+    }
+
+    #[test]
+    fn bare_calls_on_separate_lines_are_several_calls() {
+        let tools = openclaw_tools();
+        let text = "{\"name\": \"ls\", \"arguments\": {\"path\": \"a\"}}\n{\"name\": \"ls\", \"arguments\": {\"path\": \"b\"}}\n{\"name\": \"session_status\", \"arguments\": {}}";
+        assert_eq!(
+            checked(&tools, text),
+            (
+                String::new(),
+                vec![
+                    call("ls", r#"{"path": "a"}"#),
+                    call("ls", r#"{"path": "b"}"#),
+                    call("session_status", "{}")
+                ]
+            )
+        );
+        // After text, a call on its own line is a call too; JSON inside a line is not.
+        let (content, calls) = parse_every_way(
+            "Listing it.\n{\"name\": \"ls\", \"arguments\": {}}\nsee {\"name\": \"x\"} here",
+        );
+        assert_eq!(calls, [call("ls", "{}")]);
+        assert_eq!(content, "Listing it.see {\"name\": \"x\"} here");
     }
 }

@@ -207,26 +207,52 @@ pub fn outranks(standing: i64, than: i64) -> bool {
     priorities_on() && standing < than
 }
 
+/// A request with prompt left to compute, as [`prefill_order`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefilling<'a> {
+    pub standing: i64,
+    pub client: &'a str,
+    pub since: Instant,
+    /// Prompt tokens still to compute (a mostly cached prompt has few).
+    pub left: usize,
+}
+
+/// Prompt tokens a waiting prefill is credited per second it has waited: shortest first
+/// would leave a long cold prompt behind every short one that keeps arriving; with this, one
+/// that has waited `left / AGING_TOKENS_PER_S` seconds goes before any newcomer.
+pub const AGING_TOKENS_PER_S: usize = 256;
+
+impl Prefilling<'_> {
+    /// Shortest remaining prefill first, less what waiting has earned.
+    fn aged_left(&self, now: Instant) -> usize {
+        let waited_ms = now.saturating_duration_since(self.since).as_millis() as usize;
+        self.left
+            .saturating_sub(waited_ms.saturating_mul(AGING_TOKENS_PER_S) / 1000)
+    }
+}
+
 /// The order in which requests that are prefilling share a step's prompt budget: better
-/// standing first; within one, each client's oldest before anyone's second (prefill is shared
-/// between clients, not between requests); then the oldest. Indices into `prefilling`, given
-/// as (standing, client, submitted).
-pub fn prefill_order(prefilling: &[(i64, &str, Instant)]) -> Vec<usize> {
+/// standing first; within one, each client's shortest before anyone's second (prefill is
+/// shared between clients, not between requests); then shortest remaining prefill, aged (a
+/// request whose prompt is mostly cached, or short, starts decoding within a step or two even
+/// beside long cold prompts, and those still get their turn); then the oldest. With priorities
+/// off: oldest first, as before.
+pub fn prefill_order(prefilling: &[Prefilling], now: Instant) -> Vec<usize> {
     let mut order: Vec<usize> = (0..prefilling.len()).collect();
     if !priorities_on() {
-        order.sort_by_key(|&i| (prefilling[i].2, i));
+        order.sort_by_key(|&i| (prefilling[i].since, i));
         return order;
     }
-    // Each request's rank among its client's prefilling requests, oldest first.
+    let key = |i: usize| (prefilling[i].aged_left(now), prefilling[i].since, i);
+    // Each request's rank among its client's prefilling requests.
     let rank = |i: usize| {
-        let (_, client, since) = prefilling[i];
         prefilling
             .iter()
             .enumerate()
-            .filter(|&(j, p)| p.1 == client && (p.2, j) < (since, i))
+            .filter(|&(j, p)| p.client == prefilling[i].client && key(j) < key(i))
             .count()
     };
-    order.sort_by_cached_key(|&i| (prefilling[i].0, rank(i), prefilling[i].2, i));
+    order.sort_by_cached_key(|&i| (prefilling[i].standing, rank(i), key(i)));
     order
 }
 
@@ -367,20 +393,39 @@ mod tests {
     }
 
     #[test]
-    fn prefill_goes_by_standing_then_one_request_per_client_then_age() {
+    fn prefill_goes_by_standing_then_one_request_per_client_then_shortest() {
         let now = Instant::now();
-        let at = |s: u64| now - Duration::from_secs(s);
-        let p = [
-            (0, "flood", at(9)),
-            (0, "flood", at(8)),
-            (0, "flood", at(7)),
-            (0, "quiet", at(1)),
-            (-10, "me", at(0)),
+        let p = |standing, client, age_s: u64, left| Prefilling {
+            standing,
+            client,
+            since: now - Duration::from_secs(age_s),
+            left,
+        };
+        let q = [
+            p(0, "flood", 3, 800),
+            p(0, "flood", 2, 900),
+            p(0, "flood", 1, 1000),
+            p(0, "quiet", 1, 2000),
+            p(-10, "me", 0, 5000),
         ];
-        // The person first; then the flooder's oldest and the quiet client's one (each a
-        // client's first), oldest first; then the flooder's others.
-        assert_eq!(prefill_order(&p), [4, 0, 3, 1, 2]);
+        // The person first; then each client's first (the flooder's shortest, then the quiet
+        // one's); then the flooder's others.
+        assert_eq!(prefill_order(&q, now), [4, 0, 3, 1, 2]);
+        // Between clients at one standing: a mostly cached prompt (1 token left) and a short
+        // one go before two cold 8k prompts that came first.
+        let q = [
+            p(0, "bot1", 4, 8000),
+            p(0, "bot2", 3, 8000),
+            p(0, "bot3", 0, 1),
+            p(0, "bot4", 0, 226),
+        ];
+        assert_eq!(prefill_order(&q, now), [2, 3, 0, 1]);
+        // Aging: a cold prompt that has waited long enough goes before a fresh short one.
+        let waited = 8000 / AGING_TOKENS_PER_S as u64 + 1;
+        let q = [p(0, "bot1", waited, 8000), p(0, "bot2", 0, 226)];
+        assert_eq!(prefill_order(&q, now), [0, 1]);
     }
+
 
     #[test]
     fn the_queue_order_interleaves_clients_within_a_priority() {

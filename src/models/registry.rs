@@ -115,6 +115,8 @@ enum Unload {
     Shutdown,
     /// Its engine failed (a worker died): replaced by a fresh load.
     Failed,
+    /// Loaded again with a different context (LM Studio's load with `context_length`).
+    Reload,
 }
 
 impl Unload {
@@ -125,6 +127,7 @@ impl Unload {
             Self::Ttl => "ttl",
             Self::Shutdown => "shutdown",
             Self::Failed => "failed",
+            Self::Reload => "reload",
         }
     }
 
@@ -242,6 +245,15 @@ impl LoadedModel {
             ttl_seconds: Some(self.ttl_seconds.load(Ordering::Relaxed)),
             ..self.load_overrides.clone()
         }
+    }
+
+    /// Whether a load asking for `o` needs this model loaded again: a context other than the
+    /// one in effect and the one it was asked for (the memory guard may have given less). The
+    /// other settings apply to the next fresh load; only the context decides what prompts fit.
+    pub fn differs_from(&self, o: &LoadOverrides) -> bool {
+        o.context.is_some_and(|c| {
+            c != self.engine.info().context_per_sequence && Some(c) != self.load_overrides.context
+        })
     }
 
     fn apply(&self, o: &LoadOverrides) {
@@ -497,6 +509,13 @@ impl Registry {
         let mut restart = None;
         if let Some(m) = loaded {
             match m.engine.failed() {
+                None if m.differs_from(overrides) => {
+                    tracing::info!(event = "model_reload", model = %m.id, context = ?overrides.context, was = m.engine.info().context_per_sequence);
+                    restart = Some(overrides.over(&m.restart_overrides()));
+                    let id = m.id.clone();
+                    drop(m);
+                    self.unload_reason(&id, Unload::Reload).await?;
+                }
                 None => {
                     m.apply(overrides);
                     return Ok(report(&m, "already_loaded", Vec::new()));

@@ -961,7 +961,8 @@ impl<'m> Worker<'m> {
     /// Decides what each request feeds this step: one token for every generating sequence,
     /// then prompt chunks in whatever room is left (a smaller share while others are
     /// generating, so their streams do not stall behind a long prompt), in
-    /// [`admission::prefill_order`]: better priority first, then one request per client.
+    /// [`admission::prefill_order`]: better priority first, then one request per client, then
+    /// shortest remaining prompt (aged).
     ///
     /// The last prompt token always goes alone, in a step after the rest of its prompt: its
     /// logits (what the first sampled token comes from) are then computed the same way whether
@@ -1006,14 +1007,19 @@ impl<'m> Worker<'m> {
         // (Batch-invariant mode: every sequence decodes alone, in chunks of the same size
         // whatever else is running, so it takes no share of this room.)
         let mut room = BATCH_TOKENS.min(generating + prefill_room) - generating;
-        let keys: Vec<(i64, &str, Instant)> = prefilling
+        let keys: Vec<admission::Prefilling> = prefilling
             .iter()
             .map(|&i| {
                 let a = &self.active[i];
-                (a.standing, &*a.client, a.submitted)
+                admission::Prefilling {
+                    standing: a.standing,
+                    client: &a.client,
+                    since: a.submitted,
+                    left: a.prompt.len() - a.prompt_done,
+                }
             })
             .collect();
-        let order: Vec<usize> = admission::prefill_order(&keys)
+        let order: Vec<usize> = admission::prefill_order(&keys, Instant::now())
             .into_iter()
             .map(|k| prefilling[k])
             .collect();
