@@ -18,7 +18,8 @@ pub struct AuditEvent {
     /// RFC 3339, UTC.
     pub time: String,
     /// `model_load`, `model_unload`, `model_delete`, `download_start`, `download_cancel`,
-    /// `download_resume`, `download_finish`, `auth_failure`; for configured clients,
+    /// `download_resume`, `download_finish`, `auth_failure`, `config_reload` (over HTTP, or
+    /// `config_reload` with route `SIGHUP`); for configured clients,
     /// `client_key_used` (a key's first request since start: which client it is) and
     /// `client_limited` (a request refused by its client's caps).
     pub action: &'static str,

@@ -45,6 +45,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The clients this server knows by key (the coding CLI, each bot).
     pub clients: Vec<ClientConfig>,
+    /// Named presets requests may use as their `model` (see [`crate::presets`]).
+    pub presets: Vec<crate::presets::Preset>,
 }
 
 /// One client: its own API key (several may be valid at once; removing one revokes it), the
@@ -206,6 +208,9 @@ pub struct ModelsConfig {
     pub default: Option<String>,
     /// Extra names for model ids, e.g. `gpt-4o-mini: gemma-3-270m-q4_k_m`.
     pub aliases: BTreeMap<String, String>,
+    /// Role names (`code`, `chat`, `auto`) with models in order of preference: a request
+    /// naming a role gets the first one loaded, else the first one (`/admin/stack`).
+    pub roles: BTreeMap<String, Vec<String>>,
     /// Model ids loaded when the server starts.
     pub load_at_start: Vec<String>,
     /// Load a model on disk when a request names it, instead of answering 404.
@@ -336,7 +341,8 @@ pub struct ModelSettings {
     pub max_queue: Option<u32>,
     /// Layers offloaded to the GPU (0 on CPU builds).
     pub gpu_layers: Option<u32>,
-    /// CPU threads for decoding; `None` uses every available core.
+    /// CPU threads for decoding; `None`: the physical cores less one (see
+    /// [`crate::system::default_threads`]).
     pub threads: Option<u32>,
     /// Unload after this many idle seconds; `None` keeps it until evicted.
     pub ttl_seconds: Option<u64>,
@@ -490,6 +496,7 @@ impl Default for ModelsConfig {
             directory: default_models_dir(),
             default: None,
             aliases: BTreeMap::new(),
+            roles: BTreeMap::new(),
             load_at_start: Vec::new(),
             load_on_demand: false,
             defaults: ModelSettings::default(),
@@ -791,6 +798,10 @@ impl Config {
     /// Normalises paths and checks ranges that serde cannot express; the error names the key.
     pub fn finish(&mut self) -> Result<(), (String, String)> {
         self.check_clients()?;
+        crate::presets::check(&self.presets)?;
+        if let Some((role, _)) = self.models.roles.iter().find(|(_, prefs)| prefs.is_empty()) {
+            return Err((format!("models.roles.{role}"), "lists no model".into()));
+        }
         self.models.directory = expand_tilde(&self.models.directory);
         if let Some(f) = &self.logging.file {
             self.logging.file = Some(expand_tilde(f));
@@ -913,6 +924,17 @@ impl Config {
             Some(m) => m.over(&defaults),
             None => defaults,
         }
+    }
+
+    /// Whether the configuration itself (per-model settings or defaults, not the built-in
+    /// fallback) names a context for `id`.
+    pub fn sets_context_for(&self, id: &str) -> bool {
+        self.models
+            .per_model
+            .get(id)
+            .and_then(|m| m.context)
+            .or(self.models.defaults.context)
+            .is_some()
     }
 
     /// Resolves an alias to its target id; ids that are not aliases come back unchanged.

@@ -12,5 +12,6 @@ pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod models;
+pub mod presets;
 pub mod server;
 pub mod system;

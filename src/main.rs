@@ -30,10 +30,15 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
-            let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
-            args.apply(&mut cfg).map_err(anyhow::Error::msg)?;
+            let read = move || -> Result<Config, String> {
+                let mut cfg = Config::load(args.config.as_deref(), std::env::vars())
+                    .map_err(|e| e.to_string())?;
+                args.clone().apply(&mut cfg)?;
+                Ok(cfg)
+            };
+            let cfg = read().map_err(anyhow::Error::msg)?;
             opta_lmx::logging::init(&cfg.logging)?;
-            opta_lmx::server::run(cfg).await
+            opta_lmx::server::run(cfg, Some(std::sync::Arc::new(read))).await
         }
         Command::Status(a) => list(&a, "/admin/status", |v| Ok(cli::tables::status(v))).await,
         Command::Models(a) => list(&a, "/admin/models", |v| Ok(cli::tables::models(v))).await,

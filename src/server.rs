@@ -14,8 +14,12 @@ use crate::models::hub::HubClient;
 use crate::models::registry::{LoadOverrides, Registry};
 use crate::models::store::ModelStore;
 
-/// Runs the server with a finished configuration until a shutdown signal.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the server with a finished configuration until a shutdown signal. `reread` reads the
+/// configuration again as it was made (for `POST /admin/config/reload` and SIGHUP).
+pub async fn run(
+    config: Config,
+    reread: Option<Arc<crate::api::admin::reload::Reread>>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let addr = SocketAddr::new(config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -32,13 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     warn_if_exposed(&config);
-    crate::engine::llama::set_pick_limit(std::time::Duration::from_millis(
-        config.requests.grammar_ms_per_token,
-    ));
-    crate::engine::admission::set_age_step(std::time::Duration::from_secs_f64(
-        config.requests.priority_aging_seconds,
-    ));
-    crate::engine::admission::set_priorities(config.requests.priorities);
+    apply_engine_settings(&config);
     let audit = Arc::new(match config.audit_path() {
         Some(path) => Audit::open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,
@@ -66,12 +64,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let state = AppState::new(
-        Arc::clone(&config),
-        Arc::clone(&registry),
-        downloads,
-        Arc::clone(&audit),
-    );
+    let mut state = AppState::new(Arc::clone(&registry), downloads, Arc::clone(&audit));
+    state.reread = reread;
+    reload_on_sighup(state.clone());
     tracing::info!(
         address = %listener.local_addr()?,
         scheme = if tls.is_some() { "https" } else { "http" },
@@ -93,6 +88,49 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;
     Ok(())
+}
+
+/// The engine-wide settings the configuration holds (process globals the schedulers read),
+/// at start and after every reload.
+pub fn apply_engine_settings(config: &Config) {
+    crate::engine::llama::set_pick_limit(std::time::Duration::from_millis(
+        config.requests.grammar_ms_per_token,
+    ));
+    crate::engine::admission::set_age_step(std::time::Duration::from_secs_f64(
+        config.requests.priority_aging_seconds,
+    ));
+    crate::engine::admission::set_priorities(config.requests.priorities);
+}
+
+/// SIGHUP reloads the configuration, as daemons do (`systemctl reload`, `kill -HUP`); the
+/// outcome goes to the log, the audit log and `/admin/events`.
+fn reload_on_sighup(state: AppState) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/config/reload");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let s = state.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    crate::api::admin::reload::apply(&s, "sighup")
+                })
+                .await;
+                let ok = matches!(outcome, Ok(Ok(_)));
+                let mut e = crate::audit::AuditEvent::now(
+                    "config_reload",
+                    if ok { "ok" } else { "refused" },
+                );
+                e.route = Some("SIGHUP".into());
+                state.audit.record(&e);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 /// A server reachable from other machines with no admin key lets anyone on the network use

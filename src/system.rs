@@ -142,6 +142,78 @@ pub fn raise_open_files_limit() -> Option<u64> {
     None
 }
 
+/// CPU threads a model decodes with when no setting names a number: the physical cores, less
+/// one left to everything else (the HTTP side, tokenizing, the other processes of a shared
+/// machine), and at least one. Measured with `bench/threads.sh` (Qwen2.5-Coder 0.5B, 2-core
+/// machine): llama.cpp's threads spin at every barrier, so a thread that loses its core stalls
+/// all of them; 2 threads decode 23.0 tokens/s alone but 5.9 beside one busy process (the
+/// OpenClaw run saw 0.6), where 1 thread decodes 12.7 and 11.8. Hyperthread siblings share a
+/// core's units and are not counted.
+pub fn default_threads() -> u32 {
+    let logical = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let physical = sysinfo::System::physical_core_count().unwrap_or(logical);
+    physical.min(logical.saturating_sub(1)).max(1) as u32
+}
+
+/// What this machine is, for `/admin/device`, discovery and the CLI's status lines.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Hardware {
+    pub hostname: String,
+    /// The CPU's brand string (or the Apple chip's name).
+    pub chip_name: Option<String>,
+    /// Physical cores; `logical_cores` counts hyperthreads too.
+    pub cpu_cores: u32,
+    pub logical_cores: u32,
+    pub memory_bytes: u64,
+    pub memory_gb: f64,
+    /// `x86_64`, `aarch64`, ...
+    pub architecture: String,
+    pub os: String,
+    /// llama.cpp GPU backends built in (`cuda`, `metal`, `vulkan`), and what they found.
+    pub gpu_backends: Vec<&'static str>,
+    pub gpu_memory_bytes: Option<u64>,
+    /// Metal built in and usable (an Apple GPU).
+    pub metal_available: bool,
+}
+
+impl Hardware {
+    /// Reads it now (cheap: no CPU usage sampling).
+    pub fn read() -> Self {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let mut sys = sysinfo::System::new_with_specifics(
+            sysinfo::RefreshKind::nothing().with_cpu(sysinfo::CpuRefreshKind::nothing()),
+        );
+        sys.refresh_memory();
+        let chip_name = sys
+            .cpus()
+            .first()
+            .map(|c| c.brand().trim().to_string())
+            .filter(|b| !b.is_empty());
+        let gpu_backends: Vec<&'static str> = [
+            ("cuda", cfg!(feature = "cuda")),
+            ("metal", cfg!(feature = "metal")),
+            ("vulkan", cfg!(feature = "vulkan")),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        let gpu = gpu_memory();
+        Self {
+            hostname: sysinfo::System::host_name().unwrap_or_else(|| "unknown".into()),
+            chip_name,
+            cpu_cores: sysinfo::System::physical_core_count().map_or(logical, |n| n as u32),
+            logical_cores: logical,
+            memory_bytes: sys.total_memory(),
+            memory_gb: sys.total_memory() as f64 / 1e9,
+            architecture: std::env::consts::ARCH.to_string(),
+            os: sysinfo::System::long_os_version().unwrap_or_else(|| std::env::consts::OS.into()),
+            metal_available: cfg!(feature = "metal") && gpu.is_some(),
+            gpu_memory_bytes: gpu.map(|(total, _)| total),
+            gpu_backends,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +235,15 @@ mod tests {
         assert!(process_rss_bytes() > 0);
         let anon = process_anon_bytes();
         assert!(anon > 0 && anon <= process_rss_bytes());
+    }
+
+    #[test]
+    fn the_default_threads_leave_a_core_to_the_rest_of_the_machine() {
+        let logical = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+        let t = default_threads();
+        assert!(t >= 1);
+        if logical >= 2 {
+            assert!(t < logical, "{t} threads on {logical} cores");
+        }
     }
 }

@@ -481,7 +481,12 @@ async fn a_cached_prompt_answers_before_two_cold_prompts_that_came_first() {
     let spawn = |system: String| {
         let (url, body) = (s.url("/v1/chat/completions"), ask(&system));
         tokio::spawn(async move {
-            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let code = r.status().as_u16();
             let v: Value = r.json().await.unwrap();
             (code, v, Instant::now())
@@ -497,7 +502,10 @@ async fn a_cached_prompt_answers_before_two_cold_prompts_that_came_first() {
     let cached_done = Instant::now();
     assert_eq!(code, 200, "{v}");
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(cached(&v["usage"]) >= prompt - 1, "all but the last token reused: {v}");
+    assert!(
+        cached(&v["usage"]) >= prompt - 1,
+        "all but the last token reused: {v}"
+    );
     for c in cold {
         let (code, v, done) = c.await.unwrap();
         assert_eq!(code, 200, "{v}");

@@ -156,12 +156,29 @@ async fn the_coding_cli_session_from_its_contract() {
     }
     assert!(v["memory"]["total_gb"].as_f64().unwrap() > 0.5);
 
-    // Models on disk that are not loaded.
+    // Every model on disk, the loaded one too (the CLI counts them as downloaded).
     let (code, v) = s.get("/admin/models/available").await;
     assert_eq!(code, 200);
     let avail = v.as_array().expect("an array");
-    assert!(avail.iter().all(|m| m["repo_id"] != QWEN), "{v}");
-    assert!(avail.iter().any(|m| m["repo_id"] == common::MODEL && m["size_bytes"].as_u64().unwrap() > 1_000_000), "{v}");
+    let qwen = avail
+        .iter()
+        .find(|m| m["repo_id"] == QWEN)
+        .expect("the loaded model is listed");
+    assert_eq!(qwen["loaded"], true, "{v}");
+    assert!(
+        qwen["local_path"].as_str().unwrap().ends_with(".gguf"),
+        "{v}"
+    );
+    assert!(
+        qwen["downloaded_at"].as_u64().unwrap() > 1_600_000_000,
+        "{v}"
+    );
+    assert!(
+        avail.iter().any(|m| m["repo_id"] == common::MODEL
+            && m["loaded"] == false
+            && m["size_bytes"].as_u64().unwrap() > 1_000_000),
+        "{v}"
+    );
 
     // The agent turn: 30 tools, `auto`, and max_tokens from the CLI's own estimate of the
     // prompt (without the tool definitions), so prompt + max_tokens overflows the context.
@@ -365,7 +382,11 @@ async fn lm_studio_rest_api_for_openclaws_bundled_provider() {
             &json!({"model": QWEN, "context_length": 4096}),
         )
         .await;
-    assert_eq!((code, v["load_time_seconds"].as_f64()), (200, Some(0.0)), "{v}");
+    assert_eq!(
+        (code, v["load_time_seconds"].as_f64()),
+        (200, Some(0.0)),
+        "{v}"
+    );
     assert!(s.log_text().contains("model_reload"));
 
     let (code, v) = s

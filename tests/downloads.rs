@@ -1060,3 +1060,38 @@ async fn a_next_page_on_another_host_is_refused_and_never_gets_the_token() {
     assert!(evil.seen().is_empty(), "{:?}", evil.seen());
     assert!(!hub.seen().is_empty());
 }
+
+#[tokio::test]
+async fn a_download_s_progress_and_completion_arrive_as_admin_events() {
+    let weights = noise(2_000_000, 3);
+    let hub = FakeHub::start(
+        vec![FakeRepo::new(
+            "acme/evented-GGUF",
+            vec![FakeFile::lfs("evented-Q4_K_M.gguf", weights)],
+        )],
+        HubOptions::default(),
+    );
+    let s = server_for(&hub, &[]);
+    let mut events = common::events::EventReader::open(&s, None).await;
+    let (code, job) = s
+        .post(
+            "/admin/model/download",
+            &json!({"model_id": "acme/evented-GGUF"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{job}");
+    let (done, seen) = events.until("download_completed").await;
+    assert_eq!(done["data"]["download_id"], job["job_id"]);
+    assert_eq!(done["data"]["repo_id"], "acme/evented-GGUF");
+    assert_eq!(done["data"]["total_bytes"], 2_000_000);
+    assert_eq!(done["data"]["downloaded_bytes"], 2_000_000);
+    assert_eq!(
+        done["data"]["models"],
+        json!(["acme/evented-GGUF/evented-Q4_K_M"])
+    );
+    assert!(
+        seen.iter()
+            .all(|n| n == "download_progress" || n == "download_completed"),
+        "{seen:?}"
+    );
+}

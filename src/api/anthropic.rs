@@ -209,9 +209,11 @@ async fn parse(
     request: Request,
 ) -> Result<(MessagesRequest, ChatRequest), ApiError> {
     let bytes = read_body(request, state).await?;
+    let config = state.config();
     state
         .off_runtime(move |_| {
             let body: Value = parse_json(&bytes)?;
+            let body = crate::presets::apply(&config.presets, body, crate::presets::ANTHROPIC);
             let req: MessagesRequest = from_value(&body)?;
             let chat = chat_request(&req)?;
             Ok((req, chat))

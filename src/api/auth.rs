@@ -48,6 +48,11 @@ fn keys_match(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Whether the inference routes need a key: the server's API key or any client's is set.
+pub(super) fn inference_key_required(config: &Config) -> bool {
+    config.server.api_key.is_some() || config.clients.iter().any(|c| c.key.is_some())
+}
+
 /// Whether the request carries a key that opens the inference routes: the server's API key
 /// or a configured client's; with no key configured at all, every request does.
 fn api_key_ok(config: &Config, headers: &HeaderMap) -> bool {
@@ -81,7 +86,7 @@ pub(super) async fn require_api_key(
     req: Request,
     next: Next,
 ) -> Response {
-    if api_key_ok(&state.config, req.headers()) {
+    if api_key_ok(&state.config(), req.headers()) {
         return next.run(req).await;
     }
     observe::auth_failed(&state, &req, "api", StatusCode::UNAUTHORIZED);
@@ -131,7 +136,7 @@ pub(super) async fn require_admin_key(
     next: Next,
 ) -> Response {
     let peer = peer_ip(&req);
-    match admin_access(&state.config.server, peer, req.headers()) {
+    match admin_access(&state.config().server, peer, req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => {
             observe::auth_failed(&state, &req, "admin", e.status());
@@ -146,7 +151,7 @@ pub(super) async fn require_metrics_access(
     req: Request,
     next: Next,
 ) -> Response {
-    if state.config.server.metrics_open {
+    if state.config().server.metrics_open {
         return next.run(req).await;
     }
     require_admin_key(State(state), req, next).await
@@ -167,11 +172,11 @@ pub(super) async fn require_admin_unless_loaded(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let server = &state.config.server;
+    let server = &state.config().server;
     let Err(admin_err) = admin_access(server, peer_ip(&req), req.headers()) else {
         return next.run(req).await;
     };
-    if api_key_ok(&state.config, req.headers()) {
+    if api_key_ok(&state.config(), req.headers()) {
         let (parts, body) = req.into_parts();
         let bytes = match super::read_body_of(body, &state).await {
             Ok(b) => b,

@@ -232,7 +232,8 @@ pub fn from_headers(
 /// Route layer of every inference route: runs the handler with its [`Caller`] in scope, and
 /// holds a capped client's place until the response's last byte (a stream's end).
 pub async fn identify(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let configured = super::auth::client_of_key(&state.config, req.headers());
+    let config = state.config();
+    let configured = super::auth::client_of_key(&config, req.headers());
     let mut caller = from_headers(&state.clients, configured, req.headers());
     super::observe::note_caller(&caller.client);
     if let Some(c) = configured.filter(|c| state.clients.first_use(&c.name)) {

@@ -23,9 +23,12 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let ((model_name, chat), v) = parse_request(&state, request, |r: ChatCompletionRequest| {
-        Ok((r.model.clone(), r.to_chat()?))
-    })
+    let ((model_name, chat), v) = parse_request(
+        &state,
+        request,
+        crate::presets::CHAT,
+        |r: ChatCompletionRequest| Ok((r.model.clone(), r.to_chat()?)),
+    )
     .await?;
     let model = state.resolve(model_name.as_deref()).await?;
     let (plan, prompt) = prepare_chat(&state, &model, chat, v.constraint.clone()).await?;

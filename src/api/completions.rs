@@ -19,7 +19,13 @@ pub async fn completions(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let (req, v) = parse_request(&state, request, Ok::<CompletionRequest, ApiError>).await?;
+    let (req, v) = parse_request(
+        &state,
+        request,
+        crate::presets::COMPLETIONS,
+        Ok::<CompletionRequest, ApiError>,
+    )
+    .await?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }

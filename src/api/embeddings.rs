@@ -257,7 +257,7 @@ pub async fn create(
     };
     let truncate = req
         .truncate
-        .unwrap_or(state.config.models.embeddings_truncate);
+        .unwrap_or(state.config().models.embeddings_truncate);
     let shared = model.shared();
     let inputs = if small {
         tokenized(&shared, req.input, truncate)?

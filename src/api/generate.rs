@@ -97,7 +97,7 @@ pub(super) async fn collect(mut rx: ChoiceEvents) -> Result<Collected, ApiError>
 }
 /// Limits for building one prompt for `model`.
 pub(super) fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimits {
-    let r = &state.config.requests;
+    let r = &state.config().requests;
     let context = model.engine.info().context_per_sequence as usize;
     PromptLimits {
         max_messages: r.max_messages,
@@ -108,20 +108,35 @@ pub(super) fn prompt_limits(state: &AppState, model: &LoadedModel) -> PromptLimi
 /// Reads a completion request's body and parses it into the endpoint's own fields and the
 /// validated sampling fields, then runs `convert` on the former: CPU work on request data, so
 /// off the runtime.
+/// A body whose `model` names a preset becomes the preset's request first, in the dialect's
+/// `fields` (see [`crate::presets::apply`]).
 pub(super) async fn parse_request<R: DeserializeOwned + Send + 'static, T: Send + 'static>(
     state: &AppState,
     request: Request,
+    fields: crate::presets::Fields,
     convert: fn(R) -> Result<T, ApiError>,
 ) -> Result<(T, ValidatedSampling), ApiError> {
     let bytes = read_body(request, state).await?;
+    let config = state.config();
     state
         .off_runtime(move |_| {
             let body: serde_json::Value = parse_json(&bytes)?;
-            let req: R = from_value(&body)?;
-            let v = from_value::<SamplingFields>(&body)?.validate()?;
-            Ok((convert(req)?, v))
+            parse_value(&config, body, fields, convert)
         })
         .await?
+}
+
+/// [`parse_request`] of a body already read as JSON (the WebSocket's `chat.request`).
+pub(super) fn parse_value<R: DeserializeOwned, T>(
+    config: &crate::config::Config,
+    body: serde_json::Value,
+    fields: crate::presets::Fields,
+    convert: fn(R) -> Result<T, ApiError>,
+) -> Result<(T, ValidatedSampling), ApiError> {
+    let body = crate::presets::apply(&config.presets, body, fields);
+    let req: R = from_value(&body)?;
+    let v = from_value::<SamplingFields>(&body)?.validate()?;
+    Ok((convert(req)?, v))
 }
 /// Submits the `n` choices of one request: the same prompt (the scheduler shares its KV
 /// between them), each its own sequence, seeds `seed + i` so seeded choices differ and

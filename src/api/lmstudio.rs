@@ -157,9 +157,13 @@ pub async fn load(
     use crate::engine::options::FlashAttention;
     let overrides = LoadOverrides {
         context: body.context_length,
-        flash_attention: body
-            .flash_attention
-            .map(|on| if on { FlashAttention::On } else { FlashAttention::Off }),
+        flash_attention: body.flash_attention.map(|on| {
+            if on {
+                FlashAttention::On
+            } else {
+                FlashAttention::Off
+            }
+        }),
         ..LoadOverrides::default()
     };
     if let Err((_, reason)) = check_settings("", &overrides) {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod caller;
 pub mod chat;
 pub mod completions;
+pub mod discovery;
 pub mod downloads;
 pub mod embeddings;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod responses;
 pub mod routes;
 pub mod sse;
 pub mod types;
+pub mod websocket;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,7 +51,6 @@ use error::ApiError;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<Config>,
     pub registry: Arc<Registry>,
     pub downloads: Arc<Downloads>,
     pub metrics: Metrics,
@@ -65,20 +66,17 @@ pub struct AppState {
     pub audit: Arc<Audit>,
     /// Client names seen in requests' headers, bounded.
     pub clients: Arc<caller::ClientNames>,
+    /// Reads the configuration again as the server was started (file, environment, flags),
+    /// for `POST /admin/config/reload` and SIGHUP; `None` when there is nothing to re-read.
+    pub reread: Option<Arc<admin::reload::Reread>>,
 }
 
 impl AppState {
     /// State over a registry and downloads, sharing the registry's metrics.
-    pub fn new(
-        config: Arc<Config>,
-        registry: Arc<Registry>,
-        downloads: Arc<Downloads>,
-        audit: Arc<Audit>,
-    ) -> Self {
+    pub fn new(registry: Arc<Registry>, downloads: Arc<Downloads>, audit: Arc<Audit>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             metrics: registry.metrics().clone(),
-            config,
             registry,
             downloads,
             audit,
@@ -87,7 +85,13 @@ impl AppState {
             secret: uuid::Uuid::new_v4().simple().to_string(),
             responses: Arc::default(),
             clients: Arc::default(),
+            reread: None,
         }
+    }
+
+    /// The configuration in effect now (the registry's: one place a reload swaps it).
+    pub fn config(&self) -> Arc<Config> {
+        self.registry.config()
     }
 
     /// The model a request names (see [`Registry::resolve`]), noted as the one serving it.
@@ -171,7 +175,7 @@ pub async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError
 
 /// [`read_body`] of a body already taken from its request.
 pub async fn read_body_of(body: axum::body::Body, state: &AppState) -> Result<Bytes, ApiError> {
-    let limits = &state.config.requests;
+    let limits = &state.config().requests;
     let timeout = Duration::from_secs_f64(limits.body_timeout_seconds);
     let limit = limits.max_body_bytes;
     let body = axum::body::to_bytes(body, limit);
@@ -345,7 +349,9 @@ pub fn router(state: AppState) -> Router {
                 observe::bounded(req.uri().path(), observe::LOGGED_PATH_CHARS)
             ))
         })
-        .layer(DefaultBodyLimit::max(state.config.requests.max_body_bytes))
+        .layer(DefaultBodyLimit::max(
+            state.config().requests.max_body_bytes,
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(
             state.clone(),

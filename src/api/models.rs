@@ -67,7 +67,7 @@ pub async fn get_model(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    let target = state.config.resolve_alias(&id).to_string();
+    let target = state.config().resolve_alias(&id).to_string();
     let models = all_models(&state).await?;
     let found = models.iter().find(|d| {
         d.id.eq_ignore_ascii_case(&target)

@@ -137,6 +137,9 @@ fn action_of(method: &Method, route: &str) -> Option<&'static str> {
         r if post && r.ends_with("/resume") => "download_resume",
         r if delete && r.ends_with("/download/{job}") => "download_cancel",
         r if delete && r.ends_with("/{*id}") => "model_delete",
+        r if post && (r.ends_with("/config/reload") || r.ends_with("/presets/reload")) => {
+            "config_reload"
+        }
         _ => return None,
     })
 }
@@ -261,7 +264,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = state
         .metrics
         .prometheus()
-        .render(&state.registry, state.config.memory.threshold_percent);
+        .render(&state.registry, state.config().memory.threshold_percent);
     (
         [(
             header::CONTENT_TYPE,

@@ -41,6 +41,7 @@ use super::AppState;
     super::admin::UnloadBody,
     super::admin::DeleteBody,
     super::admin::Status,
+    super::admin::reload::ReloadReport,
     crate::models::downloads::DownloadRequest,
     crate::models::downloads::JobView,
     super::error::ErrorDetail,

@@ -302,9 +302,11 @@ pub async fn create(State(state): State<AppState>, request: Request) -> Result<R
     let client = super::auth::client_of(&request);
     let bytes = read_body(request, &state).await?;
     let store = state.responses.clone();
+    let config = state.config();
     let parsed = state
         .off_runtime(move |_| {
             let body: Value = parse_json(&bytes)?;
+            let body = crate::presets::apply(&config.presets, body, crate::presets::RESPONSES);
             parse(&body, &store)
         })
         .await??;
@@ -805,7 +807,11 @@ mod tests {
         let done = &events.last().unwrap().1["response"];
         let output = done["output"].as_array().unwrap();
         let kinds: Vec<&str> = output.iter().map(|o| o["type"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["message", "function_call", "function_call"], "{output:?}");
+        assert_eq!(
+            kinds,
+            ["message", "function_call", "function_call"],
+            "{output:?}"
+        );
         assert!(output[0]["content"][0]["text"]
             .as_str()
             .unwrap()

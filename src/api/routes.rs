@@ -5,8 +5,8 @@
 use axum::routing::{delete, get, post, MethodRouter};
 
 use super::{
-    admin, anthropic, chat, completions, downloads, embeddings, lmstudio, models, observe, openapi,
-    page, queue, rerank, responses, AppState,
+    admin, anthropic, chat, completions, discovery, downloads, embeddings, lmstudio, models,
+    observe, openapi, page, queue, rerank, responses, websocket, AppState,
 };
 
 /// Who may call an operation: the router puts the matching check in front of the handler,
@@ -182,6 +182,14 @@ pub const ROUTES: &[Operation] = &[
         || get(models::list_models),
     )
     .returns("ModelList"),
+    op(
+        "get",
+        "/v1/chat/stream",
+        "OpenAI",
+        "Chat over a WebSocket (the first Opta-LMX's chat.request / chat.cancel protocol)",
+        Api,
+        || get(websocket::chat_stream),
+    ),
     op(
         "get",
         "/v1/queue",
@@ -440,6 +448,96 @@ pub const ROUTES: &[Operation] = &[
         || get(admin::status),
     )
     .returns("Status"),
+    op(
+        "post",
+        "/admin/config/reload",
+        "Admin",
+        "Read the configuration again (keys, limits, aliases, presets, settings for future loads); a bad file is refused and the running one stays",
+        Admin,
+        || post(admin::reload::reload),
+    )
+    .returns("ReloadReport"),
+    op(
+        "get",
+        "/admin/presets",
+        "Admin",
+        "Named presets (model, sampling defaults, system prompt) requests may name as `model`",
+        Admin,
+        || get(admin::presets::list),
+    ),
+    op(
+        "post",
+        "/admin/presets/reload",
+        "Admin",
+        "Read the configuration (and so the presets) again",
+        Admin,
+        || post(admin::presets::reload),
+    ),
+    op(
+        "get",
+        "/admin/presets/{name}",
+        "Admin",
+        "One preset, by name or routing alias",
+        Admin,
+        || get(admin::presets::one),
+    ),
+    op(
+        "get",
+        "/admin/stack",
+        "Admin",
+        "Roles (`models.roles`), their preferences and the model each resolves to now",
+        Admin,
+        || get(admin::presets::stack),
+    ),
+    op(
+        "get",
+        "/admin/device",
+        "Admin",
+        "The machine: CPU, cores, memory, GPU, OS, engines built in",
+        Admin,
+        || get(admin::facts::device),
+    ),
+    op(
+        "get",
+        "/admin/events",
+        "Admin",
+        "Loads, unloads, evictions, downloads, memory refusals and config reloads as they happen (server-sent events)",
+        Admin,
+        || get(admin::events::events),
+    )
+    .streams(),
+    op(
+        "get",
+        "/admin/memory",
+        "Admin",
+        "The memory guard's view: budget, used, each model's share and cached prefixes",
+        Admin,
+        || get(admin::facts::memory),
+    ),
+    op(
+        "get",
+        "/admin/metrics/json",
+        "Operations",
+        "The metrics as JSON: a summary, then every family /metrics exposes",
+        Metrics,
+        || get(admin::facts::metrics_json),
+    ),
+    op(
+        "get",
+        "/.well-known/opta-lmx",
+        "Operations",
+        "Discovery for zero-config pairing: URLs, loaded models, whether keys are needed (never a key)",
+        Open,
+        || get(discovery::discovery),
+    ),
+    op(
+        "get",
+        "/v1/discovery",
+        "Operations",
+        "The same discovery document",
+        Open,
+        || get(discovery::discovery),
+    ),
     op(
         "get",
         "/metrics",

@@ -89,7 +89,7 @@ pub(super) fn stream_response(
     framing: Framing,
     state: &AppState,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let keepalive = Duration::from_secs_f64(state.config.server.sse_keepalive_seconds);
+    let keepalive = Duration::from_secs_f64(state.config().server.sse_keepalive_seconds);
     let count = choices.len() as u32;
     let merged: Merged = stream::select_all(
         choices

@@ -6,8 +6,8 @@ use super::reasoning::{Part, ReasoningSplitter};
 use super::request::ToolCall;
 use super::tools::{Delta, ToolCallParser};
 use super::toolset::ToolSet;
-use std::sync::Arc;
 use crate::engine::FinishReason;
+use std::sync::Arc;
 
 /// How to read one request's answers: fixed once the prompt is built, shared by its choices.
 #[derive(Debug, Clone)]

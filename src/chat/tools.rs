@@ -881,20 +881,28 @@ mod tests {
     /// Feeds `text` whole, then cut at every byte boundary (char-aligned) into two and into
     /// single characters, and checks that every way gives the same content and calls.
     fn parse_every_way(text: &str) -> (String, Vec<(String, String)>) {
+        parse_every_way_with(text, ToolCallParser::unchecked)
+    }
+
+    /// [`parse_every_way`] with parsers made by `parser`.
+    fn parse_every_way_with(
+        text: &str,
+        parser: impl Fn() -> ToolCallParser,
+    ) -> (String, Vec<(String, String)>) {
         let whole = {
-            let mut p = ToolCallParser::unchecked();
+            let mut p = parser();
             let mut d = p.push(text);
             d.extend(p.finish());
             assemble(&d)
         };
         for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
-            let mut p = ToolCallParser::unchecked();
+            let mut p = parser();
             let mut d = p.push(&text[..cut]);
             d.extend(p.push(&text[cut..]));
             d.extend(p.finish());
             assert_eq!(assemble(&d), whole, "cut at {cut} of {text:?}");
         }
-        let mut p = ToolCallParser::unchecked();
+        let mut p = parser();
         let mut d = Vec::new();
         for ch in text.chars() {
             d.extend(p.push(&ch.to_string()));
@@ -1116,21 +1124,10 @@ mod tests {
         assert!(p.finish().is_empty());
     }
 
-    /// Parses `text` whole and piece by piece with a parser that checks against `tools`.
+    /// [`parse_every_way`] with parsers that check against `tools`.
     fn checked(tools: &[Tool], text: &str) -> (String, Vec<(String, String)>) {
         let tools = Arc::new(ToolSet::new(tools));
-        let mut p = ToolCallParser::new(Arc::clone(&tools));
-        let mut d = p.push(text);
-        d.extend(p.finish());
-        let whole = assemble(&d);
-        let mut p = ToolCallParser::new(tools);
-        let mut d = Vec::new();
-        for ch in text.chars() {
-            d.extend(p.push(&ch.to_string()));
-        }
-        d.extend(p.finish());
-        assert_eq!(assemble(&d), whole, "char by char: {text:?}");
-        whole
+        parse_every_way_with(text, || ToolCallParser::new(Arc::clone(&tools)))
     }
 
     fn openclaw_tools() -> Vec<Tool> {
@@ -1152,7 +1149,11 @@ mod tests {
                 json!({"type": "object", "properties": {"input": {"type": "string"}},
                        "required": ["input"]}),
             ),
-            t("session_status", "this session's status", json!({"type": "object", "properties": {}})),
+            t(
+                "session_status",
+                "this session's status",
+                json!({"type": "object", "properties": {}}),
+            ),
         ]
     }
 
@@ -1175,7 +1176,10 @@ mod tests {
         }
         // Empty-string arguments are `{}` where the schema allows an empty object.
         assert_eq!(
-            checked(&tools, "<tool_call>{\"name\": \"session_status\", \"arguments\": \"\"}</tool_call>"),
+            checked(
+                &tools,
+                "<tool_call>{\"name\": \"session_status\", \"arguments\": \"\"}</tool_call>"
+            ),
             (String::new(), vec![call("session_status", "{}")])
         );
         // A valid call between invalid ones keeps its index 0.

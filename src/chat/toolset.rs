@@ -75,9 +75,9 @@ impl ToolSet {
         if !value.is_object() {
             return Err(Refused::NotAnObject);
         }
-        let validator = tool
-            .validator
-            .get_or_init(|| schema_of(&tool.schema).and_then(|s| jsonschema::validator_for(&s).ok()));
+        let validator = tool.validator.get_or_init(|| {
+            schema_of(&tool.schema).and_then(|s| jsonschema::validator_for(&s).ok())
+        });
         if let Some(v) = validator {
             if let Some(e) = v.iter_errors(&value).next() {
                 return Err(Refused::Schema(e.to_string()));
@@ -130,7 +130,10 @@ mod tests {
                 json!({"type": "object", "properties": {"path": {"type": "string"}},
                        "required": ["path"]}),
             ),
-            t("list_dir", json!({"type": "object", "properties": {"path": {"type": "string"}}})),
+            t(
+                "list_dir",
+                json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            ),
             t("ping", json!({})),
         ])
     }
@@ -148,10 +151,7 @@ mod tests {
             "session:agent:bot1:load1",
             "list directory entries in binary filename order, including dotfiles and links",
         ] {
-            assert_eq!(
-                set.check(name, "{}"),
-                Err(Refused::Undeclared(name.into()))
-            );
+            assert_eq!(set.check(name, "{}"), Err(Refused::Undeclared(name.into())));
         }
         assert!(matches!(
             set.check("read_file", "path=a"),

@@ -93,7 +93,7 @@ pub enum Command {
 }
 
 /// Flags of `serve`; each overrides the file and environment.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Config file (default ~/.opta-lmx/config.yaml; a missing default file is fine).
     #[arg(long, env = "OPTA_LMX_CONFIG")]
@@ -126,6 +126,7 @@ pub struct ServeArgs {
     /// Seconds of stream silence before an SSE keep-alive comment.
     #[arg(long)]
     pub sse_keepalive_seconds: Option<f64>,
+    /// CPU threads per model (default: physical cores less one; see bench/threads.sh).
     #[arg(long)]
     pub threads: Option<u32>,
     /// Decode each sequence alone so its output never depends on other requests (slower).

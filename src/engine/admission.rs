@@ -426,7 +426,6 @@ mod tests {
         assert_eq!(prefill_order(&q, now), [0, 1]);
     }
 
-
     #[test]
     fn the_queue_order_interleaves_clients_within_a_priority() {
         let now = Instant::now();

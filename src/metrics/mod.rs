@@ -3,6 +3,7 @@
 //! `/metrics` exposes ([`exporter`]). Both are fed from the same few places (one finished
 //! generation, one HTTP request, one load or unload), so they cannot disagree.
 
+pub mod events;
 pub mod exporter;
 pub mod rolling;
 
@@ -19,6 +20,7 @@ use crate::engine::Usage;
 pub struct Metrics {
     rolling: Arc<rolling::Rolling>,
     prom: Arc<Prometheus>,
+    events: Arc<events::Events>,
 }
 
 impl Metrics {
@@ -50,5 +52,10 @@ impl Metrics {
     /// The Prometheus families.
     pub fn prometheus(&self) -> &Prometheus {
         &self.prom
+    }
+
+    /// The admin event stream.
+    pub fn events(&self) -> &events::Events {
+        &self.events
     }
 }

@@ -167,6 +167,9 @@ pub struct DownloadRequest {
     pub ignore_patterns: Option<Vec<String>>,
 }
 
+/// How often a running download tells `/admin/events` how far it got.
+const PROGRESS_EVENT_EVERY: Duration = Duration::from_secs(1);
+
 struct Job {
     record: Mutex<JobRecord>,
     cancel: AtomicBool,
@@ -705,6 +708,23 @@ impl Downloads {
             (state_name(r.state), r.repo.clone())
         };
         self.metrics.prometheus().record_download(state);
+        let view = job.view();
+        self.metrics.events().emit(
+            match view.record.state {
+                JobState::Ready => "download_completed",
+                JobState::Cancelled => "download_cancelled",
+                _ => "download_failed",
+            },
+            serde_json::json!({
+                "download_id": view.record.job_id,
+                "repo_id": view.record.repo,
+                "status": state,
+                "error": view.record.error,
+                "models": view.record.models,
+                "downloaded_bytes": view.bytes_done,
+                "total_bytes": view.bytes_total,
+            }),
+        );
         let mut e = AuditEvent::now("download_finish", state);
         e.model = Some(repo);
         self.audit.record(&e);
@@ -932,6 +952,7 @@ impl Downloads {
             }
         }
         let mut stream = resp.bytes_stream();
+        let mut last_event = Instant::now();
         while let Some(chunk) = stream.next().await {
             if job.cancel.load(Ordering::SeqCst) {
                 return Err(Transfer::Cancelled);
@@ -951,6 +972,21 @@ impl Downloads {
             *offset += chunk.len() as u64;
             let done = job.set_file_done(index, *offset);
             job.rate.lock().expect("rate lock").sample(done);
+            if last_event.elapsed() >= PROGRESS_EVENT_EVERY {
+                last_event = Instant::now();
+                let view = job.view();
+                self.metrics.events().emit(
+                    "download_progress",
+                    serde_json::json!({
+                        "download_id": view.record.job_id,
+                        "repo_id": view.record.repo,
+                        "downloaded_bytes": view.bytes_done,
+                        "total_bytes": view.bytes_total,
+                        "progress_percent": view.progress * 100.0,
+                        "rate_bytes_per_second": view.rate_bytes_per_second,
+                    }),
+                );
+            }
         }
         if *offset < f.size_bytes {
             return Err(Transfer::Retry(format!(

@@ -339,7 +339,8 @@ pub struct LoadPlan {
 /// All loaded models plus the store they come from.
 pub struct Registry {
     store: ModelStore,
-    config: Arc<Config>,
+    /// The configuration in effect; a reload swaps it whole (see [`Registry::set_config`]).
+    config: arc_swap::ArcSwap<Config>,
     loaded: RwLock<HashMap<String, Arc<LoadedModel>>>,
     /// One load at a time, so two loads cannot both pass the memory check, and concurrent
     /// requests for a model being loaded on demand wait for that one load.
@@ -375,7 +376,7 @@ impl Registry {
                 blas: crate::engine::mlx::blas::preload(&config.models.mlx.blas)
                     .unwrap_or_default(),
             }),
-            config,
+            config: arc_swap::ArcSwap::new(config),
             metrics: Metrics::default(),
         }
     }
@@ -393,9 +394,16 @@ impl Registry {
         }
     }
 
-    /// The configuration the registry works under.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in effect now: one snapshot per use, so a request or a load sees one
+    /// configuration even when a reload lands meanwhile.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Puts a reloaded configuration in effect: aliases, per-model settings and limits apply
+    /// from the next lookup or load; what is loaded stays as it was loaded.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.config.store(config);
     }
 
     /// The disk store.
@@ -416,9 +424,22 @@ impl Registry {
         v
     }
 
+    /// The model a role name (`models.roles`) means now: its first preference that is
+    /// loaded, else its first; `None` for a name that is not a role.
+    pub fn role_choice(&self, name: &str) -> Option<String> {
+        let config = self.config();
+        let prefs = config.models.roles.get(name)?;
+        prefs
+            .iter()
+            .find(|p| self.get(p).is_some())
+            .or(prefs.first())
+            .cloned()
+    }
+
     /// A loaded model by id, alternate id or alias.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        let name = self.config.resolve_alias(name);
+        let config = self.config();
+        let name = config.resolve_alias(name);
         let map = self.loaded.read().expect("registry lock");
         // A model's own id before another's alternate name (one folder, both formats).
         map.get(name)
@@ -429,7 +450,8 @@ impl Registry {
     /// A loaded model with a hold taken while the map is locked, so an eviction (which checks
     /// for holds under the write lock) cannot slip in between finding and holding it.
     fn lease(&self, name: &str) -> Option<ModelLease> {
-        let name = self.config.resolve_alias(name);
+        let config = self.config();
+        let name = config.resolve_alias(name);
         let map = self.loaded.read().expect("registry lock");
         // A model's own id before another's alternate name (one folder, both formats).
         map.get(name)
@@ -441,9 +463,9 @@ impl Registry {
     /// Never substitutes another model for an unknown name.
     pub async fn resolve(&self, requested: Option<&str>) -> Result<ModelLease, RegistryError> {
         let name = match requested.map(str::trim).filter(|s| !s.is_empty()) {
-            Some(n) => n.to_string(),
-            None => match &self.config.models.default {
-                Some(d) => d.clone(),
+            Some(n) => self.role_choice(n).unwrap_or_else(|| n.to_string()),
+            None => match self.config().models.default.clone() {
+                Some(d) => d,
                 None => {
                     let loaded = self.loaded();
                     match loaded.as_slice() {
@@ -468,13 +490,13 @@ impl Registry {
             self.load(&id, &LoadOverrides::default()).await?;
             return self.lease(&id).ok_or(RegistryError::NotLoaded(name));
         }
-        let target = self.config.resolve_alias(&name).to_string();
+        let target = self.config().resolve_alias(&name).to_string();
         let disk = self
             .store
             .lookup(&target, None)
             .await?
             .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
-        if !self.config.models.load_on_demand {
+        if !self.config().models.load_on_demand {
             return Err(RegistryError::NotLoaded(name));
         }
         tracing::info!(event = "model_load_on_demand", model = %disk.id);
@@ -502,7 +524,8 @@ impl Registry {
         format: Option<&str>,
     ) -> Result<LoadReport, RegistryError> {
         let _guard = self.load_lock.lock().await;
-        let target = self.config.resolve_alias(id);
+        let config = self.config();
+        let target = config.resolve_alias(id);
         let loaded = self
             .get(target)
             .filter(|m| format.is_none_or(|f| m.disk.format == f));
@@ -566,6 +589,10 @@ impl Registry {
             Err(e) => {
                 tracing::warn!(event = "model_load_failed", model = %disk.id, error = %e);
                 self.metrics.prometheus().record_load(&disk.id, "failed");
+                self.metrics.events().emit(
+                    "model_load_failed",
+                    serde_json::json!({"model_id": disk.id, "error": e.to_string()}),
+                );
                 return Err(e.into());
             }
         };
@@ -607,6 +634,19 @@ impl Registry {
             .expect("registry lock")
             .insert(model.id.clone(), Arc::clone(&model));
         self.metrics.prometheus().record_load(&model.id, "loaded");
+        let info = model.engine.info();
+        self.metrics.events().emit(
+            "model_loaded",
+            serde_json::json!({
+                "model_id": model.id,
+                "format": model.disk.format,
+                "memory_bytes": model.estimate.total_bytes,
+                "load_seconds": model.load_duration.as_secs_f64(),
+                "context": info.context_per_sequence,
+                "parallel": info.parallel,
+                "evicted": evicted,
+            }),
+        );
         Ok(report(&model, "loaded", evicted))
     }
 
@@ -617,7 +657,7 @@ impl Registry {
     /// counted twice, and an MLX model seemed to hold double its size.
     fn room(&self) -> Room {
         let mem = MemorySnapshot::read();
-        let threshold = self.config.memory.threshold_percent;
+        let threshold = self.config().memory.threshold_percent;
         let budget = mem.limit_bytes(threshold);
         let loaded = self.loaded();
         let workers: u64 = loaded
@@ -667,7 +707,12 @@ impl Registry {
                 })
                 .collect();
             let room = self.room();
-            match guard::next_step(need, room, &resident, self.config.models.max_loaded_models) {
+            match guard::next_step(
+                need,
+                room,
+                &resident,
+                self.config().models.max_loaded_models,
+            ) {
                 Step::Load => return Ok(evicted),
                 Step::DropPrefixes => {
                     dropped_prefixes = true;
@@ -697,7 +742,7 @@ impl Registry {
                     }
                 }
                 Step::Refuse(r) => {
-                    let threshold_percent = self.config.memory.threshold_percent;
+                    let threshold_percent = self.config().memory.threshold_percent;
                     let err = match r {
                         Refusal::Memory {
                             resource,
@@ -722,6 +767,10 @@ impl Registry {
                     };
                     tracing::warn!(event = "model_load_refused", model = %id, reason = %err);
                     self.metrics.prometheus().record_load(id, "refused");
+                    self.metrics.events().emit(
+                        "memory_warning",
+                        serde_json::json!({"model_id": id, "action": "load_refused", "reason": err.to_string()}),
+                    );
                     return Err(err);
                 }
             }
@@ -735,7 +784,7 @@ impl Registry {
     }
 
     async fn unload_reason(&self, id: &str, reason: Unload) -> Result<UnloadReport, RegistryError> {
-        let target = self.config.resolve_alias(id).to_string();
+        let target = self.config().resolve_alias(id).to_string();
         let removed = {
             let mut map = self.loaded.write().expect("registry lock");
             let target = target.as_str();
@@ -777,6 +826,10 @@ impl Registry {
         self.metrics
             .prometheus()
             .record_unload(&model.id, reason.as_str());
+        self.metrics.events().emit(
+            "model_unloaded",
+            serde_json::json!({"model_id": model.id, "reason": reason.as_str(), "memory_freed_bytes": freed}),
+        );
         let report = UnloadReport {
             model_id: model.id.clone(),
             status: "unloaded",
@@ -839,7 +892,7 @@ impl Registry {
         overrides: &LoadOverrides,
     ) -> Result<LoadPlan, RegistryError> {
         let facts = self.facts(disk).map_err(EngineError::Load)?;
-        let settings = overrides.over(&self.config.settings_for(&disk.id));
+        let settings = overrides.over(&self.config().settings_for(&disk.id));
         let mut opts = load_options(&settings);
         check_cache_types(opts.cache_type_v, opts.flash_attention).map_err(|message| {
             RegistryError::Settings {
@@ -847,7 +900,10 @@ impl Registry {
                 message,
             }
         })?;
-        opts.prompt_cache = self.config.models.prompt_cache.disk_config();
+        opts.prompt_cache = self.config().models.prompt_cache.disk_config();
+        if overrides.context.is_none() && !self.config().sets_context_for(&disk.id) {
+            self.fit_default_context(&facts, disk, &mut opts);
+        }
         let (context, mut estimate) = self.loader(disk).size(&facts, disk, &opts);
         if opts.speculation == Speculation::Draft {
             let draft = self.draft_for(disk, &facts, settings.draft_model.as_deref())?;
@@ -863,6 +919,38 @@ impl Registry {
             facts,
             opts,
         })
+    }
+
+    /// The context of a model loaded with no context setting (config, CLI, request): the one
+    /// it was trained for where memory allows, because agents need it (the coding CLI's system
+    /// prompt and 25 tools alone take 3,000+ tokens and it assumes 32,768; at the old fixed
+    /// 4,096 its second turn of an edit task ran out). Halved until the load fits the memory
+    /// guard's headroom now, never below the built-in 4,096; any reduction is logged with the
+    /// numbers, at warning level when it leaves less than an agent's turn needs.
+    fn fit_default_context(&self, facts: &ModelFacts, disk: &DiskModel, opts: &mut LoadOptions) {
+        let floor = opts.context;
+        let trained = facts.context_train.max(floor);
+        let headroom =
+            MemorySnapshot::read().headroom_bytes(self.config().memory.threshold_percent);
+        let loader = self.loader(disk);
+        let mut context = trained;
+        let mut bytes;
+        loop {
+            opts.context = context;
+            bytes = loader.size(facts, disk, opts).1.total_bytes;
+            if bytes <= headroom || context <= floor {
+                break;
+            }
+            context = (context / 2).max(floor);
+        }
+        if context < trained {
+            let gb = |b: u64| b as f64 / 1e9;
+            if context < AGENT_CONTEXT {
+                tracing::warn!(model = %disk.id, context, trained, parallel = opts.parallel, estimated_gb = gb(bytes), headroom_gb = gb(headroom), "default context reduced below what a coding agent's turn needs ({AGENT_CONTEXT} tokens) to fit memory; set `context` (and fewer `parallel` sequences) to choose");
+            } else {
+                tracing::info!(model = %disk.id, context, trained, parallel = opts.parallel, estimated_gb = gb(bytes), headroom_gb = gb(headroom), "default context reduced from the trained one to fit memory");
+            }
+        }
     }
 
     /// The draft model named for `target`: one on disk in its format whose vocabulary is the
@@ -887,7 +975,10 @@ impl Registry {
         // the MLX worker.
         let draft = self
             .store
-            .find_as(self.config.resolve_alias(id), Some(target.format))?
+            .find_as(
+                self.config().resolve_alias(id).to_string().as_str(),
+                Some(target.format),
+            )?
             .ok_or_else(|| {
                 bad(format!(
                     "draft model `{id}` is not on disk as a {} model",
@@ -910,7 +1001,7 @@ impl Registry {
     /// Removes a model's files from disk. A loaded model is refused unless `force`, which
     /// unloads it first (its in-flight requests end with an error).
     pub async fn delete(&self, id: &str, force: bool) -> Result<DeleteReport, RegistryError> {
-        let target = self.config.resolve_alias(id).to_string();
+        let target = self.config().resolve_alias(id).to_string();
         let disk = self
             .on_store(move |store| store.find(&target))
             .await??
@@ -1007,6 +1098,10 @@ impl Registry {
     }
 }
 
+/// Context per sequence below which a coding agent's turn does not fit: the CLI's 3,500-token
+/// system prompt and tools plus 4,000 tokens of history, with room to answer.
+const AGENT_CONTEXT: u32 = 16384;
+
 /// Engine options from layered settings; what no layer set is [`ModelSettings::builtin`].
 fn load_options(s: &ModelSettings) -> LoadOptions {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u32);
@@ -1017,7 +1112,10 @@ fn load_options(s: &ModelSettings) -> LoadOptions {
         max_queue: s.max_queue.unwrap_or(32),
         gpu_layers: s.gpu_layers.unwrap_or(0),
         // More threads than cores only makes them wait for each other.
-        threads: s.threads.unwrap_or(cores).clamp(1, cores),
+        threads: s
+            .threads
+            .unwrap_or_else(crate::system::default_threads)
+            .clamp(1, cores),
         batch_invariant: s.batch_invariant.unwrap_or(false),
         rendered_markers: crate::chat::dialect::MARKERS.map(String::from).to_vec(),
         prompt_cache: None,

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod events;
 pub mod fleet;
 pub mod hub;
 pub mod metrics;
@@ -93,6 +94,7 @@ impl Drop for Server {
 /// Options for a test server.
 pub struct Opts {
     pub load_model: bool,
+    /// Context per sequence (`--context`); 0 leaves it to the server's default.
     pub context: u32,
     pub parallel: u32,
     pub extra_args: Vec<String>,
@@ -182,8 +184,13 @@ impl Server {
             .arg(port.to_string())
             .arg("--models-dir")
             .arg(&dir)
-            .arg("--context")
-            .arg(opts.context.to_string())
+            .args(
+                // 0: no context setting, the server's own default.
+                (opts.context > 0)
+                    .then(|| ["--context".to_string(), opts.context.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--parallel")
             .arg(opts.parallel.to_string())
             .args(&opts.extra_args)

@@ -1,6 +1,11 @@
 //! `/admin` handlers: load and unload models, inventory, status and health. JSON in and out,
 //! so bots can manage models without a person.
 
+pub mod events;
+pub mod facts;
+pub mod presets;
+pub mod reload;
+
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -216,7 +221,7 @@ pub async fn unload(
 }
 
 /// Bytes in GB (10^9), rounded to 0.01, as the first Opta-LMX reported memory.
-fn gb(bytes: u64) -> f64 {
+pub(super) fn gb(bytes: u64) -> f64 {
     (bytes as f64 / 1e7).round() / 100.0
 }
 
@@ -417,22 +422,31 @@ async fn scan(state: &AppState) -> Result<Vec<crate::models::store::DiskModel>, 
         .map_err(|e| ApiError::Internal(format!("models directory: {e}")))
 }
 
-/// `GET /admin/models/available`: models on disk that are not loaded, as the coding CLI lists
-/// them (`repo_id` is the id to load).
+/// `GET /admin/models/available`: every model on disk, loaded or not, as the first Opta-LMX
+/// answered it and the coding CLI counts it ("On Disk: N models downloaded"; listing only the
+/// unloaded ones made it say 0 while its one model served). `repo_id` is the id to load,
+/// `downloaded_at` the file's modification time (unix seconds), `loaded` whether it is in
+/// memory now.
 pub async fn available(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let disk = scan(&state).await?;
     Ok(Json(
         disk.into_iter()
-            .filter(|d| state.registry.get(&d.id).is_none())
             .map(|d| {
+                let downloaded_at = std::fs::metadata(&d.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|t| t.as_secs());
                 serde_json::json!({
                     "repo_id": d.id,
                     "id": d.id,
+                    "local_path": d.path.display().to_string(),
                     "size_bytes": d.size_bytes,
+                    "downloaded_at": downloaded_at,
                     "format": d.format,
-                    "path": d.path.display().to_string(),
+                    "loaded": state.registry.get(&d.id).is_some(),
                 })
             })
             .collect(),
@@ -548,7 +562,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             total_gb: gb(snapshot.total_bytes),
             available_gb: gb(snapshot.available_bytes),
             snapshot,
-            threshold_percent: state.config.memory.threshold_percent,
+            threshold_percent: state.config().memory.threshold_percent,
             process_rss_bytes: process_rss_bytes(),
             models_bytes,
         },
