@@ -114,12 +114,9 @@ fn reload_on_sighup(state: AppState) {
         };
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let s = state.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    crate::api::admin::reload::apply(&s, "sighup")
-                })
-                .await;
-                let ok = matches!(outcome, Ok(Ok(_)));
+                let ok = crate::api::admin::reload::run(&state, "sighup")
+                    .await
+                    .is_ok();
                 let mut e = crate::audit::AuditEvent::now(
                     "config_reload",
                     if ok { "ok" } else { "refused" },

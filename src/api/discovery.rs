@@ -31,15 +31,9 @@ pub async fn discovery(State(state): State<AppState>) -> Json<Value> {
     let url = |scheme: &str, host: &str| format!("{scheme}://{}:{}", bracket(host), server.port);
     let preferred = preferred_host(&hosts);
     let base = url(http, &preferred);
-    let loaded: Vec<String> = state
-        .registry
-        .loaded()
-        .iter()
-        .map(|m| m.id.clone())
-        .collect();
-    let in_flight: u32 = state
-        .registry
-        .loaded()
+    let models = state.registry.loaded();
+    let loaded: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    let in_flight: u32 = models
         .iter()
         .map(|m| {
             let s = m.engine.stats();

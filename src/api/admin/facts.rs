@@ -132,8 +132,8 @@ pub async fn metrics_json(State(state): State<AppState>) -> Result<Json<Value>, 
     let cancelled = sum("opta_lmx_cancelled_requests_total");
     let rejected = sum("opta_lmx_rejected_requests_total");
     let requests = completions + cancelled + rejected;
-    let e2e_count = histogram(&scrape, "opta_lmx_request_duration_seconds", true);
-    let e2e_sum = histogram(&scrape, "opta_lmx_request_duration_seconds", false);
+    let e2e_count = sum("opta_lmx_request_duration_seconds_count");
+    let e2e_sum = sum("opta_lmx_request_duration_seconds_sum");
     Ok(Json(json!({
         "totalRequests": requests as u64,
         "totalTokens": (sum("opta_lmx_prompt_tokens_total") + sum("opta_lmx_generated_tokens_total")) as u64,
@@ -167,15 +167,4 @@ fn value(v: &prometheus_parse::Value) -> Value {
         ),
         other => json!(scalar(other)),
     }
-}
-
-/// A histogram family's total `_count` (or `_sum`) over its label sets.
-fn histogram(scrape: &prometheus_parse::Scrape, name: &str, count: bool) -> f64 {
-    let suffix = if count { "_count" } else { "_sum" };
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == format!("{name}{suffix}"))
-        .map(|s| scalar(&s.value))
-        .sum()
 }

@@ -37,10 +37,7 @@ pub async fn one(
 
 /// `POST /admin/presets/reload`: the config reload, answered as the CLI reads it.
 pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || super::reload::apply(&s, "http"))
-        .await
-        .map_err(|e| ApiError::Internal(format!("presets reload: {e}")))??;
+    let report = super::reload::run(&state, "http").await?;
     Ok(Json(json!({
         "success": report.success,
         "presets_loaded": state.config().presets.len(),

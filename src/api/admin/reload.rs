@@ -51,16 +51,20 @@ const AT_START: [&str; 12] = [
 
 /// `POST /admin/config/reload`.
 pub async fn reload(State(state): State<AppState>) -> Result<Json<ReloadReport>, ApiError> {
+    Ok(Json(run(&state, "http").await?))
+}
+
+/// [`apply`] on the blocking pool (it reads the file): for every trigger, HTTP or SIGHUP.
+pub async fn run(state: &AppState, trigger: &'static str) -> Result<ReloadReport, ApiError> {
     let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || apply(&s, "http"))
+    tokio::task::spawn_blocking(move || apply(&s, trigger))
         .await
-        .map_err(|e| ApiError::Internal(format!("config reload: {e}")))??;
-    Ok(Json(report))
+        .map_err(|e| ApiError::Internal(format!("config reload: {e}")))?
 }
 
 /// Reads the configuration again and puts it in effect; `trigger` (`http`, `sighup`) goes
 /// into the log and the event.
-pub fn apply(state: &AppState, trigger: &str) -> Result<ReloadReport, ApiError> {
+fn apply(state: &AppState, trigger: &str) -> Result<ReloadReport, ApiError> {
     let Some(reread) = &state.reread else {
         return Err(ApiError::Other {
             status: StatusCode::CONFLICT,
