@@ -44,6 +44,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Models(a) => list(&a, "/admin/models", |v| Ok(cli::tables::models(v))).await,
         Command::Chat(a) => cli::chat::run(a).await,
         Command::Service { action } => cli::service::dispatch(action),
+        Command::QuantizeWorker {
+            input,
+            output,
+            ftype,
+            threads,
+        } => opta_lmx::engine::llama::quantize::run_worker(&input, &output, ftype, threads)
+            .map_err(anyhow::Error::msg),
         Command::Load {
             model_id,
             context,

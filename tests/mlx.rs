@@ -1315,3 +1315,73 @@ async fn a_paused_mlx_stream_resumes_from_its_parked_kv_with_the_same_text() {
         s.log_text()
     );
 }
+
+/// `/admin/quantize` on an MLX folder: mlx-lm's converter in a child process makes a 4-bit
+/// folder beside the float32 one, which loads through the MLX worker and answers.
+#[tokio::test]
+async fn an_mlx_folder_quantizes_to_four_bits_that_load_and_answer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let s = server(1, &[]);
+    let (code, start) = s
+        .post("/admin/quantize", &json!({"source_model": MLX, "bits": 4}))
+        .await;
+    assert_eq!(code, 200, "{start}");
+    assert_eq!(
+        (
+            &start["format"],
+            &start["quantization"],
+            &start["group_size"],
+            &start["mode"]
+        ),
+        (&json!("mlx"), &json!("4bit"), &json!(64), &json!("affine")),
+        "{start}"
+    );
+    let out = s.models_dir.join(format!("{MLX}-4bit"));
+    assert_eq!(start["output_path"], out.display().to_string());
+    let id = start["job_id"].as_str().unwrap();
+    let done = common::wait_quantize_job(&s, id, common::quantize_ended).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output_model_id"], format!("{MLX}-4bit"));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization"]["bits"], 4, "{config}");
+    let size: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(done["output_size_bytes"].as_u64(), Some(size));
+    let source: u64 = std::fs::read_dir(mlx_dir())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size * 4 < source, "{size} of {source}");
+    assert_eq!(
+        std::fs::read_dir(s.models_dir.join(".quantize"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    let new_id = format!("{MLX}-4bit");
+    let (code, v) = s
+        .post(
+            "/admin/model/load",
+            &json!({"model_id": new_id, "backend": "mlx"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let answer = s
+        .chat_text(json!({"model": new_id, "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}))
+        .await;
+    assert!(answer.to_lowercase().contains("paris"), "{answer}");
+    // mlx-lm quantizes full-precision weights only: the 4-bit folder is refused as a source.
+    let (code, v) = s
+        .post(
+            "/admin/quantize",
+            &json!({"source_model": new_id, "bits": 2}),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(common::error_fields(&v).2, "source_model");
+}

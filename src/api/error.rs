@@ -9,6 +9,7 @@ use crate::chat::prompt::PromptError;
 use crate::engine::EngineError;
 use crate::models::downloads::DownloadError;
 use crate::models::hub::HubError;
+use crate::models::quantize::QuantizeError;
 use crate::models::registry::RegistryError;
 
 /// An error on its way to the client.
@@ -245,6 +246,27 @@ impl From<RegistryError> for ApiError {
             RegistryError::Settings { param, .. } => Self::invalid(param, e.to_string()),
             RegistryError::Engine(inner) => inner.into(),
             RegistryError::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<QuantizeError> for ApiError {
+    fn from(e: QuantizeError) -> Self {
+        let other = |status, code| Self::Other {
+            status,
+            message: e.to_string(),
+            code,
+        };
+        match &e {
+            QuantizeError::Invalid { param, .. } => Self::invalid(*param, e.to_string()),
+            QuantizeError::NotFound(_) => Self::ModelNotFound(e.to_string()),
+            QuantizeError::Exists(_) => other(StatusCode::CONFLICT, "output_exists"),
+            QuantizeError::InsufficientDisk { .. } => {
+                other(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
+            QuantizeError::NoSuchJob(_) => Self::NotFound(e.to_string()),
+            QuantizeError::Ended(..) => other(StatusCode::CONFLICT, "job_finished"),
+            QuantizeError::Io(_) => Self::Internal(e.to_string()),
         }
     }
 }

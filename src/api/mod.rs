@@ -69,12 +69,19 @@ pub struct AppState {
     /// Reads the configuration again as the server was started (file, environment, flags),
     /// for `POST /admin/config/reload` and SIGHUP; `None` when there is nothing to re-read.
     pub reread: Option<Arc<admin::reload::Reread>>,
+    /// Quantisation jobs (`/admin/quantize`).
+    pub quantize: Arc<crate::models::quantize::Quantizer>,
 }
 
 impl AppState {
     /// State over a registry and downloads, sharing the registry's metrics.
     pub fn new(registry: Arc<Registry>, downloads: Arc<Downloads>, audit: Arc<Audit>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // The GGUF quantizer runs as this binary's `quantize-worker`.
+        let quantize = Arc::new(crate::models::quantize::Quantizer::new(
+            Arc::clone(&registry),
+            std::env::current_exe().unwrap_or_else(|_| "opta-lmx".into()),
+        ));
         Self {
             metrics: registry.metrics().clone(),
             registry,
@@ -86,6 +93,7 @@ impl AppState {
             responses: Arc::default(),
             clients: Arc::default(),
             reread: None,
+            quantize,
         }
     }
 

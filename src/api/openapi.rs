@@ -48,9 +48,9 @@ use super::AppState;
 )))]
 struct Schemas;
 
-/// The request and response schemas of LM Studio's routes, under names that do not clash
-/// with the admin API's types of the same Rust name.
-fn lmstudio_schemas(doc: &mut OpenApi) {
+/// Schemas whose Rust names clash with others' (LM Studio's load bodies, the quantize jobs
+/// beside the download jobs), under names of their own.
+fn renamed_schemas(doc: &mut OpenApi) {
     use utoipa::PartialSchema;
     if let Some(c) = doc.components.as_mut() {
         c.schemas.insert(
@@ -60,6 +60,14 @@ fn lmstudio_schemas(doc: &mut OpenApi) {
         c.schemas.insert(
             "LmStudioUnloadBody".into(),
             super::lmstudio::UnloadBody::schema(),
+        );
+        c.schemas.insert(
+            "QuantizeJob".into(),
+            crate::models::quantize::JobView::schema(),
+        );
+        c.schemas.insert(
+            "QuantizeRequest".into(),
+            crate::models::quantize::QuantizeRequest::schema(),
         );
     }
 }
@@ -113,7 +121,7 @@ pub fn document() -> OpenApi {
             "OpenAI-compatible inference server for local models, with Anthropic and LM Studio dialects and an admin API. Errors are OpenAI error bodies (`{\"error\": ErrorDetail}`).",
         ))
         .build();
-    lmstudio_schemas(&mut doc);
+    renamed_schemas(&mut doc);
     if let Some(c) = doc.components.as_mut() {
         c.add_security_scheme(
             "bearer",

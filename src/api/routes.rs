@@ -458,6 +458,41 @@ pub const ROUTES: &[Operation] = &[
     )
     .returns("ReloadReport"),
     op(
+        "post",
+        "/admin/quantize",
+        "Admin",
+        "Quantize a model on disk into a smaller one (background job; 507 when the disk cannot hold it)",
+        Admin,
+        || post(admin::quantize::start),
+    )
+    .body("QuantizeRequest")
+    .returns("QuantizeJob"),
+    op(
+        "get",
+        "/admin/quantize",
+        "Admin",
+        "Quantize jobs, oldest first",
+        Admin,
+        || get(admin::quantize::list),
+    ),
+    op(
+        "get",
+        "/admin/quantize/{job}",
+        "Admin",
+        "One quantize job: status, progress, result size and SHA-256",
+        Admin,
+        || get(admin::quantize::get),
+    )
+    .returns("QuantizeJob"),
+    op(
+        "post",
+        "/admin/quantize/{job}/cancel",
+        "Admin",
+        "Cancel a quantize job (its partial output is removed)",
+        Admin,
+        || post(admin::quantize::cancel),
+    ),
+    op(
         "get",
         "/admin/presets",
         "Admin",

@@ -33,6 +33,20 @@ pub enum Command {
     Models(ListArgs),
     /// Chat with a model: one answer streamed for a prompt, or a conversation without one.
     Chat(ChatArgs),
+    /// The server's GGUF quantizer, run as a child of a `/admin/quantize` job (so a cancel
+    /// is a kill): not for people.
+    #[command(hide = true)]
+    QuantizeWorker {
+        #[arg(long)]
+        input: std::path::PathBuf,
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// llama.cpp's `LLAMA_FTYPE_MOSTLY_*` number.
+        #[arg(long)]
+        ftype: u32,
+        #[arg(long)]
+        threads: u32,
+    },
     /// Run the server as a launchd (macOS) or systemd (Linux) service.
     Service {
         #[command(subcommand)]

@@ -5,5 +5,6 @@ pub mod downloads;
 pub mod guard;
 pub mod hub;
 pub mod loader;
+pub mod quantize;
 pub mod registry;
 pub mod store;

@@ -861,7 +861,7 @@ impl Registry {
     }
 
     /// Header facts of a model file, read once per file version.
-    fn facts(&self, disk: &DiskModel) -> Result<ModelFacts, String> {
+    pub fn facts(&self, disk: &DiskModel) -> Result<ModelFacts, String> {
         let meta =
             std::fs::metadata(&disk.path).map_err(|e| format!("{}: {e}", disk.path.display()))?;
         let key = (meta.len(), meta.modified().ok());

@@ -514,3 +514,22 @@ impl Server {
         metrics::Scrape::parse(&self.metrics_text().await)
     }
 }
+
+/// Polls a quantize job until `done` says so (or ten minutes pass: a slow runner, not a hang).
+pub async fn wait_quantize_job(s: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (code, v) = s.get(&format!("/admin/quantize/{id}")).await;
+        assert_eq!(code, 200, "{v}");
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a quantize job has ended, one way or another.
+pub fn quantize_ended(v: &Value) -> bool {
+    ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or(""))
+}

@@ -4,6 +4,7 @@
 pub mod events;
 pub mod facts;
 pub mod presets;
+pub mod quantize;
 pub mod reload;
 
 use axum::extract::{Request, State};

@@ -8,6 +8,7 @@ pub mod embed;
 pub mod footprint;
 pub mod gguf;
 mod picker;
+pub mod quantize;
 use super::prompt_cache;
 pub use picker::set_pick_limit;
 mod worker;
