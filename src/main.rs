@@ -44,6 +44,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Models(a) => list(&a, "/admin/models", |v| Ok(cli::tables::models(v))).await,
         Command::Chat(a) => cli::chat::run(a).await,
         Command::Service { action } => cli::service::dispatch(action),
+        Command::ProbeWorker { input } => {
+            opta_lmx::engine::llama::run_probe_worker(&input).map_err(anyhow::Error::msg)
+        }
         Command::QuantizeWorker {
             input,
             output,

@@ -548,3 +548,397 @@ where
         }
     }
 }
+
+/// Runs `POST path` with `body` under the admin key.
+async fn admin_post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(s.url(path))
+        .header("x-admin-key", ADMIN_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_benchmark_is_measured_beside_other_clients_stored_and_reported() {
+    let s = keyed_server();
+    // Another client's request sent while the benchmark runs is served beside it (its own
+    // sequence and share) and ends first: the benchmark waits for no one and nobody for it.
+    let bench = {
+        let (url, body) = (
+            s.url("/admin/benchmark"),
+            json!({"model_id": MODEL, "max_tokens": 24, "runs": 3, "prompt": "Describe the sea."}),
+        );
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("x-admin-key", ADMIN_KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            (
+                code,
+                r.json::<Value>().await.unwrap(),
+                std::time::Instant::now(),
+            )
+        })
+    };
+    // The benchmark holds a sequence before the other client asks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (_, st) = admin_get(&s, "/admin/status").await;
+        if st["performance"]["active_requests"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the benchmark never started: {st}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": MODEL, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let other_done = std::time::Instant::now();
+    let (code, quick, bench_done) = bench.await.unwrap();
+    assert_eq!(code, 200, "{quick}");
+    assert!(other_done < bench_done);
+    // The CLI's RawBenchmarkResponse.
+    has_fields(
+        &quick,
+        &[
+            ("/model_id", Kind::Str),
+            ("/backend_type", Kind::Str),
+            ("/prompt", Kind::Str),
+            ("/max_tokens", Kind::Num),
+            ("/runs", Kind::Num),
+            ("/results", Kind::Arr),
+            ("/results/0/run", Kind::Num),
+            ("/results/0/tokens_generated", Kind::Num),
+            ("/results/0/time_to_first_token_ms", Kind::Num),
+            ("/results/0/total_time_ms", Kind::Num),
+            ("/results/0/tokens_per_second", Kind::Num),
+            ("/avg_tokens_per_second", Kind::Num),
+            ("/avg_time_to_first_token_ms", Kind::Num),
+            ("/avg_total_time_ms", Kind::Num),
+        ],
+    );
+    assert_eq!(
+        (&quick["model_id"], &quick["backend_type"]),
+        (&json!(MODEL), &json!("llama.cpp"))
+    );
+    let runs = quick["results"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{quick}");
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r["run"], i + 1);
+        let n = r["tokens_generated"].as_u64().unwrap();
+        assert!((1..=24).contains(&n), "{r}");
+        // Each run's prompt differs at its start: the prefill is measured, not cached.
+        assert!(
+            r["cached_tokens"].as_u64() < Some(r["prompt_tokens"].as_u64().unwrap() / 2),
+            "{r}"
+        );
+        assert!(
+            r["time_to_first_token_ms"].as_f64() <= r["total_time_ms"].as_f64(),
+            "{r}"
+        );
+    }
+    assert!(
+        quick["avg_tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{quick}"
+    );
+
+    let (code, stored) = admin_post(
+        &s,
+        "/admin/benchmark/run",
+        &json!({"model_id": MODEL, "num_output_tokens": 8, "runs": 2, "warmup_runs": 1}),
+    )
+    .await;
+    assert_eq!(code, 200, "{stored}");
+    // The CLI's LmxBenchmarkPersistResult.
+    has_fields(
+        &stored,
+        &[
+            ("/model_id", Kind::Str),
+            ("/backend", Kind::Str),
+            ("/timestamp", Kind::Str),
+            ("/status", Kind::Str),
+            ("/hardware", Kind::Str),
+            ("/lmx_version", Kind::Str),
+            ("/prompt_preview", Kind::Str),
+            ("/stats/ttft_p50_sec", Kind::Num),
+            ("/stats/ttft_p95_sec", Kind::Num),
+            ("/stats/ttft_mean_sec", Kind::Num),
+            ("/stats/toks_per_sec_p50", Kind::Num),
+            ("/stats/toks_per_sec_p95", Kind::Num),
+            ("/stats/toks_per_sec_mean", Kind::Num),
+            ("/stats/prompt_tokens", Kind::Num),
+            ("/stats/output_tokens", Kind::Num),
+            ("/stats/runs_completed", Kind::Num),
+            ("/stats/warmup_runs_discarded", Kind::Num),
+            ("/stats/output_text", Kind::Str),
+            ("/stats/output_token_count", Kind::Num),
+            ("/stats/completed_naturally", Kind::Bool),
+            ("/stats/repetition_ratio", Kind::Num),
+            ("/stats/coherence_flag", Kind::Str),
+            ("/stats/skills", Kind::Arr),
+        ],
+    );
+    assert_eq!(stored["status"], "ok");
+    assert_eq!(
+        (
+            &stored["stats"]["runs_completed"],
+            &stored["stats"]["warmup_runs_discarded"]
+        ),
+        (&json!(2), &json!(1))
+    );
+    assert!(["ok", "truncated", "repetitive", "garbled"]
+        .contains(&stored["stats"]["coherence_flag"].as_str().unwrap()));
+
+    // Both are stored, beside the models, and listed by model.
+    let (code, all) = admin_get(&s, &format!("/admin/benchmark/results?model_id={MODEL}")).await;
+    assert_eq!(code, 200);
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0]["id"], quick["id"]);
+    assert_eq!(all[1], stored);
+    let (_, none) = admin_get(&s, "/admin/benchmark/results?model_id=other").await;
+    assert_eq!(none, json!([]));
+    let file = std::fs::read_to_string(s.models_dir.join(".benchmarks/results.jsonl")).unwrap();
+    assert_eq!(file.lines().count(), 2);
+
+    // The model's performance (the CLI's RawModelPerformanceResponse) with what it measured.
+    let (code, perf) = admin_get(&s, &format!("/admin/models/{MODEL}/performance")).await;
+    assert_eq!(code, 200, "{perf}");
+    has_fields(
+        &perf,
+        &[
+            ("/model_id", Kind::Str),
+            ("/backend_type", Kind::Str),
+            ("/loaded_at", Kind::Num),
+            ("/request_count", Kind::Num),
+            ("/last_used_at", Kind::Num),
+            ("/memory_gb", Kind::Num),
+            ("/context_length", Kind::Num),
+            ("/use_batching", Kind::Bool),
+            ("/performance", Kind::Obj),
+            ("/global_defaults", Kind::Obj),
+            ("/measured/decode_tokens_per_second", Kind::Num),
+            ("/measured/prompt_tokens_total", Kind::Num),
+        ],
+    );
+    assert_eq!(perf["context_length"], 1024);
+    assert_eq!(perf["performance"]["parallel"], 2);
+    // 3 runs, then 1 warm-up and 2 runs, and the other client's request.
+    assert_eq!(perf["request_count"], 7, "{perf}");
+    assert_eq!(perf["benchmark"]["id"], stored["id"]);
+
+    // Refusals: a model not loaded, numbers out of range, a path that is no model fact.
+    let (code, v) = admin_post(&s, "/admin/benchmark", &json!({"model_id": "nope"})).await;
+    assert_eq!(
+        (code, &v["error"]["code"]),
+        (409, &json!("model_not_loaded")),
+        "{v}"
+    );
+    let (code, v) = admin_post(
+        &s,
+        "/admin/benchmark/run",
+        &json!({"model_id": MODEL, "runs": 0}),
+    )
+    .await;
+    assert_eq!((code, &v["error"]["param"]), (400, &json!("runs")), "{v}");
+    let (code, _) = admin_get(&s, "/admin/models/nope/performance").await;
+    assert_eq!(code, 404);
+    let (code, _) = admin_get(&s, &format!("/admin/models/{MODEL}/secrets")).await;
+    assert_eq!(code, 404);
+    // Admin routes: the API key is not enough.
+    let r = reqwest::Client::new()
+        .get(s.url("/admin/benchmark/results"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// A copy of the Gemma GGUF whose architecture is renamed (`zzzzz3`, in its header only; the
+/// rest is a hole of the same size): a file this build of llama.cpp cannot load.
+fn alien_gguf(dir: &std::path::Path) {
+    use std::io::Read;
+    let src = common::model_file();
+    let size = std::fs::metadata(&src).unwrap().len();
+    let mut head = vec![0u8; 16 << 20];
+    std::fs::File::open(&src)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    let mut patched = Vec::with_capacity(head.len());
+    let mut i = 0;
+    while i < head.len() {
+        if head[i..].starts_with(b"gemma3") {
+            patched.extend_from_slice(b"zzzzz3");
+            i += 6;
+        } else {
+            patched.push(head[i]);
+            i += 1;
+        }
+    }
+    let f = std::fs::File::create(dir.join("alien.gguf")).unwrap();
+    std::io::Write::write_all(&mut &f, &patched).unwrap();
+    f.set_len(size).unwrap();
+}
+
+#[tokio::test]
+async fn compatibility_and_probe_tell_whether_a_model_can_load_here() {
+    use common::hub::{FakeFile, FakeHub, FakeRepo, HubOptions};
+    let mut huge = FakeFile::lfs("huge-Q4_K_M.gguf", vec![7; 64]);
+    huge.advertised_size = Some(10_000_000_000_000_000); // 10 PB
+    let hub = FakeHub::start(
+        vec![
+            FakeRepo::new(
+                "acme/tiny-GGUF",
+                vec![FakeFile::lfs("tiny-Q4_K_M.gguf", vec![1; 4096])],
+            ),
+            FakeRepo::new("acme/huge-GGUF", vec![huge]),
+            FakeRepo::new("acme/docs", vec![FakeFile::git("README.md", b"hello")]),
+        ],
+        HubOptions::default(),
+    );
+    let s = Server::start(Opts {
+        env: vec![
+            ("OPTA_LMX_ADMIN_KEY".into(), ADMIN_KEY.into()),
+            ("HF_ENDPOINT".into(), hub.base.clone()),
+        ],
+        ..Opts::default()
+    });
+    alien_gguf(&s.models_dir);
+    let probe = |id: &str| {
+        let body = json!({"model_id": id, "timeout_sec": 120});
+        let s = &s;
+        async move { admin_post(s, "/admin/models/probe", &body).await }
+    };
+
+    // Before any probe: the loaded model passes, the renamed one is not known yet.
+    let (code, c) = admin_get(&s, "/admin/models/compatibility?include_summary=true").await;
+    assert_eq!(code, 200, "{c}");
+    let row = |c: &Value, id: &str| {
+        c["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {id}: {c}"))
+    };
+    assert_eq!(row(&c, MODEL)["outcome"], "pass");
+    assert_eq!(row(&c, "alien")["outcome"], "unknown");
+    assert_eq!(row(&c, "alien")["architecture"], "zzzzz3");
+    assert_eq!(c["summary"]["pass"], 1, "{c}");
+    assert_eq!(c["total"], 2);
+
+    // The renamed file: its header reads, llama.cpp refuses it and says why.
+    let (code, v) = probe("alien").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (&v["success"], &v["outcome"], &v["location"]),
+        (&json!(false), &json!("fail"), &json!("disk"))
+    );
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("unknown model architecture") && reason.contains("zzzzz3"),
+        "{reason}"
+    );
+    let checks: Vec<(String, bool)> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_string(),
+                c["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            ("format", true),
+            ("header", true),
+            ("memory", true),
+            ("runtime", false)
+        ]
+        .map(|(c, ok)| (c.to_string(), ok))
+    );
+    // A model on disk that is not loaded: every check passes.
+    let (_, unloaded) = admin_post(&s, "/admin/model/unload", &json!({"model_id": MODEL})).await;
+    assert_eq!(unloaded["status"], "unloaded", "{unloaded}");
+    let (code, v) = probe(MODEL).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (&v["success"], &v["recommended_backend"]),
+        (&json!(true), &json!("llama.cpp")),
+        "{v}"
+    );
+    assert_eq!(v["architecture"], "gemma3");
+
+    // The probes are recorded, and the filters apply.
+    let (_, c) = admin_get(&s, "/admin/models/compatibility?outcome=fail").await;
+    assert_eq!(c["total"], 1, "{c}");
+    assert_eq!(row(&c, "alien")["last_outcome"]["source"], "probe");
+    let (_, c) = admin_get(&s, &format!("/admin/models/compatibility?model_id={MODEL}")).await;
+    assert_eq!(
+        (&c["total"], &row(&c, MODEL)["outcome"]),
+        (&json!(1), &json!("pass"))
+    );
+
+    // On the Hub: what a download would fetch, sized against the memory guard.
+    let (code, v) = probe("acme/tiny-GGUF").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (&v["success"], &v["location"], &v["format"]),
+        (&json!(true), &json!("hub"), &json!("gguf")),
+        "{v}"
+    );
+    assert_eq!(v["files"][0]["path"], "tiny-Q4_K_M.gguf");
+    let (_, v) = probe("acme/huge-GGUF").await;
+    assert_eq!(v["success"], false, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("memory guard allows"),
+        "{v}"
+    );
+    let (code, v) = probe("acme/missing").await;
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = probe("no-such-model").await;
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = probe("../../etc/passwd").await;
+    assert_eq!(
+        (code, &v["error"]["param"]),
+        (400, &json!("model_id")),
+        "{v}"
+    );
+    let (code, v) = admin_post(
+        &s,
+        "/admin/models/probe",
+        &json!({"model_id": MODEL, "timeout_sec": 0}),
+    )
+    .await;
+    assert_eq!(
+        (code, &v["error"]["param"]),
+        (400, &json!("timeout_sec")),
+        "{v}"
+    );
+}

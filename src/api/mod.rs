@@ -71,6 +71,8 @@ pub struct AppState {
     pub reread: Option<Arc<admin::reload::Reread>>,
     /// Quantisation jobs (`/admin/quantize`).
     pub quantize: Arc<crate::models::quantize::Quantizer>,
+    /// Stored benchmark results (`/admin/benchmark*`), kept beside the models.
+    pub benchmarks: Arc<crate::metrics::benchmarks::BenchmarkStore>,
 }
 
 impl AppState {
@@ -82,7 +84,11 @@ impl AppState {
             Arc::clone(&registry),
             std::env::current_exe().unwrap_or_else(|_| "opta-lmx".into()),
         ));
+        let benchmarks = Arc::new(crate::metrics::benchmarks::BenchmarkStore::new(
+            registry.store().root(),
+        ));
         Self {
+            benchmarks,
             metrics: registry.metrics().clone(),
             registry,
             downloads,

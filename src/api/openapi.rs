@@ -42,6 +42,8 @@ use super::AppState;
     super::admin::DeleteBody,
     super::admin::Status,
     super::admin::reload::ReloadReport,
+    super::admin::benchmark::BenchmarkBody,
+    super::admin::compat::ProbeBody,
     crate::models::downloads::DownloadRequest,
     crate::models::downloads::JobView,
     super::error::ErrorDetail,
@@ -64,6 +66,10 @@ fn renamed_schemas(doc: &mut OpenApi) {
         c.schemas.insert(
             "QuantizeJob".into(),
             crate::models::quantize::JobView::schema(),
+        );
+        c.schemas.insert(
+            "JobStatus".into(),
+            crate::models::quantize::JobStatus::schema(),
         );
         c.schemas.insert(
             "QuantizeRequest".into(),

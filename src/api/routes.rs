@@ -309,7 +309,7 @@ pub const ROUTES: &[Operation] = &[
         "get",
         "/admin/models/available",
         "Admin",
-        "Models on disk that are not loaded",
+        "Every model on disk, loaded or not, with its path and download time",
         Admin,
         || get(admin::available),
     ),
@@ -457,6 +457,57 @@ pub const ROUTES: &[Operation] = &[
         || post(admin::reload::reload),
     )
     .returns("ReloadReport"),
+    op(
+        "post",
+        "/admin/benchmark",
+        "Admin",
+        "Benchmark a loaded model (prefill and decode, a few greedy runs under its own fair share); stored",
+        Admin,
+        || post(admin::benchmark::quick),
+    )
+    .body("BenchmarkBody"),
+    op(
+        "post",
+        "/admin/benchmark/run",
+        "Admin",
+        "Benchmark a loaded model with warm-up runs; answered and stored as the first Opta-LMX's result",
+        Admin,
+        || post(admin::benchmark::run),
+    )
+    .body("BenchmarkBody"),
+    op(
+        "get",
+        "/admin/benchmark/results",
+        "Admin",
+        "Stored benchmark results (`?model_id=` for one model), oldest first",
+        Admin,
+        || get(admin::benchmark::results),
+    ),
+    op(
+        "get",
+        "/admin/models/compatibility",
+        "Admin",
+        "Whether each model on disk can load here (format, header, memory) and its latest load or probe outcome",
+        Admin,
+        || get(admin::compat::compatibility),
+    ),
+    op(
+        "post",
+        "/admin/models/probe",
+        "Admin",
+        "Check one model on disk or on the Hub actively: can it load here, and why not",
+        Admin,
+        || post(admin::compat::probe),
+    )
+    .body("ProbeBody"),
+    op(
+        "get",
+        "/admin/models/{*id}",
+        "Admin",
+        "A loaded model's facts: `{id}/performance` (settings, live rates, latest benchmark)",
+        Admin,
+        || get(admin::benchmark::performance),
+    ),
     op(
         "post",
         "/admin/quantize",

@@ -47,6 +47,13 @@ pub enum Command {
         #[arg(long)]
         threads: u32,
     },
+    /// Whether llama.cpp reads a GGUF's header and vocabulary, run as a child of
+    /// `/admin/models/probe`: not for people.
+    #[command(hide = true)]
+    ProbeWorker {
+        #[arg(long)]
+        input: std::path::PathBuf,
+    },
     /// Run the server as a launchd (macOS) or systemd (Linux) service.
     Service {
         #[command(subcommand)]

@@ -3,6 +3,7 @@
 //! `/metrics` exposes ([`exporter`]). Both are fed from the same few places (one finished
 //! generation, one HTTP request, one load or unload), so they cannot disagree.
 
+pub mod benchmarks;
 pub mod events;
 pub mod exporter;
 pub mod rolling;

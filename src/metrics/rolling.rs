@@ -80,7 +80,7 @@ pub struct PerformanceReport {
 }
 
 /// The `q` quantile (0..=1) of `values` by nearest rank; 0 for none.
-fn quantile(values: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }

@@ -523,6 +523,25 @@ impl Downloads {
         Ok((job.view(), true))
     }
 
+    /// What a download of `model_id` would fetch (the repository's commit and the files the
+    /// default selection picks), without fetching: for a probe of a model not on disk.
+    pub async fn preview(&self, model_id: &str) -> Result<(String, Vec<RepoFile>), DownloadError> {
+        let (repo, implied) = parse_model_id(model_id)?;
+        let listing = self.hub.list(&repo, "main").await?;
+        let req = DownloadRequest {
+            model_id: model_id.to_string(),
+            revision: None,
+            files: None,
+            pattern: None,
+            allow_patterns: None,
+            ignore_patterns: None,
+        };
+        Ok((
+            listing.commit,
+            select(&listing.files, &req, implied.as_ref())?,
+        ))
+    }
+
     /// Resumes an interrupted or failed job from what is on disk.
     pub fn resume(self: &Arc<Self>, id: &str) -> Result<JobView, DownloadError> {
         let job = self.job(id)?;

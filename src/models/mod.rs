@@ -1,6 +1,7 @@
 //! Models on disk ([`store`]), in memory ([`registry`], sized by [`guard`]) and on their way
 //! from the Hub ([`hub`], [`downloads`]).
 
+pub mod compat;
 pub mod downloads;
 pub mod guard;
 pub mod hub;

@@ -803,19 +803,20 @@ fn mlx_target(
             format!("mode is `{mode}`; mlx-lm offers affine, mxfp4, nvfp4, mxfp8"),
         ));
     }
-    let source_bits =
-        match declared {
-            "float32" => 32.0,
-            "float16" | "bfloat16" => 16.0,
-            q if q.ends_with("bit") => return Err(bad(
+    let source_bits = match declared {
+        "float32" => 32.0,
+        "float16" | "bfloat16" => 16.0,
+        q if q.ends_with("bit") => {
+            return Err(bad(
                 "source_model",
                 format!(
                     "the model is quantized already ({q}); quantize its full-precision original"
                 ),
-            )),
-            // Unknown: as if half precision, the common case.
-            _ => 16.0,
-        };
+            ))
+        }
+        // Unknown: as if half precision, the common case.
+        _ => 16.0,
+    };
     // Each group keeps a scale and a bias in half precision.
     let target_bits = f64::from(bits) + 32.0 / f64::from(group_size);
     Ok((

@@ -239,7 +239,8 @@ impl LoadedModel {
     }
 
     /// The overrides a restart loads with: its load's, with the pin and TTL as they are now.
-    fn restart_overrides(&self) -> LoadOverrides {
+    /// What the load that started it asked for, with its pin and TTL as they are now.
+    pub fn restart_overrides(&self) -> LoadOverrides {
         LoadOverrides {
             pin: Some(self.pinned()),
             ttl_seconds: Some(self.ttl_seconds.load(Ordering::Relaxed)),
@@ -353,6 +354,8 @@ pub struct Registry {
     mlx: Arc<dyn Loader>,
     /// Loads, unloads and evictions are counted here (the server shares this handle).
     metrics: Metrics,
+    /// How loads and probes ended, for `/admin/models/compatibility`.
+    outcomes: super::compat::Outcomes,
 }
 
 impl Registry {
@@ -378,7 +381,13 @@ impl Registry {
             }),
             config: arc_swap::ArcSwap::new(config),
             metrics: Metrics::default(),
+            outcomes: Default::default(),
         }
+    }
+
+    /// How loads and probes ended since start.
+    pub fn outcomes(&self) -> &super::compat::Outcomes {
+        &self.outcomes
     }
 
     /// The server's metrics, which the registry feeds with loads, unloads and evictions.
@@ -589,6 +598,8 @@ impl Registry {
             Err(e) => {
                 tracing::warn!(event = "model_load_failed", model = %disk.id, error = %e);
                 self.metrics.prometheus().record_load(&disk.id, "failed");
+                self.outcomes
+                    .record(&disk.id, disk.format, false, e.to_string(), "load");
                 self.metrics.events().emit(
                     "model_load_failed",
                     serde_json::json!({"model_id": disk.id, "error": e.to_string()}),
@@ -634,6 +645,8 @@ impl Registry {
             .expect("registry lock")
             .insert(model.id.clone(), Arc::clone(&model));
         self.metrics.prometheus().record_load(&model.id, "loaded");
+        self.outcomes
+            .record(&model.id, model.disk.format, true, "loaded", "load");
         let info = model.engine.info();
         self.metrics.events().emit(
             "model_loaded",

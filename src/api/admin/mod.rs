@@ -1,6 +1,8 @@
 //! `/admin` handlers: load and unload models, inventory, status and health. JSON in and out,
 //! so bots can manage models without a person.
 
+pub mod benchmark;
+pub mod compat;
 pub mod events;
 pub mod facts;
 pub mod presets;

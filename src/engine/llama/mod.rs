@@ -47,6 +47,20 @@ fn backend() -> &'static LlamaBackend {
     })
 }
 
+/// The child process's side of a probe (`opta-lmx probe-worker`): whether this build of
+/// llama.cpp reads a GGUF's architecture, hyper-parameters and vocabulary, with a load that
+/// takes no weights (`vocab_only`). An architecture llama.cpp does not know fails here as it
+/// would in a full load. In a child because the file is untrusted until it has loaded once,
+/// and because llama.cpp says why on its log (standard error here, for the parent to read),
+/// not through its API.
+pub fn run_probe_worker(path: &Path) -> Result<(), String> {
+    let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    LlamaModel::load_from_file(&backend, path, &params)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
