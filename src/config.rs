@@ -917,9 +917,13 @@ impl Config {
         Ok(())
     }
 
-    /// The settings a load of `id` starts from: `models.defaults` under `models.per_model`.
+    /// The settings a load of `id` starts from: `models.defaults`, then the context of the
+    /// presets on `id` (see [`crate::presets::Preset::context`]), then `models.per_model`.
     pub fn settings_for(&self, id: &str) -> ModelSettings {
-        let defaults = self.models.defaults.over(&ModelSettings::builtin());
+        let mut defaults = self.models.defaults.over(&ModelSettings::builtin());
+        if let Some(c) = self.preset_context(id) {
+            defaults.context = Some(c);
+        }
         match self.models.per_model.get(id) {
             Some(m) => m.over(&defaults),
             None => defaults,
@@ -933,8 +937,18 @@ impl Config {
             .per_model
             .get(id)
             .and_then(|m| m.context)
+            .or(self.preset_context(id))
             .or(self.models.defaults.context)
             .is_some()
+    }
+
+    /// The largest context the presets on `id` ask for.
+    fn preset_context(&self, id: &str) -> Option<u32> {
+        self.presets
+            .iter()
+            .filter(|p| self.resolve_alias(&p.model) == id)
+            .filter_map(|p| p.context)
+            .max()
     }
 
     /// Resolves an alias to its target id; ids that are not aliases come back unchanged.
@@ -997,6 +1011,22 @@ mod tests {
         assert_eq!(cfg.server.port, 1234);
         assert_eq!(cfg.server.host.to_string(), "127.0.0.1");
         assert_eq!(cfg.memory.threshold_percent, 90.0);
+    }
+
+    #[test]
+    fn a_preset_s_context_is_its_model_s_unless_the_model_sets_one() {
+        let f = write(
+            "models:\n  defaults:\n    context: 4096\n  aliases:\n    g: gemma\n  per_model:\n    qwen:\n      context: 8192\n\
+             presets:\n  - {name: a, model: g, context: 16384}\n  - {name: b, model: gemma, context: 32768}\n\
+             \x20 - {name: c, model: qwen, context: 2048}\n",
+        );
+        let cfg = Config::load(Some(f.path()), []).unwrap();
+        assert_eq!(cfg.settings_for("gemma").context, Some(32768));
+        assert_eq!(cfg.settings_for("qwen").context, Some(8192));
+        assert_eq!(cfg.settings_for("other").context, Some(4096));
+        assert!(cfg.sets_context_for("gemma"));
+        let bad = write("presets:\n  - {name: a, model: g, context: 12}\n");
+        assert!(Config::load(Some(bad.path()), []).is_err());
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct Preset {
     pub system_prompt: Option<String>,
     /// Another name requests may use for it (the first Opta-LMX's field).
     pub routing_alias: Option<String>,
+    /// Context tokens per sequence the preset's model is loaded with, however the load comes
+    /// (a request through the preset, an admin load, the start), unless `models.per_model`
+    /// sets one for that model; with several presets on one model, the largest.
+    pub context: Option<u32>,
 }
 
 /// The request fields a preset may set: sampling and length, nothing that changes the
@@ -70,6 +74,9 @@ pub fn check(presets: &[Preset]) -> Result<(), (String, String)> {
         }
         if p.model.trim().is_empty() {
             return Err((key("model"), "names no model".into()));
+        }
+        if p.context.is_some_and(|c| c < 256) {
+            return Err((key("context"), "is under 256 tokens".into()));
         }
         if let Some(k) = p
             .parameters

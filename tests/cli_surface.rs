@@ -381,8 +381,10 @@ async fn a_preset_shapes_a_request_and_a_role_resolves_to_a_loaded_model() {
         config: format!(
             "presets:\n  - name: terse\n    description: short answers\n    model: {MODEL}\n    \
              parameters: {{max_tokens: 3, temperature: 0}}\n    system_prompt: You answer in three words.\n    \
-             routing_alias: brief\nmodels:\n  roles:\n    code: [not-on-disk, {MODEL}]\n"
+             routing_alias: brief\n    context: 2048\nmodels:\n  roles:\n    code: [not-on-disk, {MODEL}]\n"
         ),
+        // No --context: the preset's context is the one the model is loaded with.
+        context: 0,
         ..Opts::default()
     });
     let (code, v) = s.get("/admin/presets").await;
@@ -392,6 +394,9 @@ async fn a_preset_shapes_a_request_and_a_role_resolves_to_a_loaded_model() {
     assert_eq!(v["presets"][0]["model"], MODEL);
     let (code, one) = s.get("/admin/presets/brief").await;
     assert_eq!((code, one["name"].as_str()), (200, Some("terse")));
+    assert_eq!(one["context"], 2048);
+    let (_, perf) = s.get(&format!("/admin/models/{MODEL}/performance")).await;
+    assert_eq!(perf["context_length"], 2048, "{perf}");
     assert_eq!(s.get("/admin/presets/nope").await.0, 404);
 
     let ask = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "Describe the sea."}]});
