@@ -196,6 +196,9 @@ pub struct ServerConfig {
     /// Let anyone who reaches the port scrape `/metrics` (a Prometheus without the admin
     /// key); otherwise it is guarded like `/admin`.
     pub metrics_open: bool,
+    /// Advertise the server on the LAN as `_opta-lmx._tcp` (mDNS/DNS-SD) when it listens
+    /// beyond loopback, so the coding CLI finds it with no host set. Never on loopback.
+    pub mdns: bool,
 }
 
 /// Where models live and how they are served.
@@ -486,6 +489,7 @@ impl Default for ServerConfig {
             h2_max_streams: 32,
             tls: None,
             metrics_open: false,
+            mdns: true,
         }
     }
 }
@@ -779,6 +783,7 @@ impl Config {
             "AUDIT" => self.audit.enabled = parse(v)?,
             "AUDIT_FILE" => self.audit.file = opt(v).map(PathBuf::from),
             "METRICS_OPEN" => self.server.metrics_open = parse(v)?,
+            "MDNS" => self.server.mdns = parse(v)?,
             "TLS_CERT" | "TLS_KEY" => {
                 let tls = self.server.tls.get_or_insert_with(|| TlsConfig {
                     cert: PathBuf::new(),

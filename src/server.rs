@@ -66,6 +66,28 @@ pub async fn run(
 
     let mut state = AppState::new(Arc::clone(&registry), downloads, Arc::clone(&audit));
     state.reread = reread;
+    // Kept until the server stops: dropping it withdraws the advertisement.
+    let advert = {
+        use crate::api::http::mdns::{advertise, Outcome};
+        let hostname = sysinfo::System::host_name().unwrap_or_default();
+        let auth =
+            crate::api::auth::inference_key_required(&config) || config.server.admin_key.is_some();
+        match advertise(&config.server, &hostname, auth) {
+            Outcome::Advertised(a) => {
+                tracing::info!(instance = %a.fullname, "advertised on the LAN (mDNS)");
+                state.mdns = Some(a.fullname.clone());
+                Some(a)
+            }
+            Outcome::Off(why) => {
+                tracing::debug!(reason = why, "not advertised on the LAN");
+                None
+            }
+            Outcome::Failed(e) => {
+                tracing::warn!(error = %e, "could not advertise on the LAN (mDNS); serving without it");
+                None
+            }
+        }
+    };
     reload_on_sighup(state.clone());
     tracing::info!(
         address = %listener.local_addr()?,
@@ -85,6 +107,7 @@ pub async fn run(
     }
     crate::api::http::serve::serve(listener, router(state), &config.server, tls, shutdown).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    drop(advert);
     tracing::info!("draining done; unloading models");
     registry.unload_all().await;
     Ok(())

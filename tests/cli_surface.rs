@@ -947,3 +947,58 @@ async fn compatibility_and_probe_tell_whether_a_model_can_load_here() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn the_server_is_advertised_on_the_lan_only_beyond_loopback() {
+    // On loopback (the default) nobody else could reach it: not advertised.
+    let local = Server::start(Opts {
+        load_model: false,
+        ..Opts::default()
+    });
+    let (_, d) = local.get("/.well-known/opta-lmx").await;
+    assert_eq!(d["mdns"]["advertised"], false, "{d}");
+    assert_eq!(d["mdns"]["service_type"], "_opta-lmx._tcp.local.");
+
+    let s = Server::start(Opts {
+        load_model: false,
+        extra_args: vec!["--host".into(), "0.0.0.0".into()],
+        env: vec![("OPTA_LMX_ADMIN_KEY".into(), ADMIN_KEY.into())],
+        ..Opts::default()
+    });
+    let (_, d) = s.get("/.well-known/opta-lmx").await;
+    assert_eq!(d["mdns"]["advertised"], true, "{d}");
+    let instance = d["mdns"]["instance"].as_str().unwrap().to_string();
+    assert!(instance.ends_with("._opta-lmx._tcp.local."), "{instance}");
+    // A browser on the LAN (this host, through its own multicast) resolves it to the port,
+    // with where the APIs are and that a key is needed (and never the key).
+    let browser = mdns_sd::ServiceDaemon::new().unwrap();
+    let rx = browser.browse("_opta-lmx._tcp.local.").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "{instance} was never resolved");
+        match rx.recv_timeout(left) {
+            Ok(mdns_sd::ServiceEvent::ServiceResolved(r)) if r.fullname == instance => break r,
+            Ok(_) => continue,
+            Err(e) => panic!("{instance} was never resolved: {e}"),
+        }
+    };
+    assert_eq!(found.port, s.port);
+    let txt = |k: &str| {
+        found
+            .txt_properties
+            .get_property_val_str(k)
+            .map(String::from)
+    };
+    assert_eq!(txt("auth").as_deref(), Some("required"));
+    assert_eq!(txt("api").as_deref(), Some("/v1"));
+    assert_eq!(txt("discovery").as_deref(), Some("/.well-known/opta-lmx"));
+    assert!(!found.addresses.is_empty());
+    let all: Vec<String> = found
+        .txt_properties
+        .iter()
+        .map(|p| format!("{}={}", p.key(), p.val_str()))
+        .collect();
+    assert!(!all.iter().any(|p| p.contains(ADMIN_KEY)), "{all:?}");
+    let _ = browser.shutdown();
+}

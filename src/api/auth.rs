@@ -49,7 +49,7 @@ fn keys_match(a: &str, b: &str) -> bool {
 }
 
 /// Whether the inference routes need a key: the server's API key or any client's is set.
-pub(super) fn inference_key_required(config: &Config) -> bool {
+pub(crate) fn inference_key_required(config: &Config) -> bool {
     config.server.api_key.is_some() || config.clients.iter().any(|c| c.key.is_some())
 }
 

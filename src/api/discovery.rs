@@ -54,6 +54,11 @@ pub async fn discovery(State(state): State<AppState>) -> Json<Value> {
         "in_flight_requests": in_flight,
         // Admin events (`/admin/events`) start from now; a reconnect does not replay.
         "continuity": {"event_resume_supported": false},
+        "mdns": {
+            "service_type": super::http::mdns::SERVICE_TYPE,
+            "advertised": state.mdns.is_some(),
+            "instance": state.mdns,
+        },
         "auth": {
             "admin_key_required": admin_key,
             "inference_key_required": inference_key,

@@ -69,6 +69,8 @@ pub struct AppState {
     /// Reads the configuration again as the server was started (file, environment, flags),
     /// for `POST /admin/config/reload` and SIGHUP; `None` when there is nothing to re-read.
     pub reread: Option<Arc<admin::reload::Reread>>,
+    /// The mDNS instance this server is advertised as on the LAN, when it is.
+    pub mdns: Option<String>,
     /// Quantisation jobs (`/admin/quantize`).
     pub quantize: Arc<crate::models::quantize::Quantizer>,
     /// Stored benchmark results (`/admin/benchmark*`), kept beside the models.
@@ -99,6 +101,7 @@ impl AppState {
             responses: Arc::default(),
             clients: Arc::default(),
             reread: None,
+            mdns: None,
             quantize,
         }
     }
