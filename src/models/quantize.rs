@@ -197,7 +197,9 @@ fn unix_now() -> f64 {
 
 impl Quantizer {
     /// A quantizer over `registry`'s models directory, running GGUF work through `exe`.
+    /// What a job of an earlier run left in `.quantize/` (a crash, a kill) is removed.
     pub fn new(registry: Arc<Registry>, exe: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(registry.store().root().join(".quantize"));
         Self {
             registry,
             exe,
