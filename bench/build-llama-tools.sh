@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama-bench, llama-batched-bench and llama-server with the same native-minus-AMX flags
+# Builds llama-bench, llama-batched-bench, llama-server and llama-quantize with the same native-minus-AMX flags
 # as opta-lmx, into target/llama-tools. The llama-cpp-sys-2 crate ships llama.cpp without its
 # tools, so the tree comes from the llama-cpp-python sdist on PyPI, which vendors all of it (a
 # llama.cpp of about the same date; the version is printed so results can say which).
@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=target/llama-tools
-if [ -x "$OUT/bin/llama-bench" ] && [ -x "$OUT/bin/llama-server" ] && [ -x "$OUT/bin/llama-batched-bench" ]; then
+if [ -x "$OUT/bin/llama-bench" ] && [ -x "$OUT/bin/llama-server" ] && [ -x "$OUT/bin/llama-batched-bench" ] \
+  && [ -x "$OUT/bin/llama-quantize" ]; then
   echo "$OUT/bin"
   exit 0
 fi
@@ -27,5 +28,5 @@ cmake -S "$SRC" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
   -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$OUT" --target llama-bench llama-server llama-batched-bench -j "$(nproc)" >&2
+cmake --build "$OUT" --target llama-bench llama-server llama-batched-bench llama-quantize -j "$(nproc)" >&2
 echo "$OUT/bin"

@@ -512,7 +512,14 @@ impl Quantizer {
         tokio::fs::create_dir_all(work)
             .await
             .map_err(|e| format!("{}: {e}", work.display()))?;
-        let threads = crate::system::default_threads();
+        // The threads a load of the source would compute with (`--threads`, the config,
+        // else physical cores less one): the core left free keeps serving.
+        let threads = self
+            .registry
+            .config()
+            .settings_for(&job.source.id)
+            .threads
+            .unwrap_or_else(crate::system::default_threads);
         let mut cmd = match &job.target {
             Target::Gguf(t) => {
                 let mut c = tokio::process::Command::new(&self.exe);
