@@ -19,7 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::registry::Registry;
 use super::store::DiskModel;
@@ -186,7 +186,8 @@ pub struct Quantizer {
     /// This server's binary, which runs the GGUF quantizer as `quantize-worker`.
     exe: PathBuf,
     jobs: Mutex<VecDeque<Arc<Job>>>,
-    slot: Semaphore,
+    /// Woken whenever a job ends, so the next in line can check whether it is its turn.
+    turn: Notify,
 }
 
 fn unix_now() -> f64 {
@@ -204,7 +205,7 @@ impl Quantizer {
             registry,
             exe,
             jobs: Mutex::default(),
-            slot: Semaphore::new(1),
+            turn: Notify::new(),
         }
     }
 
@@ -453,13 +454,33 @@ impl Quantizer {
         );
     }
 
+    /// Whether `job` is the oldest job that has not ended (jobs run in the order they were
+    /// accepted, whichever task the runtime happens to poll first).
+    fn is_next(&self, job: &Arc<Job>) -> bool {
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .iter()
+            .find(|j| !j.snapshot().status.ended())
+            .is_some_and(|j| Arc::ptr_eq(j, job))
+    }
+
     async fn run(self: Arc<Self>, job: Arc<Job>) {
-        let permit = tokio::select! {
-            p = self.slot.acquire() => p.ok(),
-            _ = job.cancelled.notified() => None,
-        };
-        if permit.is_none() || job.cancel.load(Ordering::SeqCst) {
-            return self.finish(&job, JobStatus::Cancelled, None);
+        loop {
+            // Registered before the check, so a job ending in between still wakes this one.
+            let turn = self.turn.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            if job.cancel.load(Ordering::SeqCst) {
+                return self.finish(&job, JobStatus::Cancelled, None);
+            }
+            if self.is_next(&job) {
+                break;
+            }
+            tokio::select! {
+                _ = turn => {}
+                _ = job.cancelled.notified() => {}
+            }
         }
         let started = Instant::now();
         job.update(|v| {
@@ -495,6 +516,7 @@ impl Quantizer {
                 v.progress_percent = 100.0;
             }
         });
+        self.turn.notify_waiters();
         let v = job.snapshot();
         tracing::info!(event = "quantize_finished", job = %v.job_id, model = %v.source_model, quantization = %v.quantization, status = v.status.as_str(), output = %v.output_path, bytes = ?v.output_size_bytes, seconds = ?v.duration_sec, error = ?v.error);
         self.emit(
