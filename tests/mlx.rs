@@ -1363,18 +1363,7 @@ async fn an_mlx_folder_quantizes_to_four_bits_that_load_and_answer() {
     );
 
     let new_id = format!("{MLX}-4bit");
-    let (code, v) = s
-        .post(
-            "/admin/model/load",
-            &json!({"model_id": new_id, "backend": "mlx"}),
-        )
-        .await;
-    assert_eq!(code, 200, "{v}");
-    let answer = s
-        .chat_text(json!({"model": new_id, "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}))
-        .await;
-    assert!(answer.to_lowercase().contains("paris"), "{answer}");
+    common::loads_and_answers(&s, &new_id, json!({"backend": "mlx"})).await;
     // mlx-lm quantizes full-precision weights only: the 4-bit folder is refused as a source.
     let (code, v) = s
         .post(

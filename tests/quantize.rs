@@ -105,15 +105,7 @@ async fn a_gguf_becomes_a_smaller_verified_gguf_that_loads_and_answers() {
     assert_eq!(seen.first().map(String::as_str), Some("quantize_started"));
 
     // It loads and answers.
-    let (code, v) = s
-        .post("/admin/model/load", &json!({"model_id": new_id}))
-        .await;
-    assert_eq!(code, 200, "{v}");
-    let answer = s
-        .chat_text(json!({"model": new_id, "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}))
-        .await;
-    assert!(answer.to_lowercase().contains("paris"), "{answer}");
+    common::loads_and_answers(&s, new_id, json!({})).await;
 
     // The same output again would overwrite it: refused.
     let (code, v) = s

@@ -533,3 +533,19 @@ pub async fn wait_quantize_job(s: &Server, id: &str, done: impl Fn(&Value) -> bo
 pub fn quantize_ended(v: &Value) -> bool {
     ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or(""))
 }
+
+/// Loads `id` (with `extra` load fields) and asks it a question any chat model gets right;
+/// panics unless the answer says Paris.
+pub async fn loads_and_answers(s: &Server, id: &str, extra: Value) {
+    let mut body = serde_json::json!({"model_id": id});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (code, v) = s.post("/admin/model/load", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let answer = s
+        .chat_text(serde_json::json!({"model": id, "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}))
+        .await;
+    assert!(answer.to_lowercase().contains("paris"), "{answer}");
+}

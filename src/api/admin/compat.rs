@@ -285,25 +285,37 @@ async fn probe_disk(state: &AppState, d: DiskModel, timeout: Duration) -> Result
     Ok(v)
 }
 
-/// Whether llama.cpp reads the file's architecture and vocabulary: this binary's
-/// `probe-worker` in a child process, whose log says why not.
-async fn gguf_runtime(d: &DiskModel, architecture: &str, timeout: Duration) -> (bool, String) {
-    let exe = std::env::current_exe().unwrap_or_else(|_| "opta-lmx".into());
-    let run = tokio::process::Command::new(exe)
-        .arg("probe-worker")
-        .arg("--input")
-        .arg(&d.path)
+/// Runs a check's child process with nothing on its standard input and output, its
+/// standard error kept, killed if it takes longer than `timeout`.
+async fn run_check(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+) -> Result<std::process::Output, String> {
+    let run = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(timeout, run).await {
-        Ok(Ok(out)) if out.status.success() => (
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(format!("cannot start the check: {e}")),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
+    }
+}
+
+/// Whether llama.cpp reads the file's architecture and vocabulary: this binary's
+/// `probe-worker` in a child process, whose log says why not.
+async fn gguf_runtime(d: &DiskModel, architecture: &str, timeout: Duration) -> (bool, String) {
+    let mut cmd =
+        tokio::process::Command::new(std::env::current_exe().unwrap_or_else(|_| "opta-lmx".into()));
+    cmd.arg("probe-worker").arg("--input").arg(&d.path);
+    match run_check(cmd, timeout).await {
+        Ok(out) if out.status.success() => (
             true,
             format!("llama.cpp reads the `{architecture}` architecture and its vocabulary"),
         ),
-        Ok(Ok(out)) => {
+        Ok(out) => {
             let said = String::from_utf8_lossy(&out.stderr);
             // llama.cpp's own words: "error loading model: unknown model architecture: 'x'".
             let why = said
@@ -313,11 +325,7 @@ async fn gguf_runtime(d: &DiskModel, architecture: &str, timeout: Duration) -> (
                 .unwrap_or("no reason given");
             (false, format!("llama.cpp cannot load it: {why}"))
         }
-        Ok(Err(e)) => (false, format!("cannot start the probe: {e}")),
-        Err(_) => (
-            false,
-            format!("no answer within {} s", timeout.as_secs_f64()),
-        ),
+        Err(e) => (false, e),
     }
 }
 
@@ -334,23 +342,18 @@ async fn mlx_runtime(state: &AppState, architecture: &str, timeout: Duration) ->
         );
     }
     let python = state.config().models.mlx.python.clone();
-    let run = tokio::process::Command::new(&python)
-        .arg("-c")
-        .arg(format!("import mlx_lm.models.{architecture}"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(timeout, run).await {
-        Ok(Ok(out)) if out.status.success() => (
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg("-c")
+        .arg(format!("import mlx_lm.models.{architecture}"));
+    match run_check(cmd, timeout).await {
+        Ok(out) if out.status.success() => (
             true,
             format!(
                 "mlx-lm ({}) has the `{architecture}` architecture",
                 python.display()
             ),
         ),
-        Ok(Ok(out)) => {
+        Ok(out) => {
             let said = String::from_utf8_lossy(&out.stderr);
             let last = said.lines().last().unwrap_or_default();
             (
@@ -361,11 +364,7 @@ async fn mlx_runtime(state: &AppState, architecture: &str, timeout: Duration) ->
                 ),
             )
         }
-        Ok(Err(e)) => (false, format!("cannot run {}: {e}", python.display())),
-        Err(_) => (
-            false,
-            format!("no answer within {} s", timeout.as_secs_f64()),
-        ),
+        Err(e) => (false, e),
     }
 }
 
