@@ -193,6 +193,9 @@ async fn a_cancelled_job_stops_and_leaves_nothing() {
 #[tokio::test]
 async fn bad_requests_are_refused_with_the_field_that_is_wrong() {
     let s = server_with_qwen();
+    // A folder link inside the models directory that leads out of it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), s.models_dir.join("elsewhere")).unwrap();
     let cases = [
         (json!({"source_model": "no-such-model"}), 404, "model"),
         (
@@ -227,6 +230,11 @@ async fn bad_requests_are_refused_with_the_field_that_is_wrong() {
             "output_path",
         ),
         (
+            json!({"source_model": QWEN, "bits": 8, "output_path": "elsewhere/x.gguf"}),
+            400,
+            "output_path",
+        ),
+        (
             json!({"source_model": "../../etc/passwd"}),
             400,
             "source_model",
@@ -242,6 +250,7 @@ async fn bad_requests_are_refused_with_the_field_that_is_wrong() {
     }
     let (_, listed) = s.get("/admin/quantize").await;
     assert_eq!(listed["count"], 0, "{listed}");
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     assert_eq!(
         std::fs::read_dir(&s.models_dir)
             .unwrap()

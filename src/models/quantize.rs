@@ -319,7 +319,7 @@ impl Quantizer {
             });
         }
         let (bits, group_size, mode) = match &target {
-            Target::Gguf(t) => (t.bits_per_weight.floor() as u32, None, "llama.cpp".into()),
+            Target::Gguf(t) => (gguf_quant::nominal_bits(t.name), None, "llama.cpp".into()),
             Target::Mlx {
                 bits,
                 group_size,
@@ -428,6 +428,18 @@ impl Quantizer {
         } else {
             root.join(p)
         };
+        // A link inside the models directory may point out of it.
+        if !self
+            .registry
+            .store()
+            .resolves_inside(&path)
+            .map_err(|e| QuantizeError::Io(e.to_string()))?
+        {
+            return Err(bad(format!(
+                "`{asked}` leads out of the models directory {}",
+                root.display()
+            )));
+        }
         let hidden = path.strip_prefix(root).ok().is_some_and(|rel| {
             rel.components()
                 .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))

@@ -189,15 +189,15 @@ async fn measure(
         .map(|h| h.chip_name.unwrap_or(h.architecture))
         .unwrap_or_default();
 
-    let task_state = state.clone();
-    let task_id = model_id.clone();
-    let task_prompt = prompt.clone();
-    let measured = tokio::spawn(async move {
+    // The runs, the summary and the store in a task of their own: a caller that hangs up
+    // still gets its benchmark stored.
+    let state = state.clone();
+    tokio::spawn(async move {
         let mut figures = Vec::new();
         let mut first_text = String::new();
         for i in 0..warmup + runs {
-            let content = format!("(Benchmark run {}.) {task_prompt}", i + 1);
-            let (f, text) = one_run(&task_state, &task_id, &content, tokens, temperature).await?;
+            let content = format!("(Benchmark run {}.) {prompt}", i + 1);
+            let (f, text) = one_run(&state, &model_id, &content, tokens, temperature).await?;
             if i >= warmup {
                 if figures.is_empty() {
                     first_text = text;
@@ -208,41 +208,39 @@ async fn measure(
                 });
             }
         }
-        Ok::<_, ApiError>((figures, first_text))
-    });
-    let (figures, first_text) = measured
-        .await
-        .map_err(|e| ApiError::Internal(format!("benchmark task: {e}")))??;
-    let stats = summarise(figures, warmup, first_text);
-    let record = BenchmarkRecord {
-        id: format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
-        model_id,
-        backend: backend.into(),
-        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        status: if stats.runs_completed >= 2 {
-            "ok"
-        } else {
-            "insufficient_data"
-        }
-        .into(),
-        hardware,
-        lmx_version: env!("CARGO_PKG_VERSION").into(),
-        prompt_preview: prompt.chars().take(100).collect(),
-        max_tokens: tokens,
-        temperature,
-        settings: json!({"context": info.context_per_sequence, "parallel": info.parallel,
-                         "threads": info.threads, "gpu_layers": info.gpu_layers}),
-        concurrent_requests: concurrent,
-        stats,
-    };
-    let store = state.benchmarks.clone();
-    let saved = record.clone();
-    tokio::task::spawn_blocking(move || store.save(&saved))
-        .await
-        .map_err(|e| ApiError::Internal(format!("storing the benchmark: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("storing the benchmark: {e}")))?;
-    tracing::info!(event = "benchmark_stored", id = %record.id, model = %record.model_id, runs = record.stats.runs_completed, decode_tps = record.stats.toks_per_sec_mean, ttft_s = record.stats.ttft_mean_sec);
-    Ok(record)
+        let stats = summarise(figures, warmup, first_text);
+        let record = BenchmarkRecord {
+            id: format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            model_id,
+            backend: backend.into(),
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            status: if stats.runs_completed >= 2 {
+                "ok"
+            } else {
+                "insufficient_data"
+            }
+            .into(),
+            hardware,
+            lmx_version: env!("CARGO_PKG_VERSION").into(),
+            prompt_preview: prompt.chars().take(100).collect(),
+            max_tokens: tokens,
+            temperature,
+            settings: json!({"context": info.context_per_sequence, "parallel": info.parallel,
+                             "threads": info.threads, "gpu_layers": info.gpu_layers}),
+            concurrent_requests: concurrent,
+            stats,
+        };
+        let store = state.benchmarks.clone();
+        let saved = record.clone();
+        tokio::task::spawn_blocking(move || store.save(&saved))
+            .await
+            .map_err(|e| ApiError::Internal(format!("storing the benchmark: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("storing the benchmark: {e}")))?;
+        tracing::info!(event = "benchmark_stored", id = %record.id, model = %record.model_id, runs = record.stats.runs_completed, decode_tps = record.stats.toks_per_sec_mean, ttft_s = record.stats.ttft_mean_sec);
+        Ok(record)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("benchmark task: {e}")))?
 }
 
 /// One greedy chat request through the chat path, timed by the engine.

@@ -69,6 +69,17 @@ pub fn type_for_bits(bits: u32) -> Option<GgufType> {
     })
 }
 
+/// The bits a type is named for (`Q4_K_M` 4, `Q8_0` 8, `F16` and `BF16` 16), as the coding
+/// CLI's `bits` field reads.
+pub fn nominal_bits(name: &str) -> u32 {
+    let digits: String = name
+        .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or(0)
+}
+
 /// Bits per weight of a file whose header declares `file_type` (`F32`, `Q4_K_M`, ...), for
 /// scaling its size to another type; `None` when unknown.
 pub fn bits_of(file_type: &str) -> Option<f64> {
@@ -123,6 +134,10 @@ mod tests {
         assert_eq!(type_for_bits(8).map(|t| t.name), Some("Q8_0"));
         assert_eq!(type_for_bits(7), None);
         assert_eq!(bits_of("F32"), Some(32.0));
+        assert_eq!(
+            ["Q2_K", "Q3_K_M", "Q4_0", "Q8_0", "F16", "BF16"].map(nominal_bits),
+            [2, 3, 4, 8, 16, 16]
+        );
         assert_eq!(bits_of("Q4_0"), Some(4.55));
         assert_eq!(bits_of("IQ2_XS"), None);
         assert_eq!(
