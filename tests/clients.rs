@@ -110,8 +110,9 @@ async fn the_coding_cli_session_from_its_contract() {
     assert_eq!(v["models_loaded"], 0);
     // The chat WebSocket lives here now (its session is tested in cli_surface.rs); a plain
     // GET is not an upgrade, and says so.
-    let (code, _) = s.get("/v1/chat/stream").await;
+    let (code, v) = s.get("/v1/chat/stream").await;
     assert_eq!(code, 400, "a WebSocket route answers a plain GET with 400");
+    assert_eq!(v["error"]["code"], "websocket_required", "{v}");
 
     // Load, then poll /admin/models until the id is in `loaded`, as the CLI does.
     let (code, v) = s

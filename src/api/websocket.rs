@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -34,9 +35,22 @@ use crate::engine::Event;
 /// Messages the server sends, queued for the one writer of the socket.
 type Outbox = mpsc::UnboundedSender<Value>;
 
-/// `GET /v1/chat/stream` (upgraded to a WebSocket).
-pub async fn chat_stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(state, socket))
+/// `GET /v1/chat/stream` (upgraded to a WebSocket). A request that is no WebSocket
+/// handshake gets a 400 in the OpenAI error shape, as every other mistake does.
+pub async fn chat_stream(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|e| {
+        ApiError::InvalidRequest {
+            message: format!(
+                "/v1/chat/stream is a WebSocket: connect with a WebSocket client (ws:// or wss://), or use POST /v1/chat/completions with stream: true ({e})"
+            ),
+            param: None,
+            code: Some("websocket_required"),
+        }
+    })?;
+    Ok(ws.on_upgrade(move |socket| serve(state, socket)))
 }
 
 async fn serve(state: AppState, socket: WebSocket) {
