@@ -214,6 +214,13 @@ impl Hardware {
     }
 }
 
+/// Seconds since the Unix epoch with their fraction, as the admin API reports times
+/// (events, jobs, outcomes, load times); 0 for a clock before 1970.
+pub fn unix_time(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

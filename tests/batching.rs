@@ -479,18 +479,11 @@ async fn a_cached_prompt_answers_before_two_cold_prompts_that_came_first() {
     // Two cold prompts, each many steps of prefill, admitted first.
     let started = Instant::now();
     let spawn = |system: String| {
-        let (url, body) = (s.url("/v1/chat/completions"), ask(&system));
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let code = r.status().as_u16();
-            let v: Value = r.json().await.unwrap();
-            (code, v, Instant::now())
-        })
+        common::spawn_timed(
+            reqwest::Client::new()
+                .post(s.url("/v1/chat/completions"))
+                .json(&ask(&system)),
+        )
     };
     let cold = [
         spawn(system_prompt("the first cold bot", 3600)),

@@ -52,14 +52,7 @@ fn keyed_server() -> Server {
 }
 
 async fn admin_get(s: &Server, path: &str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .get(s.url(path))
-        .header("x-admin-key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
+    common::with_admin_key(s, reqwest::Method::GET, path, ADMIN_KEY, None).await
 }
 
 #[tokio::test]
@@ -556,15 +549,7 @@ where
 
 /// Runs `POST path` with `body` under the admin key.
 async fn admin_post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url(path))
-        .header("x-admin-key", ADMIN_KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap())
+    common::with_admin_key(s, reqwest::Method::POST, path, ADMIN_KEY, Some(body)).await
 }
 
 #[tokio::test]
@@ -572,27 +557,12 @@ async fn a_benchmark_is_measured_beside_other_clients_stored_and_reported() {
     let s = keyed_server();
     // Another client's request sent while the benchmark runs is served beside it (its own
     // sequence and share) and ends first: the benchmark waits for no one and nobody for it.
-    let bench = {
-        let (url, body) = (
-            s.url("/admin/benchmark"),
-            json!({"model_id": MODEL, "max_tokens": 24, "runs": 3, "prompt": "Describe the sea."}),
-        );
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .header("x-admin-key", ADMIN_KEY)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let code = r.status().as_u16();
-            (
-                code,
-                r.json::<Value>().await.unwrap(),
-                std::time::Instant::now(),
-            )
-        })
-    };
+    let bench = common::spawn_timed(
+        reqwest::Client::new()
+            .post(s.url("/admin/benchmark"))
+            .header("x-admin-key", ADMIN_KEY)
+            .json(&json!({"model_id": MODEL, "max_tokens": 24, "runs": 3, "prompt": "Describe the sea."})),
+    );
     // The benchmark holds a sequence before the other client asks.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {

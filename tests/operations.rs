@@ -76,15 +76,7 @@ async fn scrape(s: &Server, key: Option<&str>) -> (u16, String) {
 }
 
 async fn admin(s: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url(path))
-        .header("X-Admin-Key", key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
+    with_admin_key(s, reqwest::Method::POST, path, key, Some(&body)).await
 }
 
 #[tokio::test]

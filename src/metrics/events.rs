@@ -37,9 +37,7 @@ impl Default for Events {
 impl Events {
     /// Sends `event_type` with `data` to whoever listens now (nobody: dropped).
     pub fn emit(&self, event_type: &'static str, data: Value) {
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let timestamp = crate::system::unix_time(std::time::SystemTime::now());
         let _ = self.tx.send(AdminEvent {
             event_type,
             timestamp,

@@ -71,9 +71,7 @@ impl Outcomes {
             outcome: if ok { "pass" } else { "fail" },
             reason: reason.into(),
             source,
-            ts: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            ts: crate::system::unix_time(std::time::SystemTime::now()),
         });
         while list.len() > KEEP {
             list.pop_front();

@@ -24,8 +24,8 @@ use crate::metrics::Metrics;
 
 /// Attempts per file before a job fails (each resumes where the last one stopped).
 const ATTEMPTS: u32 = 5;
-/// Free disk kept beyond what a download needs.
-const DISK_MARGIN: u64 = 64 << 20;
+/// Free disk kept beyond what a download (or a quantize job's result) needs.
+pub(crate) const DISK_MARGIN: u64 = 64 << 20;
 /// Beside each unfinished job's record: bytes written ahead, deleted when the disk is full so
 /// the record can still be rewritten (with the job's error) instead of being left stale.
 const RESERVE_FILE: &str = "job.json.reserve";

@@ -21,12 +21,10 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 
+use super::downloads::DISK_MARGIN;
 use super::registry::Registry;
 use super::store::DiskModel;
 use crate::engine::llama::quantize::{self as gguf_quant, GgufType};
-
-/// Bytes kept free beyond a job's estimate.
-const DISK_MARGIN: u64 = 64 << 20;
 
 /// Finished jobs remembered for `GET /admin/quantize`.
 const KEEP_FINISHED: usize = 50;
@@ -191,9 +189,7 @@ pub struct Quantizer {
 }
 
 fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    crate::system::unix_time(std::time::SystemTime::now())
 }
 
 impl Quantizer {
@@ -635,7 +631,7 @@ impl Quantizer {
                 }
                 _ = tick.tick() => {
                     if matches!(job.target, Target::Mlx { .. }) {
-                        let written = tree_size(temp);
+                        let written = super::store::folder_bytes(temp);
                         job.update(|v| {
                             v.progress_percent = (written as f64
                                 / v.estimated_size_bytes.max(1) as f64 * 99.0).min(99.0);
@@ -686,7 +682,7 @@ impl Quantizer {
                     if !crate::engine::mlx::config::is_model_dir(&temp) {
                         return Err("mlx-lm wrote no weights or tokenizer".to_string());
                     }
-                    (made, tree_size(&temp), None)
+                    (made, super::store::folder_bytes(&temp), None)
                 }
             };
             let declared = made.file_type.clone().unwrap_or_default();
@@ -724,17 +720,6 @@ impl Quantizer {
             v.output_model_id = id;
         });
         Ok(())
-    }
-}
-
-/// Bytes in a file, or in all files under a folder.
-fn tree_size(path: &Path) -> u64 {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(path)
-            .map(|entries| entries.flatten().map(|e| tree_size(&e.path())).sum())
-            .unwrap_or(0),
-        Ok(m) => m.len(),
-        Err(_) => 0,
     }
 }
 

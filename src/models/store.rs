@@ -50,6 +50,21 @@ pub struct DiskModel {
     pub format: &'static str,
 }
 
+/// Bytes of the files directly in `dir` (an MLX model folder's weights, config and
+/// tokenizer); 0 when it cannot be read.
+pub fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Rejects ids that could only be an attempt to leave the models directory.
 pub fn validate_id(id: &str) -> Result<(), InvalidModelId> {
     if id.trim().is_empty() {
@@ -287,16 +302,7 @@ impl ModelStore {
     fn mlx_model(&self, dir: &Path) -> DiskModel {
         let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
         let id = rel.to_string_lossy().replace('\\', "/");
-        let size_bytes = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| std::fs::metadata(e.path()).ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
+        let size_bytes = folder_bytes(dir);
         DiskModel {
             quantization: None,
             id,

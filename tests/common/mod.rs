@@ -549,3 +549,34 @@ pub async fn loads_and_answers(s: &Server, id: &str, extra: Value) {
         .await;
     assert!(answer.to_lowercase().contains("paris"), "{answer}");
 }
+
+/// Sends `method path` with `X-Admin-Key: key` (and a JSON body); status and parsed body
+/// (null when it is not JSON).
+pub async fn with_admin_key(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, s.url(path))
+        .header("x-admin-key", key);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let r = req.send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends a prepared request in a task of its own; its status, JSON body and when it ended
+/// (for tests that assert which of several requests finished first).
+pub fn spawn_timed(req: reqwest::RequestBuilder) -> tokio::task::JoinHandle<(u16, Value, Instant)> {
+    tokio::spawn(async move {
+        let r = req.send().await.unwrap();
+        let code = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        (code, v, Instant::now())
+    })
+}

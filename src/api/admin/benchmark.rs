@@ -22,7 +22,7 @@ use crate::api::types::ChatCompletionRequest;
 use crate::api::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::engine::Event;
 use crate::metrics::benchmarks::{summarise, BenchmarkRecord, RunFigures};
-use crate::models::registry::LoadedModel;
+use crate::models::compat::backend_of;
 
 /// The client name benchmark requests are scheduled under.
 const CLIENT: &str = "admin-benchmark";
@@ -125,14 +125,6 @@ pub async fn results(
         .map_err(|e| ApiError::Internal(format!("benchmark results: {e}")))
 }
 
-fn backend_of(m: &LoadedModel) -> &'static str {
-    if m.disk.format == "mlx" {
-        "mlx"
-    } else {
-        "llama.cpp"
-    }
-}
-
 async fn measure(
     state: &AppState,
     body: BenchmarkBody,
@@ -182,7 +174,7 @@ async fn measure(
     })?;
     let info = model.engine.info().clone();
     let concurrent = model.engine.held().len() as u32;
-    let (model_id, backend) = (model.id.clone(), backend_of(&model));
+    let (model_id, backend) = (model.id.clone(), backend_of(model.disk.format));
     drop(model);
     let hardware = tokio::task::spawn_blocking(crate::system::Hardware::read)
         .await
@@ -336,15 +328,12 @@ pub async fn performance(
     let latest = tokio::task::spawn_blocking(move || store.load(Some(&key)).pop())
         .await
         .map_err(|e| ApiError::Internal(format!("benchmark results: {e}")))?;
-    let unix = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64())
-    };
+    let unix = crate::system::unix_time;
     let requests = m.request_count();
     let effective = m.restart_overrides().over(&config.settings_for(&m.id));
     Ok(Json(json!({
         "model_id": m.id,
-        "backend_type": backend_of(&m),
+        "backend_type": backend_of(m.disk.format),
         "loaded_at": unix(m.loaded_at),
         "request_count": requests,
         "last_used_at": (requests > 0).then(|| unix(m.last_used())),
